@@ -1,0 +1,6 @@
+"""Model adapters: module paths, dimensions and image-token geometry per model family."""
+
+from .base import AdapterError, ImageGeometry, ModelAdapter, get_adapter, register_adapter
+from .llava import LlavaAdapter
+
+__all__ = ["AdapterError", "ImageGeometry", "ModelAdapter", "LlavaAdapter", "get_adapter", "register_adapter"]

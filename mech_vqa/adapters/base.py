@@ -1,0 +1,264 @@
+"""The model adapter: the one place that knows module paths, dimensions and image-token geometry.
+
+Methods never index ``model.language_model.layers`` or assume a 24 x 24 grid; they ask an adapter.
+A new family (LLaVA-NeXT tiles, LLaVA-OneVision, Qwen2-VL) subclasses :class:`ModelAdapter`,
+overrides what differs (usually :meth:`image_geometry` and the vision modules) and registers itself
+with :func:`register_adapter`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where the image tokens of one sequence sit and which patch of the image each one shows.
+
+    Attributes:
+        positions: ``[n_image_tokens]`` sequence positions of the image tokens, in grid order.
+        rowcol: ``[n_image_tokens, 2]`` (row, col) of each token on the patch grid.
+        boxes: ``[n_image_tokens, 4]`` pixel box ``(x0, y0, x1, y1)`` of each token's patch in the
+            preprocessed image the model saw (``image_size``).
+        grid: ``(rows, cols)`` of the patch grid.
+        image_size: ``(height, width)`` of the preprocessed image.
+        view: per-token index of the view / tile the token belongs to (all 0 for LLaVA-1.5).
+    """
+
+    positions: torch.Tensor
+    rowcol: torch.Tensor
+    boxes: torch.Tensor
+    grid: tuple[int, int]
+    image_size: tuple[int, int]
+    view: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.positions.numel())
+
+    def to_grid(self, values: torch.Tensor) -> torch.Tensor:
+        """Lay ``[..., n_image_tokens]`` values (first view) on the patch grid: ``[..., rows, cols]``."""
+        if values.shape[-1] != self.n_tokens:
+            raise ValueError(
+                f"to_grid expects {self.n_tokens} values (one per image token), got {values.shape[-1]}"
+            )
+        rows, cols = self.grid
+        first = self.view == 0
+        out = values.new_zeros((*values.shape[:-1], rows, cols))
+        rc = self.rowcol[first]
+        out[..., rc[:, 0], rc[:, 1]] = values[..., first]
+        return out
+
+    def cell_boxes(self) -> torch.Tensor:
+        """``[rows, cols, 4]`` pixel box of every grid cell (first view)."""
+        rows, cols = self.grid
+        out = torch.zeros(rows, cols, 4)
+        first = self.view == 0
+        rc = self.rowcol[first]
+        out[rc[:, 0], rc[:, 1]] = self.boxes[first].float()
+        return out
+
+    def to_dict(self) -> dict:
+        return {"grid": list(self.grid), "image_size": list(self.image_size),
+                "positions": self.positions.tolist()}
+
+
+class AdapterError(ValueError):
+    """A model the adapters cannot handle, or an input that does not match the model."""
+
+
+class ModelAdapter:
+    """Module access, dimensions and geometry for one model family.
+
+    Subclasses set the module paths below; the dimension properties read them from the config.
+    """
+
+    #: dotted path of the decoder-layer list, relative to the top-level model
+    layers_path: str
+    final_norm_path: str
+    unembed_path: str
+    vision_tower_path: str
+    projector_path: str
+    embed_path: str
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # ----------------------------------------------------------------------------- lookup
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def _get(self, path: str) -> nn.Module:
+        return self.model.get_submodule(path)
+
+    # ------------------------------------------------------------------------- modules
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self._get(self.layers_path)
+
+    def layer(self, index: int) -> nn.Module:
+        return self.layers[self.check_layer(index)]
+
+    def attn(self, index: int) -> nn.Module:
+        return self.layer(index).self_attn
+
+    def q_proj(self, index: int) -> nn.Module:
+        return self.attn(index).q_proj
+
+    def k_proj(self, index: int) -> nn.Module:
+        return self.attn(index).k_proj
+
+    def v_proj(self, index: int) -> nn.Module:
+        return self.attn(index).v_proj
+
+    def o_proj(self, index: int) -> nn.Module:
+        return self.attn(index).o_proj
+
+    def mlp(self, index: int) -> nn.Module:
+        return self.layer(index).mlp
+
+    def down_proj(self, index: int) -> nn.Module:
+        return self.mlp(index).down_proj
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self._get(self.final_norm_path)
+
+    @property
+    def unembed(self) -> nn.Module:
+        return self._get(self.unembed_path)
+
+    @property
+    def embed(self) -> nn.Module:
+        return self._get(self.embed_path)
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self._get(self.vision_tower_path)
+
+    @property
+    def projector(self) -> nn.Module:
+        return self._get(self.projector_path)
+
+    # ---------------------------------------------------------------------- dimensions
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def n_heads(self) -> int:
+        return self.text_config.num_attention_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return getattr(self.text_config, "num_key_value_heads", None) or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.text_config, "head_dim", None) or self.d_model // self.n_heads
+
+    @property
+    def d_model(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def d_mlp(self) -> int:
+        return self.text_config.intermediate_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.unembed.weight.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unembed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unembed.weight.device
+
+    def vision_dtype(self) -> torch.dtype:
+        """The dtype pixel values must have for the vision tower."""
+        return next(self.vision_tower.parameters()).dtype
+
+    # ------------------------------------------------------------------------- weights
+    def W_O(self, layer: int) -> torch.Tensor:
+        """``[n_heads, head_dim, d_model]``: head j writes ``z_j @ W_O[j]`` into the residual."""
+        weight = self.o_proj(layer).weight  # [d_model, n_heads * head_dim]
+        return weight.T.reshape(self.n_heads, self.head_dim, self.d_model)
+
+    def b_O(self, layer: int) -> torch.Tensor | None:
+        return self.o_proj(layer).bias
+
+    def W_down(self, layer: int) -> torch.Tensor:
+        """``[d_model, d_mlp]``: neuron k of the MLP writes ``c_k * W_down[:, k]``."""
+        return self.down_proj(layer).weight
+
+    def final_norm_params(self) -> dict:
+        """The final norm as data: ``kind`` ("rms" or "layer"), ``weight``, ``bias``, ``eps``."""
+        norm = self.final_norm
+        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or 1e-6
+        kind = "layer" if isinstance(norm, nn.LayerNorm) else "rms"
+        return {"kind": kind, "weight": norm.weight, "bias": getattr(norm, "bias", None), "eps": float(eps)}
+
+    # ------------------------------------------------------------------------ checks
+    def check_layer(self, index: int) -> int:
+        n = len(self._get(self.layers_path))
+        if not -n <= index < n:
+            raise IndexError(f"layer {index} is out of range: the model has {n} layers (0..{n - 1})")
+        return index % n
+
+    def check_head(self, head: int) -> int:
+        if not 0 <= head < self.n_heads:
+            raise IndexError(f"head {head} is out of range: the model has {self.n_heads} heads (0..{self.n_heads - 1})")
+        return head
+
+    # ------------------------------------------------------------------------ attention
+    def rotate_qk(self, layer: int, q: torch.Tensor, k: torch.Tensor, position_embeddings):
+        """Apply the layer's positional rotation to ``q`` ``[B, H, Q, hd]`` and ``k`` ``[B, KV, S, hd]``."""
+        raise NotImplementedError
+
+    def attention_scaling(self, layer: int) -> float:
+        return float(getattr(self.attn(layer), "scaling", self.head_dim ** -0.5))
+
+    # ------------------------------------------------------------------------ geometry
+    @property
+    def image_token_id(self) -> int:
+        raise NotImplementedError
+
+    def tokens_per_image(self) -> int:
+        raise NotImplementedError
+
+    def image_geometry(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> ImageGeometry:
+        """Geometry of the image tokens of one sequence ``input_ids`` ``[S]``."""
+        raise NotImplementedError
+
+
+_ADAPTERS: list[type[ModelAdapter]] = []
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: make an adapter available to :func:`get_adapter` (newest first)."""
+    _ADAPTERS.insert(0, cls)
+    return cls
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``, or one clear error naming the class and the supported ones."""
+    for cls in _ADAPTERS:
+        if cls.handles(model):
+            return cls(model)
+    known = ", ".join(sorted({c.__name__ for c in _ADAPTERS}))
+    raise AdapterError(
+        f"no mech_vqa adapter knows {type(model).__name__}. Supported adapters: {known}. "
+        "Load a LlavaForConditionalGeneration, or write a ModelAdapter subclass and decorate it "
+        "with @mech_vqa.adapters.register_adapter."
+    )

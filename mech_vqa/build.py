@@ -1,0 +1,148 @@
+"""Build LLaVA models, word-level tokenizers and processors locally, with no download.
+
+Used for the tiny test models, the benchmark models and the model organism. Everything is an
+ordinary HuggingFace object (``LlavaForConditionalGeneration``, ``PreTrainedTokenizerFast``,
+``LlavaProcessor``) so that ``save_pretrained`` / ``from_pretrained`` round-trip with plain
+transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+IMAGE_TOKEN = "<image>"
+# Words every word-level vocabulary needs for the LLaVA-1.5 prompt format.
+PROMPT_WORDS = ("user", "assistant", ":", "?", ".", ",")
+
+
+def word_level_tokenizer(words: Iterable[str]):
+    """A fast word-level tokenizer over ``words`` plus the special and prompt tokens.
+
+    Text is lower-cased and split on whitespace and punctuation (so ``words`` are lower case);
+    ``<image>`` is an added special token so the processor can expand it. Unknown words map to
+    ``<unk>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for word in (*SPECIAL_TOKENS, *PROMPT_WORDS, *words):
+        if word not in vocab:
+            vocab[word] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+    )
+    return tokenizer
+
+
+def llava_processor(tokenizer, image_size: int, patch_size: int, image_mean=None, image_std=None):
+    """A ``LlavaProcessor`` (CLIP image processor, ``default`` feature strategy) for square images."""
+    from transformers import LlavaProcessor
+
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # older transformers have only the PIL-based class under the plain name
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    image_processor = ImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(image_mean or (0.48145466, 0.4578275, 0.40821073)),
+        image_std=list(image_std or (0.26862954, 0.26130258, 0.27577711)),
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+    )
+
+
+def llava_config(
+    tokenizer,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    vision_heads: int = 2,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    intermediate: int | None = None,
+    max_positions: int = 512,
+):
+    """A ``LlavaConfig`` with a CLIP vision tower and a Llama text model sized by the arguments."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text_config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    vision_config = CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        projection_dim=vision_hidden,
+    )
+    return LlavaConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def random_llava(config, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``LlavaForConditionalGeneration`` with seeded random weights, in eval mode."""
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    return model.to(dtype).eval()
+
+
+TINY_WORDS = tuple(
+    "what is the color of a an dog cat ball red green blue yellow purple white black big small "
+    "shape circle square triangle left right top bottom object it".split()
+)
+
+
+def tiny_llava(seed: int = 0, *, kv_heads: int | None = 2, **sizes):
+    """A tiny random LLaVA with its processor: ``(model, processor)``. Grouped-query by default."""
+    tokenizer = word_level_tokenizer(TINY_WORDS)
+    image_size = sizes.pop("image_size", 32)
+    patch_size = sizes.pop("patch_size", 8)
+    processor = llava_processor(tokenizer, image_size, patch_size)
+    config = llava_config(tokenizer, image_size=image_size, patch_size=patch_size, kv_heads=kv_heads, **sizes)
+    return random_llava(config, seed=seed), processor

@@ -1,0 +1,247 @@
+"""Capture: a context-managed tracer on plain PyTorch forward hooks.
+
+    with trace(model, adapter, ["z", "attn_out"], positions=[t]) as cache:
+        model(**inputs)
+    cache["z", 3]          # [B, P, n_heads, head_dim] at layer 3, positions P
+    cache.stack("attn_out")  # [n_layers, B, P, d_model]
+
+Only what is asked is recorded, optionally only at chosen positions and moved to CPU. The same
+context also applies :class:`~mech_vqa.interventions.Intervention` s (captures then see edited
+values). Hooks are removed and the model restored on exit, exceptions included.
+
+Activation names and shapes (``P`` = chosen query positions, ``S`` = full sequence):
+
+=================  ===============================  =========================================
+name               where                            shape
+=================  ===============================  =========================================
+``resid_pre``      input of decoder layer l         ``[B, P, d_model]``
+``resid_mid``      input of post-attention norm     ``[B, P, d_model]``
+``resid_post``     output of decoder layer l        ``[B, P, d_model]``
+``attn_out``       attention block output           ``[B, P, d_model]``
+``mlp_out``        MLP block output                 ``[B, P, d_model]``
+``z``              per-head output before o_proj    ``[B, P, n_heads, head_dim]``
+``q``              rotated queries                  ``[B, P, n_heads, head_dim]``
+``k``              rotated keys (all positions)     ``[B, S, n_kv_heads, head_dim]``
+``v``              values (all positions)           ``[B, S, n_kv_heads, head_dim]``
+``pattern``        attention weights (eager)        ``[B, n_heads, P, S]``
+``mlp_act``        input of down_proj               ``[B, P, d_mlp]``
+``vision_features``  projector input (per image)    ``[n_images, n_patches, d_vision]``
+``projector_out``  projector output                 ``[n_images, n_patches, d_model]``
+=================  ===============================  =========================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .adapters import ModelAdapter, get_adapter
+from .hooks import HookSet, preserved_state
+from .interventions import Intervention, register_interventions
+
+LAYER_NAMES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "mlp_act")
+MODEL_NAMES = ("vision_features", "projector_out")
+NAMES = LAYER_NAMES + MODEL_NAMES
+
+
+class CaptureError(RuntimeError):
+    """Something asked of a capture that the model did not provide."""
+
+
+class ActivationCache:
+    """Captured activations keyed by ``(name, layer)`` (or ``name`` for model-level ones)."""
+
+    def __init__(self, names: Sequence[str], layers: Sequence[int]):
+        self.names = tuple(names)
+        self.layers = tuple(layers)
+        self.store: dict = {}
+
+    def __getitem__(self, key):
+        if key not in self.store:
+            raise KeyError(f"{key!r} was not captured; captured: {sorted(map(str, self.store))}")
+        return self.store[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self.store
+
+    def keys(self):
+        return self.store.keys()
+
+    def stack(self, name: str, layers: Iterable[int] | None = None) -> torch.Tensor:
+        """``[n_layers, ...]``: the activation ``name`` of every captured layer, stacked."""
+        layers = self.layers if layers is None else layers
+        return torch.stack([self[name, layer] for layer in layers])
+
+
+def _select(x: torch.Tensor, positions: torch.Tensor | None, dim: int = 1) -> torch.Tensor:
+    """Pick ``positions`` ``[P]`` (shared) or ``[B, P]`` (per row) along ``dim``."""
+    if positions is None:
+        return x
+    positions = positions.to(x.device)
+    if positions.dim() == 1:
+        return x.index_select(dim, positions)
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = positions.shape
+    index = positions.view(shape).expand(*[s if i != dim else positions.shape[1] for i, s in enumerate(x.shape)])
+    return x.gather(dim, index)
+
+
+def _normalise_positions(positions) -> torch.Tensor | None:
+    if positions is None:
+        return None
+    positions = torch.as_tensor(positions, dtype=torch.long)
+    if positions.dim() == 0:
+        positions = positions.view(1)
+    if positions.dim() > 2:
+        raise ValueError(f"positions must be [P] or [batch, P], got shape {tuple(positions.shape)}")
+    return positions
+
+
+@contextlib.contextmanager
+def trace(
+    model: nn.Module,
+    adapter: ModelAdapter | None = None,
+    names: Sequence[str] = (),
+    *,
+    layers: Iterable[int] | None = None,
+    positions=None,
+    to_cpu: bool = False,
+    detach: bool = True,
+    interventions: Sequence[Intervention] = (),
+) -> Iterator[ActivationCache]:
+    """Record ``names`` (see the module table) during forward passes run inside the block.
+
+    Args:
+        model: an unmodified HF model the adapter handles.
+        names: activations to record.
+        layers: decoder layers to record (default all).
+        positions: query positions to keep, ``[P]`` or ``[B, P]``; ``None`` keeps all.
+        to_cpu: move captured tensors to CPU as they are recorded.
+        detach: detach captured tensors (set False to keep them in the autograd graph).
+        interventions: edits applied during the same forward.
+    """
+    adapter = adapter or get_adapter(model)
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        raise ValueError(f"unknown activation names {unknown}; choose from {NAMES}")
+    layer_list = [adapter.check_layer(i) for i in (range(adapter.n_layers) if layers is None else layers)]
+    positions = _normalise_positions(positions)
+    cache = ActivationCache(names, layer_list)
+    wants = set(names)
+
+    def keep(key, value: torch.Tensor) -> None:
+        if detach:
+            value = value.detach()
+        if to_cpu:
+            value = value.cpu()
+        cache.store[key] = value
+
+    def check_positions(seq: int) -> None:
+        if positions is not None and (positions.max() >= seq or positions.min() < -seq):
+            raise IndexError(f"capture position {int(positions.max())} is outside the sequence of length {seq}")
+
+    hooks = HookSet()
+    with preserved_state(model, eager="pattern" in wants):
+        try:
+            register_interventions(hooks, adapter, interventions)
+            for layer in layer_list:
+                _register_layer(hooks, adapter, layer, wants, keep, positions, check_positions)
+            if "vision_features" in wants:
+                hooks.pre(adapter.projector, lambda m, a, kw: keep("vision_features", a[0] if a else next(iter(kw.values()))))
+            if "projector_out" in wants:
+                hooks.post(adapter.projector, lambda m, a, kw, out: keep("projector_out", out))
+            yield cache
+        finally:
+            hooks.remove()
+
+
+def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: set, keep, positions, check_positions):
+    n_heads, n_kv, head_dim = adapter.n_heads, adapter.n_kv_heads, adapter.head_dim
+    decoder = adapter.layer(layer)
+
+    def hidden_of(args, kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    if "resid_pre" in wants:
+        def resid_pre(module, args, kwargs):
+            x = hidden_of(args, kwargs)
+            check_positions(x.shape[1])
+            keep(("resid_pre", layer), _select(x, positions))
+        hooks.pre(decoder, resid_pre)
+    if "resid_mid" in wants:
+        hooks.pre(decoder.post_attention_layernorm,
+                  lambda m, a, kw: keep(("resid_mid", layer), _select(hidden_of(a, kw), positions)))
+    if "resid_post" in wants:
+        hooks.post(decoder, lambda m, a, kw, out: keep(
+            ("resid_post", layer), _select(out[0] if isinstance(out, tuple) else out, positions)))
+    if "attn_out" in wants or "pattern" in wants:
+        def attn_post(module, args, kwargs, out):
+            if "attn_out" in wants:
+                keep(("attn_out", layer), _select(out[0], positions))
+            if "pattern" in wants:
+                if out[1] is None:
+                    raise CaptureError(
+                        f"layer {layer} returned no attention weights even in eager mode; this model cannot "
+                        "give attention patterns (capture 'q' and 'k' and use attention_rows instead)"
+                    )
+                keep(("pattern", layer), _select(out[1], positions, dim=2))
+        hooks.post(adapter.attn(layer), attn_post)
+    if "z" in wants:
+        def z_pre(module, args, kwargs):
+            z = args[0]
+            keep(("z", layer), _select(z, positions).unflatten(-1, (n_heads, head_dim)))
+        hooks.pre(adapter.o_proj(layer), z_pre)
+    if "v" in wants:
+        hooks.post(adapter.v_proj(layer), lambda m, a, kw, out: keep(("v", layer), out.unflatten(-1, (n_kv, head_dim))))
+    if "q" in wants or "k" in wants:
+        raw = {}
+        hooks.post(adapter.q_proj(layer), lambda m, a, kw, out: raw.__setitem__("q", out))
+        hooks.post(adapter.k_proj(layer), lambda m, a, kw, out: raw.__setitem__("k", out))
+
+        def qk_post(module, args, kwargs, out):
+            q = _select(raw.pop("q"), positions).unflatten(-1, (n_heads, head_dim)).transpose(1, 2)
+            k = raw.pop("k").unflatten(-1, (n_kv, head_dim)).transpose(1, 2)
+            cos, sin = kwargs["position_embeddings"]
+            q_rot, _ = adapter.rotate_qk(layer, q, q, (_select(cos, positions), _select(sin, positions)))
+            _, k_rot = adapter.rotate_qk(layer, k, k, (cos, sin))
+            if "q" in wants:
+                keep(("q", layer), q_rot.transpose(1, 2))
+            if "k" in wants:
+                keep(("k", layer), k_rot.transpose(1, 2))
+        hooks.post(adapter.attn(layer), qk_post)
+    if "mlp_act" in wants:
+        hooks.pre(adapter.down_proj(layer), lambda m, a, kw: keep(("mlp_act", layer), _select(a[0], positions)))
+    if "mlp_out" in wants:
+        hooks.post(adapter.mlp(layer), lambda m, a, kw, out: keep(("mlp_out", layer), _select(out, positions)))
+
+
+def attention_rows(adapter: ModelAdapter, layer: int, q: torch.Tensor, k: torch.Tensor,
+                   query_positions: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention weights at chosen query rows, recomputed from captured rotated ``q`` and ``k``.
+
+    Exact for causal softmax attention (what eager attention computes), without eager mode:
+    ``softmax(q k^T * scaling + causal/padding mask)``.
+
+    Args:
+        q: ``[B, P, n_heads, head_dim]`` captured ``q`` at ``query_positions``.
+        k: ``[B, S, n_kv_heads, head_dim]`` captured ``k``.
+        query_positions: ``[P]`` or ``[B, P]`` sequence positions of the rows of ``q``.
+        key_mask: ``[B, S]`` attention mask (1 = real token); None = all real.
+
+    Returns: ``[B, n_heads, P, S]`` float32.
+    """
+    group = adapter.n_heads // adapter.n_kv_heads
+    k = k.float().repeat_interleave(group, dim=2)  # [B, S, H, hd]
+    scores = torch.einsum("bphd,bshd->bhps", q.float(), k) * adapter.attention_scaling(layer)
+    seq = k.shape[1]
+    query_positions = query_positions.to(scores.device)
+    if query_positions.dim() == 1:
+        query_positions = query_positions.unsqueeze(0).expand(scores.shape[0], -1)
+    allowed = torch.arange(seq, device=scores.device).view(1, 1, seq) <= query_positions.unsqueeze(-1)  # [B, P, S]
+    if key_mask is not None:
+        allowed = allowed & key_mask.to(scores.device).bool().unsqueeze(1)
+    scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+    return scores.softmax(dim=-1)

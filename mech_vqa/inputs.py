@@ -1,0 +1,252 @@
+"""Input preparation: (image, question, answer?) -> model inputs with every position labelled.
+
+The prompt is built in the chat format the model expects: the processor's chat template when it
+has one, else LLaVA-1.5's ``USER: <image>\\n{question} ASSISTANT:``. A given answer is appended and
+teacher-forced, so any answer token can be a target. Positions are reported so that no method has
+to search for them: image tokens (with their patch geometry), question tokens, answer tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .adapters import ImageGeometry, ModelAdapter
+
+LLAVA_15_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A token to explain: ``token_id`` as predicted by the logits at sequence ``position``.
+
+    For an answer token at sequence index ``a`` the predicting position is ``a - 1``.
+    """
+
+    token_id: int
+    position: int
+    token: str = ""
+
+    def to_dict(self) -> dict:
+        return {"token_id": self.token_id, "position": self.position, "token": self.token}
+
+
+@dataclass
+class PreparedInput:
+    """Model inputs for one (image, question, answer) with positions labelled.
+
+    ``input_ids``/``attention_mask`` are ``[1, S]``, ``pixel_values`` ``[1, 3, H, W]``.
+    ``answer_positions`` are the sequence indices of the answer tokens (teacher-forced);
+    ``prompt_length`` is the index of the first answer token.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    str_tokens: list[str]
+    prompt: str
+    question: str
+    answer: str | None
+    prompt_length: int
+    image_positions: torch.Tensor
+    question_positions: torch.Tensor
+    answer_positions: torch.Tensor
+    geometry: ImageGeometry
+    image: object = None  # the PIL image as given
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def model_inputs(self, device=None, dtype=None) -> dict:
+        """The keyword arguments for the HF forward."""
+        pixel = self.pixel_values
+        if dtype is not None:
+            pixel = pixel.to(dtype)
+        out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": pixel, **self.extra}
+        return {k: v.to(device) if device is not None and torch.is_tensor(v) else v for k, v in out.items()}
+
+    def check_position(self, position: int) -> int:
+        if not -self.seq_len <= position < self.seq_len:
+            raise IndexError(f"target position {position} is outside the sequence of length {self.seq_len}")
+        return position % self.seq_len
+
+    def target(self, answer_index: int | None = None, position: int | None = None) -> Target:
+        """The target for answer token ``answer_index`` (default: first answer token / next token).
+
+        ``position`` instead names the predicting position directly; its token is the next input
+        token (teacher forcing), which must exist.
+        """
+        if position is not None:
+            position = self.check_position(position)
+            if position + 1 >= self.seq_len:
+                raise IndexError(
+                    f"position {position} is the last one: its next token is not in the input; "
+                    "give the answer so it is teacher-forced, or pass a token_id"
+                )
+            token_id = int(self.input_ids[0, position + 1])
+            return Target(token_id, position, self.str_tokens[position + 1])
+        if self.answer_positions.numel() == 0:
+            raise ValueError("this input has no answer tokens; prepare it with an answer or generate one")
+        answer_index = 0 if answer_index is None else answer_index
+        n = self.answer_positions.numel()
+        if not -n <= answer_index < n:
+            raise IndexError(f"answer token {answer_index} is out of range: the answer has {n} tokens")
+        seq_index = int(self.answer_positions[answer_index])
+        return Target(int(self.input_ids[0, seq_index]), seq_index - 1, self.str_tokens[seq_index])
+
+    def answer_targets(self) -> list[Target]:
+        return [self.target(i) for i in range(self.answer_positions.numel())]
+
+    def display_image(self) -> np.ndarray:
+        """The preprocessed image the model saw, de-normalised to ``[H, W, 3]`` floats in [0, 1]."""
+        pixel = self.pixel_values[0].detach().float().cpu()
+        mean = torch.tensor(self.image_mean).view(3, 1, 1)
+        std = torch.tensor(self.image_std).view(3, 1, 1)
+        return (pixel * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+    def info(self) -> dict:
+        return {"prompt": self.prompt, "question": self.question, "answer": self.answer,
+                "seq_len": self.seq_len, "geometry": self.geometry.to_dict()}
+
+
+def build_prompt(processor, question: str) -> str:
+    """The generation prompt for ``question`` in the model's chat format."""
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return LLAVA_15_TEMPLATE.format(question=question)
+
+
+def check_image(image):
+    """Accept a PIL RGB image or an ``[H, W, 3]`` uint8 array; anything else is a clear error."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(
+                f"an image array must be [H, W, 3] uint8, got shape {image.shape} dtype {image.dtype}"
+            )
+        return Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL.Image or an [H, W, 3] uint8 array, got {type(image).__name__}")
+    if image.mode != "RGB":
+        raise ValueError(f"image mode is {image.mode!r}, expected 'RGB'; pass image.convert('RGB')")
+    return image
+
+
+def _find_subsequence(haystack: list[int], needle: list[int]) -> int:
+    for start in range(len(haystack) - len(needle), -1, -1):
+        if haystack[start:start + len(needle)] == needle:
+            return start
+    return -1
+
+
+def prepare(processor, adapter: ModelAdapter, image, question: str, answer: str | None = None) -> PreparedInput:
+    """Build a :class:`PreparedInput` for ``image`` and ``question``, teacher-forcing ``answer``."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("question must be a non-empty string")
+    image = check_image(image)
+    tokenizer = processor.tokenizer
+    prompt = build_prompt(processor, question)
+    if getattr(processor, "image_token", "<image>") not in prompt:
+        raise ValueError(f"the prompt has no image token: {prompt!r}")
+    prompt_enc = processor(images=image, text=prompt, return_tensors="pt")
+    prompt_ids = prompt_enc["input_ids"][0].tolist()
+    if answer is not None:
+        if not isinstance(answer, str) or not answer.strip():
+            raise ValueError("answer must be a non-empty string or None")
+        full = processor(images=image, text=f"{prompt} {answer.strip()}", return_tensors="pt")
+        full_ids = full["input_ids"][0].tolist()
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            # The answer merged with the prompt's last token: keep the prompt's tokens as they are
+            # and append the answer tokenized on its own.
+            answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+            full_ids = prompt_ids + answer_ids
+            full = dict(prompt_enc, input_ids=torch.tensor([full_ids]),
+                        attention_mask=torch.ones(1, len(full_ids), dtype=torch.long))
+        if len(full_ids) == len(prompt_ids):
+            raise ValueError(f"the answer {answer!r} tokenizes to no tokens")
+        enc = full
+    else:
+        enc = prompt_enc
+    input_ids = torch.as_tensor(enc["input_ids"])
+    ids = input_ids[0].tolist()
+    geometry = adapter.image_geometry(input_ids[0], enc["pixel_values"])
+
+    question_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
+    start = _find_subsequence(prompt_ids, question_ids)
+    if start < 0:  # the template changed the question's first token: take what follows the image
+        start = int(geometry.positions.max()) + 1
+        question_positions = torch.arange(start, len(prompt_ids))
+    else:
+        question_positions = torch.arange(start, start + len(question_ids))
+    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
+    image_processor = processor.image_processor
+    return PreparedInput(
+        input_ids=input_ids,
+        attention_mask=torch.as_tensor(enc["attention_mask"]),
+        pixel_values=enc["pixel_values"],
+        str_tokens=tokenizer.convert_ids_to_tokens(ids),
+        prompt=prompt,
+        question=question,
+        answer=answer.strip() if answer is not None else None,
+        prompt_length=len(prompt_ids),
+        image_positions=geometry.positions,
+        question_positions=question_positions,
+        answer_positions=torch.arange(len(prompt_ids), len(ids)),
+        geometry=geometry,
+        image=image,
+        image_mean=tuple(getattr(image_processor, "image_mean", (0.5, 0.5, 0.5))),
+        image_std=tuple(getattr(image_processor, "image_std", (0.5, 0.5, 0.5))),
+        extra=extra,
+    )
+
+
+@dataclass
+class BatchedInput:
+    """Several :class:`PreparedInput` left-padded into one batch.
+
+    Row ``i``'s sequence position ``p`` sits at ``p + offsets[i]`` in the batch. Position ids are
+    computed from the attention mask, so every row gives the same logits as it would alone.
+    """
+
+    items: list[PreparedInput]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    offsets: torch.Tensor
+
+    def model_inputs(self, device=None, dtype=None) -> dict:
+        pixel = self.pixel_values if dtype is None else self.pixel_values.to(dtype)
+        position_ids = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": pixel,
+               "position_ids": position_ids}
+        return {k: v.to(device) if device is not None else v for k, v in out.items()}
+
+    def batch_positions(self, positions: list[int] | torch.Tensor) -> torch.Tensor:
+        """``[B, P]``: per-row positions (one list per row, or shared) shifted into the batch."""
+        positions = torch.as_tensor(positions, dtype=torch.long)
+        if positions.dim() == 1:
+            positions = positions.unsqueeze(0).expand(len(self.items), -1)
+        return positions + self.offsets.unsqueeze(1)
+
+
+def collate(items: list[PreparedInput], pad_token_id: int) -> BatchedInput:
+    """Left-pad prepared inputs into a :class:`BatchedInput`."""
+    if not items:
+        raise ValueError("collate needs at least one prepared input")
+    length = max(item.seq_len for item in items)
+    ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    offsets = torch.tensor([length - item.seq_len for item in items])
+    for row, item in enumerate(items):
+        ids[row, offsets[row]:] = item.input_ids[0]
+        mask[row, offsets[row]:] = item.attention_mask[0]
+    pixel = torch.cat([item.pixel_values for item in items])
+    return BatchedInput(items, ids, mask, pixel, offsets)

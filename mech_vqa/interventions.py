@@ -1,0 +1,143 @@
+"""Interventions: edit activations during the forward pass through the same hooks as capture.
+
+An :class:`Intervention` names a site, a layer, optionally heads / positions / batch rows, and what
+to write there (``zero``, ``mean`` or ``replace`` with a given value). Several can run at once; a
+batched sweep gives each intervention its own batch row (``rows``), so one forward evaluates many.
+
+Sites and the shape of the slice they edit (``P`` = chosen positions, all by default):
+
+==============  ==============================  ====================================
+site            hook                            edited slice, value broadcast to it
+==============  ==============================  ====================================
+``z``           pre-hook of ``o_proj``          ``[P, len(heads), head_dim]``
+``attn_out``    hook of ``self_attn``           ``[P, d_model]``
+``mlp_out``     hook of ``mlp``                 ``[P, d_model]``
+``resid_pre``   pre-hook of the decoder layer   ``[P, d_model]`` (image positions included)
+``resid_post``  hook of the decoder layer       ``[P, d_model]``
+==============  ==============================  ====================================
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import ModelAdapter
+from .hooks import HookSet
+
+SITES = ("z", "attn_out", "mlp_out", "resid_pre", "resid_post")
+MODES = ("zero", "mean", "replace")
+
+
+def _tuple(x) -> tuple[int, ...] | None:
+    if x is None:
+        return None
+    if isinstance(x, int):
+        return (x,)
+    if torch.is_tensor(x):
+        return tuple(int(v) for v in x.flatten().tolist())
+    return tuple(int(v) for v in x)
+
+
+@dataclass(frozen=True, eq=False)
+class Intervention:
+    """Write ``zero`` / ``mean`` / ``replace`` into ``site`` of ``layer``.
+
+    Args:
+        site: one of :data:`SITES`.
+        layer: decoder layer index.
+        heads: heads to edit (site ``z`` only); None = all heads.
+        positions: sequence positions to edit; None = all.
+        mode: ``zero``, ``mean`` (``value`` is the mean activation of a reference set) or
+            ``replace`` (``value`` is the activation to write, e.g. from another input).
+        value: tensor broadcastable to the edited slice (see the module table).
+        rows: batch rows the edit applies to; None = every row.
+    """
+
+    site: str
+    layer: int
+    heads: Sequence[int] | int | None = None
+    positions: Sequence[int] | torch.Tensor | int | None = None
+    mode: str = "zero"
+    value: torch.Tensor | None = None
+    rows: Sequence[int] | int | None = None
+
+    def __post_init__(self):
+        if self.site not in SITES:
+            raise ValueError(f"unknown intervention site {self.site!r}; choose one of {SITES}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown intervention mode {self.mode!r}; choose one of {MODES}")
+        if self.mode != "zero" and self.value is None:
+            raise ValueError(f"mode {self.mode!r} needs a value tensor")
+        if self.heads is not None and self.site != "z":
+            raise ValueError("heads= applies to site 'z' only (per-head outputs before o_proj)")
+        for name in ("heads", "positions", "rows"):
+            object.__setattr__(self, name, _tuple(getattr(self, name)))
+
+
+def zero_head(layer: int, head: int, **kw) -> Intervention:
+    return Intervention("z", layer, heads=head, **kw)
+
+
+def zero_block(layer: int, block: str = "attn", **kw) -> Intervention:
+    """Zero a whole attention (``block='attn'``) or MLP (``block='mlp'``) output."""
+    if block not in ("attn", "mlp"):
+        raise ValueError(f"block must be 'attn' or 'mlp', got {block!r}")
+    return Intervention(f"{block}_out", layer, **kw)
+
+
+def _apply(x: torch.Tensor, edits: list[Intervention], adapter: ModelAdapter, per_head: bool) -> torch.Tensor:
+    """Return ``x`` ``[B, S, D]`` with ``edits`` applied (a copy; the input is not modified)."""
+    x = x.clone()
+    batch, seq = x.shape[:2]
+    view = x.view(batch, seq, adapter.n_heads, adapter.head_dim) if per_head else x
+    for edit in edits:
+        rows = list(edit.rows) if edit.rows is not None else slice(None)
+        if edit.rows is not None and max(edit.rows) >= batch:
+            raise IndexError(f"intervention row {max(edit.rows)} is outside the batch of {batch}")
+        positions = list(edit.positions) if edit.positions is not None else slice(None)
+        if edit.positions is not None and not all(-seq <= p < seq for p in edit.positions):
+            raise IndexError(f"intervention positions {edit.positions} fall outside the sequence of length {seq}")
+        target = view[rows]  # advanced indexing copies: edit the copy, then write it back
+        if per_head:
+            heads = list(edit.heads) if edit.heads is not None else slice(None)
+            for h in edit.heads or ():
+                adapter.check_head(h)
+            idx = (positions, heads)
+        else:
+            idx = (positions,)
+        current = target[(slice(None), *idx)]
+        new = torch.zeros_like(current) if edit.mode == "zero" else edit.value.to(current).expand_as(current)
+        target[(slice(None), *idx)] = new
+        view[rows] = target
+    return x
+
+
+def register_interventions(hooks: HookSet, adapter: ModelAdapter, interventions: Sequence[Intervention]) -> None:
+    """Register one hook per (site, layer) applying every intervention for it."""
+    groups: dict[tuple[str, int], list[Intervention]] = defaultdict(list)
+    for edit in interventions:
+        groups[(edit.site, adapter.check_layer(edit.layer))].append(edit)
+    for (site, layer), edits in groups.items():
+        if site == "z":
+            def pre_z(module, args, kwargs, edits=edits):
+                return (_apply(args[0], edits, adapter, per_head=True), *args[1:]), kwargs
+            hooks.pre(adapter.o_proj(layer), pre_z)
+        elif site == "resid_pre":
+            def pre_resid(module, args, kwargs, edits=edits):
+                if args:
+                    return (_apply(args[0], edits, adapter, False), *args[1:]), kwargs
+                kwargs = dict(kwargs, hidden_states=_apply(kwargs["hidden_states"], edits, adapter, False))
+                return args, kwargs
+            hooks.pre(adapter.layer(layer), pre_resid)
+        else:
+            module = {"attn_out": adapter.attn, "mlp_out": adapter.mlp, "resid_post": adapter.layer}[site](layer)
+
+            def post(module, args, kwargs, output, edits=edits):
+                if isinstance(output, tuple):
+                    return (_apply(output[0], edits, adapter, False), *output[1:])
+                return _apply(output, edits, adapter, False)
+            hooks.post(module, post)

@@ -1,0 +1,112 @@
+"""``VQAModel``: an unmodified HF vision-language model, its processor and its adapter, together.
+
+    vqa = VQAModel.from_pretrained("llava-hf/llava-1.5-7b-hf", dtype=torch.float16)   # or a folder
+    vqa = VQAModel.organism()                                   # the tiny model shipped in data/
+    inp = vqa.prepare(image, "What is the color of the dog?")   # greedy answer, teacher-forced
+    with vqa.trace(["z"], positions=[inp.target().position]) as cache:
+        vqa.forward(inp)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .adapters import ModelAdapter, get_adapter
+from .capture import trace
+from .inputs import BatchedInput, PreparedInput, collate, prepare
+
+
+class VQAModel:
+    """A HF LLaVA-family model with its processor and adapter. The model is never modified."""
+
+    def __init__(self, model: nn.Module, processor, name: str | None = None):
+        self.model = model
+        self.processor = processor
+        self.adapter: ModelAdapter = get_adapter(model)
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+
+    # ----------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None, attn_implementation: str | None = None,
+                        **kwargs) -> VQAModel:
+        """Load a model and processor by hub id or local folder (``from_pretrained`` of both)."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model_kwargs = dict(kwargs)
+        if dtype is not None:
+            model_kwargs["dtype"] = dtype
+        if attn_implementation is not None:
+            model_kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **model_kwargs)
+        if device is not None:
+            model = model.to(device)
+        processor = AutoProcessor.from_pretrained(name_or_path)
+        return cls(model.eval(), processor, name=str(name_or_path))
+
+    @classmethod
+    def organism(cls, **kwargs) -> VQAModel:
+        """The model organism shipped in ``data/organism`` (see :mod:`mech_vqa.organism`)."""
+        from .organism import ORGANISM_DIR
+
+        return cls.from_pretrained(str(ORGANISM_DIR), **kwargs)
+
+    # ------------------------------------------------------------------------ inputs
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def prepare(self, image, question: str, answer: str | None = None, *, generate: bool = True,
+                max_new_tokens: int = 16) -> PreparedInput:
+        """Inputs for ``(image, question)``; with no ``answer``, a greedy one is generated and forced."""
+        if answer is None and generate:
+            answer = self.generate(image, question, max_new_tokens=max_new_tokens)
+            if not answer.strip():
+                return prepare(self.processor, self.adapter, image, question, None)
+        return prepare(self.processor, self.adapter, image, question, answer)
+
+    @torch.no_grad()
+    def generate(self, image, question: str, max_new_tokens: int = 16) -> str:
+        """Greedy answer text (no sampling)."""
+        inp = prepare(self.processor, self.adapter, image, question, None)
+        out = self.model.generate(**inp.model_inputs(self.device, self.adapter.vision_dtype()),
+                                  max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[0, inp.seq_len:]
+        return self.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+    # ----------------------------------------------------------------------- running
+    def batch(self, items: list[PreparedInput]) -> BatchedInput:
+        """Left-pad several prepared inputs into one batch."""
+        pad = self.tokenizer.pad_token_id
+        return collate(items, pad if pad is not None else 0)
+
+    def forward(self, inp: PreparedInput | BatchedInput | dict, **kwargs):
+        """The HF forward on prepared inputs (``use_cache=False``); returns the HF output."""
+        if isinstance(inp, (PreparedInput, BatchedInput)):
+            inputs = inp.model_inputs(self.device, self.adapter.vision_dtype())
+        else:
+            inputs = inp
+        return self.model(**inputs, use_cache=False, **kwargs)
+
+    @torch.no_grad()
+    def logits(self, inp: PreparedInput | BatchedInput | dict) -> torch.Tensor:
+        return self.forward(inp).logits
+
+    def trace(self, names: Sequence[str] = (), **kwargs):
+        """:func:`mech_vqa.capture.trace` on this model (context manager)."""
+        return trace(self.model, self.adapter, names, **kwargs)
+
+    def to_str_tokens(self, ids) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens([int(i) for i in torch.as_tensor(ids).flatten()])
+
+    def __repr__(self) -> str:
+        a = self.adapter
+        return (f"VQAModel({self.name!r}, {type(self.model).__name__}, layers={a.n_layers}, heads={a.n_heads}, "
+                f"kv_heads={a.n_kv_heads}, d_model={a.d_model}, grid={a.patch_grid})")

@@ -1,0 +1,6 @@
+"""Typed results with tensors and metadata: ``topk``, ``to_dataframe``, ``save``/``load``, ``plot``."""
+
+from .base import Result, tensor_topk
+from .patch_map import PatchMap
+
+__all__ = ["PatchMap", "Result", "tensor_topk"]

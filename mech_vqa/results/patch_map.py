@@ -1,0 +1,131 @@
+"""``PatchMap``: the one result type every patch-importance method returns.
+
+Mechanistic position-level increase, logit-lens word maps, raw attention, relevancy and iGOS++ all
+produce a ``[rows, cols]`` map over the image; sharing the type lets the comparison, the
+insertion/deletion metric and the localisation scores take any of them unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from .base import Result, tensor_topk
+
+
+@dataclasses.dataclass
+class PatchMap(Result):
+    """Importance of each image cell for some target tokens.
+
+    Attributes:
+        scores: ``[rows, cols]`` float32 importance (higher = more important; may be signed).
+        method: name of the method that made it.
+        image_size: ``[height, width]`` of the preprocessed image the model saw.
+        image: ``[height, width, 3]`` that image de-normalised to [0, 1] (for plots), or None.
+        targets: the explained tokens, ``[{"token_id", "position", "token"}]``.
+        box: a ground-truth box ``[x0, y0, x1, y1]`` in the preprocessed image's pixels, or None.
+        info: metadata (model, prompt, method parameters, runtime...).
+    """
+
+    scores: torch.Tensor
+    method: str = ""
+    image_size: list = dataclasses.field(default_factory=list)
+    image: torch.Tensor | None = None
+    targets: list = dataclasses.field(default_factory=list)
+    box: list | None = None
+    info: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.scores.dim() != 2:
+            raise ValueError(f"PatchMap scores must be [rows, cols], got shape {tuple(self.scores.shape)}")
+        self.scores = self.scores.detach().float().cpu()
+        if not self.image_size:
+            self.image_size = list(self.image.shape[:2]) if self.image is not None else list(self.scores.shape)
+        self.image_size = [int(s) for s in self.image_size]
+
+    # ---------------------------------------------------------------------- geometry
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.scores.shape)
+
+    def cell_boxes(self) -> torch.Tensor:
+        """``[rows, cols, 4]`` pixel box ``(x0, y0, x1, y1)`` of every cell."""
+        rows, cols = self.grid
+        height, width = self.image_size
+        r = torch.arange(rows, dtype=torch.float32).view(rows, 1).expand(rows, cols)
+        c = torch.arange(cols, dtype=torch.float32).view(1, cols).expand(rows, cols)
+        ch, cw = height / rows, width / cols
+        return torch.stack([c * cw, r * ch, (c + 1) * cw, (r + 1) * ch], dim=-1)
+
+    def resample(self, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+        """The map resampled to ``size`` ``(h, w)`` (e.g. pixels or another method's grid)."""
+        kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+        if mode == "area" or (mode == "bilinear" and (size[0] < self.grid[0] or size[1] < self.grid[1])):
+            mode, kwargs = "area", {}
+        return F.interpolate(self.scores[None, None], size=tuple(size), mode=mode, **kwargs)[0, 0]
+
+    def inside_box(self, box=None) -> torch.Tensor:
+        """``[rows, cols]`` bool: cells whose centre lies in ``box`` (default: the stored box)."""
+        box = self._box(box)
+        cells = self.cell_boxes()
+        cx, cy = (cells[..., 0] + cells[..., 2]) / 2, (cells[..., 1] + cells[..., 3]) / 2
+        return (cx >= box[0]) & (cx < box[2]) & (cy >= box[1]) & (cy < box[3])
+
+    def _box(self, box):
+        box = self.box if box is None else box
+        if box is None:
+            raise ValueError("no box given and none stored with the map")
+        return [float(v) for v in box]
+
+    # ---------------------------------------------------------------- localisation
+    def pointing_game(self, box=None) -> bool:
+        """True when the peak cell's centre lies inside the box."""
+        inside = self.inside_box(box)
+        return bool(inside.flatten()[self.scores.flatten().argmax()])
+
+    def in_box_share(self, box=None) -> float:
+        """Share of the positive importance that falls in cells inside the box (0 when none is positive)."""
+        positive = self.scores.clamp(min=0)
+        total = float(positive.sum())
+        return float(positive[self.inside_box(box)].sum()) / total if total > 0 else 0.0
+
+    # ------------------------------------------------------------------------ verbs
+    def topk(self, k: int = 10):
+        """The ``k`` most important cells as a DataFrame (row, col, score, pixel box)."""
+        scores, index = tensor_topk(self.scores, k)
+        frame = self.to_dataframe().set_index(["row", "col"])
+        picked = frame.loc[[tuple(map(int, rc)) for rc in index]].reset_index()
+        return picked.assign(rank=range(1, len(picked) + 1))
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        rows, cols = self.grid
+        boxes = self.cell_boxes().reshape(-1, 4)
+        inside = self.inside_box().flatten().tolist() if self.box is not None else [None] * (rows * cols)
+        return pd.DataFrame({
+            "method": self.method,
+            "row": torch.arange(rows).repeat_interleave(cols).tolist(),
+            "col": torch.arange(cols).repeat(rows).tolist(),
+            "score": self.scores.flatten().tolist(),
+            "x0": boxes[:, 0].tolist(), "y0": boxes[:, 1].tolist(),
+            "x1": boxes[:, 2].tolist(), "y1": boxes[:, 3].tolist(),
+            "in_box": inside,
+        })
+
+    def plot(self, ax=None, *, alpha: float = 0.55, cmap: str = "jet", box=None, title: str | None = None,
+             colorbar: bool = True):
+        """Heatmap over the image the model saw, with the ground-truth box; returns ``(fig, ax)``."""
+        from ..plotting import overlay_heatmap
+
+        box = box if box is not None else self.box
+        tokens = " ".join(t.get("token", "") for t in self.targets)
+        title = title if title is not None else f"{self.method}" + (f" | {tokens!r}" if tokens else "")
+        return overlay_heatmap(self.scores, self.image, self.image_size, ax=ax, alpha=alpha, cmap=cmap,
+                               box=box, title=title, colorbar=colorbar)
+
+    def __repr__(self) -> str:
+        return (f"PatchMap(method={self.method!r}, grid={self.grid}, image_size={self.image_size}, "
+                f"targets={[t.get('token') for t in self.targets]}, peak={float(self.scores.max()):.4g})")

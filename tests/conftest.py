@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny LLaVA models built from configs (no download), images, prepared inputs."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mech_vqa import VQAModel
+from mech_vqa.build import tiny_llava
+
+QUESTION = "What is the color of the dog?"
+ANSWER = "The dog is red."
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vqa() -> VQAModel:
+    """Tiny LLaVA with grouped-query attention (4 heads, 2 kv heads), 4x4 patch grid."""
+    model, processor = tiny_llava(seed=0, kv_heads=2)
+    return VQAModel(model, processor, name="tiny-gqa")
+
+
+@pytest.fixture(scope="session")
+def tiny_mha_vqa() -> VQAModel:
+    """Tiny LLaVA with plain multi-head attention and three layers."""
+    model, processor = tiny_llava(seed=1, kv_heads=None, layers=3)
+    return VQAModel(model, processor, name="tiny-mha")
+
+
+@pytest.fixture(params=["gqa", "mha"])
+def any_vqa(request, tiny_vqa, tiny_mha_vqa) -> VQAModel:
+    return tiny_vqa if request.param == "gqa" else tiny_mha_vqa
+
+
+@pytest.fixture(scope="session")
+def image():
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    return Image.fromarray((rng.rand(40, 48, 3) * 255).astype("uint8"))
+
+
+@pytest.fixture
+def prepared(tiny_vqa, image):
+    return tiny_vqa.prepare(image, QUESTION, ANSWER)
+
+
+def hook_snapshot(model) -> dict:
+    """Every hook on every module, by module name (HF installs some of its own on first forward)."""
+    out = {}
+    for name, module in model.named_modules():
+        for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            hooks = getattr(module, kind, {})
+            if hooks:
+                out[(name, kind)] = tuple(hooks.keys())
+    return out
+
+
+def model_state(model) -> dict:
+    """Everything a method must leave as it found it."""
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "attn": model.config._attn_implementation,
+        "text_attn": model.config.text_config._attn_implementation,
+        "vision_attn": model.config.vision_config._attn_implementation,
+    }
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    assert before["requires_grad"] == after["requires_grad"]
+    assert before["training"] == after["training"]
+    assert (before["attn"], before["text_attn"], before["vision_attn"]) == (
+        after["attn"], after["text_attn"], after["vision_attn"])
+    for name, value in before["params"].items():
+        assert torch.equal(value, after["params"][name]), name

@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from conftest import assert_same_state, hook_snapshot, model_state
+from mech_vqa import CaptureError, attention_rows
+
+ALL = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "mlp_act",
+       "vision_features", "projector_out"]
+
+
+@pytest.fixture
+def inp(any_vqa, image):
+    return any_vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
+
+
+@torch.no_grad()
+def test_exact_decompositions(any_vqa, inp):
+    a = any_vqa.adapter
+    with any_vqa.trace(ALL) as cache:
+        logits = any_vqa.forward(inp).logits
+    for layer in range(a.n_layers):
+        pre, attn, mlp, post = (cache[n, layer] for n in ("resid_pre", "attn_out", "mlp_out", "resid_post"))
+        torch.testing.assert_close(pre + attn + mlp, post, rtol=0, atol=1e-6)
+        torch.testing.assert_close(pre + attn, cache["resid_mid", layer], rtol=0, atol=1e-6)
+        z = cache["z", layer]
+        torch.testing.assert_close(a.o_proj(layer)(z.flatten(-2)), attn)
+        per_head = torch.einsum("bshd,hdm->bshm", z, a.W_O(layer))
+        bias = a.b_O(layer) if a.b_O(layer) is not None else 0
+        torch.testing.assert_close(per_head.sum(2) + bias, attn, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.down_proj(layer)(cache["mlp_act", layer]), mlp)
+        pattern = cache["pattern", layer]
+        torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)))
+        assert pattern.triu(1).abs().max() == 0  # causal
+        # attention rows recomputed from rotated q, k equal the eager weights
+        rows = attention_rows(a, layer, cache["q", layer], cache["k", layer], torch.arange(inp.seq_len))
+        torch.testing.assert_close(rows, pattern.float(), rtol=1e-5, atol=1e-6)
+        # values through the pattern give z back (GQA: values repeated per group)
+        v = cache["v", layer].repeat_interleave(a.n_heads // a.n_kv_heads, dim=2)
+        torch.testing.assert_close(torch.einsum("bhps,bshd->bphd", pattern, v), z, rtol=1e-5, atol=1e-6)
+    last = cache["resid_post", a.n_layers - 1]
+    torch.testing.assert_close(a.unembed(a.final_norm(last)), logits)
+    torch.testing.assert_close(cache["projector_out"][0], cache["resid_pre", 0][0, inp.image_positions])
+
+
+@torch.no_grad()
+def test_capture_does_not_change_logits(any_vqa, inp):
+    plain = any_vqa.logits(inp)
+    with any_vqa.trace(["resid_pre", "attn_out", "mlp_out", "z", "q", "k", "v"], positions=[inp.seq_len - 2]):
+        traced = any_vqa.forward(inp).logits
+    assert torch.equal(plain, traced)
+
+
+@torch.no_grad()
+def test_positions_and_cpu(tiny_vqa, prepared):
+    t = prepared.target(3).position
+    with tiny_vqa.trace(["z", "resid_pre", "v", "pattern"], positions=[t], layers=[1], to_cpu=True) as small:
+        tiny_vqa.forward(prepared)
+    with tiny_vqa.trace(["z", "resid_pre", "v", "pattern"], layers=[1]) as full:
+        tiny_vqa.forward(prepared)
+    assert small["z", 1].shape == (1, 1, 4, 16)
+    torch.testing.assert_close(small["z", 1], full["z", 1][:, [t]])
+    torch.testing.assert_close(small["pattern", 1], full["pattern", 1][:, :, [t]])
+    assert small["v", 1].shape == full["v", 1].shape  # values keep every source position
+    assert ("z", 0) not in small
+    with pytest.raises(KeyError, match="was not captured"):
+        small["z", 0]
+
+
+@torch.no_grad()
+def test_per_row_positions(tiny_vqa, prepared):
+    with tiny_vqa.trace(["resid_pre"], layers=[0], positions=torch.tensor([[3, 7]])) as cache:
+        tiny_vqa.forward(prepared)
+    with tiny_vqa.trace(["resid_pre"], layers=[0]) as full:
+        tiny_vqa.forward(prepared)
+    torch.testing.assert_close(cache["resid_pre", 0], full["resid_pre", 0][:, [3, 7]])
+
+
+def test_hooks_removed_and_state_restored_even_on_error(tiny_vqa, prepared):
+    model = tiny_vqa.model
+    tiny_vqa.logits(prepared)  # HF installs its own output hooks on first forward
+    hooks, state = hook_snapshot(model), model_state(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with tiny_vqa.trace(ALL):
+            tiny_vqa.forward(prepared)
+            raise RuntimeError("boom")
+    assert hook_snapshot(model) == hooks
+    assert_same_state(state, model_state(model))
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_bad_requests(tiny_vqa, prepared):
+    with pytest.raises(ValueError, match="unknown activation names"):
+        with tiny_vqa.trace(["residual"]):
+            pass
+    with pytest.raises(IndexError, match="outside the sequence"):
+        with tiny_vqa.trace(["resid_pre"], positions=[999]):
+            tiny_vqa.forward(prepared)
+
+
+def test_pattern_from_a_model_that_cannot_give_it(tiny_vqa, prepared, monkeypatch):
+    """A model whose attention never returns weights (as sdpa or flash would) is one clear error."""
+    attn = tiny_vqa.adapter.attn(0)
+    original = type(attn).forward
+
+    def no_weights(self, *args, **kwargs):
+        out, _ = original(self, *args, **kwargs)
+        return out, None
+
+    monkeypatch.setattr(type(attn), "forward", no_weights)
+    with pytest.raises(CaptureError, match="cannot give attention patterns"):
+        with tiny_vqa.trace(["pattern"]):
+            tiny_vqa.forward(prepared)
