@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,3 +85,14 @@ def assert_same_state(before: dict, after: dict) -> None:
         after["attn"], after["text_attn"], after["vision_attn"])
     for name, value in before["params"].items():
         assert torch.equal(value, after["params"][name]), name
+
+
+ORGANISM_READY = (Path(__file__).resolve().parents[1] / "data" / "organism" / "config.json").exists()
+
+
+@pytest.fixture(scope="session")
+def organism_vqa() -> VQAModel:
+    """The trained model organism shipped in data/organism."""
+    if not ORGANISM_READY:
+        pytest.skip("data/organism has no trained checkpoint yet")
+    return VQAModel.organism()

@@ -1,0 +1,69 @@
+"""Resume a forward pass from a decoder layer, reusing the clean run's residual stream.
+
+An ablation at layer ``l`` leaves everything before ``l`` unchanged, so a sweep need not recompute
+the vision tower, the projector or layers ``0..l-1``: :class:`ResidualCheckpoint` records the
+residual stream entering every decoder layer and the keyword arguments HF passed to it (mask,
+rotary embeddings, position ids) in one clean forward, then :meth:`ResidualCheckpoint.run_from`
+calls the model's own decoder layers ``l..L-1`` on a batch of copies, with interventions applied
+through the usual hooks, and unembeds only the positions asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .hooks import HookSet, preserved_state
+from .interventions import Intervention, register_interventions
+
+
+class ResidualCheckpoint:
+    """The clean run's residual stream entering each layer, plus each layer's call arguments."""
+
+    def __init__(self, vqa, inp):
+        self.vqa = vqa
+        self.adapter = vqa.adapter
+        self.inputs: list[torch.Tensor] = []
+        self.calls: list[dict] = []
+        hooks = HookSet()
+
+        def record(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.inputs.append(hidden.detach())
+            self.calls.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+        with torch.no_grad(), preserved_state(vqa.model):
+            try:
+                for layer in range(self.adapter.n_layers):
+                    hooks.pre(self.adapter.layer(layer), record)
+                self.clean_logits = vqa.forward(inp).logits.float()
+            finally:
+                hooks.remove()
+        if len(self.inputs) != self.adapter.n_layers:
+            raise RuntimeError(f"recorded {len(self.inputs)} decoder-layer calls, expected {self.adapter.n_layers}")
+
+    @torch.no_grad()
+    def run_from(self, layer: int, batch: int, positions: Sequence[int] | torch.Tensor,
+                 interventions: Sequence[Intervention] = ()) -> torch.Tensor:
+        """Log-probabilities ``[batch, P, vocab]`` (fp32) at ``positions`` after running layers ``layer..``.
+
+        Interventions may target layers ``>= layer`` only (earlier ones would be silently lost).
+        """
+        layer = self.adapter.check_layer(layer)
+        early = [edit.layer for edit in interventions if self.adapter.check_layer(edit.layer) < layer]
+        if early:
+            raise ValueError(f"interventions at layers {sorted(set(early))} precede the resume layer {layer}")
+        positions = torch.as_tensor(positions, dtype=torch.long, device=self.inputs[0].device)
+        hidden = self.inputs[layer].expand(batch, -1, -1).clone()
+        hooks = HookSet()
+        with preserved_state(self.vqa.model):
+            try:
+                register_interventions(hooks, self.adapter, interventions)
+                for index in range(layer, self.adapter.n_layers):
+                    out = self.adapter.layer(index)(hidden, **self.calls[index])
+                    hidden = out[0] if isinstance(out, tuple) else out
+            finally:
+                hooks.remove()
+        final = self.adapter.final_norm(hidden[:, positions])
+        return self.adapter.unembed(final).float().log_softmax(-1)
