@@ -57,7 +57,17 @@ class PreparedInput:
     image: object = None  # the PIL image as given
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
+    pixel_transform: tuple = (1.0, 1.0, 0.0, 0.0)  # original pixels -> model pixels: (sx, sy, dx, dy)
     extra: dict = field(default_factory=dict)
+
+    def box_to_model(self, box) -> list[float]:
+        """Map a box ``(x0, y0, x1, y1)`` in the original image to the preprocessed image, clipped."""
+        sx, sy, dx, dy = self.pixel_transform
+        height, width = self.geometry.image_size
+        x0, y0, x1, y1 = (float(v) for v in box)
+        mapped = [x0 * sx - dx, y0 * sy - dy, x1 * sx - dx, y1 * sy - dy]
+        return [min(max(mapped[0], 0.0), width), min(max(mapped[1], 0.0), height),
+                min(max(mapped[2], 0.0), width), min(max(mapped[3], 0.0), height)]
 
     @property
     def seq_len(self) -> int:
@@ -147,6 +157,20 @@ def _find_subsequence(haystack: list[int], needle: list[int]) -> int:
     return -1
 
 
+def _pixel_transform(image_processor, original_size, model_size) -> tuple:
+    """(sx, sy, dx, dy) mapping original pixels to the model's: CLIP's shortest-edge resize then
+    centre crop when the processor does that, else a plain stretch to the model's size."""
+    width, height = original_size
+    out_h, out_w = model_size
+    size = getattr(image_processor, "size", None)
+    shortest = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+    if shortest and getattr(image_processor, "do_center_crop", False):
+        scale = shortest / min(width, height)
+        resized_w, resized_h = round(width * scale), round(height * scale)
+        return (resized_w / width, resized_h / height, (resized_w - out_w) // 2, (resized_h - out_h) // 2)
+    return (out_w / width, out_h / height, 0.0, 0.0)
+
+
 def prepare(processor, adapter: ModelAdapter, image, question: str, answer: str | None = None) -> PreparedInput:
     """Build a :class:`PreparedInput` for ``image`` and ``question``, teacher-forcing ``answer``."""
     if not isinstance(question, str) or not question.strip():
@@ -204,6 +228,7 @@ def prepare(processor, adapter: ModelAdapter, image, question: str, answer: str 
         image=image,
         image_mean=tuple(getattr(image_processor, "image_mean", (0.5, 0.5, 0.5))),
         image_std=tuple(getattr(image_processor, "image_std", (0.5, 0.5, 0.5))),
+        pixel_transform=_pixel_transform(image_processor, image.size, geometry.image_size),
         extra=extra,
     )
 

@@ -67,3 +67,15 @@ def test_batched_rows_equal_single_rows(tiny_vqa, image):
     for row, item in enumerate([a, b]):
         off = int(batch.offsets[row])
         torch.testing.assert_close(logits[row, off:], tiny_vqa.logits(item)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_box_maps_through_resize_and_centre_crop(tiny_vqa):
+    from PIL import Image
+
+    pixels = np.zeros((40, 64, 3), dtype=np.uint8)
+    pixels[:, 20] = 255  # a bright column at x = 20 of the original
+    inp = tiny_vqa.prepare(Image.fromarray(pixels), QUESTION, ANSWER)
+    column = int(torch.as_tensor(inp.display_image()).mean(dim=(0, 2)).argmax())
+    x0, _, x1, _ = inp.box_to_model([20, 0, 21, 40])
+    assert x0 <= column + 0.5 <= x1 + 1  # the mapped box covers where the column landed
+    assert inp.box_to_model([0, 0, 64, 40]) == [0.0, 0.0, 32.0, 32.0]  # clipped to the crop

@@ -1,0 +1,122 @@
+"""The dataset table: aggregate a results file written by :func:`mech_vqa.dataset.run_dataset`.
+
+Per task it reports what the rows hold: accuracy for every task; for ``ablate`` the mean head
+ablation grid, block effects and the object-vs-other patch ablation; for ``compare`` per-method
+means of insertion / deletion AUC, pointing game, in-box share and runtime, the mean Spearman
+correlation between methods, and accuracy split by whether each method's focus hits the box.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .dataset import read_results
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def summary_tables(rows: list[dict]) -> dict:
+    """Plain-data tables (pandas DataFrames) from result rows."""
+    import pandas as pd
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    correct = [r["correct"] for r in ok if r.get("correct") is not None]
+    tables = {"overview": pd.DataFrame([{
+        "items": len(rows), "ok": len(ok), "errors": len(rows) - len(ok),
+        "accuracy": _mean(correct) if correct else float("nan"),
+    }])}
+    errors = [r for r in rows if r.get("status") == "error"]
+    if errors:
+        tables["errors"] = pd.DataFrame([{"id": r["id"], "error": r["error"]} for r in errors])
+    ablate = [r for r in ok if "head_delta" in r]
+    if ablate:
+        image = {}
+        for r in ablate:
+            for entry in r.get("image_ablations", []):
+                image.setdefault(entry["ablation"], []).append(entry)
+        tables["image_ablation"] = pd.DataFrame([
+            {"ablation": name, "mean_delta_logprob": _mean(e["delta_logprob"] for e in entries),
+             "flip_rate": _mean(e["flipped"] for e in entries), "items": len(entries)}
+            for name, entries in image.items()])
+        blocks = {}
+        for r in ablate:
+            for entry in r.get("blocks", []):
+                blocks.setdefault(entry["ablation"], []).append(entry)
+        tables["blocks"] = pd.DataFrame([
+            {"ablation": name, "mean_delta_logprob": _mean(e["delta_logprob"] for e in entries),
+             "flip_rate": _mean(e["flipped"] for e in entries)} for name, entries in blocks.items()])
+        tables["head_delta"] = np.nanmean(np.array([r["head_delta"] for r in ablate], dtype=float), axis=0)
+    compare = [r for r in ok if "methods" in r]
+    if compare:
+        names = sorted({m for r in compare for m in r["methods"]})
+        records = []
+        for name in names:
+            entries = [r["methods"][name] for r in compare if name in r["methods"] and "error" not in r["methods"][name]]
+            hits = [r for r in compare if r["methods"].get(name, {}).get("pointing_game") is True]
+            misses = [r for r in compare if r["methods"].get(name, {}).get("pointing_game") is False]
+            records.append({
+                "method": name, "items": len(entries),
+                "insertion_auc": _mean(e.get("insertion_auc") for e in entries),
+                "deletion_auc": _mean(e.get("deletion_auc") for e in entries),
+                "pointing_game": _mean(e.get("pointing_game") for e in entries),
+                "in_box_share": _mean(e.get("in_box_share") for e in entries),
+                "runtime_s": _mean(e.get("runtime_s") for e in entries),
+                "acc_focus_hit": _mean(r.get("correct") for r in hits),
+                "acc_focus_miss": _mean(r.get("correct") for r in misses),
+            })
+        tables["methods"] = pd.DataFrame(records)
+        pairs = sorted({p for r in compare for p in r.get("correlations", {})})
+        tables["correlations"] = pd.DataFrame([
+            {"pair": pair, "mean_spearman": _mean(r.get("correlations", {}).get(pair) for r in compare)}
+            for pair in pairs])
+    return tables
+
+
+def summarize(results_path, figures: str | None = None) -> str:
+    """The printed dataset table; with ``figures``, also PNG figures in that folder."""
+    rows = read_results(results_path)
+    tables = summary_tables(rows)
+    parts = []
+    for name, table in tables.items():
+        if name == "head_delta":
+            continue
+        parts.append(f"## {name}\n{table.to_string(index=False, float_format=lambda v: f'{v:.3f}')}")
+    if figures:
+        written = save_figures(tables, Path(figures))
+        parts.append("figures: " + ", ".join(str(p) for p in written))
+    return "\n\n".join(parts)
+
+
+def save_figures(tables: dict, folder: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+    import torch
+
+    from .plotting import heatmap
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    if "head_delta" in tables:
+        fig, _ = heatmap(torch.tensor(tables["head_delta"]), xlabel="head", ylabel="layer",
+                         title="mean answer log-prob change, head ablated")
+        written.append(folder / "head_ablation.png")
+        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    if "methods" in tables:
+        frame = tables["methods"]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        x = np.arange(len(frame))
+        for offset, column in zip((-0.3, -0.1, 0.1, 0.3), ("insertion_auc", "deletion_auc", "pointing_game",
+                                                            "in_box_share")):
+            ax.bar(x + offset, frame[column], width=0.2, label=column)
+        ax.set_xticks(x, frame["method"], rotation=30, ha="right")
+        ax.legend(fontsize=7)
+        ax.set_title("patch-importance methods over the dataset", fontsize=9)
+        written.append(folder / "methods.png")
+        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    return written

@@ -1,0 +1,83 @@
+"""Per-item tasks for dataset runs (``mech-vqa run TASK``): each returns one JSON-able dict.
+
+Every task answers the question greedily first and reports ``prediction`` and ``correct`` (the
+expected answer word — ``answer_word`` of the row, else the given answer — appears in the
+prediction), then teacher-forces the given answer (or the prediction when none is given).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def answer_item(vqa, image, question, answer, row):
+    """Greedy prediction, correctness, and the prepared input with the answer forced."""
+    prediction = vqa.generate(image, question)
+    expected = row.get("answer_word") or answer
+    correct = None
+    if expected:
+        want = _words(expected)
+        got = _words(prediction)
+        correct = any(got[i:i + len(want)] == want for i in range(len(got) - len(want) + 1)) if want else None
+    inp = vqa.prepare(image, question, answer or prediction or None, generate=False)
+    return inp, {"prediction": prediction, "correct": correct, "answer": inp.answer}
+
+
+def answer_target(inp, row) -> int:
+    """Index of the answer token that carries the answer word (else the first answer token)."""
+    word = (row.get("answer_word") or "").lower()
+    tokens = [inp.str_tokens[p] for p in inp.answer_positions.tolist()]
+    for index, token in enumerate(tokens):
+        if word and token.lower().lstrip("▁Ġ") == word:
+            return index
+    return 0
+
+
+def task_answer(vqa, *, image, question, answer, box, row):
+    _, out = answer_item(vqa, image, question, answer, row)
+    return out
+
+
+def task_ablate(vqa, *, image, question, answer, box, row, batch_size: int = 16):
+    """Head and block sweeps on the answer token, and the object's patches ablated against the rest."""
+    from .methods.ablation import ablate, block_ablations, head_ablations, image_token_ablation
+
+    inp, out = answer_item(vqa, image, question, answer, row)
+    target = inp.target(answer_target(inp, row))
+    ablations = head_ablations(vqa) + block_ablations(vqa)
+    if box is not None:
+        inside = _patches_in_box(inp, inp.box_to_model(box))
+        outside = [p for p in inp.image_positions.tolist() if p not in set(inside)]
+        if inside:
+            ablations.append(image_token_ablation(vqa, inp, inside, name="object patches"))
+        if outside:
+            ablations.append(image_token_ablation(vqa, inp, outside, name="other patches"))
+    result = ablate(vqa, inp, ablations, targets=[target], batch_size=batch_size, progress=False)
+    frame = result.to_dataframe()
+    heads = frame[frame.kind == "head"].sort_values("delta_logprob")
+    out.update({
+        "target": target.to_dict(),
+        "clean_logprob": float(result.clean_logprob[0]),
+        "top_heads": heads.head(5)[["ablation", "delta_logprob", "flipped"]].to_dict("records"),
+        "head_delta": result.head_grid().tolist(),
+        "heads_flipping": int(result.flipped[torch.tensor([k == "head" for k in result.kinds])].sum()),
+        "blocks": frame[frame.kind.isin(["attn", "mlp"])][["ablation", "delta_logprob", "flipped"]].to_dict("records"),
+        "image_ablations": frame[frame.kind == "image"][["ablation", "delta_logprob", "flipped"]].to_dict("records"),
+    })
+    return out
+
+
+def _patches_in_box(inp, box) -> list[int]:
+    boxes = inp.geometry.boxes
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    inside = (cx >= box[0]) & (cx < box[2]) & (cy >= box[1]) & (cy < box[3])
+    return inp.image_positions[inside].tolist()
+
+
+TASKS = {"answer": task_answer, "ablate": task_ablate}
