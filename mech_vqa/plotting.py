@@ -35,7 +35,7 @@ def overlay_heatmap(scores: torch.Tensor, image: torch.Tensor | None, image_size
     if image is not None:
         ax.imshow(torch.as_tensor(image).float().numpy(), extent=extent)
     shown = ax.imshow(scores.float().numpy(), cmap=cmap, alpha=alpha if image is not None else 1.0,
-                      extent=extent, interpolation="bilinear")
+                      extent=extent, interpolation="nearest")
     if box is not None:
         draw_box(ax, box)
     if colorbar:

@@ -73,6 +73,37 @@ def task_ablate(vqa, *, image, question, answer, box, row, batch_size: int = 16)
     return out
 
 
+def task_explain(vqa, *, image, question, answer, box, row):
+    """Mechanistic explanation of the answer-word token: layers, top heads, the top head's image map."""
+    from .methods.mechanistic import explain
+
+    inp, out = answer_item(vqa, image, question, answer, row)
+    target = inp.target(answer_target(inp, row))
+    model_box = inp.box_to_model(box) if box is not None else None
+    explanation = explain(vqa, inp, target, heads="top", box=model_box, progress=False)
+    heads = explanation.heads.topk(5)
+    out.update({"target": target.to_dict(), "top_heads": heads.to_dict("records"),
+                "layer_attn_increase": explanation.layers.attention.tolist(),
+                "layer_mlp_increase": explanation.layers.mlp.tolist()})
+    if model_box is not None:
+        patch_map = explanation.patch_map
+        out.update({"pointing_game": patch_map.pointing_game(), "in_box_share": patch_map.in_box_share()})
+    return out
+
+
+def task_compare(vqa, *, image, question, answer, box, row, methods=None, options=None):
+    """Every patch-importance method on the same visually relevant answer tokens, scored."""
+    from .compare import compare
+
+    inp, out = answer_item(vqa, image, question, answer, row)
+    model_box = inp.box_to_model(box) if box is not None else None
+    comparison = compare(vqa, inp, methods=methods, box=model_box, progress=False, options=options)
+    out.update({"targets": comparison.info["targets"], "selection_rule": comparison.info["selection_rule"],
+                "methods": {r["method"]: {k: v for k, v in r.items() if k != "method"} for r in comparison.table},
+                "correlations": comparison.correlations})
+    return out
+
+
 def _patches_in_box(inp, box) -> list[int]:
     boxes = inp.geometry.boxes
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
@@ -80,4 +111,4 @@ def _patches_in_box(inp, box) -> list[int]:
     return inp.image_positions[inside].tolist()
 
 
-TASKS = {"answer": task_answer, "ablate": task_ablate}
+TASKS = {"answer": task_answer, "explain": task_explain, "compare": task_compare, "ablate": task_ablate}

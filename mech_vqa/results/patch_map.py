@@ -81,8 +81,10 @@ class PatchMap(Result):
 
     # ---------------------------------------------------------------- localisation
     def pointing_game(self, box=None) -> bool:
-        """True when the peak cell's centre lies inside the box."""
+        """True when the peak cell's centre lies inside the box (False for a constant map: no peak)."""
         inside = self.inside_box(box)
+        if float(self.scores.max()) == float(self.scores.min()):
+            return False
         return bool(inside.flatten()[self.scores.flatten().argmax()])
 
     def in_box_share(self, box=None) -> float:

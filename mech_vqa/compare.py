@@ -1,0 +1,257 @@
+"""Compare every patch-importance method on the same answer tokens.
+
+The tokens are chosen once — the visually relevant answer tokens ``S`` of Xing et al. 2025 (those
+losing more than ``tau`` nats when the image is blurred) — and every method explains exactly those:
+
+=================  ========================================================================
+method             map (each a :class:`~mech_vqa.results.PatchMap`)
+=================  ========================================================================
+``mechanistic``    position-level log-prob increase of the top head (Yu & Ananiadou 2024)
+``logit_lens``     probability of the answer word read from each image token, at the layer
+                   where it is highest on average (Yu & Ananiadou 2024, visual embeddings)
+``raw_attention``  attention of the predicting position to the image, mean over heads/layers
+``relevancy``      Chefer et al. 2021 generic relevancy (LVLM-Interpret)
+``causal``         CLEANN-style causal explanation set of the last layer's top head
+``igos++``         iGOS+ perturbation saliency (Xing et al. 2025)
+=================  ========================================================================
+
+Maps of several tokens are averaged. Each map is scored by insertion / deletion AUC against the
+same baseline and tokens, by the pointing game and in-box share when a box is given, and by its
+runtime; maps are compared pairwise by Spearman correlation on the model's patch grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .inputs import PreparedInput, Target
+from .results import PatchMap, Result
+
+DEFAULT_METHODS = ("mechanistic", "logit_lens", "raw_attention", "relevancy", "causal", "igos++")
+
+
+def _mean_maps(maps: list[PatchMap], method: str, info: dict | None = None) -> PatchMap:
+    first = maps[0]
+    scores = torch.stack([m.scores for m in maps]).mean(0)
+    targets = [t for m in maps for t in m.targets]
+    return PatchMap(scores=scores, method=method, image_size=first.image_size, image=first.image, targets=targets,
+                    box=first.box, info={**first.info, **(info or {})})
+
+
+def _mechanistic(vqa, inp, targets, box, options):
+    from .methods.mechanistic import explain
+
+    maps = [explain(vqa, inp, t, heads=options.get("heads", "top"), box=box, progress=False).patch_map
+            for t in targets]
+    return _mean_maps(maps, "mechanistic")
+
+
+def _logit_lens(vqa, inp, targets, box, options):
+    from .methods.logit_lens import logit_lens
+
+    maps = []
+    for t in targets:
+        lens = logit_lens(vqa, inp, t.token_id, k=1)
+        stage = int(lens.word_probs.mean(-1).argmax())
+        layer = "input" if stage == 0 else stage - 1
+        patch = lens.patch_map(layer)
+        maps.append(dataclasses.replace(patch, targets=[t.to_dict()], box=box, info={**patch.info, "layer": layer}))
+    return _mean_maps(maps, "logit_lens")
+
+
+def _raw_attention(vqa, inp, targets, box, options):
+    from .methods.raw_attention import raw_attention_map
+
+    return raw_attention_map(vqa, inp, targets, box=box)
+
+
+def _relevancy(vqa, inp, targets, box, options):
+    from .methods.relevancy import relevancy_map
+
+    return relevancy_map(vqa, inp, targets, progress=False, box=box)
+
+
+def _causal(vqa, inp, targets, box, options):
+    from .methods.causal import causal_map
+
+    maps = [causal_map(vqa, inp, t, box=box) for t in targets]
+    return _mean_maps(maps, "causal")
+
+
+def _igos(vqa, inp, targets, box, options):
+    from .methods.igos import igos
+
+    indices = [int(t.position) + 1 - inp.prompt_length for t in targets]
+    result = igos(vqa, inp, tokens=indices, baseline=options.get("baseline", "blur"), progress=False,
+                  evaluate=False, box=box, seed=options.get("seed", 0), **options.get("igos", {}))
+    return result.to_patch_map()
+
+
+METHODS: dict[str, Callable] = {
+    "mechanistic": _mechanistic, "logit_lens": _logit_lens, "raw_attention": _raw_attention,
+    "relevancy": _relevancy, "causal": _causal, "igos++": _igos,
+}
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two equally shaped maps (average ranks for ties)."""
+    import pandas as pd
+
+    ra = torch.tensor(pd.Series(a.flatten().double().numpy()).rank().to_numpy())
+    rb = torch.tensor(pd.Series(b.flatten().double().numpy()).rank().to_numpy())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denominator if denominator > 0 else float("nan")
+
+
+@dataclasses.dataclass
+class Comparison(Result):
+    """Every method's map on the same tokens, with one row of scores per method.
+
+    Attributes:
+        maps: name -> :class:`PatchMap`.
+        table: one dict per method: insertion_auc, deletion_auc, pointing_game, in_box_share, runtime_s.
+        correlations: ``"a|b"`` -> Spearman correlation of the two maps on the patch grid.
+        selection: the token selection records (answer tokens, log-prob gaps, selected).
+        info: metadata (model, prompt, answer, selection rule).
+    """
+
+    maps: dict = dataclasses.field(default_factory=dict)
+    table: list = dataclasses.field(default_factory=list)
+    correlations: dict = dataclasses.field(default_factory=dict)
+    selection: list = dataclasses.field(default_factory=list)
+    info: dict = dataclasses.field(default_factory=dict)
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.table)
+
+    def topk(self, k: int = 10):
+        """Methods ranked by insertion AUC minus deletion AUC (best first)."""
+        frame = self.to_dataframe()
+        frame = frame.assign(ins_minus_del=frame["insertion_auc"] - frame["deletion_auc"])
+        return frame.sort_values("ins_minus_del", ascending=False).head(k).reset_index(drop=True)
+
+    def correlation_matrix(self):
+        import pandas as pd
+
+        names = list(self.maps)
+        frame = pd.DataFrame(1.0, index=names, columns=names)
+        for pair, value in self.correlations.items():
+            a, b = pair.split("|")
+            frame.loc[a, b] = frame.loc[b, a] = value
+        return frame
+
+    def plot(self, ax=None, **kwargs):
+        """Side-by-side heatmaps (one axis per method); ``ax`` may be a sequence of axes."""
+        import matplotlib.pyplot as plt
+
+        names = list(self.maps)
+        if ax is None:
+            fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4))
+            axes = [axes] if len(names) == 1 else list(axes)
+        else:
+            axes = list(ax) if hasattr(ax, "__len__") else [ax]
+            fig = axes[0].figure
+        rows = {row["method"]: row for row in self.table}
+        for axis, name in zip(axes, names):
+            row = rows.get(name, {})
+            title = f"{name}\nins {row.get('insertion_auc', float('nan')):.2f} del {row.get('deletion_auc', float('nan')):.2f}"
+            self.maps[name].plot(ax=axis, title=title, colorbar=False)
+        return fig, axes
+
+    def save(self, path) -> Path:
+        """A folder: one saved PatchMap per method plus ``comparison.json``."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, (name, patch_map) in enumerate(self.maps.items()):
+            patch_map.save(folder / f"map{index}")
+        meta = {"type": "Comparison", "methods": list(self.maps), "table": self.table,
+                "correlations": self.correlations, "selection": self.selection, "info": self.info}
+        (folder / "comparison.json").write_text(json.dumps(meta, indent=1, default=str))
+        return folder / "comparison.json"
+
+    @classmethod
+    def load(cls, path) -> Comparison:
+        folder = Path(path)
+        folder = folder.parent if folder.suffix == ".json" else folder
+        meta = json.loads((folder / "comparison.json").read_text())
+        maps = {name: PatchMap.load(folder / f"map{index}") for index, name in enumerate(meta["methods"])}
+        return cls(maps=maps, table=meta["table"], correlations=meta["correlations"],
+                   selection=meta["selection"], info=meta["info"])
+
+
+def select_targets(vqa, inp: PreparedInput, *, tokens=None, baseline="blur", tau: float = 1.0):
+    """``(targets, selection records, rule)``: the visually relevant answer tokens, or a fallback.
+
+    When no token passes the threshold, the content token with the largest log-prob gap is used
+    (as the Qwen2-VL port of iGOS++ does) and the rule says ``fallback``.
+    """
+    from .methods.scoring import input_baseline
+    from .methods.token_selection import manual_selection, visually_relevant_tokens
+
+    if tokens is not None:
+        selection = manual_selection(vqa, inp, list(tokens))
+        rule = "manual"
+    else:
+        selection = visually_relevant_tokens(vqa, inp, input_baseline(vqa, inp, baseline), tau=tau)
+        rule = selection.rule
+    indices = selection.indices
+    if not indices:
+        gaps = selection.gaps.masked_fill(~selection.content.bool(), float("-inf"))
+        indices = [int(gaps.argmax())]
+        rule = "fallback: largest gap"
+    return [inp.target(i) for i in indices], selection.records(), rule
+
+
+def compare(vqa, inp: PreparedInput, *, methods=None, tokens=None, box=None, baseline="blur", tau: float = 1.0,
+            step_fraction: float = 0.02, progress: bool = True, options: dict | None = None) -> Comparison:
+    """Every method's map on the same answer tokens, scored (see the module docstring).
+
+    Args:
+        methods: names from :data:`METHODS` (default all).
+        tokens: answer-token indices to explain (default: the visually relevant ones).
+        box: ground-truth box in the preprocessed image's pixels (``inp.box_to_model`` maps one).
+        options: per-method options, e.g. ``{"igos": {"mask_size": 8, "iterations": 5}}``.
+    """
+    from tqdm.auto import tqdm
+
+    from .metrics.insertion_deletion import insertion_deletion
+
+    methods = list(methods or DEFAULT_METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    options = dict(options or {}, baseline=baseline)
+    targets, selection, rule = select_targets(vqa, inp, tokens=tokens, baseline=baseline, tau=tau)
+    indices = [t.position + 1 - inp.prompt_length for t in targets]
+    maps, table = {}, []
+    for name in tqdm(methods, desc="methods", disable=not progress):
+        start = time.perf_counter()
+        patch_map = METHODS[name](vqa, inp, targets, box, options)
+        runtime = time.perf_counter() - start
+        maps[name] = patch_map
+        curves = insertion_deletion(vqa, inp, patch_map, tokens=indices, baseline=baseline,
+                                    step_fraction=step_fraction, progress=False)
+        row = {"method": name, "insertion_auc": float(curves.insertion_auc), "deletion_auc": float(curves.deletion_auc),
+               "runtime_s": runtime}
+        if box is not None:
+            row.update(pointing_game=patch_map.pointing_game(box), in_box_share=patch_map.in_box_share(box))
+        table.append(row)
+    grid = inp.geometry.grid
+    on_grid = {name: m.resample(grid, mode="area") if m.grid != tuple(grid) else m.scores for name, m in maps.items()}
+    names = list(maps)
+    correlations = {f"{a}|{b}": spearman(on_grid[a], on_grid[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+    info = {"model": vqa.name, "prompt": inp.prompt, "answer": inp.answer, "selection_rule": rule,
+            "targets": [t.to_dict() for t in targets], "tau": tau, "baseline": baseline if isinstance(baseline, str) else "tensor"}
+    return Comparison(maps=maps, table=table, correlations=correlations, selection=selection, info=info)
+
+
+__all__ = ["Comparison", "DEFAULT_METHODS", "METHODS", "Target", "compare", "select_targets", "spearman"]
