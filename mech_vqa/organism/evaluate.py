@@ -14,7 +14,8 @@
   ``chance`` is the mean fraction of cells whose centre is inside the box: what a uniformly
   random map scores on both, on average.
 
-CLI: ``python -m mech_vqa.organism.evaluate --n 100 [--model DIR] [--generate]``.
+CLI: ``python -m mech_vqa.organism.evaluate --n 100 [--model DIR] [--generate]``;
+``--write-eval-split`` (re)writes the fixed evaluation split ``data/eval`` from its seed.
 """
 
 from __future__ import annotations
@@ -125,12 +126,20 @@ def main(argv=None):
     p.add_argument("--model", default=None, help="directory with a saved model (default: the shipped organism)")
     p.add_argument("--generate", action="store_true", help="also score full greedy answers")
     p.add_argument("--json", action="store_true", help="print the raw result as JSON")
+    p.add_argument("--eval-split", action="store_true", help="score the fixed split in data/eval instead")
+    p.add_argument("--write-eval-split", action="store_true", help="regenerate data/eval and exit")
     args = p.parse_args(argv)
+    from mech_vqa.organism import EVAL_DIR, load_eval_split, load_organism, write_eval_split
+
+    if args.write_eval_split:
+        print(f"wrote {len(write_eval_split(EVAL_DIR))} items to {EVAL_DIR}")
+        return
     torch.set_num_threads(2)
-    from mech_vqa.organism import load_organism
 
     model, processor = load_organism(args.model)
-    result = evaluate(model, processor, n=args.n, seed=args.seed, min_objects=args.min_objects, generate=args.generate)
+    items = load_eval_split(EVAL_DIR) if args.eval_split else None
+    result = evaluate(model, processor, n=args.n, seed=args.seed, min_objects=args.min_objects, items=items,
+                      generate=args.generate)
     print(json.dumps(result, indent=1) if args.json else format_report(result))
 
 

@@ -41,12 +41,15 @@ COLORS = {
 }
 SHAPES = ("square", "circle", "triangle", "cross")
 PATTERNS = ("solid", "striped", "dotted", "checkered")
-FAMILIES = ("color", "shape")
+# Families drawn by default (training and evaluation); "shape" is available on request.
+FAMILIES = ("color", "pattern")
+ALL_FAMILIES = ("color", "pattern", "shape")
 # Pattern pixels are the object colour scaled by this: still clearly that hue, but a texture.
 SHADE = 0.55
 
 QUESTION_TEMPLATES = {
     "color": ("What is the color of the {pattern} object?", "The color of the {pattern} object is {color}"),
+    "pattern": ("What is the pattern of the {color} object?", "The pattern of the {color} object is {pattern}"),
     "shape": ("What is the shape of the {color} object?", "The shape of the {color} object is {shape}"),
 }
 
@@ -254,10 +257,3 @@ def load_eval_split(path: str | Path | None = None) -> list[VQAItem]:
     path = Path(path) if path is not None else Path(__file__).resolve().parents[2] / "data" / "eval"
     with open(path / "items.jsonl") as f:
         return [VQAItem.from_row(json.loads(line), path) for line in f if line.strip()]
-
-
-if __name__ == "__main__":  # python -m mech_vqa.organism.synthetic [OUT_DIR]
-    import sys
-
-    out = sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "data" / "eval"
-    print(f"wrote {len(write_eval_split(out))} items to {out}")

@@ -2,13 +2,20 @@
 
 ``python -m mech_vqa.organism.train --out DIR --steps N [...]``
 
+Curriculum: images start with one object (the model first learns to read an object's colour and
+pattern); the maximum number of objects per image (the *level*) goes up by one whenever the
+training accuracy on images with ``level`` objects, over the last ``--window`` steps, reaches
+``--advance-at``. Half of each batch has exactly ``level`` objects, the rest 1..level. Retrieving
+the named object among several (binding the query word to image patches) comes after a plateau
+of unpredictable length, hence an adaptive rather than a fixed schedule.
+
 Why it is reproducible and resumable: the batch of step ``s`` is drawn from
-``numpy.random.default_rng([seed, s])``, so no data-stream state needs saving; every
-``--ckpt-every`` steps ``DIR/checkpoint.pt`` stores model, optimizer, scheduler, torch RNG
-state, step, elapsed time and the log (tensors and plain containers only, loaded with
-``weights_only=True``). Re-running the same command resumes from it and ends with exactly the
-parameters of an uninterrupted run. At the end the model and processor are written to ``DIR``
-with ``save_pretrained`` together with ``training_log.json``.
+``numpy.random.default_rng([seed, s])`` given the level, so no data-stream state needs saving;
+every ``--ckpt-every`` steps ``DIR/checkpoint.pt`` stores model, optimizer, scheduler, torch RNG
+state, step, level, the accuracy window, elapsed time and the log (tensors and plain containers
+only, loaded with ``weights_only=True``). Re-running the same command resumes from it and ends
+with exactly the parameters of an uninterrupted run. At the end the model and processor are
+written to ``DIR`` with ``save_pretrained``, together with ``training_log.json``.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from mech_vqa.organism.model import DEFAULT_SIZES, answer_loss, build_organism, encode
-from mech_vqa.organism.synthetic import FAMILIES, generate_item, generate_items
+from mech_vqa.organism.synthetic import ALL_FAMILIES, FAMILIES, generate_item, generate_items
 
 HELDOUT_SEED = 777  # the in-training validation set; evaluate.py uses other seeds
 
@@ -32,19 +39,25 @@ HELDOUT_SEED = 777  # the in-training validation set; evaluate.py uses other see
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (checkpoint + final model)")
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine decays to lr * this")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--curriculum", type=int, default=0,
-                   help="steps over which the max objects per image grows from 1 to 4 (0: always 1-4)")
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=ALL_FAMILIES)
+    p.add_argument("--max-objects", type=int, default=4, help="most objects per training image")
+    p.add_argument("--start-level", type=int, default=1, help="curriculum: objects per image at the start")
+    p.add_argument("--advance-at", type=float, default=0.9, help="curriculum: accuracy to add an object")
+    p.add_argument("--window", type=int, default=100, help="curriculum: steps the accuracy is measured over")
+    p.add_argument("--target", type=float, default=None,
+                   help="finish early once the held-out accuracy (2-4 objects) reaches this at the top level")
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-n", type=int, default=200, help="held-out items (2-4 objects) per evaluation")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads; 1 is much faster when another process competes for the 2 cores")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop (after checkpointing) at this step without finishing; for tests")
     for name, value in DEFAULT_SIZES.items():
@@ -52,21 +65,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def max_objects_at(step: int, curriculum: int) -> int:
-    """Objects per image: 1..max, with max growing linearly from 1 to 4 over ``curriculum`` steps."""
-    if curriculum <= 0:
-        return 4
-    return min(4, 1 + (3 * step) // curriculum)
-
-
-def training_batch(step: int, args) -> list:
-    """The batch of ``step``: a pure function of (seed, step), hence exact resumption."""
+def training_batch(step: int, level: int, args) -> list:
+    """The batch of ``step``: a pure function of (seed, step, level), hence exact resumption."""
     rng = np.random.default_rng([args.seed, step])
-    top = max_objects_at(step, args.curriculum)
-    return [generate_item(rng, image_size=args.image_size, min_objects=1, max_objects=top) for _ in range(args.batch)]
+    items = []
+    for i in range(args.batch):
+        n = level if i % 2 == 0 else int(rng.integers(1, level + 1))
+        family = args.families[int(rng.integers(len(args.families)))]
+        items.append(generate_item(rng, n_objects=n, family=family, image_size=args.image_size))
+    return items
 
 
 def lr_lambda(args):
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` at ``--steps``."""
     def f(step: int) -> float:
         if step < args.warmup:
             return (step + 1) / args.warmup
@@ -105,7 +116,7 @@ def main(argv=None):
         lr=args.lr, betas=(0.9, 0.98),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
-    step, elapsed, log = 0, 0.0, []
+    step, level, elapsed, log, recent, done = 0, args.start_level, 0.0, [], [], False
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=True)
@@ -113,27 +124,30 @@ def main(argv=None):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        step, elapsed, log = int(state["step"]), float(state["elapsed_s"]), list(state["log"])
+        step, level, elapsed = int(state["step"]), int(state["level"]), float(state["elapsed_s"])
+        log, recent, done = list(state["log"]), list(state["recent"]), bool(state["done"])
         print(f"resumed from {ckpt_path} at step {step}")
 
     heldout = generate_items(args.eval_n, seed=HELDOUT_SEED, min_objects=2, max_objects=4,
-                             families=FAMILIES, image_size=args.image_size)
+                             families=tuple(args.families), image_size=args.image_size)
     heldout = [(encode(processor, heldout[i : i + 100]), heldout[i : i + 100]) for i in range(0, len(heldout), 100)]
 
     def save_checkpoint():
         torch.save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-            "step": step, "elapsed_s": elapsed, "log": log, "args": vars(args),
+            "step": step, "level": level, "elapsed_s": elapsed, "log": log, "recent": recent, "done": done,
+            "args": vars(args),
         }, ckpt_path.with_suffix(".tmp"))
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)  # atomic: a kill never leaves half a file
 
     stop = min(args.steps, args.stop_after or args.steps)
     bar = tqdm(total=args.steps, initial=step, desc="organism", dynamic_ncols=True)
-    window = []
-    while step < stop:
+    losses, family_hits = [], {}
+    while step < stop and not done:
         t0 = time.perf_counter()
-        batch = encode(processor, training_batch(step, args))
+        items = training_batch(step, level, args)
+        batch = encode(processor, items)
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "answer_index")}
         loss, correct = answer_loss(model(**inputs).logits, batch)
         optimizer.zero_grad(set_to_none=True)
@@ -143,28 +157,38 @@ def main(argv=None):
         scheduler.step()
         step += 1
         elapsed += time.perf_counter() - t0
-        window.append((loss.item(), correct.float().mean().item()))
+
+        losses.append(loss.item())
+        top = [ok for ok, it in zip(correct.tolist(), items) if it.n_objects == level]
+        recent = (recent + [float(np.mean(top))])[-args.window :]
+        for ok, it in zip(correct.tolist(), items):
+            family_hits.setdefault(f"{it.family}/n{it.n_objects}", []).append(ok)
+        if level < args.max_objects and len(recent) == args.window and np.mean(recent) >= args.advance_at:
+            bar.write(f"step {step}: accuracy {np.mean(recent):.3f} on {level} objects -> level {level + 1}")
+            level, recent = level + 1, []
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", level=level, lr=f"{scheduler.get_last_lr()[0]:.1e}")
+
         if step % args.eval_every == 0 or step == args.steps:
-            entry = {"step": step, "elapsed_s": round(elapsed, 1),
-                     "train_loss": float(np.mean([w[0] for w in window])),
-                     "train_acc": float(np.mean([w[1] for w in window])),
-                     "max_objects": max_objects_at(step - 1, args.curriculum),
+            entry = {"step": step, "elapsed_s": round(elapsed, 1), "level": level,
+                     "train_loss": float(np.mean(losses)),
+                     "train_acc": {k: float(np.mean(v)) for k, v in sorted(family_hits.items())},
                      "heldout": heldout_accuracy(model, heldout)}
-            window = []
+            losses, family_hits = [], {}
             log.append(entry)
             bar.write(json.dumps(entry))
-        if step % args.ckpt_every == 0 or step == stop:
+            if args.target is not None and level == args.max_objects and entry["heldout"]["all"] >= args.target:
+                done = True
+        if step % args.ckpt_every == 0 or step == stop or done:
             save_checkpoint()
     bar.close()
 
-    if step >= args.steps:
+    if step >= args.steps or done:
         model.eval()
         model.save_pretrained(out)
         processor.save_pretrained(out)
         with open(out / "training_log.json", "w") as f:
-            json.dump({"args": vars(args), "training_time_s": round(elapsed, 1), "log": log}, f, indent=1)
+            json.dump({"args": vars(args), "steps": step, "training_time_s": round(elapsed, 1), "log": log}, f, indent=1)
         print(f"done: {step} steps in {elapsed / 60:.1f} min of training; model in {out}")
     return model, processor
 

@@ -261,7 +261,8 @@ class AttentionMass(Result):
         tokens = " ".join(t.get("token", "") for t in self.targets)
         return heatmap(self.of(group).T, ax=ax, xlabel="layer", ylabel="head", cmap="viridis", center=False,
                        title=f"attention mass on {group} tokens | {tokens!r}",
-                       xticklabels=[str(v) for v in self.layers])
+                       xticklabels=[str(v) for v in self.layers],
+                       yticklabels=[str(h) for h in range(self.mass.shape[1])])
 
 
 @dataclasses.dataclass
@@ -422,6 +423,12 @@ class CausalExplanation(Result):
                 cells.append(tuple(self.image_rowcol[image_pos.index(pos)].tolist()))
         return cells
 
+    def node_labels(self) -> list[str]:
+        """Token of each text node, ``img(row,col)`` of each image node."""
+        image_pos = self.image_positions.long().tolist()
+        return [f"img{tuple(self.image_rowcol[image_pos.index(p)].tolist())}" if kind == "image" else self.tokens[i]
+                for i, (p, kind) in enumerate(zip(self.nodes.tolist(), self.kinds))]
+
     def explanation_tokens(self) -> list[tuple[int, str]]:
         """``(position, token)`` of the text nodes in the explanation set."""
         return [(int(p), self.tokens[i]) for i, p in enumerate(self.nodes.tolist())
@@ -471,7 +478,7 @@ class CausalExplanation(Result):
             explained = bool(inside[i] or i == n - 1) and bool(inside[j] or j == n - 1)
             ax.add_patch(Arc(((i + j) / 2, 0), width, width * 0.6, theta1=0, theta2=180, lw=0.8,
                              color="tab:green" if explained else "gray"))
-        ax.set_xticks(range(n), self.tokens, rotation=90, fontsize=6)
+        ax.set_xticks(range(n), self.node_labels(), rotation=90, fontsize=6)
         ax.set_yticks([])
         ax.set_xlim(-1, n)
         ax.set_ylim(-0.5, max(1.0, 0.3 * n))

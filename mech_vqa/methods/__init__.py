@@ -1,0 +1,1 @@
+"""Methods: each module implements one published method on top of capture / interventions."""

@@ -1,0 +1,326 @@
+"""iGOS+ / iGOS++ saliency for open-ended LVLM answers.
+
+Xing et al. 2025, "Where do Large Vision-Language Models Look at when Answering Questions?"
+(arXiv 2503.13891), built on iGOS++ (Khorram et al., KDD 2021). A mask ``m`` ``[h, w]`` in
+[0, 1] (1 = keep the image, init all ones) is optimised so that deleting the salient cells
+destroys the answer and inserting them restores it.
+
+Notation: ``I``, ``B`` image and baseline pixel values ``[1, *pixel_shape]`` (the processor's
+normalised space; see :mod:`mech_vqa.methods.scoring` for the baselines), ``U(m)`` bilinear
+upsampling (``align_corners=False``) of the mask to the pixel grid ``[H, W]``, applied alike to
+every view/tile, ``Phi(X, Y, u) = X * u + Y * (1 - u)``, and the score of the visually relevant
+tokens ``S`` (:mod:`mech_vqa.methods.token_selection`), teacher-forced, float32::
+
+    s(X) = sum_{t in S} log p(y_t | X)
+
+iGOS+ (one mask, the paper's default), iteration ``i = 0 .. iterations-1``, ``k = 1 .. N``,
+``eps ~ N(0, noise_std^2)`` drawn afresh for every point::
+
+    D    = mean_k s(Phi(I, B, (k/N) U(m)) + eps_k)         deletion (minimised)
+    Ins  = mean_k s(Phi(B, I, (k/N) U(m)) + eps'_k)        insertion (maximised)
+    R    = L1 mean(1 - m) + L3 BTV(m) + L2 exp(-gamma i) sum((1 - m)^2)
+    g    = d(D - Ins + R)/dm
+    theta_i = m - lr g ;  m <- clip(theta_i + i/(i + momentum) (theta_i - theta_{i-1}), 0, 1)   (Nesterov)
+
+    BTV(m) = 1/2 [ mean(dm_y^2) + mean(dm_x^2)
+                   + mean(w_y dU(m)_y^2) + mean(w_x dU(m)_x^2) ],  w = exp(-(mean_c dI)^2 / sigma)
+
+with ``dI`` the neighbour differences of ``I`` (first view) averaged over channels and
+``sigma = 0.01``, as in the authors' code. Saliency = ``1 - m``.
+
+iGOS++ (``two_masks=True``): a deletion mask ``m_d`` and an insertion mask ``m_i``; the gradient is
+half the sum of four integrated terms, ``D(m_d m_i) - Ins(m_d m_i) + D(m_d) - Ins(m_i)`` (products
+of the upsampled masks), plus ``R(m_d m_i)``; the mask is ``m = m_d m_i``.
+
+Engineering (what differs from the authors' code, not the maths): all ``2N`` (iGOS++: ``4N``)
+interpolation points of an iteration go through the model as one batch, split into chunks of
+``chunk_size`` rows, each chunk's graph freed by its own backward; logits are computed only at the
+predicting rows of ``S`` (:class:`~mech_vqa.methods.scoring.AnswerScorer`); no KV cache; the
+model's parameters are frozen for the run (:func:`~mech_vqa.hooks.preserved_state`) so that the
+gradient reaches only the mask. ``reference=True`` runs the same optimisation the authors' way
+(one forward per point at batch size 1, full-vocabulary logits at every position): it exists
+for the benchmark and the equivalence test only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..hooks import preserved_state
+from ..inputs import PreparedInput
+from ..metrics.insertion_deletion import from_raw, insertion_deletion_curves, mean_probability
+from ..results.igos import IGOSResult
+from .scoring import AnswerScorer, input_baseline
+from .token_selection import TokenSelection, check_tau, manual_selection, visually_relevant_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class IGOSConfig:
+    """Hyperparameters; the defaults are the authors' README command (iGOS+, 5 iterations)."""
+
+    mask_size: int | tuple[int, int] = 32
+    iterations: int = 5
+    n_steps: int = 10            #: N, interpolation points per integral
+    l1: float = 1.0
+    l2: float = 0.1
+    l3: float = 10.0
+    gamma: float = 1.0
+    momentum: float = 5.0        #: Nesterov ``i / (i + momentum)``; 0 disables momentum
+    lr: float = 10.0
+    noise_std: float = 0.2
+    bilateral_sigma: float = 0.01
+    two_masks: bool = False      #: iGOS++ (separate deletion and insertion masks)
+    chunk_size: int = 20         #: most rows per forward/backward (20 = all 2N points of iGOS+ at once;
+                                 #: lower it to fit a 7B model's activations in GPU memory)
+
+    def __post_init__(self):
+        size = (self.mask_size, self.mask_size) if isinstance(self.mask_size, int) else tuple(self.mask_size)
+        if len(size) != 2 or any(not isinstance(s, int) or s < 1 for s in size):
+            raise ValueError(f"mask_size must be an int >= 1 or a pair (rows, cols) of them, got {self.mask_size!r}")
+        object.__setattr__(self, "mask_size", size)
+        for name in ("iterations", "n_steps", "chunk_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("l1", "l2", "l3", "gamma", "momentum", "noise_std"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("lr", "bilateral_sigma"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "mask_size": list(self.mask_size)}
+
+
+# --------------------------------------------------------------------------- regulariser
+def upsample(mask: torch.Tensor, size) -> torch.Tensor:
+    """``U(m)``: ``[..., h, w]`` -> ``[..., H, W]`` bilinear, ``align_corners=False``."""
+    lead = mask.shape[:-2]
+    up = F.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]), size=tuple(size), mode="bilinear", align_corners=False)
+    return up.reshape(*lead, *up.shape[-2:])
+
+
+def edge_weights(image: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``exp(-(mean_c dI)^2 / sigma)`` for vertical ``[H-1, W]`` and horizontal ``[H, W-1]`` neighbours."""
+    first = image.detach().float().reshape(-1, *image.shape[-3:])[0]          # [C, H, W], first view
+    dy = (first[:, 1:] - first[:, :-1]).mean(0)
+    dx = (first[:, :, 1:] - first[:, :, :-1]).mean(0)
+    return torch.exp(-dy ** 2 / sigma), torch.exp(-dx ** 2 / sigma)
+
+
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    return x.mean() if x.numel() else x.new_zeros(())  # a 1-cell side has no neighbours
+
+
+def bilateral_tv(mask: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``BTV(m)``: half the squared TV of the mask plus the edge-weighted squared TV of ``U(m)``."""
+    w_y, w_x = weights
+    up = upsample(mask, (w_x.shape[0], w_y.shape[1]))
+    tv = _mean((mask[1:] - mask[:-1]) ** 2) + _mean((mask[:, 1:] - mask[:, :-1]) ** 2)
+    btv = _mean(w_y * (up[1:] - up[:-1]) ** 2) + _mean(w_x * (up[:, 1:] - up[:, :-1]) ** 2)
+    return 0.5 * (tv + btv)
+
+
+def regulariser(mask: torch.Tensor, weights, config: IGOSConfig, iteration: int) -> dict[str, torch.Tensor]:
+    """The three terms of ``R`` (L2 with its graduated decay ``exp(-gamma i)``)."""
+    return {"l1": config.l1 * (1 - mask).mean(),   # m is in [0, 1]: |1 - m| = 1 - m, with a gradient at m = 1
+            "tv": config.l3 * bilateral_tv(mask, weights),
+            "l2": config.l2 * math.exp(-config.gamma * iteration) * ((1 - mask) ** 2).sum()}
+
+
+# --------------------------------------------------------------------------- optimiser
+@dataclasses.dataclass(frozen=True)
+class _Term:
+    """One integrated term: which masks multiply, deletion or insertion, and its sign/weight."""
+
+    masks: tuple[int, ...]
+    deletion: bool
+    weight: float
+    name: str
+
+
+def _terms(two_masks: bool) -> list[_Term]:
+    if not two_masks:
+        return [_Term((0,), True, 1.0, "deletion"), _Term((0,), False, -1.0, "insertion")]
+    # iGOS++: the four IG terms, averaged in pairs (the authors' total_grads /= 2)
+    return [_Term((0, 1), True, 0.5, "deletion_combined"), _Term((0, 1), False, -0.5, "insertion_combined"),
+            _Term((0,), True, 0.5, "deletion"), _Term((1,), False, -0.5, "insertion")]
+
+
+def optimise_mask(score_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, baseline: torch.Tensor,
+                  config: IGOSConfig | None = None, *, seed: int = 0, progress: bool = True,
+                  one_point_per_forward: bool = False) -> dict:
+    """Optimise the iGOS+/iGOS++ mask(s) for a black-box ``score_fn: pixels [n, ...] -> s [n]``.
+
+    ``score_fn`` must be differentiable in the pixels (``s = sum_{t in S} log p``). With
+    ``one_point_per_forward`` every interpolation point is scored and back-propagated on its own
+    (the reference way; same noise, same result up to float rounding).
+
+    Returns a dict: ``mask`` ``[h, w]``, ``masks`` (one per optimised mask), ``history``.
+    """
+    config = config or IGOSConfig()
+    device = image.device
+    image, baseline = image.detach().float(), baseline.detach().float().to(device)
+    pixel_size = image.shape[-2:]
+    weights = edge_weights(image, config.bilateral_sigma)
+    masks = [torch.ones(config.mask_size, device=device, requires_grad=True)
+             for _ in range(2 if config.two_masks else 1)]
+    terms = _terms(config.two_masks)
+    n = config.n_steps
+    alphas = torch.arange(1, n + 1, device=device, dtype=torch.float32) / n                 # k / N
+    point_term = torch.arange(len(terms)).repeat_interleave(n)                              # [P]
+    point_alpha = alphas.repeat(len(terms))                                                 # [P]
+    is_deletion = torch.tensor([terms[int(t)].deletion for t in point_term], device=device)
+    point_weight = torch.tensor([terms[int(t)].weight / n for t in point_term], device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    n_points = len(point_term)
+    # equal-sized chunks (20 points, chunk 16 -> 10 + 10, not 16 + 4): every forward is as wide as it can be
+    n_chunks = n_points if one_point_per_forward else math.ceil(n_points / config.chunk_size)
+    chunks = [c.tolist() for c in torch.arange(n_points).tensor_split(n_chunks)]
+    history = {name: [] for name in [t.name for t in terms] + ["l1", "tv", "l2", "objective"]}
+    theta_prev = None
+    extra = (1,) * (image.dim() - 3)  # views/channels between the batch and the pixel grid
+
+    bar = tqdm(range(config.iterations), desc="iGOS++" if config.two_masks else "iGOS+", disable=not progress)
+    for iteration in bar:
+        noise = torch.randn((n_points, *image.shape[1:]), generator=generator, device=device) * config.noise_std
+        scores = torch.empty(n_points)
+        for chunk in chunks:
+            rows = slice(chunk[0], chunk[-1] + 1)
+            up = [upsample(m, pixel_size) for m in masks]
+            term_masks = torch.stack([math.prod(up[j] for j in t.masks) for t in terms])   # [n_terms, H, W]
+            u = term_masks[point_term[rows]] * point_alpha[rows].view(-1, 1, 1)          # [c, H, W]
+            u = u.view(u.shape[0], *extra, *pixel_size)
+            # deletion Phi(I, B, u) = B + u (I - B); insertion Phi(B, I, u) = I + u (B - I)
+            deleting = is_deletion[rows].view(-1, *[1] * (image.dim() - 1))
+            lo, hi = torch.where(deleting, baseline, image), torch.where(deleting, image, baseline)
+            composite = lo + u * (hi - lo) + noise[rows]
+            s = score_fn(composite).float()                                               # [c]
+            (s * point_weight[rows]).sum().backward()
+            scores[rows] = s.detach().cpu()
+        combined = math.prod(masks)
+        reg = regulariser(combined, weights, config, iteration)
+        sum(reg.values()).backward()
+
+        with torch.no_grad():
+            momentum = iteration / (iteration + config.momentum) if config.momentum > 0 else 0.0
+            # a non-finite gradient entry would persist through the momentum: zero it
+            thetas = [m - config.lr * torch.nan_to_num(m.grad, nan=0.0, posinf=0.0, neginf=0.0) for m in masks]
+            for index, (mask, theta) in enumerate(zip(masks, thetas)):
+                step = theta if theta_prev is None else theta + momentum * (theta - theta_prev[index])
+                mask.copy_(step.clamp(0, 1))
+                mask.grad = None
+            theta_prev = thetas
+        per_term = scores.view(len(terms), n).mean(1)
+        for term, value in zip(terms, per_term.tolist()):
+            history[term.name].append(value)
+        for name, value in reg.items():
+            history[name].append(float(value.detach()))
+        history["objective"].append(float((per_term * torch.tensor([t.weight for t in terms])).sum())
+                                    + sum(float(v.detach()) for v in reg.values()))
+        bar.set_postfix(deletion=f"{per_term[0]:.3f}", insertion=f"{per_term[1]:.3f}")
+
+    final = [m.detach() for m in masks]
+    return {"mask": math.prod(final), "masks": final, "history": history}
+
+
+# ------------------------------------------------------------------------------ method
+def _check_answer(vqa, inp: PreparedInput) -> None:
+    if not isinstance(inp, PreparedInput):
+        raise TypeError("igos takes a PreparedInput (VQAModel.prepare(image, question, answer)), "
+                        f"got {type(inp).__name__}")
+    if inp.answer_positions.numel() == 0:
+        raise ValueError("this input has no answer tokens to explain; prepare it with an answer "
+                         "(VQAModel.prepare(image, question, answer)) or let the model generate one")
+    unk = vqa.tokenizer.unk_token_id
+    ids = inp.input_ids[0, inp.answer_positions].tolist()
+    if unk is not None and unk in ids:
+        raise ValueError(f"the answer {inp.answer!r} does not tokenize: the tokenizer maps part of it to its "
+                         f"unknown token {vqa.tokenizer.unk_token!r}; use words from the model's vocabulary")
+
+
+def igos(vqa, inp: PreparedInput, *, tokens: TokenSelection | Sequence[int] | None = None, tau: float = 1.0,
+         baseline: str | torch.Tensor = "blur", config: IGOSConfig | None = None, seed: int = 0,
+         progress: bool = True, evaluate: bool = True, step_fraction: float = 0.02, box=None,
+         reference: bool = False, **overrides) -> IGOSResult:
+    """Explain the answer of ``inp`` with iGOS+ (default) or iGOS++ (``two_masks=True``).
+
+    Args:
+        vqa: the :class:`~mech_vqa.model.VQAModel` (left exactly as found).
+        inp: prepared input with the answer teacher-forced (``vqa.prepare(image, question)``
+            generates it greedily).
+        tokens: ``S`` by hand (answer-token indices or a ``TokenSelection``); default: the
+            visually relevant tokens against the baseline with threshold ``tau``.
+        tau: selection threshold in nats (>= 0).
+        baseline: ``"blur"`` (default), ``"black"``, ``"noise"`` or baseline pixel values.
+        config: an :class:`IGOSConfig`; ``overrides`` replace single fields (``mask_size=8``...).
+        seed: seeds the noise; the same seed gives the same mask.
+        evaluate: also compute the saliency's deletion/insertion curves.
+        step_fraction: curve step (share of cells).
+        box: ground-truth box to store with the result (for plots and localisation scores).
+        reference: run the slow reference way (benchmark and tests only).
+
+    Returns: an :class:`~mech_vqa.results.igos.IGOSResult`; with an empty ``S`` nothing is
+    optimised and ``result.empty`` / ``result.message`` say so.
+    """
+    config = dataclasses.replace(config or IGOSConfig(), **overrides)
+    tau = check_tau(tau)
+    _check_answer(vqa, inp)
+    timings, start = {}, time.perf_counter()
+    base = input_baseline(vqa, inp, baseline).to(vqa.device)
+    image = inp.pixel_values.float().to(vqa.device)
+    params = {**config.to_dict(), "tau": tau, "seed": seed, "reference": reference,
+              "baseline": baseline if isinstance(baseline, str) else "tensor"}
+    common = dict(image=torch.as_tensor(inp.display_image()), image_size=list(inp.geometry.image_size),
+                  box=[float(v) for v in box] if box is not None else None, params=params, info=inp.info())
+
+    with preserved_state(vqa.model, frozen=True):
+        vqa.model.eval()
+        if tokens is None:
+            selection = visually_relevant_tokens(vqa, inp, base, tau=tau)
+        elif isinstance(tokens, TokenSelection):
+            selection = tokens
+        else:
+            selection = manual_selection(vqa, inp, tokens)
+        timings["selection"] = time.perf_counter() - start
+        targets = [inp.target(i).to_dict() for i in selection.indices]
+        if selection.empty:
+            ones = torch.ones(config.mask_size)
+            timings["total"] = time.perf_counter() - start
+            return IGOSResult(saliency=torch.zeros(config.mask_size), mask=ones, tokens=selection.records(),
+                              targets=[], timings=timings, message=selection.message, **common)
+
+        scorer = AnswerScorer(vqa, inp, selection.indices)
+        log_probs = scorer.reference if reference else scorer
+        t0 = time.perf_counter()
+        optimised = optimise_mask(lambda pixels: log_probs(pixels).sum(-1), image, base, config, seed=seed,
+                                  progress=progress, one_point_per_forward=reference)
+        timings["optimisation"] = time.perf_counter() - t0
+        mask = optimised["mask"].cpu()
+        saliency = 1 - mask
+        curves = {}
+        if evaluate:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                raw = insertion_deletion_curves(mean_probability(log_probs, range(scorer.n_tokens)), image, base,
+                                                saliency, step_fraction=step_fraction,
+                                                chunk_size=1 if reference else config.chunk_size, progress=progress)
+            metric = from_raw(raw)
+            curves = dict(fractions=metric.fractions, deletion_curve=metric.deletion,
+                          insertion_curve=metric.insertion, deletion_auc=metric.deletion_auc,
+                          insertion_auc=metric.insertion_auc)
+            timings["metric"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - start
+    two = config.two_masks
+    return IGOSResult(saliency=saliency, mask=mask,
+                      mask_deletion=optimised["masks"][0].cpu() if two else None,
+                      mask_insertion=optimised["masks"][1].cpu() if two else None,
+                      tokens=selection.records(), targets=targets, history=optimised["history"], timings=timings,
+                      message=selection.message, **curves, **common)

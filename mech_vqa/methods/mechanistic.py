@@ -1,0 +1,325 @@
+"""Mechanistic log-probability increases of layers, heads and source positions.
+
+Yu & Ananiadou 2024, "Understanding Multimodal LLMs: the Mechanistic Interpretability of Llava in
+Visual Question Answering" (arXiv 2411.10950). For a target token ``y`` predicted at position ``t``
+and ``x_l`` ``[d]`` the residual stream entering layer ``l`` at ``t``, with ``lp`` the frozen-norm
+log-probability of :mod:`mech_vqa.methods.logprob`:
+
+* layer level:    ``attn_l = lp(x_l + a_l) - lp(x_l)``;  ``mlp_l = lp(x_l + a_l + m_l) - lp(x_l + a_l)``
+  (``a_l``, ``m_l`` ``[d]`` the attention and MLP block outputs at ``t``);
+* head level:     ``h_lj = z_lj[t] @ W_O[j]`` (``z`` ``[H, hd]``, ``W_O`` ``[H, hd, d]``),
+  ``increase_lj = lp(x_l + h_lj) - lp(x_l)`` for every layer and head;
+* position level: ``h_ljp = A_lj[t, p] * v_lj[p] @ W_O[j]`` (values repeated per GQA group),
+  ``increase_p = lp(x_l + h_ljp) - lp(x_l)`` for every source position ``p``, computed only for the
+  heads asked. The image part, laid on the patch grid by the adapter, is the patch heatmap.
+
+Everything comes from ONE forward that records, at ``t`` only, ``resid_pre``, ``attn_out``,
+``mlp_out``, ``z``, ``q``, ``mlp_act`` and the last ``resid_post``, plus ``k`` and ``v`` at all
+positions. Attention rows are recomputed from ``q`` and ``k`` (:func:`~mech_vqa.capture.attention_rows`),
+so no eager attention and no second forward. The forward asks the model for the logits of the last
+position only (``logits_to_keep=1``): nothing here needs the others.
+
+Entry point: :func:`explain` ("explain this answer token"); :func:`capture_target` +
+:func:`layer_and_head_increase` / :func:`position_increase` for finer control.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..capture import attention_rows
+from ..inputs import BatchedInput, PreparedInput, Target
+from ..results.mechanistic import Explanation, HeadIncrease, HeadPositions, LayerIncrease
+from .logprob import CHUNK_ELEMENTS, FrozenNormScorer, check_token_ids
+
+CAPTURED = ("resid_pre", "attn_out", "mlp_out", "z", "q", "k", "v", "mlp_act", "resid_post")
+
+
+@dataclass
+class TargetCapture:
+    """What one forward records for the attributions (``B`` rows, one target each).
+
+    ``resid_pre``/``attn_out``/``mlp_out`` ``[B, L, d]``, ``z``/``q`` ``[B, L, H, hd]`` and
+    ``mlp_act`` ``[B, L, d_mlp]`` are at each row's target position; ``k``/``v`` are per-layer lists of
+    ``[B, S, KV, hd]``; ``final`` ``[B, d]`` the last layer's output at ``t``. ``positions`` ``[B]`` are
+    batch coordinates of ``t``; ``offsets`` ``[B]`` the left padding of each row.
+    """
+
+    vqa: object
+    items: list[PreparedInput]
+    targets: list[Target]
+    positions: torch.Tensor
+    offsets: torch.Tensor
+    attention_mask: torch.Tensor
+    resid_pre: torch.Tensor
+    attn_out: torch.Tensor
+    mlp_out: torch.Tensor
+    z: torch.Tensor
+    q: torch.Tensor
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    mlp_act: torch.Tensor
+    final: torch.Tensor
+    model_logprob: torch.Tensor
+    scorer: FrozenNormScorer
+
+    @property
+    def adapter(self):
+        return self.vqa.adapter
+
+    def meta(self, row: int) -> dict:
+        """Metadata for row ``row``'s results (model id, prompt, target)."""
+        return {"model": self.vqa.name, "prompt": self.items[row].prompt, "target": self.targets[row].to_dict(),
+                "info": {"question": self.items[row].question, "answer": self.items[row].answer}}
+
+
+def _check_target(inp: PreparedInput, adapter, target: Target) -> Target:
+    if not isinstance(target, Target):
+        raise TypeError(f"target must be a mech_vqa Target (e.g. inp.target()), got {type(target).__name__}")
+    check_token_ids(adapter, [target.token_id])
+    inp.check_position(target.position)
+    return Target(target.token_id, target.position % inp.seq_len, target.token)
+
+
+def _targets(vqa, inp, target) -> tuple[list[PreparedInput], list[Target], torch.Tensor]:
+    """Rows, one checked target per row, and the left padding of each row."""
+    if isinstance(inp, BatchedInput):
+        items, offsets = inp.items, inp.offsets
+        targets = [item.target() for item in items] if target is None else list(target)
+        if len(targets) != len(items):
+            raise ValueError(f"a batch of {len(items)} rows needs one target per row, got {len(targets)}")
+    elif isinstance(inp, PreparedInput):
+        items, offsets = [inp], torch.zeros(1, dtype=torch.long)
+        targets = [inp.target() if target is None else target]
+    else:
+        raise TypeError(f"inp must be a PreparedInput or BatchedInput (vqa.prepare / vqa.batch), got {type(inp).__name__}")
+    return items, [_check_target(i, vqa.adapter, t) for i, t in zip(items, targets)], offsets
+
+
+@torch.no_grad()
+def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *,
+                   chunk_elements: int = CHUNK_ELEMENTS) -> TargetCapture:
+    """One forward recording everything the attributions need at each row's target position.
+
+    ``target``: a :class:`~mech_vqa.inputs.Target` (default ``inp.target()``, the first answer
+    token), or for a :class:`BatchedInput` a list with one per row (positions in the row's own
+    coordinates).
+    """
+    adapter = vqa.adapter
+    items, targets, offsets = _targets(vqa, inp, target)
+    positions = torch.tensor([t.position for t in targets]) + offsets  # batch coordinates
+    with vqa.trace(CAPTURED, positions=positions.view(-1, 1)) as cache:
+        vqa.forward(inp, logits_to_keep=1)
+    layers = range(adapter.n_layers)
+
+    def stacked(name):  # [B, L, ...] at t
+        return torch.stack([cache[name, layer][:, 0] for layer in layers], dim=1)
+
+    final = cache["resid_post", adapter.n_layers - 1][:, 0]
+    token_ids = torch.tensor([t.token_id for t in targets], device=adapter.device)
+    # The model's own log p(y | t), through its real final norm and unembedding.
+    model_logits = adapter.unembed(adapter.final_norm(final)).float()
+    model_logprob = model_logits.log_softmax(-1).gather(1, token_ids.view(-1, 1))[:, 0]
+    mask = inp.attention_mask.to(adapter.device)
+    return TargetCapture(
+        vqa=vqa, items=items, targets=targets, positions=positions, offsets=offsets, attention_mask=mask,
+        resid_pre=stacked("resid_pre"), attn_out=stacked("attn_out"), mlp_out=stacked("mlp_out"),
+        z=stacked("z"), q=stacked("q"), k=[cache["k", layer] for layer in layers],
+        v=[cache["v", layer] for layer in layers], mlp_act=stacked("mlp_act"), final=final,
+        model_logprob=model_logprob,
+        scorer=FrozenNormScorer(adapter, final, token_ids, chunk_elements=chunk_elements),
+    )
+
+
+@torch.no_grad()
+def head_vectors(capture: TargetCapture) -> torch.Tensor:
+    """``[B, L, H, d]`` float32: what each head writes at ``t``, ``h_lj = z_lj @ W_O[j]``."""
+    adapter = capture.adapter
+    # One einsum per layer: each layer has its own W_O, and stacking all of them would copy every
+    # o_proj weight in float32 (gigabytes for a 7B model) to save a handful of kernel launches.
+    return torch.stack([torch.einsum("bhe,hed->bhd", capture.z[:, layer].float(), adapter.W_O(layer).float())
+                        for layer in range(adapter.n_layers)], dim=1)
+
+
+@torch.no_grad()
+def layer_and_head_increase(capture: TargetCapture) -> tuple[list[LayerIncrease], list[HeadIncrease]]:
+    """Layer-level and head-level increases for every row, from one batched scoring call.
+
+    Scores ``[x_l, x_l + a_l, x_l + a_l + m_l (each L), x_l + h_lj (L*H), final]`` for all rows at once.
+    """
+    adapter = capture.adapter
+    n_layers, n_heads = adapter.n_layers, adapter.n_heads
+    x = capture.resid_pre.float()
+    after_attn = x + capture.attn_out.float()
+    after_mlp = after_attn + capture.mlp_out.float()
+    with_head = (x.unsqueeze(2) + head_vectors(capture)).flatten(1, 2)  # [B, L*H, d]
+    lp = capture.scorer.log_prob(torch.cat([x, after_attn, after_mlp, with_head, capture.final.float().unsqueeze(1)], 1))
+    base, attn, mlp = lp[:, :n_layers], lp[:, n_layers:2 * n_layers], lp[:, 2 * n_layers:3 * n_layers]
+    heads = lp[:, 3 * n_layers:-1].view(-1, n_layers, n_heads) - base.unsqueeze(2)
+    layer_results, head_results = [], []
+    for row in range(lp.shape[0]):
+        meta = capture.meta(row)
+        layer_results.append(LayerIncrease(attention=(attn - base)[row].cpu(), mlp=(mlp - attn)[row].cpu(),
+                                           base=base[row].cpu(), final_logprob=float(lp[row, -1]),
+                                           model_logprob=float(capture.model_logprob[row]), **meta))
+        head_results.append(HeadIncrease(scores=heads[row].cpu(), **meta))
+    return layer_results, head_results
+
+
+def check_heads(adapter, heads) -> list[tuple[int, int]]:
+    """``heads`` as a non-empty list of in-range ``(layer, head)`` pairs, or one clear error."""
+    if heads is None or len(heads) == 0:
+        raise ValueError("the head set is empty; pass heads='top', a number k of top heads, or [(layer, head), ...]")
+    checked = []
+    for pair in heads:
+        if len(pair) != 2:
+            raise ValueError(f"each head must be a (layer, head) pair, got {pair!r}")
+        checked.append((adapter.check_layer(int(pair[0])), adapter.check_head(int(pair[1]))))
+    return checked
+
+
+@torch.no_grad()
+def position_scores(capture: TargetCapture, layer: int, head: int, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(increase [b, S], attention [b, S])`` of head ``(layer, head)`` at every source position.
+
+    ``rows`` selects batch rows (default all); positions are batch coordinates (padding gives 0).
+    """
+    adapter = capture.adapter
+    rows = list(range(len(capture.items))) if rows is None else list(rows)
+    group = adapter.n_heads // adapter.n_kv_heads
+    query_positions = capture.positions[rows].view(-1, 1)
+    pattern = attention_rows(adapter, layer, capture.q[rows, layer].unsqueeze(1), capture.k[layer][rows],
+                              query_positions, capture.attention_mask[rows])
+    attention = pattern[:, head, 0]  # [b, S]: A_lj[t, :]
+    values = capture.v[layer][rows, :, head // group].float()  # [b, S, hd]
+    lp, lp_base = capture.scorer.select(rows).log_prob_in_basis(
+        capture.resid_pre[rows, layer], attention.unsqueeze(-1) * values, adapter.W_O(layer)[head])
+    return lp - lp_base.unsqueeze(1), attention
+
+
+@torch.no_grad()
+def position_increase(capture: TargetCapture, heads, *, progress: bool = False) -> list[HeadPositions]:
+    """Position-level increases of ``heads`` for each row, in the row's own coordinates.
+
+    ``heads``: a list of ``(layer, head)`` shared by all rows, or (one list per row) a list of such lists.
+    Each distinct head costs about ``(head_dim * d + S * head_dim) * vocab`` multiply-adds.
+    """
+    adapter = capture.adapter
+    n_rows = len(capture.items)
+    per_row = heads if heads and isinstance(heads[0], (list, tuple)) and heads[0] and \
+        isinstance(heads[0][0], (list, tuple)) else [heads] * n_rows
+    if len(per_row) != n_rows:
+        raise ValueError(f"{len(per_row)} head sets for {n_rows} rows")
+    per_row = [check_heads(adapter, h) for h in per_row]
+    # Compute each distinct head once, for the rows that asked for it.
+    wanted: dict[tuple[int, int], list[int]] = {}
+    for row, row_heads in enumerate(per_row):
+        for pair in row_heads:
+            wanted.setdefault(pair, []).append(row)
+    computed = {}
+    for (layer, head), rows_for_head in tqdm(wanted.items(), desc="heads", disable=not progress, leave=False):
+        increase, attention = position_scores(capture, layer, head, rows_for_head)
+        for i, row in enumerate(rows_for_head):
+            computed[layer, head, row] = (increase[i], attention[i])
+    results = []
+    for row, row_heads in enumerate(per_row):
+        item, offset = capture.items[row], int(capture.offsets[row])
+        scores = torch.stack([computed[l, j, row][0][offset:] for l, j in row_heads]).cpu()
+        attention = torch.stack([computed[l, j, row][1][offset:] for l, j in row_heads]).cpu()
+        geometry = item.geometry
+        image_scores = geometry.to_grid(scores[:, geometry.positions])
+        results.append(HeadPositions(
+            scores=scores, image_scores=image_scores, attention=attention, heads=[list(h) for h in row_heads],
+            str_tokens=list(item.str_tokens), image_positions=geometry.positions.tolist(),
+            image_size=list(geometry.image_size), image=torch.from_numpy(item.display_image()),
+            **capture.meta(row)))
+    return results
+
+
+def _check_heads_argument(adapter, heads) -> None:
+    """Validate ``explain``'s ``heads`` before any forward runs."""
+    if isinstance(heads, str):
+        if heads != "top":
+            raise ValueError(f"heads must be 'top', an int k, or [(layer, head), ...]; got {heads!r}")
+    elif isinstance(heads, int) and not isinstance(heads, bool):
+        if heads < 1:
+            raise ValueError(f"the head set is empty (k={heads}); ask for at least one top head")
+        if heads > adapter.n_layers * adapter.n_heads:
+            raise ValueError(f"k={heads} top heads asked but the model has {adapter.n_layers * adapter.n_heads}")
+    elif isinstance(heads, (list, tuple)):
+        check_heads(adapter, heads)
+    else:
+        raise TypeError(f"heads must be 'top', an int k, or [(layer, head), ...]; got {type(heads).__name__}")
+
+
+def _head_sets(heads, head_results: list[HeadIncrease]) -> list[list[tuple[int, int]]]:
+    """Resolve ``heads`` ("top", an int k, or explicit pairs) into one head set per row."""
+    if isinstance(heads, str):
+        return [result.top_heads(1) for result in head_results]
+    if isinstance(heads, int):
+        return [result.top_heads(heads) for result in head_results]
+    return [list(heads)] * len(head_results)
+
+
+def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top", k: int = 10,
+            neurons: bool | list[int] = False, box=None,
+            chunk_elements: int = CHUNK_ELEMENTS, progress: bool = True) -> Explanation | list[Explanation]:
+    """Explain one answer token: layer, head and position-level increases, the image map, neurons.
+
+    Args:
+        vqa: a :class:`~mech_vqa.model.VQAModel`.
+        inp: a prepared input, or a batch (then ``target`` is a list, one per row, and a list of
+            explanations comes back, each equal to the single-row run).
+        target: the token to explain (default ``inp.target()``: the first answer token).
+        heads: heads whose position-level map is computed and summed into the patch map: ``"top"``
+            (the single head with the largest increase, the paper's choice), an int ``n`` (the top
+            ``n``), or explicit ``[(layer, head), ...]``.
+        k: number of top neurons per layer kept (with the tokens they promote) when ``neurons``.
+        neurons: False, True (all layers) or a list of layers for the FFN-neuron attribution.
+        box: optional ground-truth box ``[x0, y0, x1, y1]`` (preprocessed-image pixels) stored with
+            the patch map; for a batch, one box per row or one for all.
+        chunk_elements: size of one block of logits during scoring (float32 elements).
+        progress: show progress bars (over heads for the position level, layers for neurons).
+    """
+    _check_heads_argument(vqa.adapter, heads)  # fail before the forward
+    capture = capture_target(vqa, inp, target, chunk_elements=chunk_elements)
+    layer_results, head_results = layer_and_head_increase(capture)
+    positions = position_increase(capture, _head_sets(heads, head_results), progress=progress)
+    neuron_results = [None] * len(positions)
+    if neurons is not False:
+        from .neurons import neuron_increase_from_capture
+
+        layers = None if neurons is True else neurons
+        neuron_results = neuron_increase_from_capture(capture, layers=layers, k=k, progress=progress)
+    boxes = box if box is not None and len(box) and isinstance(box[0], (list, tuple)) else [box] * len(positions)
+    out = [Explanation(layers=lr, heads=hr, positions=pr, patch_map=pr.patch_map(box=bx), neurons=nr)
+           for lr, hr, pr, nr, bx in zip(layer_results, head_results, positions, neuron_results, boxes)]
+    return out if isinstance(inp, BatchedInput) else out[0]
+
+
+def head_increase(vqa, inp: PreparedInput, target: Target | None = None) -> HeadIncrease:
+    """Head-level increases ``[n_layers, n_heads]`` for one input (one forward)."""
+    _check_single(inp)
+    return layer_and_head_increase(capture_target(vqa, inp, target))[1][0]
+
+
+def layer_increase(vqa, inp: PreparedInput, target: Target | None = None) -> LayerIncrease:
+    """Attention and MLP block increases per layer for one input (one forward)."""
+    _check_single(inp)
+    return layer_and_head_increase(capture_target(vqa, inp, target))[0][0]
+
+
+def head_positions(vqa, inp: PreparedInput, heads, target: Target | None = None) -> HeadPositions:
+    """Position-level increases of ``heads`` ``[(layer, head), ...]`` for one input (one forward)."""
+    _check_single(inp)
+    heads = check_heads(vqa.adapter, heads)
+    return position_increase(capture_target(vqa, inp, target), heads)[0]
+
+
+def _check_single(inp) -> None:
+    if not isinstance(inp, PreparedInput):
+        raise TypeError(f"this function takes one PreparedInput; for a batch use explain(vqa, batch, targets) "
+                        f"(got {type(inp).__name__})")

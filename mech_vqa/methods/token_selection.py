@@ -1,0 +1,193 @@
+"""Visually relevant answer tokens (Xing et al. 2025, arXiv 2503.13891, Sec. 3.2).
+
+An open-ended answer ``y_1..y_T`` is mostly text the model could write without looking ("The
+color of the ... is"); explaining those tokens explains the language prior, not the image. The
+authors keep the tokens whose probability *drops* when the image is replaced by a baseline ``B``
+(a heavy blur)::
+
+    gap_t = log p(y_t | I) - log p(y_t | B)                  (teacher-forced, float32)
+    S = { t : gap_t > tau  and  y_t is a content token }      (tau = 1.0)
+
+A one-token answer is kept iff ``p(y_1 | B) <= 0.5 p(y_1 | I)``, i.e. ``gap_1 >= log 2`` (the
+stop-word filter is not applied to it: a one-word answer such as "no" *is* the content).
+
+Content tokens are decided without any tokenizer-specific ids: each token id is decoded on its
+own, stripped of whitespace, and rejected when it is a special token, empty, made only of unicode
+punctuation (category ``P*``), or an English stop word (case-insensitive). The authors hard-code
+LLaMA ids instead.
+
+An empty ``S`` is a valid outcome (``TokenSelection.empty``), not an exception, so batch runs can
+record and skip the sample; ``S`` can also be given by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import unicodedata
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..inputs import PreparedInput
+
+# NLTK's English stop-word list (the usual choice), plus contraction fragments tokenizers emit.
+STOP_WORDS = frozenset("""
+i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she her
+hers herself it its itself they them their theirs themselves what which who whom this that these
+those am is are was were be been being have has had having do does did doing a an the and but if
+or because as until while of at by for with about against between into through during before
+after above below to from up down in out on off over under again further then once here there
+when where why how all any both each few more most other some such no nor not only own same so
+than too very s t can will just don should now d ll m o re ve y ain aren couldn didn doesn hadn
+hasn haven isn ma mightn mustn needn shan shouldn wasn weren won wouldn 's 're 've 'd 'll 'm n't
+""".split())
+
+
+def is_punctuation(text: str) -> bool:
+    """True when ``text`` is non-empty and every character is unicode punctuation (``P*``)."""
+    return bool(text) and all(unicodedata.category(ch).startswith("P") for ch in text)
+
+
+def is_content_text(text: str, stop_words: frozenset = STOP_WORDS) -> bool:
+    """A decoded token that carries meaning: not empty, not punctuation, not a stop word."""
+    text = text.strip()
+    return bool(text) and not is_punctuation(text) and text.lower() not in stop_words
+
+
+def decode_tokens(tokenizer, token_ids: Sequence[int]) -> list[str]:
+    """Each token id decoded on its own (no tokenizer-specific prefixes such as '▁' or 'Ġ')."""
+    return [tokenizer.decode([int(i)]) for i in token_ids]
+
+
+@dataclasses.dataclass
+class TokenSelection:
+    """Which answer tokens are visually relevant, and why.
+
+    Attributes:
+        tokens: ``[T]`` decoded answer tokens.
+        token_ids: ``[T]`` their ids.
+        log_p_image: ``[T]`` float32 ``log p(y_t | I)`` (NaN when given by hand).
+        log_p_baseline: ``[T]`` float32 ``log p(y_t | B)`` (NaN when given by hand).
+        content: ``[T]`` bool, token is not special/punctuation/stop word.
+        selected: ``[T]`` bool, token is in ``S``.
+        tau: the threshold used.
+        rule: ``"gap"``, ``"single-token ratio"`` or ``"manual"``.
+    """
+
+    tokens: list
+    token_ids: torch.Tensor
+    log_p_image: torch.Tensor
+    log_p_baseline: torch.Tensor
+    content: torch.Tensor
+    selected: torch.Tensor
+    tau: float
+    rule: str
+
+    @property
+    def gaps(self) -> torch.Tensor:
+        return self.log_p_image - self.log_p_baseline
+
+    @property
+    def indices(self) -> list[int]:
+        """Answer-token indices of ``S``."""
+        return self.selected.nonzero().flatten().tolist()
+
+    @property
+    def empty(self) -> bool:
+        return not bool(self.selected.any())
+
+    @property
+    def message(self) -> str:
+        if not self.empty:
+            return f"{len(self.indices)} visually relevant token(s): {[self.tokens[i] for i in self.indices]}"
+        if self.rule == "single-token ratio":
+            return ("no visually relevant token: the one-token answer keeps more than half its probability "
+                    "on the baseline image (p_B > 0.5 p_I)")
+        return (f"no visually relevant token: no content token loses more than tau={self.tau} nats of "
+                "log-probability when the image is replaced by the baseline")
+
+    def records(self) -> list[dict]:
+        """One JSON-able dict per answer token (index, token, id, log-probs, gap, content, selected)."""
+        return [{"index": i, "token": self.tokens[i], "token_id": int(self.token_ids[i]),
+                 "log_p_image": float(self.log_p_image[i]), "log_p_baseline": float(self.log_p_baseline[i]),
+                 "gap": float(self.gaps[i]), "content": bool(self.content[i]), "selected": bool(self.selected[i])}
+                for i in range(len(self.tokens))]
+
+
+def check_tau(tau: float) -> float:
+    if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau < 0:
+        raise ValueError(f"tau must be a finite number >= 0 (a log-probability gap in nats), got {tau!r}")
+    return float(tau)
+
+
+def select_tokens(log_p_image: torch.Tensor, log_p_baseline: torch.Tensor, tokens: Sequence[str],
+                  token_ids: torch.Tensor | None = None, *, tau: float = 1.0, special: Sequence[bool] | None = None,
+                  stop_words: frozenset = STOP_WORDS) -> TokenSelection:
+    """Apply the selection rule to given log-probabilities ``[T]`` (see the module docstring)."""
+    tau = check_tau(tau)
+    log_p_image = torch.as_tensor(log_p_image, dtype=torch.float32).flatten()
+    log_p_baseline = torch.as_tensor(log_p_baseline, dtype=torch.float32).flatten()
+    n = len(tokens)
+    if log_p_image.numel() != n or log_p_baseline.numel() != n:
+        raise ValueError(f"need one log-probability per token: {n} tokens, {log_p_image.numel()} image and "
+                         f"{log_p_baseline.numel()} baseline values")
+    special = [False] * n if special is None else list(special)
+    content = torch.tensor([not sp and is_content_text(t, stop_words) for t, sp in zip(tokens, special)],
+                           dtype=torch.bool)
+    gaps = log_p_image - log_p_baseline
+    if n == 1:
+        printable = not special[0] and bool(tokens[0].strip()) and not is_punctuation(tokens[0].strip())
+        # p_B <= 0.5 p_I  <=>  log p_I - log p_B >= log 2
+        selected, rule = torch.tensor([printable and bool(gaps[0] >= math.log(2))]), "single-token ratio"
+    else:
+        selected, rule = (gaps > tau) & content, "gap"
+    token_ids = torch.full((n,), -1, dtype=torch.long) if token_ids is None else torch.as_tensor(token_ids).long()
+    return TokenSelection(list(tokens), token_ids, log_p_image, log_p_baseline, content, selected, tau, rule)
+
+
+def manual_selection(vqa, inp: PreparedInput, indices: Sequence[int]) -> TokenSelection:
+    """``S`` given by hand as answer-token indices (no scoring)."""
+    n = int(inp.answer_positions.numel())
+    checked = set()
+    for i in indices:
+        if not -n <= int(i) < n:
+            raise IndexError(f"answer token {i} is out of range: the answer has {n} tokens")
+        checked.add(int(i) % n)
+    token_ids = inp.input_ids[0, inp.answer_positions]
+    tokens = decode_tokens(vqa.tokenizer, token_ids.tolist())
+    special = set(vqa.tokenizer.all_special_ids)
+    content = torch.tensor([int(i) not in special and is_content_text(t) for i, t in zip(token_ids, tokens)])
+    selected = torch.zeros(n, dtype=torch.bool)
+    selected[sorted(checked)] = True
+    nan = torch.full((n,), float("nan"))
+    return TokenSelection(tokens, token_ids.clone(), nan, nan.clone(), content, selected, float("nan"), "manual")
+
+
+def visually_relevant_tokens(vqa, inp: PreparedInput, baseline: torch.Tensor, *, tau: float = 1.0,
+                             score_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TokenSelection:
+    """``S`` for a prepared input: score the answer on the image and on ``baseline`` pixels.
+
+    Args:
+        vqa: the model.
+        inp: prepared input with the answer teacher-forced.
+        baseline: baseline pixel values, shaped like ``inp.pixel_values``
+            (see :func:`mech_vqa.methods.scoring.input_baseline`).
+        tau: gap threshold in nats (>= 0).
+        score_fn: ``pixels [N, ...] -> log p [N, T]`` over *all* answer tokens; default an
+            :class:`~mech_vqa.methods.scoring.AnswerScorer` on the model.
+    """
+    from .scoring import AnswerScorer
+
+    tau = check_tau(tau)
+    if inp.answer_positions.numel() == 0:
+        raise ValueError("this input has no answer tokens; prepare it with an answer or let it generate one")
+    score_fn = score_fn or AnswerScorer(vqa, inp)
+    pixels = torch.cat([inp.pixel_values.float(), baseline.float().to(inp.pixel_values.device)])
+    with torch.no_grad():
+        log_p = score_fn(pixels).float().cpu()                                   # [2, T]
+    token_ids = inp.input_ids[0, inp.answer_positions]
+    tokens = decode_tokens(vqa.tokenizer, token_ids.tolist())
+    special = set(vqa.tokenizer.all_special_ids)
+    return select_tokens(log_p[0], log_p[1], tokens, token_ids, tau=tau,
+                         special=[int(i) in special for i in token_ids])

@@ -1,0 +1,381 @@
+"""Results of the mechanistic attributions (Yu & Ananiadou 2024) and of the logit lens.
+
+* :class:`LayerIncrease`  -- log-prob increase of each attention and MLP block, ``[n_layers]`` each.
+* :class:`HeadIncrease`   -- log-prob increase of every head, ``[n_layers, n_heads]``.
+* :class:`HeadPositions`  -- position-level increase of chosen heads, ``[n_chosen, seq]``, and its
+  image part on the patch grid; :meth:`HeadPositions.patch_map` gives the :class:`PatchMap`.
+* :class:`NeuronIncrease` -- log-prob increase of MLP neurons, ``[n_layers_done, d_mlp]``.
+* :class:`LogitLens`      -- top tokens of every image patch at every layer.
+* :class:`Explanation`    -- the bundle ``explain`` returns.
+
+All scores are float32 differences of natural-log probabilities of ``target`` (a
+``Target.to_dict()``) at its predicting position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from ..plotting import heatmap, new_axes
+from .base import Result, _paths, tensor_topk
+from .patch_map import PatchMap
+
+
+@dataclasses.dataclass(kw_only=True)
+class TargetResult(Result):
+    """Metadata shared by every attribution: the model, the prompt and the explained token."""
+
+    model: str = ""
+    prompt: str = ""
+    target: dict = dataclasses.field(default_factory=dict)
+    info: dict = dataclasses.field(default_factory=dict)
+
+    def _title(self, what: str) -> str:
+        return f"{what} | {self.target.get('token', '')!r} @ {self.target.get('position', '?')}"
+
+
+@dataclasses.dataclass
+class LayerIncrease(TargetResult):
+    """``attention[l] = lp(x_l + a_l) - lp(x_l)``, ``mlp[l] = lp(x_l + a_l + m_l) - lp(x_l + a_l)``.
+
+    ``base[l] = lp(x_l)`` (x_l = residual entering layer l); ``final_logprob`` is ``lp`` of the last
+    layer's output (equal to the model's ``model_logprob`` by construction of the frozen norm).
+    """
+
+    attention: torch.Tensor
+    mlp: torch.Tensor
+    base: torch.Tensor
+    final_logprob: float = 0.0
+    model_logprob: float = 0.0
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        n = self.attention.numel()
+        return pd.DataFrame({"layer": list(range(n)) * 2, "block": ["attention"] * n + ["mlp"] * n,
+                             "increase": torch.cat([self.attention, self.mlp]).tolist()})
+
+    def topk(self, k: int = 10):
+        return self.to_dataframe().nlargest(k, "increase").reset_index(drop=True)
+
+    def plot(self, ax=None):
+        """Side-by-side bars per layer: attention vs MLP increase."""
+        fig, ax = new_axes(ax, figsize=(6, 3))
+        layers = torch.arange(self.attention.numel()).float()
+        ax.bar(layers - 0.2, self.attention.float().numpy(), width=0.4, label="attention")
+        ax.bar(layers + 0.2, self.mlp.float().numpy(), width=0.4, label="MLP")
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("log-prob increase")
+        ax.set_xticks(layers.tolist(), [str(i) for i in range(self.attention.numel())])
+        ax.legend(fontsize=8)
+        ax.set_title(self._title("layer increase"), fontsize=9)
+        return fig, ax
+
+
+@dataclasses.dataclass
+class HeadIncrease(TargetResult):
+    """``scores[l, j] = lp(x_l + z_lj[t] @ W_O[j]) - lp(x_l)``, ``[n_layers, n_heads]``."""
+
+    scores: torch.Tensor
+
+    def top_heads(self, k: int = 1) -> list[tuple[int, int]]:
+        """The ``k`` heads with the largest increase, as ``(layer, head)``."""
+        _, index = tensor_topk(self.scores, k)
+        return [(int(layer), int(head)) for layer, head in index]
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        n_layers, n_heads = self.scores.shape
+        return pd.DataFrame({"layer": torch.arange(n_layers).repeat_interleave(n_heads).tolist(),
+                             "head": torch.arange(n_heads).repeat(n_layers).tolist(),
+                             "increase": self.scores.flatten().tolist()})
+
+    def topk(self, k: int = 10):
+        return self.to_dataframe().nlargest(k, "increase").reset_index(drop=True)
+
+    def plot(self, ax=None):
+        """Layer x head heatmap of the increase (symmetric colour scale)."""
+        return heatmap(self.scores, ax=ax, xlabel="head", ylabel="layer", title=self._title("head increase"))
+
+
+@dataclasses.dataclass
+class HeadPositions(TargetResult):
+    """Position-level increase of chosen heads.
+
+    ``scores[i, p] = lp(x_l + A_lj[t, p] * v_lj[p] @ W_O[j]) - lp(x_l)`` for head ``heads[i] = (l, j)``
+    and every source position ``p`` of the sequence (``[n_chosen, seq]``); ``image_scores`` is the
+    image part laid on the patch grid (``[n_chosen, rows, cols]``). ``attention`` holds ``A_lj[t, :]``.
+    """
+
+    scores: torch.Tensor
+    image_scores: torch.Tensor
+    attention: torch.Tensor
+    heads: list = dataclasses.field(default_factory=list)
+    str_tokens: list = dataclasses.field(default_factory=list)
+    image_positions: list = dataclasses.field(default_factory=list)
+    image_size: list = dataclasses.field(default_factory=list)
+    image: torch.Tensor | None = None
+
+    def patch_map(self, box=None) -> PatchMap:
+        """The image heatmap: the SUM of the chosen heads' position-level increases per patch.
+
+        Summing keeps the map in log-prob units; each head's term is its own direct effect on ``lp``
+        through the frozen norm (not additive in ``lp`` across heads, which is not linear).
+        """
+        return PatchMap(scores=self.image_scores.sum(0), method="mechanistic_head_positions",
+                        image_size=self.image_size, image=self.image, targets=[self.target], box=box,
+                        info={"heads": self.heads, "model": self.model, "prompt": self.prompt})
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        n_heads, seq = self.scores.shape
+        image = set(self.image_positions)
+        return pd.DataFrame({
+            "layer": [h[0] for h in self.heads for _ in range(seq)],
+            "head": [h[1] for h in self.heads for _ in range(seq)],
+            "position": list(range(seq)) * n_heads,
+            "token": (self.str_tokens or [""] * seq) * n_heads,
+            "is_image": [p in image for p in range(seq)] * n_heads,
+            "attention": self.attention.flatten().tolist(),
+            "increase": self.scores.flatten().tolist(),
+        })
+
+    def topk(self, k: int = 10):
+        return self.to_dataframe().nlargest(k, "increase").reset_index(drop=True)
+
+    def plot(self, ax=None):
+        """Increase over source positions, one line per head, image span shaded."""
+        fig, ax = new_axes(ax, figsize=(7, 3))
+        if self.image_positions:
+            ax.axvspan(min(self.image_positions) - 0.5, max(self.image_positions) + 0.5, color="0.9", label="image")
+        for (layer, head), row in zip(self.heads, self.scores):
+            ax.plot(row.float().numpy(), label=f"L{layer}H{head}", linewidth=1)
+        ax.set_xlabel("source position")
+        ax.set_ylabel("log-prob increase")
+        ax.legend(fontsize=7)
+        ax.set_title(self._title("position increase"), fontsize=9)
+        return fig, ax
+
+
+@dataclasses.dataclass
+class NeuronIncrease(TargetResult):
+    """``scores[i, k] = lp(x_l + a_l + c_k W_down[:, k]) - lp(x_l + a_l)`` for ``l = layers[i]``.
+
+    ``coefficients`` ``[n, d_mlp]`` are the ``c_k`` (input of down_proj at t). ``top_neurons``
+    ``[n, k]`` are each layer's best neurons and ``promoted[i][r]`` the vocabulary tokens that neuron
+    ``top_neurons[i, r]``'s contribution ``c_k W_down[:, k]`` raises most (top of ``W_U (gamma * c_k w_k)``).
+    """
+
+    scores: torch.Tensor
+    coefficients: torch.Tensor
+    top_neurons: torch.Tensor
+    layers: list = dataclasses.field(default_factory=list)
+    promoted: list = dataclasses.field(default_factory=list)
+
+    def to_dataframe(self):
+        """One row per top neuron of each layer (the full score matrix is ``self.scores``)."""
+        import pandas as pd
+
+        rows = []
+        for i, layer in enumerate(self.layers):
+            for rank, neuron in enumerate(self.top_neurons[i].tolist()):
+                rows.append({"layer": layer, "neuron": neuron, "rank": rank + 1,
+                             "increase": float(self.scores[i, neuron]),
+                             "coefficient": float(self.coefficients[i, neuron]),
+                             "promotes": " ".join(self.promoted[i][rank]) if self.promoted else ""})
+        return pd.DataFrame(rows)
+
+    def topk(self, k: int = 10):
+        return self.to_dataframe().nlargest(k, "increase").reset_index(drop=True)
+
+    def plot(self, ax=None, k: int = 15):
+        """Horizontal bars of the ``k`` best neurons, labelled with the tokens they promote."""
+        fig, ax = new_axes(ax, figsize=(6, 0.3 * k + 1))
+        top = self.topk(k).iloc[::-1]
+        labels = [f"L{r.layer}.N{r.neuron} ({r.promotes[:30]})" for r in top.itertuples()]
+        ax.barh(range(len(top)), top["increase"].tolist())
+        ax.set_yticks(range(len(top)), labels, fontsize=7)
+        ax.set_xlabel("log-prob increase")
+        ax.set_title(self._title("neuron increase"), fontsize=9)
+        return fig, ax
+
+
+@dataclasses.dataclass
+class LogitLens(Result):
+    """Image-position residuals read through the final norm (per position) and the unembedding.
+
+    Stage ``0`` is the projector output (the input of layer 0), stage ``i + 1`` the output of
+    decoder layer ``i``. ``top_ids``/``top_probs`` ``[stages, n_patches, k]``; ``word_probs``
+    ``[stages, n_patches]`` is the probability of ``word`` (None when no word was asked). Patches
+    are in grid order; ``rowcol`` ``[n_patches, 2]`` places them on the ``grid``.
+    """
+
+    top_ids: torch.Tensor
+    top_probs: torch.Tensor
+    rowcol: torch.Tensor
+    word_probs: torch.Tensor | None = None
+    top_tokens: list = dataclasses.field(default_factory=list)
+    word: str | None = None
+    word_id: int | None = None
+    grid: list = dataclasses.field(default_factory=list)
+    image_size: list = dataclasses.field(default_factory=list)
+    image: torch.Tensor | None = None
+    model: str = ""
+    prompt: str = ""
+    info: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.top_ids.shape[0] - 1
+
+    def stage(self, layer) -> int:
+        """Row of the stage tensors for ``layer``: ``"input"`` (projector output) or a layer index."""
+        if layer == "input":
+            return 0
+        if not -self.n_layers <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} is out of range: the lens has layers 0..{self.n_layers - 1} and 'input'")
+        return layer % self.n_layers + 1
+
+    def _grid(self, values: torch.Tensor) -> torch.Tensor:
+        out = values.new_zeros(tuple(self.grid))
+        out[self.rowcol[:, 0], self.rowcol[:, 1]] = values
+        return out
+
+    def patch_map(self, layer=-1) -> PatchMap:
+        """Probability of ``word`` at every patch after ``layer`` as a :class:`PatchMap`."""
+        if self.word_probs is None:
+            raise ValueError("this lens was run without a word; call logit_lens(..., word='red')")
+        return PatchMap(scores=self._grid(self.word_probs[self.stage(layer)]), method="logit_lens",
+                        image_size=self.image_size, image=self.image,
+                        targets=[{"token_id": self.word_id, "position": -1, "token": self.word}],
+                        info={"layer": layer, "model": self.model, "prompt": self.prompt})
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        stages, n, k = self.top_ids.shape
+        rows = []
+        for s in range(stages):
+            for i in range(n):
+                for rank in range(k):
+                    rows.append({
+                        "layer": "input" if s == 0 else s - 1, "row": int(self.rowcol[i, 0]),
+                        "col": int(self.rowcol[i, 1]), "rank": rank + 1, "token_id": int(self.top_ids[s, i, rank]),
+                        "token": self.top_tokens[s][i][rank] if self.top_tokens else "",
+                        "prob": float(self.top_probs[s, i, rank]),
+                        "word_prob": float(self.word_probs[s, i]) if self.word_probs is not None else None,
+                    })
+        return pd.DataFrame(rows)
+
+    def topk(self, k: int = 10):
+        """The ``k`` (layer, patch) cells whose top-1 token is most probable."""
+        frame = self.to_dataframe()
+        return frame[frame["rank"] == 1].nlargest(k, "prob").reset_index(drop=True)
+
+    def plot(self, ax=None, layer=-1, fontsize: float | None = None):
+        """Grid of each patch's top-1 token after ``layer``, coloured by its probability."""
+        fig, ax = new_axes(ax, figsize=(5, 5))
+        stage = self.stage(layer)
+        probs = self._grid(self.top_probs[stage, :, 0].float())
+        shown = ax.imshow(probs.numpy(), cmap="viridis", vmin=0, vmax=1)
+        rows, cols = self.grid
+        size = fontsize or max(4.0, 40.0 / max(rows, cols))
+        for i, (r, c) in enumerate(self.rowcol.tolist()):
+            token = self.top_tokens[stage][i][0] if self.top_tokens else str(int(self.top_ids[stage, i, 0]))
+            ax.text(c, r, token, ha="center", va="center", fontsize=size,
+                    color="white" if probs[r, c] < 0.5 else "black")
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="top-1 probability")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"logit lens, {'projector output' if stage == 0 else f'layer {stage - 1}'}", fontsize=9)
+        return fig, ax
+
+
+_PARTS = ("layers", "heads", "positions", "patch_map", "neurons")
+
+
+@dataclasses.dataclass
+class Explanation(Result):
+    """What ``explain`` returns for one target: every level of the mechanistic attribution.
+
+    ``layers``, ``heads``, ``positions`` (the chosen heads), ``patch_map`` (their summed image map),
+    ``neurons`` (None unless asked). Saved as one manifest ``<path>.json`` plus one file pair per part
+    (``<path>.<part>.json/.safetensors``); load with :meth:`Explanation.load`.
+    """
+
+    layers: LayerIncrease
+    heads: HeadIncrease
+    positions: HeadPositions
+    patch_map: PatchMap
+    neurons: NeuronIncrease | None = None
+
+    @property
+    def target(self) -> dict:
+        return self.heads.target
+
+    def save(self, path) -> Path:
+        _, json_path = _paths(path)
+        stem = json_path.with_suffix("")
+        parts = {}
+        for name in _PARTS:
+            part = getattr(self, name)
+            if part is not None:
+                part.save(stem.with_name(f"{stem.name}.{name}"))
+                parts[name] = f"{stem.name}.{name}"
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"type": "Explanation", "parts": parts}, indent=1))
+        return json_path
+
+    @classmethod
+    def load(cls, path) -> Explanation:
+        _, json_path = _paths(path)
+        if not json_path.exists():
+            raise FileNotFoundError(f"no saved explanation at {json_path}")
+        payload = json.loads(json_path.read_text())
+        if payload.get("type") != "Explanation":
+            raise TypeError(f"{json_path} holds a {payload.get('type')}, not an Explanation")
+        parts = {name: Result.load(json_path.with_name(file)) for name, file in payload["parts"].items()}
+        return cls(**parts)
+
+    def to_dataframe(self):
+        """Every block, head and (when computed) top neuron, with its increase, in one table."""
+        import pandas as pd
+
+        layers = self.layers.to_dataframe().assign(component=lambda f: f["block"])
+        heads = self.heads.to_dataframe().assign(component="head")
+        frames = [layers.drop(columns="block"), heads]
+        if self.neurons is not None:
+            frames.append(self.neurons.to_dataframe()[["layer", "neuron", "increase"]].assign(component="neuron"))
+        return pd.concat(frames, ignore_index=True)
+
+    def topk(self, k: int = 10):
+        return self.to_dataframe().nlargest(k, "increase").reset_index(drop=True)
+
+    def plot(self, ax=None):
+        """Four panels: layer bars, layer x head heatmap, position curve, patch map. ``ax``: 4 axes or None."""
+        if ax is None:
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(2, 2, figsize=(12, 8))
+        axes = list(getattr(ax, "flat", ax))
+        if len(axes) != 4:
+            raise ValueError(f"Explanation.plot needs 4 axes, got {len(axes)}")
+        self.layers.plot(ax=axes[0])
+        self.heads.plot(ax=axes[1])
+        self.positions.plot(ax=axes[2])
+        self.patch_map.plot(ax=axes[3])
+        fig = axes[0].figure
+        fig.tight_layout()
+        return fig, ax
+
+    def __repr__(self) -> str:
+        top = self.heads.top_heads(1)[0]
+        return (f"Explanation(target={self.target.get('token')!r}@{self.target.get('position')}, "
+                f"top head=L{top[0]}H{top[1]}, map heads={self.positions.heads})")

@@ -1,0 +1,312 @@
+"""Mechanistic layer / head / position increases (Yu & Ananiadou 2024) against hand computations."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import assert_same_state, hook_snapshot, model_state
+from mech_vqa import VQAModel
+from mech_vqa.inputs import Target
+from mech_vqa.methods.logprob import FrozenNormScorer
+from mech_vqa.methods.mechanistic import (
+    capture_target, explain, head_increase, head_positions, head_vectors, layer_increase,
+)
+from mech_vqa.results import Result
+from mech_vqa.results.mechanistic import Explanation
+
+HEADS = [(1, 1), (0, 2)]  # GQA groups: head // 2 differs from head % 2
+
+
+@pytest.fixture
+def inp(any_vqa, image):
+    return any_vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
+
+
+class HandScorer:
+    """lp(v) written from the raw modules in float64, no chunking, no shared code."""
+
+    def __init__(self, model, final_r, token_id):
+        norm = model.model.language_model.norm
+        self.gamma = norm.weight.double()
+        self.scale = 1.0 / torch.sqrt(final_r.double().pow(2).mean() + norm.variance_epsilon)
+        self.W_U = model.lm_head.weight.double()
+        self.token_id = token_id
+
+    def __call__(self, v):
+        return float((self.W_U @ (self.gamma * v.double() * self.scale)).log_softmax(-1)[self.token_id])
+
+
+@torch.no_grad()
+def hand_attributions(vqa, inp, target, heads):
+    """Capture the full raw tensors (eager pattern) and compute the formulas with loops."""
+    model, a = vqa.model, vqa.adapter
+    n_layers, n_heads, hd = a.n_layers, a.n_heads, a.head_dim
+    group = n_heads // a.n_kv_heads
+    with vqa.trace(["resid_pre", "attn_out", "mlp_out", "z", "v", "pattern", "resid_post"]) as c:
+        vqa.forward(inp)
+    t = target.position
+    lp = HandScorer(model, c["resid_post", n_layers - 1][0, t], target.token_id)
+    attn, mlp, head = torch.zeros(n_layers), torch.zeros(n_layers), torch.zeros(n_layers, n_heads)
+    for layer in range(n_layers):
+        x = c["resid_pre", layer][0, t].double()
+        a_l, m_l = c["attn_out", layer][0, t].double(), c["mlp_out", layer][0, t].double()
+        attn[layer] = lp(x + a_l) - lp(x)
+        mlp[layer] = lp(x + a_l + m_l) - lp(x + a_l)
+        weight = model.model.language_model.layers[layer].self_attn.o_proj.weight.double()  # [d, H*hd]
+        for j in range(n_heads):
+            h = weight[:, j * hd:(j + 1) * hd] @ c["z", layer][0, t, j].double()
+            head[layer, j] = lp(x + h) - lp(x)
+    positions = torch.zeros(len(heads), inp.seq_len)
+    for i, (layer, j) in enumerate(heads):
+        x = c["resid_pre", layer][0, t].double()
+        w_o = model.model.language_model.layers[layer].self_attn.o_proj.weight.double()[:, j * hd:(j + 1) * hd]
+        for p in range(inp.seq_len):
+            weight = c["pattern", layer][0, j, t, p].double()
+            h = weight * (w_o @ c["v", layer][0, p, j // group].double())
+            positions[i, p] = lp(x + h) - lp(x)
+    final = lp(c["resid_post", n_layers - 1][0, t])
+    return attn, mlp, head, positions, final
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 64])  # 64: many tiny vocabulary chunks
+def test_increases_equal_hand_computation(any_vqa, inp, chunk_elements):
+    target = inp.target(2)  # teacher-forced answer token, not at the last position
+    assert target.position < inp.seq_len - 2
+    attn, mlp, head, positions, final = hand_attributions(any_vqa, inp, target, HEADS)
+    result = explain(any_vqa, inp, target, heads=HEADS, chunk_elements=chunk_elements)
+    tol = {"rtol": 1e-4, "atol": 2e-5}
+    torch.testing.assert_close(result.layers.attention, attn, **tol)
+    torch.testing.assert_close(result.layers.mlp, mlp, **tol)
+    torch.testing.assert_close(result.heads.scores, head, **tol)
+    torch.testing.assert_close(result.positions.scores, positions, **tol)
+    assert result.layers.final_logprob == pytest.approx(final, abs=2e-5)
+    # the frozen norm reproduces the model's own log-prob at the real last-layer output
+    assert result.layers.model_logprob == pytest.approx(final, abs=2e-5)
+    # image map: sum of the two heads' increases at the image positions, row-major on the grid
+    rows, cols = any_vqa.adapter.patch_grid
+    expected_map = positions[:, inp.image_positions].sum(0).view(rows, cols)
+    torch.testing.assert_close(result.patch_map.scores, expected_map, **tol)
+    assert result.target == target.to_dict()
+
+
+@torch.no_grad()
+def test_decompositions_sum(any_vqa, inp):
+    a = any_vqa.adapter
+    target = inp.target(1)
+    capture = capture_target(any_vqa, inp, target)
+    heads = head_vectors(capture)  # [1, L, H, d]
+    for layer in range(a.n_layers):
+        bias = a.b_O(layer) if a.b_O(layer) is not None else 0
+        torch.testing.assert_close(heads[0, layer].sum(0) + bias, capture.attn_out[0, layer], rtol=1e-5, atol=1e-6)
+    # sum over source positions of A[t, p] v[p] W_O[j] equals the head's output h_lj
+    group = a.n_heads // a.n_kv_heads
+    pairs = [(layer, j) for layer in range(a.n_layers) for j in range(a.n_heads)]
+    result = head_positions(any_vqa, inp, pairs, target)
+    for i, (layer, j) in enumerate(pairs):
+        per_position = result.attention[i].unsqueeze(1) * capture.v[layer][0, :, j // group]  # [S, hd]
+        summed = per_position.sum(0) @ a.W_O(layer)[j]
+        torch.testing.assert_close(summed, heads[0, layer, j], rtol=1e-5, atol=1e-6)
+        assert result.attention[i, target.position + 1:].abs().max() == 0  # causal
+    # lp of the last layer's output through the frozen norm = the model's log-softmax at t
+    logits = any_vqa.logits(inp)[0, target.position].float()
+    expected = logits.log_softmax(-1)[target.token_id]
+    scorer = FrozenNormScorer(a, capture.final, [target.token_id])
+    assert float(scorer.log_prob(capture.final.unsqueeze(1))[0, 0]) == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_single_level_helpers_match_explain(tiny_vqa, prepared):
+    full = explain(tiny_vqa, prepared, heads=2)
+    torch.testing.assert_close(head_increase(tiny_vqa, prepared).scores, full.heads.scores)
+    torch.testing.assert_close(layer_increase(tiny_vqa, prepared).attention, full.layers.attention)
+    assert [tuple(h) for h in full.positions.heads] == full.heads.top_heads(2)
+    assert full.heads.scores.flatten().topk(2).values.min() >= full.heads.scores.flatten().kthvalue(
+        full.heads.scores.numel() - 1).values
+    # "top" = the single best head, the paper's choice
+    top = explain(tiny_vqa, prepared)
+    assert [tuple(h) for h in top.positions.heads] == [full.heads.top_heads(1)[0]]
+
+
+def test_batch_rows_equal_single_runs(tiny_vqa, image):
+    items = [tiny_vqa.prepare(image, "What is the color of the dog?", "The dog is red."),
+             tiny_vqa.prepare(image, "What is the shape of the big object?", "It is a circle.")]
+    assert items[0].seq_len != items[1].seq_len  # rows really are padded
+    targets = [items[0].target(2), items[1].target()]
+    batch = tiny_vqa.batch(items)
+    batched = explain(tiny_vqa, batch, targets, heads="top", neurons=[1], progress=False)
+    assert isinstance(batched, list) and len(batched) == 2
+    for item, target, got in zip(items, targets, batched):
+        single = explain(tiny_vqa, item, target, heads="top", neurons=[1], progress=False)
+        tol = {"rtol": 1e-4, "atol": 1e-5}
+        torch.testing.assert_close(got.heads.scores, single.heads.scores, **tol)
+        torch.testing.assert_close(got.layers.attention, single.layers.attention, **tol)
+        torch.testing.assert_close(got.layers.mlp, single.layers.mlp, **tol)
+        assert got.positions.heads == single.positions.heads
+        assert got.positions.scores.shape == (1, item.seq_len)
+        torch.testing.assert_close(got.positions.scores, single.positions.scores, **tol)
+        torch.testing.assert_close(got.patch_map.scores, single.patch_map.scores, **tol)
+        torch.testing.assert_close(got.neurons.scores, single.neurons.scores, **tol)
+        assert got.target == target.to_dict()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(tiny_vqa, image, dtype):
+    half = VQAModel(copy.deepcopy(tiny_vqa.model).to(dtype), tiny_vqa.processor, name="tiny-half")
+    inp = half.prepare(image, "What is the color of the dog?", "The dog is red.")
+    result = explain(half, inp, heads=2, neurons=True, progress=False)
+    reference = explain(tiny_vqa, inp, heads=result.positions.heads, neurons=True, progress=False)
+    for got, ref in [(result.layers.attention, reference.layers.attention), (result.heads.scores, reference.heads.scores),
+                     (result.positions.scores, reference.positions.scores),
+                     (result.neurons.scores, reference.neurons.scores)]:
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        # half-precision activations, float32 scoring: close to the float32 model
+        torch.testing.assert_close(got, ref, rtol=0, atol=0.02)
+    assert result.layers.final_logprob == pytest.approx(result.layers.model_logprob, abs=0.02)
+
+
+def test_clear_errors(tiny_vqa, prepared):
+    t = prepared.target().position
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        explain(tiny_vqa, prepared, Target(tiny_vqa.adapter.vocab_size, t))
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        explain(tiny_vqa, prepared, Target(-1, t))
+    with pytest.raises(ValueError, match="head set is empty"):
+        explain(tiny_vqa, prepared, heads=[])
+    with pytest.raises(ValueError, match="head set is empty"):
+        explain(tiny_vqa, prepared, heads=0)
+    with pytest.raises(ValueError, match="heads must be 'top'"):
+        explain(tiny_vqa, prepared, heads="best")
+    with pytest.raises(ValueError, match="top heads asked"):
+        explain(tiny_vqa, prepared, heads=99)
+    with pytest.raises(IndexError, match="head 4 is out of range"):
+        explain(tiny_vqa, prepared, heads=[(0, 4)])
+    with pytest.raises(IndexError, match="layer 7 is out of range"):
+        head_positions(tiny_vqa, prepared, [(7, 0)])
+    with pytest.raises(IndexError, match="outside the sequence"):
+        explain(tiny_vqa, prepared, Target(3, prepared.seq_len + 5))
+    with pytest.raises(ValueError, match="one target per row"):
+        explain(tiny_vqa, tiny_vqa.batch([prepared, prepared]), [prepared.target()])
+
+
+def test_model_left_as_found(tiny_vqa, prepared):
+    before, hooks = model_state(tiny_vqa.model), hook_snapshot(tiny_vqa.model)
+    explain(tiny_vqa, prepared, heads=2, neurons=True, progress=False)
+    with pytest.raises(IndexError):
+        explain(tiny_vqa, prepared, Target(10 ** 6, 3))
+    assert_same_state(before, model_state(tiny_vqa.model))
+    assert hook_snapshot(tiny_vqa.model) == hooks
+
+
+def test_results_save_load_plot(tiny_vqa, prepared, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    result = explain(tiny_vqa, prepared, heads=2, neurons=True, k=3, progress=False, box=[0, 0, 16, 16])
+    path = result.save(tmp_path / "explanation")
+    loaded = Explanation.load(path)
+    torch.testing.assert_close(loaded.heads.scores, result.heads.scores)
+    torch.testing.assert_close(loaded.positions.scores, result.positions.scores)
+    torch.testing.assert_close(loaded.patch_map.scores, result.patch_map.scores)
+    torch.testing.assert_close(loaded.neurons.scores, result.neurons.scores)
+    assert loaded.heads.target == result.heads.target and loaded.heads.prompt == prepared.prompt
+    assert loaded.patch_map.box == [0, 0, 16, 16]
+    part = Result.load(tmp_path / "explanation.layers")
+    torch.testing.assert_close(part.mlp, result.layers.mlp)
+    top = result.heads.topk(3)
+    assert list(top["increase"]) == sorted(result.heads.scores.flatten().tolist(), reverse=True)[:3]
+    assert len(result.to_dataframe()) == 2 * 2 + 2 * 4 + 2 * 3
+    for part in (result.layers, result.heads, result.positions, result.neurons, result.patch_map, result):
+        fig, _ = part.plot()
+        assert fig is not None
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_organism_top_head_points_into_the_box(organism_vqa):
+    """The position-level map of the top head peaks inside the answer object's box.
+
+    The organism answers from one object, named by its fill pattern / colour; the answer word
+    is the last answer token. Threshold: see the report (measured on these items).
+    """
+    from mech_vqa.organism import generate_items
+
+    items = generate_items(10, seed=4242, min_objects=2)
+    hits, chance = [], []
+    for item in items:
+        inp = organism_vqa.prepare(item.image, item.question, item.answer)
+        target = inp.target(-1)
+        assert target.token.lower() == item.answer_word
+        result = explain(organism_vqa, inp, target, heads="top", box=list(item.box))
+        hits.append(result.patch_map.pointing_game())
+        chance.append(float(result.patch_map.inside_box().float().mean()))
+    rate = sum(hits) / len(hits)
+    assert rate >= ORGANISM_POINTING_THRESHOLD, (rate, sum(chance) / len(chance))
+
+
+ORGANISM_POINTING_THRESHOLD = 0.7
+
+
+class LayerNormAdapter:
+    """The four things the scorer reads from an adapter, for a LayerNorm model with an unembedding bias."""
+
+    def __init__(self, d=12, vocab=50):
+        torch.manual_seed(1)
+        self.norm = torch.nn.LayerNorm(d, eps=1e-5)
+        torch.nn.init.normal_(self.norm.weight)
+        torch.nn.init.normal_(self.norm.bias)
+        self.unembed = torch.nn.Linear(d, vocab, bias=True)
+        self.d_model, self.vocab_size, self.device = d, vocab, torch.device("cpu")
+
+    def final_norm_params(self):
+        return {"kind": "layer", "weight": self.norm.weight, "bias": self.norm.bias, "eps": self.norm.eps}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunk_elements", [1 << 20, 7])
+def test_scorer_layer_norm_bias_and_linearity(chunk_elements):
+    a = LayerNormAdapter()
+    final = torch.randn(2, a.d_model) * 3 + 1
+    targets = [4, 41]
+    scorer = FrozenNormScorer(a, final, targets, chunk_elements=chunk_elements)
+    # at the real output the frozen norm is the real norm
+    real = a.unembed(a.norm(final)).log_softmax(-1)[[0, 1], targets]
+    torch.testing.assert_close(scorer.log_prob(final.unsqueeze(1))[:, 0], real, rtol=1e-5, atol=1e-5)
+    # anywhere else: mean and scale frozen at the real output, by hand in float64
+    vectors = torch.randn(2, 5, a.d_model)
+    for b in range(2):
+        r = final[b].double()
+        mu, s = r.mean(), 1 / torch.sqrt(r.var(unbiased=False) + a.norm.eps)
+        for n in range(5):
+            normed = (vectors[b, n].double() - mu) * s * a.norm.weight.double() + a.norm.bias.double()
+            logits = a.unembed.weight.double() @ normed + a.unembed.bias.double()
+            expected = float(logits.log_softmax(-1)[targets[b]])
+            assert float(scorer.log_prob(vectors)[b, n]) == pytest.approx(expected, abs=1e-5)
+    # the low-rank and per-column paths equal dense scoring of the same vectors
+    base, basis, coefficients = torch.randn(2, a.d_model), torch.randn(3, a.d_model), torch.randn(2, 4, 3)
+    lp, lp_base = scorer.log_prob_in_basis(base, coefficients, basis)
+    torch.testing.assert_close(lp, scorer.log_prob(base.unsqueeze(1) + coefficients @ basis), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp_base, scorer.log_prob(base.unsqueeze(1))[:, 0], rtol=1e-5, atol=1e-5)
+    directions, scale = torch.randn(a.d_model, 6), torch.randn(2, 6)
+    lp, _ = scorer.log_prob_along_columns(base, scale, directions)
+    dense = base.unsqueeze(1) + scale.unsqueeze(2) * directions.T.unsqueeze(0)
+    torch.testing.assert_close(lp, scorer.log_prob(dense), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_scorer_survives_logit_range_beyond_float32_exp():
+    """A later vocabulary chunk far above the running logsumexp (exp overflow) is redone exactly."""
+    a = LayerNormAdapter()
+    a.unembed.weight[30:] *= 400  # logits of tokens 30.. reach thousands
+    final = torch.randn(1, a.d_model)
+    vectors = torch.randn(1, 3, a.d_model)
+    scorer = FrozenNormScorer(a, final, [35], chunk_elements=3 * 10)  # chunks of 10 tokens
+    r = final[0].double()
+    mu, s = r.mean(), 1 / torch.sqrt(r.var(unbiased=False) + a.norm.eps)
+    normed = (vectors[0].double() - mu) * s * a.norm.weight.double() + a.norm.bias.double()
+    logits = normed @ a.unembed.weight.double().T + a.unembed.bias.double()
+    assert float(logits[:, 30:].max() - logits[:, :10].logsumexp(-1).max()) > 100
+    expected = logits.log_softmax(-1)[:, 35]
+    got = scorer.log_prob(vectors)[0]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-3)
