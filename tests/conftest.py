@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 
@@ -96,3 +97,20 @@ def organism_vqa() -> VQAModel:
     if not ORGANISM_READY:
         pytest.skip("data/organism has no trained checkpoint yet")
     return VQAModel.organism()
+
+
+@contextlib.contextmanager
+def head_zeroed_by_hand(vqa, layer: int, head: int):
+    """A plain PyTorch pre-hook on o_proj zeroing one head's slice: the reference for head ablation."""
+    adapter = vqa.adapter
+
+    def hook(module, args):
+        z = args[0].clone()
+        z[..., head * adapter.head_dim:(head + 1) * adapter.head_dim] = 0
+        return (z,)
+
+    handle = adapter.o_proj(layer).register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import assert_same_state, hook_snapshot, model_state
+from conftest import assert_same_state, head_zeroed_by_hand, hook_snapshot, model_state
 from mech_vqa import Intervention, zero_block, zero_head
 
 
@@ -14,19 +14,9 @@ def test_empty_intervention_changes_nothing(tiny_vqa, prepared):
 
 @torch.no_grad()
 def test_zero_head_equals_hand_written_hook(tiny_vqa, prepared):
-    a = tiny_vqa.adapter
     layer, head = 1, 2
-
-    def hand(module, args):
-        z = args[0].clone()
-        z[..., head * a.head_dim:(head + 1) * a.head_dim] = 0
-        return (z,)
-
-    handle = a.o_proj(layer).register_forward_pre_hook(hand)
-    try:
+    with head_zeroed_by_hand(tiny_vqa, layer, head):
         expected = tiny_vqa.logits(prepared)
-    finally:
-        handle.remove()
     with tiny_vqa.trace([], interventions=[zero_head(layer, head)]):
         got = tiny_vqa.forward(prepared).logits
     assert torch.equal(got, expected)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import ANSWER, QUESTION, assert_same_state, hook_snapshot, model_state
+from conftest import ANSWER, QUESTION, assert_same_state, head_zeroed_by_hand, hook_snapshot, model_state
 from mech_vqa.methods.ablation import ablate, block_ablations, head_ablations, image_token_ablation
 from mech_vqa.results import Result
 
@@ -27,19 +27,9 @@ def test_zero_head_sweep_equals_one_forward_per_head(tiny_vqa, prepared):
 
 
 def test_zero_head_matches_hand_written_hook(tiny_vqa, prepared):
-    a = tiny_vqa.adapter
     layer, head = 0, 3
-
-    def hand(module, args):
-        z = args[0].clone()
-        z[..., head * a.head_dim:(head + 1) * a.head_dim] = 0
-        return (z,)
-
-    handle = a.o_proj(layer).register_forward_pre_hook(hand)
-    try:
+    with head_zeroed_by_hand(tiny_vqa, layer, head):
         expected, _ = _logprobs(tiny_vqa, prepared)
-    finally:
-        handle.remove()
     clean, _ = _logprobs(tiny_vqa, prepared)
     result = ablate(tiny_vqa, prepared, head_ablations(tiny_vqa, layers=[layer], heads=[head]), progress=False)
     torch.testing.assert_close(result.delta[0], expected - clean, rtol=0, atol=1e-5)
