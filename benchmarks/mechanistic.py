@@ -9,11 +9,15 @@ Targets on the mid-size random model (hidden 512, 8 layers, 8 heads / 4 kv heads
 * >= 100x faster than the reference pipeline's shape (capture everything at every position and layer,
   then loop in Python over heads and positions scoring one vector at a time).
 
-Times are interleaved medians (machine load hits every path alike). Peak memory is the rise of the
-process's peak resident set (VmHWM, reset through /proc/self/clear_refs) above the resident set
-before the call, each path measured in its own subprocess with glibc's mmap threshold pinned at
-64 KiB so that every large tensor is mapped and unmapped (freed memory leaves the resident set; the
-torch CPU allocator does not cache). Linux only.
+Times are interleaved medians (machine load hits every path alike). ``--threads N`` sets torch's
+thread count: on a shared 2-core machine whose cores other processes keep busy, 2 OpenMP threads
+spin-wait on each other and every op slows down many-fold (small ops most), so the script
+prints the thread count and the ratios are best read at ``--threads 1`` there.
+
+Peak memory is the rise of the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) above the resident set before the call, each path measured in its own
+subprocess with glibc's mmap threshold pinned at 64 KiB so that every large tensor is mapped and
+unmapped (freed memory leaves the resident set; the torch CPU allocator does not cache). Linux only.
 
 The reference loop is timed on a subset of vectors and extrapolated linearly (every per-vector
 scoring costs the same); its values are checked against ours on that subset.
@@ -107,7 +111,7 @@ def memory_child(name: str) -> None:
     paths = {
         "forward": lambda: vqa.logits(inp),
         "heads": lambda: layer_and_head_increase(capture_target(vqa, inp)),
-        "explain": lambda: explain(vqa, inp, heads="top"),
+        "explain": lambda: explain(vqa, inp, heads="top", progress=False),
     }
     fn = paths[name]
     with torch.no_grad():
@@ -123,8 +127,8 @@ def memory_child(name: str) -> None:
 
 def measure_memory(name: str) -> int:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    out = subprocess.run([sys.executable, __file__, "--memory", name], capture_output=True, text=True, env=env,
-                         check=True).stdout
+    command = [sys.executable, __file__, "--memory", name, "--threads", str(torch.get_num_threads())]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
     return int(re.search(r"PEAK (\d+)", out).group(1))
 
 
@@ -146,10 +150,10 @@ def main() -> None:
             "forward, last logits only": lambda: vqa.forward(inp, logits_to_keep=1),
             "head-level, all L x H (incl. forward)": lambda: layer_and_head_increase(capture_target(vqa, inp)),
             "position-level, one head (extra)": lambda: position_increase(capture, top),
-            EXPLAIN: lambda: explain(vqa, inp, heads="top"),
-        }, repeats=5, warmup=1)
+            EXPLAIN: lambda: explain(vqa, inp, heads="top", progress=False),
+        }, repeats=7, warmup=1)
     forward = times["plain forward"]
-    print("\nmedian times (interleaved, 5 rounds):")
+    print("\nmedian times (interleaved, 7 rounds):")
     for name, value in times.items():
         print(f"  {name:42s} {value * 1e3:9.1f} ms  = {value / forward:5.2f}x plain forward")
     print(f"  head-level vs forward with last logits only: "
@@ -171,7 +175,7 @@ def main() -> None:
     pos_time, ref_pos = timed(lambda: reference_positions(vqa, cache, target, lp, layer, head, positions))
     per_head, per_position = head_time / len(pairs), pos_time / len(positions)
     reference_total = capture_time + per_head * len(all_pairs) + per_position * inp.seq_len
-    ours = explain(vqa, inp, heads="top")
+    ours = explain(vqa, inp, heads="top", progress=False)
     ours_heads = torch.tensor([float(ours.heads.scores[l, j]) for l, j in pairs])
     ours_pos = ours.positions.scores[0, positions]
     print(f"  full capture (eager) {capture_time * 1e3:.1f} ms; {per_head * 1e3:.2f} ms per head "
@@ -195,7 +199,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--memory":
+    if "--threads" in sys.argv:
+        torch.set_num_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
+    if len(sys.argv) >= 3 and sys.argv[1] == "--memory":
         memory_child(sys.argv[2])
     else:
         main()

@@ -176,7 +176,7 @@ def causal_explanation(vqa, inp: PreparedInput, target=None, *, head: int = 0, l
         attention=attention[resolved.position][nodes.to(attention.device)].float().cpu(), explanation=explained,
         image_positions=geometry.positions.cpu(), image_rowcol=geometry.rowcol.cpu(), image_view=geometry.view.cpu(),
         grid=list(geometry.grid), image_size=list(geometry.image_size),
-        display=torch.from_numpy(inp.display_image()), tokens=[inp.str_tokens[p] for p in nodes.tolist()],
+        image=torch.from_numpy(inp.display_image()), tokens=[inp.str_tokens[p] for p in nodes.tolist()],
         layer=layer, head=head, targets=[resolved.to_dict()], box=[float(v) for v in box] if box is not None else None,
         info={"model": vqa.name, "question": inp.question, "answer": inp.answer, "threshold": threshold,
               "n_samples": n_samples, "alpha": alpha, "radius": radius, "max_condition_size": max_condition_size},

@@ -26,7 +26,9 @@ iGOS+ (one mask, the paper's default), iteration ``i = 0 .. iterations-1``, ``k 
                    + mean(w_y dU(m)_y^2) + mean(w_x dU(m)_x^2) ],  w = exp(-(mean_c dI)^2 / sigma)
 
 with ``dI`` the neighbour differences of ``I`` (first view) averaged over channels and
-``sigma = 0.01``, as in the authors' code. Saliency = ``1 - m``.
+``sigma = 0.01``, as in the authors' code. Saliency = ``1 - m``. (The authors write the L1 term
+as ``mean(|1 - m|)``, equal on [0, 1] but with a zero gradient at the initial ``m = 1``; we
+differentiate ``mean(1 - m)`` as the formula says.)
 
 iGOS++ (``two_masks=True``): a deletion mask ``m_d`` and an insertion mask ``m_i``; the gradient is
 half the sum of four integrated terms, ``D(m_d m_i) - Ins(m_d m_i) + D(m_d) - Ins(m_i)`` (products
@@ -270,6 +272,10 @@ def igos(vqa, inp: PreparedInput, *, tokens: TokenSelection | Sequence[int] | No
     Returns: an :class:`~mech_vqa.results.igos.IGOSResult`; with an empty ``S`` nothing is
     optimised and ``result.empty`` / ``result.message`` say so.
     """
+    known = {f.name for f in dataclasses.fields(IGOSConfig)}
+    if set(overrides) - known:
+        raise TypeError(f"igos got unknown options {sorted(set(overrides) - known)}; IGOSConfig fields are "
+                        f"{sorted(known)}")
     config = dataclasses.replace(config or IGOSConfig(), **overrides)
     tau = check_tau(tau)
     _check_answer(vqa, inp)

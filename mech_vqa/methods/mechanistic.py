@@ -95,7 +95,8 @@ def _targets(vqa, inp, target) -> tuple[list[PreparedInput], list[Target], torch
         items, offsets = [inp], torch.zeros(1, dtype=torch.long)
         targets = [inp.target() if target is None else target]
     else:
-        raise TypeError(f"inp must be a PreparedInput or BatchedInput (vqa.prepare / vqa.batch), got {type(inp).__name__}")
+        raise TypeError("inp must be a PreparedInput or BatchedInput (vqa.prepare / vqa.batch), "
+                        f"got {type(inp).__name__}")
     return items, [_check_target(i, vqa.adapter, t) for i, t in zip(items, targets)], offsets
 
 
@@ -156,7 +157,8 @@ def layer_and_head_increase(capture: TargetCapture) -> tuple[list[LayerIncrease]
     after_attn = x + capture.attn_out.float()
     after_mlp = after_attn + capture.mlp_out.float()
     with_head = (x.unsqueeze(2) + head_vectors(capture)).flatten(1, 2)  # [B, L*H, d]
-    lp = capture.scorer.log_prob(torch.cat([x, after_attn, after_mlp, with_head, capture.final.float().unsqueeze(1)], 1))
+    final = capture.final.float().unsqueeze(1)
+    lp = capture.scorer.log_prob(torch.cat([x, after_attn, after_mlp, with_head, final], dim=1))  # [B, 3L + L*H + 1]
     base, attn, mlp = lp[:, :n_layers], lp[:, n_layers:2 * n_layers], lp[:, 2 * n_layers:3 * n_layers]
     heads = lp[:, 3 * n_layers:-1].view(-1, n_layers, n_heads) - base.unsqueeze(2)
     layer_results, head_results = [], []

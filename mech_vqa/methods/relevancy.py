@@ -150,10 +150,10 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
         finally:
             hooks.remove()
     return RelevancyMaps(
-        rows=torch.stack(rows), image=torch.stack(image_maps),
+        rows=torch.stack(rows), llm=torch.stack(image_maps),
         vision=torch.stack(vision_maps) if vision else None,
         targets=[t.to_dict() for t in targets], str_tokens=list(inp.str_tokens),
-        image_size=list(geometry.image_size), display=torch.from_numpy(inp.display_image()),
+        image_size=list(geometry.image_size), image=torch.from_numpy(inp.display_image()),
         row_normalized=row_normalize, box=[float(v) for v in box] if box is not None else None,
         info={"model": vqa.name, "question": inp.question, "answer": inp.answer,
               "vision_layers": len(vision_modules), "score": "raw logit"},

@@ -15,9 +15,10 @@ tensor), image pixels ``I`` and baseline pixels ``B`` (both ``[1, *pixel_shape]`
     curve_k    = (s(X_k) - s(B)) / (s(I) - s(B))       (1 = as on the image, 0 = as on the baseline)
     AUC        = mean_k curve_k
 
-A faithful map has a *low* deletion AUC and a *high* insertion AUC. Every point, the endpoints
-included, is computed by a forward pass (nothing is substituted), with several curve points per
-forward (``chunk_size`` rows) and no gradient.
+A faithful map has a *low* deletion AUC and a *high* insertion AUC. Every point is computed by a
+forward pass (``s(I)`` is the deletion curve's first point, ``s(B)`` the insertion curve's; the
+last points, everything removed / revealed, are computed, not assumed), several curve points per
+forward (``chunk_size`` rows), no gradient.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..hooks import preserved_state
 from ..results.base import Result
 
 
@@ -138,7 +140,8 @@ def insertion_deletion_curves(prob_fn: Callable[[torch.Tensor], torch.Tensor], i
     """The raw curves for one map with a model-agnostic ``prob_fn: pixels [N, ...] -> s [N]``.
 
     Returns a dict with ``fractions``, ``deletion_raw``, ``insertion_raw`` ``[K + 1]`` and the
-    scores of the image and the baseline themselves.
+    scores of the image (``deletion_raw[0]``: nothing removed) and of the baseline
+    (``insertion_raw[0]``: nothing revealed).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -148,28 +151,21 @@ def insertion_deletion_curves(prob_fn: Callable[[torch.Tensor], torch.Tensor], i
     extra = (1,) * (image.dim() - 3)  # views/channels between the batch and the pixel grid
     masks = masks.view(masks.shape[0], *extra, *masks.shape[-2:])
     image, baseline = image.float(), baseline.float().to(image.device)
-    # rows: the image, the baseline, then the deletion points, then the insertion points
     n_points = masks.shape[0]
-    values = []
-    total = 2 + 2 * n_points
+    total = 2 * n_points                       # rows: the deletion points, then the insertion points
     chunks = torch.arange(total).tensor_split(math.ceil(total / chunk_size))   # equal-sized forwards
+    values = []
     with torch.no_grad():
-        for chunk in tqdm(chunks, desc="insertion/deletion", disable=not progress, leave=False):
-            rows = []
-            for r in chunk.tolist():
-                if r < 2:
-                    rows.append(image if r == 0 else baseline)
-                elif r < 2 + n_points:
-                    m = masks[r - 2]
-                    rows.append(image * (1 - m) + baseline * m)
-                else:
-                    m = masks[r - 2 - n_points]
-                    rows.append(baseline * (1 - m) + image * m)
-            values.append(prob_fn(torch.cat(rows)).float().cpu())
+        for rows in tqdm(chunks, desc="insertion/deletion", disable=not progress, leave=False):
+            chosen = masks[rows % n_points]                                     # [c, ..., H, W]
+            deleting = (rows < n_points).to(image.device).view(-1, *[1] * (image.dim() - 1))
+            # deletion: image -> baseline on the chosen cells; insertion: baseline -> image
+            start, end = torch.where(deleting, image, baseline), torch.where(deleting, baseline, image)
+            values.append(prob_fn(start + chosen * (end - start)).float().cpu())
     values = torch.cat(values)
-    return {"fractions": counts.float() / scores.numel(), "score_image": float(values[0]),
-            "score_baseline": float(values[1]), "deletion_raw": values[2:2 + n_points],
-            "insertion_raw": values[2 + n_points:]}
+    deletion, insertion = values[:n_points], values[n_points:]
+    return {"fractions": counts.float() / scores.numel(), "score_image": float(deletion[0]),
+            "score_baseline": float(insertion[0]), "deletion_raw": deletion, "insertion_raw": insertion}
 
 
 def mean_probability(score_fn: Callable[[torch.Tensor], torch.Tensor], indices: Sequence[int]):
@@ -207,23 +203,28 @@ def insertion_deletion(vqa, inp, saliency, *, tokens=None, baseline="blur", tau:
 
     scores = as_map(saliency)
     method = method if method is not None else getattr(saliency, "method", "")
-    base = input_baseline(vqa, inp, baseline)
-    score_fn = score_fn or AnswerScorer(vqa, inp)
-    if tokens is None:
-        selection = visually_relevant_tokens(vqa, inp, base, tau=tau, score_fn=score_fn)
-    elif isinstance(tokens, TokenSelection):
-        selection = tokens
-    else:
-        selection = manual_selection(vqa, inp, tokens)
-    info = {"step_fraction": step_fraction, "baseline": baseline if isinstance(baseline, str) else "tensor",
-            "selection_rule": selection.rule}
+    base = input_baseline(vqa, inp, baseline).to(vqa.device)
+    info = {"step_fraction": step_fraction, "baseline": baseline if isinstance(baseline, str) else "tensor"}
+    with preserved_state(vqa.model):
+        vqa.model.eval()  # no dropout in the scores; the mode is put back on exit
+        if tokens is None:
+            selection = visually_relevant_tokens(vqa, inp, base, tau=tau, score_fn=score_fn)
+        elif isinstance(tokens, TokenSelection):
+            selection = tokens
+        else:
+            selection = manual_selection(vqa, inp, tokens)
+        info["selection_rule"] = selection.rule
+        if selection.empty:
+            nan = torch.full((1,), math.nan)
+            return InsertionDeletion(nan, nan, nan, nan, nan, map_shape=list(scores.shape), method=method,
+                                     tokens=[], info={**info, "message": selection.message})
+        if score_fn is None:  # score only S (the sequence is cut after its last token)
+            prob_fn = mean_probability(AnswerScorer(vqa, inp, selection.indices), range(len(selection.indices)))
+        else:
+            prob_fn = mean_probability(score_fn, selection.indices)
+        raw = insertion_deletion_curves(prob_fn, inp.pixel_values.to(vqa.device), base, scores,
+                                        step_fraction=step_fraction, chunk_size=chunk_size, progress=progress)
     token_names = [selection.tokens[i] for i in selection.indices]
-    if selection.empty:
-        nan = torch.full((1,), math.nan)
-        return InsertionDeletion(nan, nan, nan, nan, nan, map_shape=list(scores.shape), method=method,
-                                 tokens=[], info={**info, "message": selection.message})
-    raw = insertion_deletion_curves(mean_probability(score_fn, selection.indices), inp.pixel_values, base, scores,
-                                    step_fraction=step_fraction, chunk_size=chunk_size, progress=progress)
     return from_raw(raw, map_shape=list(scores.shape), method=method, tokens=token_names, info=info)
 
 

@@ -106,6 +106,36 @@ def evaluate(model, processor, n: int = 500, seed: int = TEST_SEED, min_objects:
     return result
 
 
+def answer_attention(layer: int = 2, head: int = 0) -> Callable:
+    """A reference method: one text-model head's attention from the answer position to the patches.
+
+    The default (layer 2, head 0) is the head the training scaffold pulled onto the answer object,
+    so it should score near the top; it shows how a method plugs into :func:`evaluate`.
+    """
+    @torch.no_grad()
+    def method(model, processor, item: VQAItem) -> torch.Tensor:
+        from mech_vqa.organism.model import encode
+
+        batch = encode(processor, [item], with_answer=False)
+        previous = model.config._attn_implementation
+        model.set_attn_implementation("eager")  # sdpa returns no attention weights
+        try:
+            attn = model(**batch, output_attentions=True).attentions[layer][0, head, -1]
+        finally:
+            model.set_attn_implementation(previous)
+        rows, cols, _ = patch_grid(model, processor)
+        return attn[batch["input_ids"][0] == model.config.image_token_id].reshape(rows, cols)
+
+    return method
+
+
+def random_map(model, processor, item: VQAItem) -> torch.Tensor:
+    """A chance baseline: i.i.d. uniform scores, seeded by the question and box."""
+    rows, cols, _ = patch_grid(model, processor)
+    generator = torch.Generator().manual_seed(hash((item.question, tuple(item.box))) % 2**31)
+    return torch.rand(rows, cols, generator=generator)
+
+
 def format_report(result: dict) -> str:
     """A small plain-text table of :func:`evaluate`'s result."""
     lines = [f"items: {result['n']}  accuracy: {result['accuracy']:.3f}"]
@@ -126,6 +156,7 @@ def main(argv=None):
     p.add_argument("--model", default=None, help="directory with a saved model (default: the shipped organism)")
     p.add_argument("--generate", action="store_true", help="also score full greedy answers")
     p.add_argument("--json", action="store_true", help="print the raw result as JSON")
+    p.add_argument("--methods", action="store_true", help="also score the reference methods (random, attention)")
     p.add_argument("--eval-split", action="store_true", help="score the fixed split in data/eval instead")
     p.add_argument("--write-eval-split", action="store_true", help="regenerate data/eval and exit")
     args = p.parse_args(argv)
@@ -138,8 +169,9 @@ def main(argv=None):
 
     model, processor = load_organism(args.model)
     items = load_eval_split(EVAL_DIR) if args.eval_split else None
+    methods = {"random": random_map, "attention L2H0": answer_attention(2, 0)} if args.methods else None
     result = evaluate(model, processor, n=args.n, seed=args.seed, min_objects=args.min_objects, items=items,
-                      generate=args.generate)
+                      generate=args.generate, methods=methods)
     print(json.dumps(result, indent=1) if args.json else format_report(result))
 
 

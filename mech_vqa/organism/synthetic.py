@@ -51,7 +51,13 @@ QUESTION_TEMPLATES = {
     "color": ("What is the color of the {pattern} object?", "The color of the {pattern} object is {color}"),
     "pattern": ("What is the pattern of the {color} object?", "The pattern of the {color} object is {pattern}"),
     "shape": ("What is the shape of the {color} object?", "The shape of the {color} object is {shape}"),
+    # Training-only warm-up: the answer repeats the named attribute. The answer position must then
+    # attend to the attribute word, the first hop of retrieval; without it the named attribute
+    # never reaches the answer position and multi-object accuracy stays at chance (see train.py).
+    "color_copy": ("What is the color of the {color} object?", "The color of the {color} object is {color}"),
+    "pattern_copy": ("What is the pattern of the {pattern} object?", "The pattern of the {pattern} object is {pattern}"),
 }
+COPY_FAMILIES = ("color_copy", "pattern_copy")
 
 
 def vocabulary() -> list[str]:

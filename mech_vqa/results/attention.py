@@ -49,7 +49,10 @@ def _to_grid(values: torch.Tensor, rowcol: torch.Tensor, view: torch.Tensor, gri
 
 
 def _pick(requested, available: list[int], what: str) -> list[int]:
-    """Indices into ``available`` of the ``requested`` items (None = all), with a clear error."""
+    """Indices into ``available`` of the ``requested`` items (None = all), with a clear error.
+
+    A negative item counts from the end of ``available`` (``-1`` = the last layer / target held).
+    """
     if requested is None:
         return list(range(len(available)))
     if isinstance(requested, int):
@@ -57,6 +60,8 @@ def _pick(requested, available: list[int], what: str) -> list[int]:
     out = []
     for item in requested:
         item = int(item)
+        if -len(available) <= item < 0:
+            item = available[item]
         if item not in available:
             raise IndexError(f"{what} {item} is not in this result; it holds {what}s {available}")
         out.append(available.index(item))
@@ -307,19 +312,19 @@ class RelevancyMaps(Result):
     Attributes:
         rows: ``[n_targets, seq]`` float32 row ``R[t, :]`` of the LLM relevancy matrix for each
             target's predicting position (row-normalised when ``row_normalized``).
-        image: ``[n_targets, rows, cols]`` the image-token columns of ``rows`` on the grid.
+        llm: ``[n_targets, rows, cols]`` the image-token columns of ``rows`` on the grid.
         vision: ``[n_targets, rows, cols]`` relevancy of the input patches after propagating the
             image relevancy through the vision tower, or None when not asked.
-        targets, str_tokens, image_size, image (display), box, info: as in :class:`AnswerAttention`.
+        targets, str_tokens, image_size, image (for plots), box, info: as in :class:`AnswerAttention`.
     """
 
     rows: torch.Tensor
-    image: torch.Tensor | None = None
+    llm: torch.Tensor | None = None
     vision: torch.Tensor | None = None
     targets: list = dataclasses.field(default_factory=list)
     str_tokens: list = dataclasses.field(default_factory=list)
     image_size: list = dataclasses.field(default_factory=list)
-    display: torch.Tensor | None = None
+    image: torch.Tensor | None = None
     row_normalized: bool = False
     box: list | None = None
     info: dict = dataclasses.field(default_factory=dict)
@@ -328,24 +333,24 @@ class RelevancyMaps(Result):
         """``PatchMap`` of target ``tokens`` (indices, None = all) for ``stage`` ``llm`` or ``vision``."""
         if stage not in ("llm", "vision"):
             raise ValueError(f"stage must be 'llm' or 'vision', got {stage!r}")
-        maps = self.image if stage == "llm" else self.vision
+        maps = self.llm if stage == "llm" else self.vision
         if maps is None:
             raise ValueError("no vision-tower relevancy here; run relevancy(..., vision=True)")
         token_idx = _pick(tokens, list(range(len(self.targets))), "target")
         scores = reduce(maps[token_idx], token_reduce, 0)
-        return PatchMap(scores, method=f"relevancy_{stage}", image_size=self.image_size, image=self.display,
+        return PatchMap(scores, method=f"relevancy_{stage}", image_size=self.image_size, image=self.image,
                         targets=[self.targets[i] for i in token_idx], box=box if box is not None else self.box,
                         info={**self.info, "stage": stage, "row_normalized": self.row_normalized})
 
     def to_dataframe(self):
         import pandas as pd
 
-        n, rows, cols = self.image.shape
+        n, rows, cols = self.llm.shape
         frame = pd.DataFrame({
             "target": [_token_label(t) for t in self.targets for _ in range(rows * cols)],
             "row": torch.arange(rows).repeat_interleave(cols).repeat(n).tolist(),
             "col": torch.arange(cols).repeat(rows * n).tolist(),
-            "llm": self.image.flatten().tolist(),
+            "llm": self.llm.flatten().tolist(),
         })
         if self.vision is not None:
             frame["vision"] = self.vision.flatten().tolist()
@@ -353,7 +358,7 @@ class RelevancyMaps(Result):
 
     def topk(self, k: int = 10, stage: str = "llm"):
         """The ``k`` most relevant (target, cell) pairs."""
-        maps = self.image if stage == "llm" else self.vision
+        maps = self.llm if stage == "llm" else self.vision
         scores, index = tensor_topk(maps, k)
         import pandas as pd
 
@@ -387,8 +392,8 @@ class CausalExplanation(Result):
         correlation: ``[n, n]`` float32 the attention-derived correlation the graph was learned from.
         attention: ``[n]`` the target's attention to each node (the node-selection score).
         explanation: ``[m]`` positions of the explanation set (target excluded).
-        image_positions / image_rowcol / image_view, grid, image_size, display: to lay image
-            nodes on the patch grid.
+        image_positions / image_rowcol / image_view, grid, image_size: to lay image nodes on the
+            patch grid; image: the de-normalised image (for plots) or None.
         tokens: token string of each node; layer, head; targets; box; info (alpha, radius...).
     """
 
@@ -403,7 +408,7 @@ class CausalExplanation(Result):
     image_view: torch.Tensor | None = None
     grid: list = dataclasses.field(default_factory=list)
     image_size: list = dataclasses.field(default_factory=list)
-    display: torch.Tensor | None = None
+    image: torch.Tensor | None = None
     tokens: list = dataclasses.field(default_factory=list)
     layer: int = -1
     head: int = 0
@@ -442,7 +447,7 @@ class CausalExplanation(Result):
             if self.kinds[node] == "image" and pos in self.explanation.tolist():
                 scores[image_pos == pos] = float(self.attention[node])
         grid = _to_grid(scores, self.image_rowcol, self.image_view, self.grid)
-        return PatchMap(grid, method="causal_explanation", image_size=self.image_size, image=self.display,
+        return PatchMap(grid, method="causal_explanation", image_size=self.image_size, image=self.image,
                         targets=list(self.targets), box=box if box is not None else self.box,
                         info={**self.info, "layer": self.layer, "head": self.head})
 

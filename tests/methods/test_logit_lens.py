@@ -49,21 +49,23 @@ def test_every_stage_equals_hand_norm(any_vqa, inp):
     torch.testing.assert_close(lens.patch_map("input").scores.flatten(), lens.word_probs[0])
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_is_finite(tiny_vqa, image, dtype):
+# Measured max |half - float32| word probability: 9e-6 (fp16), 9e-5 (bf16); probabilities ~0.03.
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-5), (torch.bfloat16, 5e-4)])
+def test_half_precision_is_finite(tiny_vqa, image, dtype, tol):
     half = VQAModel(copy.deepcopy(tiny_vqa.model).to(dtype), tiny_vqa.processor)
     inp = half.prepare(image, "What is the color of the dog?", "The dog is red.")
     lens = logit_lens(half, inp, word="red")
     assert lens.top_probs.dtype == torch.float32 and torch.isfinite(lens.top_probs).all()
     assert torch.isfinite(lens.word_probs).all()
     reference = logit_lens(tiny_vqa, inp, word="red")
-    torch.testing.assert_close(lens.word_probs, reference.word_probs, rtol=0, atol=0.01)
+    torch.testing.assert_close(lens.word_probs, reference.word_probs, rtol=0, atol=tol)
 
 
 def test_errors_state_save_plot(tiny_vqa, prepared, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
+    tiny_vqa.logits(prepared)  # HF adds its own hooks on a model's first forward: snapshot after one
     before, hooks = model_state(tiny_vqa.model), hook_snapshot(tiny_vqa.model)
     with pytest.raises(ValueError, match="not in the vocabulary"):
         logit_lens(tiny_vqa, prepared, word="zebra")

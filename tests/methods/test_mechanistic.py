@@ -149,19 +149,20 @@ def test_batch_rows_equal_single_runs(tiny_vqa, image):
         assert got.target == target.to_dict()
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision(tiny_vqa, image, dtype):
+# Measured max |half - float32| over every score: 4e-5 (fp16), 5e-4 (bf16); scores reach 0.2.
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-4), (torch.bfloat16, 2e-3)])
+def test_half_precision(tiny_vqa, image, dtype, tol):
     half = VQAModel(copy.deepcopy(tiny_vqa.model).to(dtype), tiny_vqa.processor, name="tiny-half")
     inp = half.prepare(image, "What is the color of the dog?", "The dog is red.")
     result = explain(half, inp, heads=2, neurons=True, progress=False)
     reference = explain(tiny_vqa, inp, heads=result.positions.heads, neurons=True, progress=False)
-    for got, ref in [(result.layers.attention, reference.layers.attention), (result.heads.scores, reference.heads.scores),
-                     (result.positions.scores, reference.positions.scores),
-                     (result.neurons.scores, reference.neurons.scores)]:
+    for part in ("layers.attention", "layers.mlp", "heads.scores", "positions.scores", "neurons.scores"):
+        section, field = part.split(".")
+        got, ref = (getattr(getattr(r, section), field) for r in (result, reference))
         assert got.dtype == torch.float32 and torch.isfinite(got).all()
         # half-precision activations, float32 scoring: close to the float32 model
-        torch.testing.assert_close(got, ref, rtol=0, atol=0.02)
-    assert result.layers.final_logprob == pytest.approx(result.layers.model_logprob, abs=0.02)
+        torch.testing.assert_close(got, ref, rtol=0, atol=tol)
+    assert result.layers.final_logprob == pytest.approx(result.layers.model_logprob, abs=tol)
 
 
 def test_clear_errors(tiny_vqa, prepared):
@@ -188,9 +189,17 @@ def test_clear_errors(tiny_vqa, prepared):
         explain(tiny_vqa, tiny_vqa.batch([prepared, prepared]), [prepared.target()])
 
 
-def test_model_left_as_found(tiny_vqa, prepared):
+def test_one_forward_no_eager_and_model_left_as_found(tiny_vqa, prepared):
+    tiny_vqa.logits(prepared)  # HF adds its own hooks on a model's first forward: snapshot after one
     before, hooks = model_state(tiny_vqa.model), hook_snapshot(tiny_vqa.model)
-    explain(tiny_vqa, prepared, heads=2, neurons=True, progress=False)
+    seen = []
+    handle = tiny_vqa.adapter.layer(0).register_forward_pre_hook(
+        lambda module, args: seen.append(tiny_vqa.model.config.text_config._attn_implementation))
+    try:
+        explain(tiny_vqa, prepared, heads=2, neurons=True, progress=False)
+    finally:
+        handle.remove()
+    assert seen == [before["text_attn"]] and seen[0] != "eager"  # one forward, attention implementation untouched
     with pytest.raises(IndexError):
         explain(tiny_vqa, prepared, Target(10 ** 6, 3))
     assert_same_state(before, model_state(tiny_vqa.model))
@@ -223,28 +232,29 @@ def test_results_save_load_plot(tiny_vqa, prepared, tmp_path):
     plt.close("all")
 
 
-def test_organism_top_head_points_into_the_box(organism_vqa):
-    """The position-level map of the top head peaks inside the answer object's box.
+# Measured on the shipped organism (data/organism as of 11:26 on 2026-11-23: 8x8 grid, held-out
+# accuracy 0.99): the top head's map peaks inside the answer box on 15/20 of these items (0.73 and
+# 0.77 over 100 items of seeds 4242 and 99); chance (share of cells inside the box) is 0.13. 0.6 keeps
+# three items of margin and is > 4x chance. The misses are colour questions whose top head (L0H2)
+# reads text, not the image (all its positive increase sits on text positions); the sum of the top 3
+# heads' maps hits 19/20. Re-measure when data/organism is retrained.
+ORGANISM_POINTING_THRESHOLD = 0.6
 
-    The organism answers from one object, named by its fill pattern / colour; the answer word
-    is the last answer token. Threshold: see the report (measured on these items).
-    """
+
+def test_organism_top_head_points_into_the_box(organism_vqa):
+    """The position-level map of the top head peaks inside the answer object's box on most items."""
     from mech_vqa.organism import generate_items
 
-    items = generate_items(10, seed=4242, min_objects=2)
     hits, chance = [], []
-    for item in items:
+    for item in generate_items(20, seed=4242, min_objects=2):
         inp = organism_vqa.prepare(item.image, item.question, item.answer)
-        target = inp.target(-1)
+        target = inp.target(-1)  # the answer word, teacher-forced
         assert target.token.lower() == item.answer_word
-        result = explain(organism_vqa, inp, target, heads="top", box=list(item.box))
+        result = explain(organism_vqa, inp, target, heads="top", box=list(item.box), progress=False)
         hits.append(result.patch_map.pointing_game())
         chance.append(float(result.patch_map.inside_box().float().mean()))
-    rate = sum(hits) / len(hits)
-    assert rate >= ORGANISM_POINTING_THRESHOLD, (rate, sum(chance) / len(chance))
-
-
-ORGANISM_POINTING_THRESHOLD = 0.7
+    rate, chance = sum(hits) / len(hits), sum(chance) / len(chance)
+    assert rate >= ORGANISM_POINTING_THRESHOLD and rate > 3 * chance, (rate, chance)
 
 
 class LayerNormAdapter:

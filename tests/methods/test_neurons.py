@@ -48,6 +48,7 @@ def test_neuron_increase_equals_hand_loop(any_vqa, inp):
 
 
 def test_neurons_save_load_errors_and_state(tiny_vqa, prepared, tmp_path):
+    tiny_vqa.logits(prepared)  # HF adds its own hooks on a model's first forward: snapshot after one
     before, hooks = model_state(tiny_vqa.model), hook_snapshot(tiny_vqa.model)
     result = neuron_increase(tiny_vqa, prepared, k=2, progress=False)
     assert result.scores.shape == (tiny_vqa.adapter.n_layers, tiny_vqa.adapter.d_mlp)

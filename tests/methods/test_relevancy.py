@@ -77,11 +77,11 @@ def test_relevancy_equals_step_by_step_recomputation(any_vqa, any_prepared, row_
         row, vision_row = reference_relevancy(any_vqa, any_prepared, answer_index, row_normalize)
         torch.testing.assert_close(result.rows[column], row, rtol=1e-5, atol=1e-7)
         image = (any_prepared.input_ids[0] == any_vqa.model.config.image_token_id).nonzero().flatten()
-        torch.testing.assert_close(result.image[column], grid(row[image]), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(result.llm[column], grid(row[image]), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(result.vision[column], grid(vision_row), rtol=1e-5, atol=1e-7)
     # the relevancy is not just the identity: gradients did reach the image tokens
-    assert float(result.image.abs().max()) > 0
-    assert float((result.vision - result.image).abs().max()) > 0
+    assert float(result.llm.abs().max()) > 0
+    assert float((result.vision - result.llm).abs().max()) > 0
 
 
 def test_no_temperature_dependence(tiny_vqa, prepared):
@@ -122,10 +122,10 @@ def test_bf16_model_gives_float32_maps_close_to_fp32(tiny_vqa, prepared):
     half = VQAModel(model, tiny_vqa.processor)
     result = relevancy(half, prepared, [3], progress=False)
     full = relevancy(tiny_vqa, prepared, [3], progress=False)
-    assert result.rows.dtype == torch.float32 and result.image.dtype == torch.float32
+    assert result.rows.dtype == torch.float32 and result.llm.dtype == torch.float32
     assert torch.isfinite(result.rows).all()
     # bf16 has ~3 significant digits: the maps agree in shape, not to the last bit
-    cosine = torch.nn.functional.cosine_similarity(result.image.flatten(), full.image.flatten(), dim=0)
+    cosine = torch.nn.functional.cosine_similarity(result.llm.flatten(), full.llm.flatten(), dim=0)
     assert float(cosine) > 0.95
 
 
@@ -153,10 +153,10 @@ def test_patch_map_save_load_plot(tiny_vqa, prepared, tmp_path):
     result = relevancy(tiny_vqa, prepared, vision=True, progress=False, box=[8, 8, 24, 24])
     llm = result.patch_map([2])
     assert isinstance(llm, PatchMap) and llm.method == "relevancy_llm" and llm.box == [8.0, 8.0, 24.0, 24.0]
-    torch.testing.assert_close(llm.scores, result.image[2])
+    torch.testing.assert_close(llm.scores, result.llm[2])
     torch.testing.assert_close(result.patch_map(stage="vision").scores, result.vision.mean(0))
     single = relevancy_map(tiny_vqa, prepared, 2, progress=False)
-    torch.testing.assert_close(single.scores, result.image[2])
+    torch.testing.assert_close(single.scores, result.llm[2])
     loaded = Result.load(result.save(tmp_path / "relevancy"))
     torch.testing.assert_close(loaded.vision, result.vision)
     fig, axes = result.plot(stage="vision")

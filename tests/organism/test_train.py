@@ -14,7 +14,8 @@ from mech_vqa.organism.train import main
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--batch", "4", "--warmup", "2", "--eval-every", "2", "--eval-n", "4", "--ckpt-every", "1",
         "--patch-size", "16", "--vision-hidden", "16", "--vision-heads", "2", "--hidden", "32", "--layers", "1",
-        "--heads", "2", "--kv-heads", "1", "--threads", "1"]
+        "--heads", "2", "--kv-heads", "1", "--threads", "1",
+        "--attn-sup", "1.0", "--attn-sup-layer", "0", "--attn-sup-until", "3"]
 
 
 def test_train_resume_is_exact(tmp_path):
