@@ -152,16 +152,35 @@ def causal_explanation(vqa, inp: PreparedInput, target=None, *, head: int = 0, l
         max_condition_size: largest conditioning set tried (None = no bound).
         box: ground-truth box attached to the map.
     """
+    (result,) = causal_explanations(vqa, inp, target, heads=[head], layer=layer, threshold=threshold,
+                                    max_image_nodes=max_image_nodes, n_samples=n_samples, alpha=alpha,
+                                    radius=radius, max_condition_size=max_condition_size, box=box)
+    return result
+
+
+def causal_explanations(vqa, inp: PreparedInput, target=None, *, heads=None, layer: int = -1,
+                        threshold: float = 0.005, max_image_nodes: int = 50, n_samples: int = 128,
+                        alpha: float = 1e-5, radius: int = 3, max_condition_size: int | None = 3,
+                        box=None) -> list[CausalExplanation]:
+    """:func:`causal_explanation` for several ``heads`` of ``layer`` (None = all) from ONE forward."""
     inp = check_single_input(inp)
     adapter = vqa.adapter
     layer = adapter.check_layer(layer)
-    head = adapter.check_head(head)
+    heads = list(range(adapter.n_heads)) if heads is None else [adapter.check_head(int(h)) for h in heads]
     (resolved,) = resolve_targets(inp, 0 if target is None else target)
     with torch.no_grad(), vqa.trace(["q", "k"], layers=[layer]) as cache:
         vqa.forward(inp)
     seq = inp.seq_len
     attention = attention_rows(adapter, layer, cache["q", layer], cache["k", layer], torch.arange(seq),
-                               inp.attention_mask)[0, head]  # [seq, seq]
+                               inp.attention_mask)[0]  # [heads, seq, seq]
+    return [_explain_head(vqa, inp, resolved, attention[head], layer, head, threshold=threshold,
+                          max_image_nodes=max_image_nodes, n_samples=n_samples, alpha=alpha, radius=radius,
+                          max_condition_size=max_condition_size, box=box) for head in heads]
+
+
+def _explain_head(vqa, inp, resolved, attention, layer, head, *, threshold, max_image_nodes, n_samples, alpha,
+                  radius, max_condition_size, box) -> CausalExplanation:
+    """Steps 1-4 of the module docstring for one head's attention matrix ``[seq, seq]``."""
     geometry = inp.geometry
     nodes, kinds = select_nodes(attention[resolved.position], resolved.position, geometry.positions,
                                 threshold=threshold, max_image_nodes=max_image_nodes)

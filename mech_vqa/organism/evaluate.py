@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import zlib
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -132,7 +133,7 @@ def answer_attention(layer: int = 2, head: int = 0) -> Callable:
 def random_map(model, processor, item: VQAItem) -> torch.Tensor:
     """A chance baseline: i.i.d. uniform scores, seeded by the question and box."""
     rows, cols, _ = patch_grid(model, processor)
-    generator = torch.Generator().manual_seed(hash((item.question, tuple(item.box))) % 2**31)
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{item.question}{item.box}".encode()))
     return torch.rand(rows, cols, generator=generator)
 
 

@@ -191,3 +191,4 @@ def test_organism_relevancy_localisation(organism_vqa):
     print(f"relevancy: LLM in-box share {mean(llm):.3f}, pointing game {mean(hits):.2f}, vision-stage in-box "
           f"share {mean(vision):.3f}, uniform share {mean(uniform):.3f}")
     assert mean(llm) > mean(uniform)
+    assert mean(hits) > 2 * mean(uniform)  # the peak cell lands on the object far above chance
