@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, midsize_input, midsize_vqa  # noqa: E402
 
@@ -94,7 +96,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("organism", "midsize", "both"), default="both")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice). On a shared, oversubscribed CPU use 1: "
+                             "OpenMP barriers then stall every small op and the timings mean little")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     header("iGOS+ batched vs reference way")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.model in ("organism", "both"):

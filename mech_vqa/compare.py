@@ -32,6 +32,7 @@ import torch
 
 from .inputs import PreparedInput, Target
 from .results import PatchMap, Result
+from .results.base import _paths
 
 DEFAULT_METHODS = ("mechanistic", "logit_lens", "raw_attention", "relevancy", "causal", "igos++")
 
@@ -168,22 +169,26 @@ class Comparison(Result):
         return fig, axes
 
     def save(self, path) -> Path:
-        """A folder: one saved PatchMap per method plus ``comparison.json``."""
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
+        """``<path>.json`` (table, correlations, selection) plus one saved PatchMap per method."""
+        _, json_path = _paths(path)
+        stem = json_path.with_suffix("")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        parts = {}
         for index, (name, patch_map) in enumerate(self.maps.items()):
-            patch_map.save(folder / f"map{index}")
-        meta = {"type": "Comparison", "methods": list(self.maps), "table": self.table,
-                "correlations": self.correlations, "selection": self.selection, "info": self.info}
-        (folder / "comparison.json").write_text(json.dumps(meta, indent=1, default=str))
-        return folder / "comparison.json"
+            patch_map.save(stem.with_name(f"{stem.name}.map{index}"))
+            parts[name] = f"{stem.name}.map{index}"
+        meta = {"type": "Comparison", "maps": parts, "table": self.table, "correlations": self.correlations,
+                "selection": self.selection, "info": self.info}
+        json_path.write_text(json.dumps(meta, indent=1, default=str))
+        return json_path
 
     @classmethod
     def load(cls, path) -> Comparison:
-        folder = Path(path)
-        folder = folder.parent if folder.suffix == ".json" else folder
-        meta = json.loads((folder / "comparison.json").read_text())
-        maps = {name: PatchMap.load(folder / f"map{index}") for index, name in enumerate(meta["methods"])}
+        _, json_path = _paths(path)
+        if not json_path.exists():
+            raise FileNotFoundError(f"no saved comparison at {json_path}")
+        meta = json.loads(json_path.read_text())
+        maps = {name: PatchMap.load(json_path.with_name(file)) for name, file in meta["maps"].items()}
         return cls(maps=maps, table=meta["table"], correlations=meta["correlations"],
                    selection=meta["selection"], info=meta["info"])
 

@@ -13,6 +13,9 @@ import torch
 from mech_vqa import VQAModel
 from mech_vqa.build import tiny_llava
 
+# Tiny models run fastest on one thread, and a second thread only fights other jobs on a 2-core box.
+torch.set_num_threads(1)
+
 QUESTION = "What is the color of the dog?"
 ANSWER = "The dog is red."
 

@@ -205,7 +205,9 @@ class ModelAdapter:
     def final_norm_params(self) -> dict:
         """The final norm as data: ``kind`` ("rms" or "layer"), ``weight``, ``bias``, ``eps``."""
         norm = self.final_norm
-        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or 1e-6
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        if eps is None:
+            raise AdapterError(f"cannot read the epsilon of the final norm {type(norm).__name__}")
         kind = "layer" if isinstance(norm, nn.LayerNorm) else "rms"
         return {"kind": kind, "weight": norm.weight, "bias": getattr(norm, "bias", None), "eps": float(eps)}
 

@@ -28,7 +28,13 @@ conditioning sets with batched matrix inversion). Unlike CLEANN's ICD it assumes
 confounders (it returns a DAG, not a PAG) and uses graph distance instead of ICD's PDS-tree;
 ``max_condition_size`` bounds the search (default 3; None = until no conditioning set is left).
 Defaults follow the reference: ``tau = 0.005``, ``N = 128``, ``alpha = 1e-5``, radius 3, at most
-50 image nodes. The attention rows are recomputed from captured ``q``, ``k`` (no eager mode).
+50 image nodes. The attention rows are recomputed from captured ``q``, ``k`` (no eager mode);
+:func:`causal_explanations` explains several heads of a layer from one forward.
+
+Measured on the model organism (answer word, last layer, 50 items): the correlations ``A A^T``
+between a target and its nodes are weak, so at ``alpha = 1e-5`` most explanation sets are small
+(0.6-1.3 nodes per head on average) and only 16-48% of them hold an image patch; when they do,
+those patches mostly lie on the answer object. Read an empty set as "no dependence detected".
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from ..capture import attention_rows
 from ..inputs import PreparedInput
 from ..results.attention import CausalExplanation
 from ..results.patch_map import PatchMap
-from .raw_attention import check_single_input, resolve_targets
+from .raw_attention import check_single_input, logits_at, resolve_targets
 
 
 def fisher_z_pvalues(partial_corr: torch.Tensor, n_samples: int, condition_size: int) -> torch.Tensor:
@@ -169,7 +175,7 @@ def causal_explanations(vqa, inp: PreparedInput, target=None, *, heads=None, lay
     heads = list(range(adapter.n_heads)) if heads is None else [adapter.check_head(int(h)) for h in heads]
     (resolved,) = resolve_targets(inp, 0 if target is None else target)
     with torch.no_grad(), vqa.trace(["q", "k"], layers=[layer]) as cache:
-        vqa.forward(inp)
+        vqa.forward(inp, **logits_at(vqa, [resolved.position])[0])  # the logits are not used
     seq = inp.seq_len
     attention = attention_rows(adapter, layer, cache["q", layer], cache["k", layer], torch.arange(seq),
                                inp.attention_mask)[0]  # [heads, seq, seq]

@@ -25,6 +25,7 @@ reverse view, how much each answer token attends to chosen patches (:class:`Patc
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -59,6 +60,18 @@ def resolve_targets(inp: PreparedInput, targets=None) -> list[Target]:
     return resolved
 
 
+def logits_at(vqa, positions) -> tuple[dict, torch.Tensor | None]:
+    """Forward kwargs computing logits only at ``positions`` (``logits_to_keep``), and those positions.
+
+    Saves the ``[seq, vocab]`` projection (and its backward) at every other position. Returns
+    ``({}, None)`` when the model's forward has no ``logits_to_keep``: then logits cover every position.
+    """
+    if "logits_to_keep" not in inspect.signature(vqa.model.forward).parameters:
+        return {}, None
+    kept = torch.as_tensor(positions, dtype=torch.long).flatten().unique()
+    return {"logits_to_keep": kept.to(vqa.device)}, kept
+
+
 def _layer_list(adapter, layers) -> list[int]:
     return [adapter.check_layer(int(i)) for i in (range(adapter.n_layers) if layers is None else layers)]
 
@@ -80,7 +93,7 @@ def answer_attention(vqa, inp: PreparedInput, targets=None, *, layers: Sequence[
     layer_list = _layer_list(adapter, layers)
     positions = torch.tensor([t.position for t in targets])
     with torch.no_grad(), vqa.trace(["q", "k"], layers=layer_list, positions=positions) as cache:
-        vqa.forward(inp)
+        vqa.forward(inp, **logits_at(vqa, positions[-1:])[0])  # the logits are not used
     # All layers in one call: layers play the batch dimension. A layer whose scaling differs from
     # the first one's gets its queries rescaled, so the product q.k*scaling is the layer's own.
     base = adapter.attention_scaling(layer_list[0])

@@ -40,7 +40,7 @@ from ..hooks import HookSet, preserved_state
 from ..inputs import PreparedInput
 from ..results.attention import RelevancyMaps
 from ..results.patch_map import PatchMap
-from .raw_attention import check_single_input, resolve_targets
+from .raw_attention import check_single_input, logits_at, resolve_targets
 
 
 def vision_encoder_layers(adapter) -> list[nn.Module]:
@@ -125,13 +125,15 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
             # Parameters are frozen; a differentiable input makes autograd build the graph through
             # every attention probability (all of them depend on the image).
             inputs["pixel_values"] = inputs["pixel_values"].clone().requires_grad_(True)
+            keep, kept = logits_at(vqa, [t.position for t in targets])
             with torch.enable_grad():
-                logits = vqa.forward(inputs).logits
+                logits = vqa.forward(inputs, **keep).logits  # [1, kept or seq, vocab]
                 hooks.remove()
                 llm_probs = [recorded[m] for m in llm_modules]
                 vision_probs = [recorded[m] for m in vision_modules]
                 for target in tqdm(targets, desc="relevancy", disable=not progress):
-                    raw_logit = logits[0, target.position, target.token_id].float()
+                    column = target.position if kept is None else int((kept == target.position).nonzero())
+                    raw_logit = logits[0, column, target.token_id].float()
                     grads = torch.autograd.grad(raw_logit, llm_probs + vision_probs, retain_graph=True)
                     with torch.no_grad():
                         one_hot = torch.zeros(seq, device=adapter.device)

@@ -1,7 +1,18 @@
-"""Typed results with tensors and metadata: ``topk``, ``to_dataframe``, ``save``/``load``, ``plot``."""
+"""Typed results with tensors and metadata: ``topk``, ``to_dataframe``, ``save``/``load``, ``plot``.
 
-from .base import Result, tensor_topk
+Importing this package registers every result type, so ``Result.load(path)`` can rebuild any of
+them in a fresh process (by class name, from safetensors + JSON; no code is executed).
+"""
+
 from .ablation import AblationResult
+from .attention import AnswerAttention, AttentionMass, CausalExplanation, PatchToText, RelevancyMaps
+from .base import Result, tensor_topk
+from .igos import IGOSResult
+from .mechanistic import Explanation, HeadIncrease, HeadPositions, LayerIncrease, LogitLens, NeuronIncrease
 from .patch_map import PatchMap
 
-__all__ = ["AblationResult", "PatchMap", "Result", "tensor_topk"]
+__all__ = [
+    "AblationResult", "AnswerAttention", "AttentionMass", "CausalExplanation", "Explanation", "HeadIncrease",
+    "HeadPositions", "IGOSResult", "LayerIncrease", "LogitLens", "NeuronIncrease", "PatchMap", "PatchToText",
+    "RelevancyMaps", "Result", "tensor_topk",
+]

@@ -106,6 +106,15 @@ def test_later_token_carries_no_gradient_of_earlier(tiny_vqa, prepared):
     assert not torch.allclose(together.rows[0], together.rows[1])
 
 
+def test_same_maps_when_the_model_computes_every_logit(tiny_vqa, prepared, monkeypatch):
+    import mech_vqa.methods.relevancy as module
+
+    sliced = relevancy(tiny_vqa, prepared, [0, 4], progress=False)
+    monkeypatch.setattr(module, "logits_at", lambda vqa, positions: ({}, None))  # a forward without logits_to_keep
+    full = relevancy(tiny_vqa, prepared, [0, 4], progress=False)
+    torch.testing.assert_close(full.rows, sliced.rows, rtol=1e-6, atol=1e-9)
+
+
 def test_vision_feature_layer_counts_layers():
     model, processor = tiny_llava(seed=2, vision_layers=3)
     model.config.vision_feature_layer = -2

@@ -1,0 +1,41 @@
+"""Typed results: save/load round trips through safetensors + JSON, in a fresh process too."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from mech_vqa.results import PatchMap, Result
+
+
+def _patch_map():
+    return PatchMap(scores=torch.arange(16.0).view(4, 4), method="test", image_size=[32, 32],
+                    targets=[{"token_id": 3, "position": 7, "token": "red"}], box=[0, 0, 16, 16], info={"k": 1})
+
+
+def test_patch_map_verbs(tmp_path):
+    pm = _patch_map()
+    assert pm.pointing_game() is False  # the peak (cell 3,3) is outside the top-left box
+    assert abs(pm.in_box_share() - (0 + 1 + 4 + 5) / sum(range(16))) < 1e-6
+    top = pm.topk(3)
+    assert list(zip(top.row, top.col)) == [(3, 3), (3, 2), (3, 1)] and list(top["rank"]) == [1, 2, 3]
+    frame = pm.to_dataframe()
+    assert len(frame) == 16 and frame.in_box.sum() == 4
+    assert pm.resample((8, 8)).shape == (8, 8)
+    constant = PatchMap(scores=torch.zeros(4, 4), image_size=[32, 32], box=[0, 0, 16, 16])
+    assert constant.pointing_game() is False and constant.in_box_share() == 0.0
+    fig, ax = pm.plot()
+    assert ax.get_title().startswith("test")
+
+
+def test_save_load_in_a_fresh_process_runs_no_code(tmp_path):
+    path = _patch_map().save(tmp_path / "pm")
+    payload = json.loads(path.read_text())
+    assert payload["type"] == "PatchMap" and (tmp_path / "pm.safetensors").exists()
+    code = ("import sys, torch; from mech_vqa.results import Result; r = Result.load(sys.argv[1]); "
+            "assert torch.equal(r.scores, torch.arange(16.0).view(4, 4)); print(type(r).__name__, r.box)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "pm")], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[0] == "PatchMap"
+    loaded = Result.load(tmp_path / "pm.json")
+    assert loaded.targets == _patch_map().targets and loaded.info == {"k": 1}
