@@ -16,7 +16,10 @@ interleaved rounds so that machine load hits both alike. Models:
   ``s(I) - s(B)`` is tiny and the normalised AUCs are ill-conditioned: compare the masks there.
 
 On random weights no token passes the selection threshold reliably, so ``S`` is the answer word
-given by hand; on the trained organism it is selected. Run: ``python benchmarks/igos.py``.
+given by hand; on the trained organism it is selected. Run: ``python benchmarks/igos.py``
+(``--threads 1`` on a shared machine: with 2 OpenMP threads on an oversubscribed CPU every small
+op waits on a descheduled thread, which slows the batch-size-1 reference far more than the batched
+run, so the ratio then measures the machine's load rather than the implementation).
 """
 
 from __future__ import annotations

@@ -205,8 +205,11 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
             q = _select(raw.pop("q"), positions).unflatten(-1, (n_heads, head_dim)).transpose(1, 2)
             k = raw.pop("k").unflatten(-1, (n_kv, head_dim)).transpose(1, 2)
             cos, sin = kwargs["position_embeddings"]
-            q_rot, _ = adapter.rotate_qk(layer, q, q, (_select(cos, positions), _select(sin, positions)))
-            _, k_rot = adapter.rotate_qk(layer, k, k, (cos, sin))
+            if positions is None:
+                q_rot, k_rot = adapter.rotate_qk(layer, q, k, (cos, sin))
+            else:  # q and k sit at different positions: rotate each with its own angles
+                q_rot = adapter.rotate_qk(layer, q, q, (_select(cos, positions), _select(sin, positions)))[0]
+                k_rot = adapter.rotate_qk(layer, k, k, (cos, sin))[1] if "k" in wants else None
             if "q" in wants:
                 keep(("q", layer), q_rot.transpose(1, 2))
             if "k" in wants:

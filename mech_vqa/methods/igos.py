@@ -279,6 +279,10 @@ def igos(vqa, inp: PreparedInput, *, tokens: TokenSelection | Sequence[int] | No
     config = dataclasses.replace(config or IGOSConfig(), **overrides)
     tau = check_tau(tau)
     _check_answer(vqa, inp)
+    if not 0 < step_fraction <= 1:
+        raise ValueError(f"step_fraction must be in (0, 1], got {step_fraction}")
+    if box is not None and len(box) != 4:
+        raise ValueError(f"box must be [x0, y0, x1, y1] in the preprocessed image's pixels, got {box!r}")
     timings, start = {}, time.perf_counter()
     base = input_baseline(vqa, inp, baseline).to(vqa.device)
     image = inp.pixel_values.float().to(vqa.device)
@@ -294,7 +298,7 @@ def igos(vqa, inp: PreparedInput, *, tokens: TokenSelection | Sequence[int] | No
         elif isinstance(tokens, TokenSelection):
             selection = tokens
         else:
-            selection = manual_selection(vqa, inp, tokens)
+            selection = manual_selection(vqa, inp, tokens, baseline=base)
         timings["selection"] = time.perf_counter() - start
         targets = [inp.target(i).to_dict() for i in selection.indices]
         if selection.empty:

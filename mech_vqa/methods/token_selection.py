@@ -146,22 +146,30 @@ def select_tokens(log_p_image: torch.Tensor, log_p_baseline: torch.Tensor, token
     return TokenSelection(list(tokens), token_ids, log_p_image, log_p_baseline, content, selected, tau, rule)
 
 
-def manual_selection(vqa, inp: PreparedInput, indices: Sequence[int]) -> TokenSelection:
-    """``S`` given by hand as answer-token indices (no scoring)."""
+def manual_selection(vqa, inp: PreparedInput, indices: Sequence[int], baseline: torch.Tensor | None = None,
+                     score_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TokenSelection:
+    """``S`` given by hand as answer-token indices. With ``baseline`` pixels, the log-probabilities
+    on the image and the baseline (and so the gaps) are recorded too; without, they are NaN."""
     n = int(inp.answer_positions.numel())
     checked = set()
     for i in indices:
         if not -n <= int(i) < n:
             raise IndexError(f"answer token {i} is out of range: the answer has {n} tokens")
         checked.add(int(i) % n)
-    token_ids = inp.input_ids[0, inp.answer_positions]
-    tokens = decode_tokens(vqa.tokenizer, token_ids.tolist())
-    special = set(vqa.tokenizer.all_special_ids)
-    content = torch.tensor([int(i) not in special and is_content_text(t) for i, t in zip(token_ids, tokens)])
+    if baseline is not None:
+        scored = visually_relevant_tokens(vqa, inp, baseline, tau=0.0, score_fn=score_fn)
+        log_p_image, log_p_baseline, tokens = scored.log_p_image, scored.log_p_baseline, scored.tokens
+        token_ids, content = scored.token_ids, scored.content
+    else:
+        token_ids = inp.input_ids[0, inp.answer_positions].clone()
+        tokens = decode_tokens(vqa.tokenizer, token_ids.tolist())
+        special = set(vqa.tokenizer.all_special_ids)
+        content = torch.tensor([int(i) not in special and is_content_text(t) for i, t in zip(token_ids, tokens)])
+        log_p_image = log_p_baseline = torch.full((n,), float("nan"))
     selected = torch.zeros(n, dtype=torch.bool)
     selected[sorted(checked)] = True
-    nan = torch.full((n,), float("nan"))
-    return TokenSelection(tokens, token_ids.clone(), nan, nan.clone(), content, selected, float("nan"), "manual")
+    return TokenSelection(tokens, token_ids, log_p_image, log_p_baseline.clone(), content, selected,
+                          float("nan"), "manual")
 
 
 def visually_relevant_tokens(vqa, inp: PreparedInput, baseline: torch.Tensor, *, tau: float = 1.0,

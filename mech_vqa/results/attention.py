@@ -358,6 +358,8 @@ class RelevancyMaps(Result):
 
     def topk(self, k: int = 10, stage: str = "llm"):
         """The ``k`` most relevant (target, cell) pairs."""
+        if stage not in ("llm", "vision") or (stage == "vision" and self.vision is None):
+            raise ValueError(f"stage must be 'llm' or 'vision' (vision needs relevancy(..., vision=True)), got {stage!r}")
         maps = self.llm if stage == "llm" else self.vision
         scores, index = tensor_topk(maps, k)
         import pandas as pd

@@ -106,7 +106,11 @@ def test_selection_with_the_model_scorer_matches_its_log_probs(tiny_vqa, prepare
 
 def test_manual_selection_and_errors(tiny_vqa, prepared):
     sel = manual_selection(tiny_vqa, prepared, [3, -4])
-    assert sel.indices == [1, 3] and sel.rule == "manual"
+    assert sel.indices == [1, 3] and sel.rule == "manual" and sel.gaps.isnan().all()
+    base = input_baseline(tiny_vqa, prepared, "blur")
+    scored = manual_selection(tiny_vqa, prepared, [3], baseline=base)
+    torch.testing.assert_close(scored.gaps, visually_relevant_tokens(tiny_vqa, prepared, base).gaps)
+    assert scored.indices == [3]
     with pytest.raises(IndexError, match="out of range"):
         manual_selection(tiny_vqa, prepared, [5])
     with pytest.raises(ValueError, match="no answer tokens"):
