@@ -1,1 +1,20 @@
-"""Methods: each module implements one published method on top of capture / interventions."""
+"""Methods: one module per published method, each on top of the one capture / intervention mechanism.
+
+=====================  ==================================================================
+module                 method
+=====================  ==================================================================
+``mechanistic``        log-prob increase of layers, heads, positions (Yu & Ananiadou 2024)
+``neurons``            FFN neuron attribution (Yu & Ananiadou, EMNLP 2024)
+``logit_lens``         visual tokens in vocabulary space
+``raw_attention``      raw attention maps (LVLM-Interpret 2024)
+``relevancy``          relevancy maps (Chefer et al. 2021, via LVLM-Interpret)
+``causal``             causal interpretation (CLEANN, via LVLM-Interpret)
+``igos``               iGOS+ / iGOS++ for open-ended answers (Xing et al. 2025)
+``token_selection``    visually relevant answer tokens (Xing et al. 2025)
+``scoring``            black-box scoring: pixels -> answer log-probs; baselines
+``ablation``           head / block / image-token ablation studies
+=====================  ==================================================================
+
+The public functions are exported from :mod:`mech_vqa` itself (submodules keep their own names:
+``mech_vqa.methods.relevancy`` is the module, ``mech_vqa.relevancy`` the function).
+"""
