@@ -58,8 +58,9 @@ def heatmap(values: torch.Tensor, *, ax=None, xlabel="", ylabel="", title="", cm
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    if xticklabels is not None:
-        ax.set_xticks(range(len(xticklabels)), xticklabels, rotation=90, fontsize=7)
-    if yticklabels is not None:
-        ax.set_yticks(range(len(yticklabels)), yticklabels, fontsize=7)
+    rows, cols = data.shape
+    # integer ticks: rows and columns are layers / heads, never fractions
+    ax.set_xticks(range(cols), xticklabels if xticklabels is not None else range(cols),
+                  rotation=90 if xticklabels is not None else 0, fontsize=7)
+    ax.set_yticks(range(rows), yticklabels if yticklabels is not None else range(rows), fontsize=7)
     return fig, ax
