@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mech_vqa.organism.model import answer_prefix, build_organism, encode, predict_answer_words, prompt
 from mech_vqa.organism.synthetic import (
+    ALL_FAMILIES,
     COLORS,
     FAMILIES,
     PATTERNS,
@@ -43,7 +44,7 @@ def load_organism(path: str | Path | None = None, dtype=None):
 
 
 __all__ = [
-    "COLORS", "EVAL_DIR", "FAMILIES", "ORGANISM_DIR", "PATTERNS", "SHAPES", "SceneObject", "VQAItem",
+    "ALL_FAMILIES", "COLORS", "EVAL_DIR", "FAMILIES", "ORGANISM_DIR", "PATTERNS", "SHAPES", "SceneObject", "VQAItem",
     "answer_prefix", "build_organism", "encode", "generate_item", "generate_items", "load_eval_split",
     "load_organism", "predict_answer_words", "prompt", "vocabulary", "write_eval_split",
 ]

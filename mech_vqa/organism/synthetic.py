@@ -4,16 +4,19 @@ Each image shows 2-4 (or 1, for training) flat objects on a light, plain or fain
 background. An object has a *shape*, a *colour* and a *fill pattern*; within one image all
 colours and all patterns are distinct, so either attribute names an object uniquely.
 
-Question families (``FAMILIES``):
+Question families (``FAMILIES`` are the trained ones; ``ALL_FAMILIES`` adds ``shape``):
 
 * ``color`` -- "What is the color of the striped object?" -> "The color of the striped object is red".
-  The object is named by its fill pattern, which (like the colour) shows inside *every* patch of
-  the object: retrieval is then a patch-local match, which a tiny model learns quickly. (Naming
-  objects by shape was tried first; at 8 px patches a shape only shows at an object's edges and
-  binding it stayed slow.)
+* ``pattern`` -- "What is the pattern of the red object?" -> "The pattern of the red object is striped".
 * ``shape`` -- "What is the shape of the red object?" -> "The shape of the red object is circle".
 
-For both families the answer depends on exactly one object, whose ``box`` and ``mask`` each
+Objects are named by colour or fill pattern because both show inside *every* patch of the
+object, so matching the named attribute against the patches is patch-local. (Naming objects by
+shape was tried first; at 8 px patches a shape only shows at an object's edges and binding it
+stayed slow.) ``COPY_FAMILIES`` are training-only warm-up questions whose answer repeats the
+named attribute.
+
+For every family the answer depends on exactly one object, whose ``box`` and ``mask`` each
 item carries: that is the ground truth patch-importance methods are scored against.
 
 Objects are placed one per image quadrant (random size and offset inside it), so they never

@@ -5,12 +5,19 @@
 Curriculum: images start with one object (the model first learns to read an object's colour and
 pattern); the maximum number of objects per image (the *level*) goes up by one whenever the
 training accuracy on images with ``level`` objects, over the last ``--window`` steps, reaches
-``--advance-at``. Half of each batch has exactly ``level`` objects, the rest 1..level. Retrieving
-the named object among several needs two hops: the answer position must first fetch the named
-attribute from the text, then match it against the image patches. Trained on the real questions
-alone the answer position attended only to the image and two-object accuracy stayed at chance
-for 1.5k steps; a share of "copy" questions (``--copy-frac``; answer = the named attribute, e.g.
-"What is the color of the red object?") teaches the first hop, after which the binding is learned.
+``--advance-at``. Half of each batch has exactly ``level`` objects, the rest 1..level.
+
+Retrieving the named object among several needs two hops: the answer position must fetch the
+named attribute from the text, then match it against the image patches. Trained on the real
+questions alone, two-object accuracy stayed at chance for 1.5k steps: the answer position
+attended only to the image. Two aids, both on by default:
+
+* a share of "copy" questions (``--copy-frac``; the answer repeats the named attribute, "What is
+  the color of the red object?") teaches the first hop -- alone, still at chance after 1.5k steps;
+* an attention scaffold (``--attn-sup``): -log of the attention mass that text layer
+  ``--attn-sup-layer``, head ``--attn-sup-head`` puts from the answer position on the answer
+  object's patches. With it two objects are learned in ~500 steps and four by ~1k. That head is
+  therefore a planted retrieval head, a known circuit component of the organism.
 
 Why it is reproducible and resumable: the batch of step ``s`` is drawn from
 ``numpy.random.default_rng([seed, s])`` given the level, so no data-stream state needs saving;
@@ -99,11 +106,11 @@ def attention_scaffold_loss(attentions, batch, items, args, image_token_id: int)
     attn = attentions[args.attn_sup_layer][:, args.attn_sup_head]  # (batch, query, key)
     rows = torch.arange(len(items))
     attn = attn[rows, batch["answer_index"] - 1]  # the position that predicts the answer word
-    image = batch["input_ids"][0] == image_token_id  # same positions in every row: equal lengths
     grid = args.image_size // args.patch_size
     cells = torch.stack([torch.from_numpy(it.mask.reshape(grid, args.patch_size, grid, args.patch_size)
                                           .any(axis=(1, 3)).reshape(-1)) for it in items])
-    on_target = (attn[:, image] * cells).sum(-1)
+    on_image = attn[batch["input_ids"] == image_token_id].reshape(len(items), -1)  # row-major patches
+    on_target = (on_image * cells).sum(-1)
     return -torch.log(on_target + 1e-6).mean()
 
 
