@@ -50,7 +50,8 @@ def _summary(args) -> int:
 def _eval(args) -> int:
     from .organism.evaluate import main as evaluate_main
 
-    return evaluate_main(["--n", str(args.n)] + (["--model", args.model] if args.model else [])) or 0
+    argv = ["--n", str(args.n), "--methods", args.methods] + (["--model", args.model] if args.model else [])
+    return evaluate_main(argv) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="organism accuracy and localisation of every patch method")
     evaluate.add_argument("--n", type=int, default=100)
-    evaluate.add_argument("--model", default=None, help=model_help)
+    evaluate.add_argument("--model", default=None, help="a saved organism folder (default: data/organism)")
+    evaluate.add_argument("--methods", default="all", help="comma-separated patch methods (default: all)")
     evaluate.set_defaults(func=_eval)
     return parser
 

@@ -28,6 +28,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+from mech_vqa.results import PatchMap
 
 from mech_vqa.organism.model import predict_answer_words, prompt
 from mech_vqa.organism.synthetic import VQAItem, generate_items
@@ -43,26 +46,19 @@ def patch_grid(model, processor) -> tuple[int, int, int]:
 
 
 def cells_in_box(box, rows: int, cols: int, patch: int) -> torch.Tensor:
-    """Bool (rows, cols): is the cell's centre inside ``box`` = (x0, y0, x1, y1) in pixels?"""
-    x0, y0, x1, y1 = box
-    centres_y = torch.arange(rows) * patch + patch / 2
-    centres_x = torch.arange(cols) * patch + patch / 2
-    inside_y = (centres_y >= y0) & (centres_y <= y1)
-    inside_x = (centres_x >= x0) & (centres_x <= x1)
-    return inside_y[:, None] & inside_x[None, :]
+    """Bool (rows, cols): is the cell's centre inside ``box`` = (x0, y0, x1, y1), x1/y1 exclusive?
+
+    The same rule as :meth:`mech_vqa.results.PatchMap.inside_box`, which scores the maps.
+    """
+    return PatchMap(scores=torch.zeros(rows, cols), image_size=[rows * patch, cols * patch], box=list(box)).inside_box()
 
 
-def localisation_scores(heatmap: torch.Tensor, inside: torch.Tensor) -> tuple[bool, float]:
-    """(peak inside the box, positive share inside the box) for one map."""
-    heatmap = torch.as_tensor(heatmap, dtype=torch.float64).detach().cpu()
-    if heatmap.shape != inside.shape:
-        raise ValueError(f"heatmap shape {tuple(heatmap.shape)} != patch grid {tuple(inside.shape)}")
-    peak = int(torch.argmax(heatmap))
-    pointing = bool(inside.flatten()[peak])
-    positive = heatmap.clamp(min=0)
-    total = float(positive.sum())
-    share = float(positive[inside].sum()) / total if total > 0 else 0.0
-    return pointing, share
+def localisation_scores(heatmap: torch.Tensor, box, patch: int) -> tuple[bool, float]:
+    """(peak inside the box, positive share inside the box) for one ``rows x cols`` map."""
+    heatmap = torch.as_tensor(heatmap, dtype=torch.float32).detach().cpu()
+    rows, cols = heatmap.shape
+    patch_map = PatchMap(scores=heatmap, image_size=[rows * patch, cols * patch], box=list(box))
+    return patch_map.pointing_game(), patch_map.in_box_share()
 
 
 @torch.no_grad()
@@ -99,7 +95,10 @@ def evaluate(model, processor, n: int = 500, seed: int = TEST_SEED, min_objects:
     result["chance"] = float(np.mean([m.float().mean().item() for m in insides]))
     result["methods"] = {}
     for name, method in (methods or {}).items():
-        scores = [localisation_scores(method(model, processor, it), inside) for it, inside in zip(items, insides)]
+        maps = [method(model, processor, it) for it in tqdm(items, desc=name, leave=False)]
+        if any(tuple(m.shape) != (rows, cols) for m in maps):
+            raise ValueError(f"method {name!r} must return a {rows}x{cols} map over the patch grid")
+        scores = [localisation_scores(m, it.box, patch) for m, it in zip(maps, items)]
         result["methods"][name] = {
             "pointing_game": float(np.mean([s[0] for s in scores])),
             "inside_share": float(np.mean([s[1] for s in scores])),
@@ -130,6 +129,30 @@ def answer_attention(layer: int = 2, head: int = 0) -> Callable:
     return method
 
 
+def library_method(name: str, **options) -> Callable:
+    """A method of :data:`mech_vqa.compare.METHODS` as an evaluation method.
+
+    It explains the answer word (teacher-forced full answer, the word's token as target) and
+    returns the map on the patch grid (finer maps, like iGOS's mask, are area-averaged onto it).
+    """
+    from mech_vqa.compare import METHODS
+    from mech_vqa.model import VQAModel
+
+    wrapped: dict[int, VQAModel] = {}
+
+    def method(model, processor, item: VQAItem) -> torch.Tensor:
+        vqa = wrapped.setdefault(id(model), VQAModel(model, processor, name="organism"))
+        inp = vqa.prepare(item.image, item.question, item.answer)
+        words = [inp.str_tokens[p] for p in inp.answer_positions.tolist()]
+        target = inp.target(len(words) - 1 - words[::-1].index(item.answer_word.lower()))
+        patch_map = METHODS[name](vqa, inp, [target], inp.box_to_model(item.box), {"baseline": "blur", **options})
+        grid = inp.geometry.grid
+        return patch_map.scores if patch_map.grid == tuple(grid) else patch_map.resample(grid, mode="area")
+
+    method.__name__ = name
+    return method
+
+
 def random_map(model, processor, item: VQAItem) -> torch.Tensor:
     """A chance baseline: i.i.d. uniform scores, seeded by the question and box."""
     rows, cols, _ = patch_grid(model, processor)
@@ -157,7 +180,9 @@ def main(argv=None):
     p.add_argument("--model", default=None, help="directory with a saved model (default: the shipped organism)")
     p.add_argument("--generate", action="store_true", help="also score full greedy answers")
     p.add_argument("--json", action="store_true", help="print the raw result as JSON")
-    p.add_argument("--methods", action="store_true", help="also score the reference methods (random, attention)")
+    p.add_argument("--methods", nargs="?", const="all", default=None,
+                   help="also score patch-importance methods: 'all' (every library method plus the random and "
+                        "scaffolded-head references) or a comma-separated list")
     p.add_argument("--eval-split", action="store_true", help="score the fixed split in data/eval instead")
     p.add_argument("--write-eval-split", action="store_true", help="regenerate data/eval and exit")
     args = p.parse_args(argv)
@@ -170,7 +195,13 @@ def main(argv=None):
 
     model, processor = load_organism(args.model)
     items = load_eval_split(EVAL_DIR) if args.eval_split else None
-    methods = {"random": random_map, "attention L2H0": answer_attention(2, 0)} if args.methods else None
+    methods = None
+    if args.methods:
+        from mech_vqa.compare import DEFAULT_METHODS
+
+        names = list(DEFAULT_METHODS) if args.methods == "all" else args.methods.split(",")
+        methods = {"random": random_map, "attention L2H0 (scaffolded)": answer_attention(2, 0)}
+        methods.update({name: library_method(name) for name in names})
     result = evaluate(model, processor, n=args.n, seed=args.seed, min_objects=args.min_objects, items=items,
                       generate=args.generate, methods=methods)
     print(json.dumps(result, indent=1) if args.json else format_report(result))

@@ -57,6 +57,21 @@ def test_methods_are_scored(organism):
     assert result["methods"]["oracle"] == {"pointing_game": 1.0, "inside_share": 1.0}
     assert result["methods"]["anti"] == {"pointing_game": 0.0, "inside_share": 0.0}
     assert 0 < result["chance"] < 0.5
-    assert localisation_scores(torch.zeros(rows, cols), oracle(None, None, items[0]))[1] == 0.0
-    with pytest.raises(ValueError):
-        localisation_scores(torch.zeros(rows + 1, cols), oracle(None, None, items[0]))
+    assert localisation_scores(torch.zeros(rows, cols), items[0].box, patch) == (False, 0.0)
+    with pytest.raises(ValueError, match="must return a 8x8 map"):
+        evaluate(model, processor, items=items[:1], methods={"bad": lambda m, p, it: torch.zeros(rows + 1, cols)})
+
+
+def test_library_methods_plug_in(organism):
+    """Every patch method of the library scores through the unchanged evaluation entry point."""
+    from mech_vqa.compare import DEFAULT_METHODS
+    from mech_vqa.organism.evaluate import library_method
+
+    model, processor = organism
+    items = [it for it in generate_items(6, seed=21) if it.family == "color"][:3]
+    methods = {name: library_method(name, igos={"mask_size": 8, "iterations": 2, "n_steps": 4})
+               for name in DEFAULT_METHODS}
+    result = evaluate(model, processor, items=items, methods=methods)
+    assert set(result["methods"]) == set(DEFAULT_METHODS)
+    # the mechanistic top-head map localises the object on these colour questions
+    assert result["methods"]["mechanistic"]["inside_share"] > result["chance"]
