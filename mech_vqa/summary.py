@@ -1,8 +1,9 @@
 """The dataset table: aggregate a results file written by :func:`mech_vqa.dataset.run_dataset`.
 
 Per task it reports what the rows hold: accuracy for every task; for ``ablate`` the mean head
-ablation grid, block effects and the object-vs-other patch ablation; for ``compare`` per-method
-means of insertion / deletion AUC, pointing game, in-box share and runtime, the mean Spearman
+ablation grid, block effects and the object-vs-other patch ablation; for ``compare`` (over the
+items that have visually relevant tokens, as Xing et al. 2025 do) per-method means of insertion /
+deletion AUC, pointing game, in-box share and runtime, the mean Spearman
 correlation between methods, and accuracy split by whether each method's focus hits the box.
 """
 
@@ -51,7 +52,12 @@ def summary_tables(rows: list[dict]) -> dict:
             {"ablation": name, "mean_delta_logprob": _mean(e["delta_logprob"] for e in entries),
              "flip_rate": _mean(e["flipped"] for e in entries)} for name, entries in blocks.items()])
         tables["head_delta"] = np.nanmean(np.array([r["head_delta"] for r in ablate], dtype=float), axis=0)
-    compare = [r for r in ok if "methods" in r]
+    compared = [r for r in ok if "methods" in r]
+    # Xing et al. skip items with no visually relevant token: their curves normalise by s(I) - s(B) ~ 0
+    compare = [r for r in compared if not str(r.get("selection_rule", "")).startswith("fallback")]
+    if compared:
+        tables["overview"]["compared_with_S"] = len(compare)
+        tables["overview"]["no_relevant_token"] = len(compared) - len(compare)
     if compare:
         names = sorted({m for r in compare for m in r["methods"]})
         records = []
