@@ -79,3 +79,19 @@ def test_box_maps_through_resize_and_centre_crop(tiny_vqa):
     x0, _, x1, _ = inp.box_to_model([20, 0, 21, 40])
     assert x0 <= column + 0.5 <= x1 + 1  # the mapped box covers where the column landed
     assert inp.box_to_model([0, 0, 64, 40]) == [0.0, 0.0, 32.0, 32.0]  # clipped to the crop
+
+
+def test_chat_template_is_used_when_the_processor_has_one(image):
+    """LLaVA-1.5 form without a template; the processor's own chat template when it has one."""
+    from mech_vqa import VQAModel
+    from mech_vqa.build import tiny_llava
+
+    model, processor = tiny_llava(seed=0)
+    processor.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %} . {% endfor %}"
+        "{% if add_generation_prompt %}assistant :{% endif %}")
+    inp = VQAModel(model, processor).prepare(image, QUESTION, ANSWER)
+    assert inp.prompt == "user : <image> What is the color of the dog? . assistant :"
+    assert [inp.str_tokens[p] for p in inp.question_positions][:2] == ["what", "is"]
+    assert [inp.str_tokens[p] for p in inp.answer_positions] == ["the", "dog", "is", "red", "."]

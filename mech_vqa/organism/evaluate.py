@@ -114,15 +114,14 @@ def answer_attention(layer: int = 2, head: int = 0) -> Callable:
     """
     @torch.no_grad()
     def method(model, processor, item: VQAItem) -> torch.Tensor:
+        from mech_vqa.capture import trace
         from mech_vqa.organism.model import encode
 
         batch = encode(processor, [item], with_answer=False)
-        previous = model.config._attn_implementation
-        model.set_attn_implementation("eager")  # sdpa returns no attention weights
-        try:
-            attn = model(**batch, output_attentions=True).attentions[layer][0, head, -1]
-        finally:
-            model.set_attn_implementation(previous)
+        answer_position = batch["input_ids"].shape[1] - 1
+        with trace(model, None, ["pattern"], layers=[layer], positions=[answer_position]) as cache:
+            model(**batch)
+        attn = cache["pattern", layer][0, head, 0]
         rows, cols, _ = patch_grid(model, processor)
         return attn[batch["input_ids"][0] == model.config.image_token_id].reshape(rows, cols)
 

@@ -27,16 +27,6 @@ from mech_vqa.results.igos import IGOSResult
 SMALL = dict(mask_size=4, iterations=2, n_steps=3, chunk_size=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared, oversubscribed CPU every
-    small op's OpenMP barrier waits for a descheduled thread (10-40x slower): run on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- scoring
 def test_scorer_equals_full_forward_log_softmax(tiny_vqa, prepared):
     scorer = AnswerScorer(tiny_vqa, prepared, [1, 3])

@@ -11,16 +11,6 @@ from mech_vqa.methods.logit_lens import logit_lens
 from mech_vqa.results import PatchMap, Result
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine whose cores are busy,
-    two OpenMP threads spin-wait on each other (measured: this file ~10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def inp(any_vqa, image):
     return any_vqa.prepare(image, "What is the color of the dog?", "The dog is red.")

@@ -15,16 +15,6 @@ from mech_vqa.methods.token_selection import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared, oversubscribed CPU every
-    small op's OpenMP barrier waits for a descheduled thread (10-40x slower): run on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_content_filter_is_tokenizer_agnostic():
     for text in ["the", " The", "IS", "of", ".", " ,", "?!", "。", "—", "«", "", "  ", "'s"]:
         assert not is_content_text(text), text

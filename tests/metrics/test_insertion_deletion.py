@@ -13,16 +13,6 @@ SIZE = 32
 REGION = (slice(4, 14), slice(18, 30))      # rows, cols of the pixels the planted score needs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared, oversubscribed CPU every
-    small op's OpenMP barrier waits for a descheduled thread (10-40x slower): run on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def planted_prob(image):
     """Mean probability that depends only on how much of REGION still shows ``image``."""
     def prob(pixels):

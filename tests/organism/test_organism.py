@@ -9,7 +9,6 @@ from mech_vqa.organism.evaluate import cells_in_box, evaluate, localisation_scor
 
 @pytest.fixture(scope="module")
 def organism():
-    torch.set_num_threads(2)
     return load_organism()
 
 
