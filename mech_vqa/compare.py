@@ -23,7 +23,6 @@ runtime; maps are compared pairwise by Spearman correlation on the model's patch
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 
 from .inputs import PreparedInput, Target
 from .results import PatchMap, Result
-from .results.base import _paths
+from .results.base import load_bundle, save_bundle
 
 DEFAULT_METHODS = ("mechanistic", "logit_lens", "raw_attention", "relevancy", "causal", "igos++")
 
@@ -170,25 +169,14 @@ class Comparison(Result):
 
     def save(self, path) -> Path:
         """``<path>.json`` (table, correlations, selection) plus one saved PatchMap per method."""
-        _, json_path = _paths(path)
-        stem = json_path.with_suffix("")
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        parts = {}
-        for index, (name, patch_map) in enumerate(self.maps.items()):
-            patch_map.save(stem.with_name(f"{stem.name}.map{index}"))
-            parts[name] = f"{stem.name}.map{index}"
-        meta = {"type": "Comparison", "maps": parts, "table": self.table, "correlations": self.correlations,
+        meta = {"methods": list(self.maps), "table": self.table, "correlations": self.correlations,
                 "selection": self.selection, "info": self.info}
-        json_path.write_text(json.dumps(meta, indent=1, default=str))
-        return json_path
+        return save_bundle(path, "Comparison", {f"map{i}": m for i, m in enumerate(self.maps.values())}, meta)
 
     @classmethod
     def load(cls, path) -> Comparison:
-        _, json_path = _paths(path)
-        if not json_path.exists():
-            raise FileNotFoundError(f"no saved comparison at {json_path}")
-        meta = json.loads(json_path.read_text())
-        maps = {name: PatchMap.load(json_path.with_name(file)) for name, file in meta["maps"].items()}
+        parts, meta = load_bundle(path, "Comparison")
+        maps = {name: parts[f"map{i}"] for i, name in enumerate(meta["methods"])}
         return cls(maps=maps, table=meta["table"], correlations=meta["correlations"],
                    selection=meta["selection"], info=meta["info"])
 

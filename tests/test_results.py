@@ -39,3 +39,15 @@ def test_save_load_in_a_fresh_process_runs_no_code(tmp_path):
     assert out.stdout.split()[0] == "PatchMap"
     loaded = Result.load(tmp_path / "pm.json")
     assert loaded.targets == _patch_map().targets and loaded.info == {"k": 1}
+
+
+def test_comparison_bundle_roundtrip(tmp_path):
+    from mech_vqa.compare import Comparison
+
+    maps = {"a": _patch_map(), "b": PatchMap(scores=torch.ones(2, 2), method="b", image_size=[32, 32])}
+    comparison = Comparison(maps=maps, table=[{"method": "a", "insertion_auc": 0.9, "deletion_auc": 0.1}],
+                            correlations={"a|b": 0.5}, selection=[{"token": "red"}], info={"model": "m"})
+    loaded = Result.load(comparison.save(tmp_path / "cmp"))
+    assert isinstance(loaded, Comparison) and list(loaded.maps) == ["a", "b"]
+    assert torch.equal(loaded.maps["b"].scores, torch.ones(2, 2)) and loaded.correlations == {"a|b": 0.5}
+    assert loaded.correlation_matrix().loc["b", "a"] == 0.5

@@ -88,6 +88,34 @@ class Result:
         raise NotImplementedError
 
 
+def save_bundle(path, type_name: str, parts: dict, meta: dict | None = None) -> Path:
+    """Save a result made of other results: ``<path>.json`` (a manifest plus ``meta``) and one
+    file pair per part (``<path>.<key>.json/.safetensors``). Parts that are None are skipped."""
+    _, json_path = _paths(path)
+    stem = json_path.with_suffix("")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for key, part in parts.items():
+        if part is not None:
+            part.save(stem.with_name(f"{stem.name}.{key}"))
+            files[key] = f"{stem.name}.{key}"
+    payload = {"type": type_name, "parts": files, **(meta or {})}
+    json_path.write_text(json.dumps(payload, indent=1, default=_jsonable))
+    return json_path
+
+
+def load_bundle(path, type_name: str) -> tuple[dict, dict]:
+    """``(parts, payload)`` of a bundle written by :func:`save_bundle` (no code executed)."""
+    _, json_path = _paths(path)
+    if not json_path.exists():
+        raise FileNotFoundError(f"no saved {type_name} at {json_path}")
+    payload = json.loads(json_path.read_text())
+    if payload.get("type") != type_name:
+        raise TypeError(f"{json_path} holds a {payload.get('type')}, not a {type_name}")
+    parts = {key: Result.load(json_path.with_name(file)) for key, file in payload["parts"].items()}
+    return parts, payload
+
+
 def _jsonable(value):
     if torch.is_tensor(value):
         return value.tolist()

@@ -15,13 +15,12 @@ All scores are float32 differences of natural-log probabilities of ``target`` (a
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
 from ..plotting import heatmap, new_axes
-from .base import Result, _paths, tensor_topk
+from .base import Result, load_bundle, save_bundle, tensor_topk
 from .patch_map import PatchMap
 
 
@@ -321,27 +320,11 @@ class Explanation(Result):
         return self.heads.target
 
     def save(self, path) -> Path:
-        _, json_path = _paths(path)
-        stem = json_path.with_suffix("")
-        parts = {}
-        for name in _PARTS:
-            part = getattr(self, name)
-            if part is not None:
-                part.save(stem.with_name(f"{stem.name}.{name}"))
-                parts[name] = f"{stem.name}.{name}"
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"type": "Explanation", "parts": parts}, indent=1))
-        return json_path
+        return save_bundle(path, "Explanation", {name: getattr(self, name) for name in _PARTS})
 
     @classmethod
     def load(cls, path) -> Explanation:
-        _, json_path = _paths(path)
-        if not json_path.exists():
-            raise FileNotFoundError(f"no saved explanation at {json_path}")
-        payload = json.loads(json_path.read_text())
-        if payload.get("type") != "Explanation":
-            raise TypeError(f"{json_path} holds a {payload.get('type')}, not an Explanation")
-        parts = {name: Result.load(json_path.with_name(file)) for name, file in payload["parts"].items()}
+        parts, _ = load_bundle(path, "Explanation")
         return cls(**parts)
 
     def to_dataframe(self):
