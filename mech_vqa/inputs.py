@@ -60,6 +60,13 @@ class PreparedInput:
     pixel_transform: tuple = (1.0, 1.0, 0.0, 0.0)  # original pixels -> model pixels: (sx, sy, dx, dy)
     extra: dict = field(default_factory=dict)
 
+    def positions_in_box(self, box) -> list[int]:
+        """Image-token positions whose patch centre lies in ``box`` (model pixels, x1/y1 exclusive)."""
+        boxes = self.geometry.boxes
+        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+        inside = (cx >= box[0]) & (cx < box[2]) & (cy >= box[1]) & (cy < box[3])
+        return self.geometry.positions[inside].tolist()
+
     def box_to_model(self, box) -> list[float]:
         """Map a box ``(x0, y0, x1, y1)`` in the original image to the preprocessed image, clipped."""
         sx, sy, dx, dy = self.pixel_transform

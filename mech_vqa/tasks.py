@@ -52,7 +52,7 @@ def task_ablate(vqa, *, image, question, answer, box, row, batch_size: int = 16)
     target = inp.target(answer_target(inp, row))
     ablations = head_ablations(vqa) + block_ablations(vqa)
     if box is not None:
-        inside = _patches_in_box(inp, inp.box_to_model(box))
+        inside = inp.positions_in_box(inp.box_to_model(box))
         outside = [p for p in inp.image_positions.tolist() if p not in set(inside)]
         if inside:
             ablations.append(image_token_ablation(vqa, inp, inside, name="object patches"))
@@ -102,13 +102,6 @@ def task_compare(vqa, *, image, question, answer, box, row, methods=None, option
                 "methods": {r["method"]: {k: v for k, v in r.items() if k != "method"} for r in comparison.table},
                 "correlations": comparison.correlations})
     return out
-
-
-def _patches_in_box(inp, box) -> list[int]:
-    boxes = inp.geometry.boxes
-    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-    inside = (cx >= box[0]) & (cx < box[2]) & (cy >= box[1]) & (cy < box[3])
-    return inp.image_positions[inside].tolist()
 
 
 TASKS = {"answer": task_answer, "explain": task_explain, "compare": task_compare, "ablate": task_ablate}

@@ -95,3 +95,9 @@ def test_chat_template_is_used_when_the_processor_has_one(image):
     assert inp.prompt == "user : <image> What is the color of the dog? . assistant :"
     assert [inp.str_tokens[p] for p in inp.question_positions][:2] == ["what", "is"]
     assert [inp.str_tokens[p] for p in inp.answer_positions] == ["the", "dog", "is", "red", "."]
+
+
+def test_positions_in_box(prepared):
+    inside = prepared.positions_in_box([0, 0, 16, 16])  # the top-left 2 x 2 cells of the 4 x 4 grid
+    rowcol = {tuple(prepared.geometry.rowcol[prepared.geometry.positions.tolist().index(p)].tolist()) for p in inside}
+    assert rowcol == {(0, 0), (0, 1), (1, 0), (1, 1)}
