@@ -20,6 +20,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .results.base import to_jsonable
+
 
 class DatasetError(ValueError):
     """The dataset file as a whole cannot be used."""
@@ -113,7 +115,7 @@ class ResultsFile:
     def append(self, row: dict) -> None:
         if str(row["id"]) in self.done:
             return
-        line = json.dumps(row, default=_jsonable) + "\n"
+        line = json.dumps(row, default=to_jsonable) + "\n"
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()
@@ -135,14 +137,6 @@ def read_results(path) -> list[dict]:
         except json.JSONDecodeError:
             break
     return rows
-
-
-def _jsonable(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"cannot write {type(value).__name__} to the results")
 
 
 def run_dataset(vqa, dataset_path, results_path, task: str | Callable = "ablate", *, limit: int | None = None,

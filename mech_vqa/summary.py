@@ -21,6 +21,20 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _ablation_table(rows: list[dict], key: str):
+    """Mean log-prob change and flip rate of each named ablation listed under ``row[key]``."""
+    import pandas as pd
+
+    grouped: dict[str, list[dict]] = {}
+    for row in rows:
+        for entry in row.get(key, []):
+            grouped.setdefault(entry["ablation"], []).append(entry)
+    return pd.DataFrame([
+        {"ablation": name, "mean_delta_logprob": _mean(e["delta_logprob"] for e in entries),
+         "flip_rate": _mean(e["flipped"] for e in entries), "items": len(entries)}
+        for name, entries in grouped.items()])
+
+
 def summary_tables(rows: list[dict]) -> dict:
     """Plain-data tables (pandas DataFrames) from result rows."""
     import pandas as pd
@@ -36,21 +50,8 @@ def summary_tables(rows: list[dict]) -> dict:
         tables["errors"] = pd.DataFrame([{"id": r["id"], "error": r["error"]} for r in errors])
     ablate = [r for r in ok if "head_delta" in r]
     if ablate:
-        image = {}
-        for r in ablate:
-            for entry in r.get("image_ablations", []):
-                image.setdefault(entry["ablation"], []).append(entry)
-        tables["image_ablation"] = pd.DataFrame([
-            {"ablation": name, "mean_delta_logprob": _mean(e["delta_logprob"] for e in entries),
-             "flip_rate": _mean(e["flipped"] for e in entries), "items": len(entries)}
-            for name, entries in image.items()])
-        blocks = {}
-        for r in ablate:
-            for entry in r.get("blocks", []):
-                blocks.setdefault(entry["ablation"], []).append(entry)
-        tables["blocks"] = pd.DataFrame([
-            {"ablation": name, "mean_delta_logprob": _mean(e["delta_logprob"] for e in entries),
-             "flip_rate": _mean(e["flipped"] for e in entries)} for name, entries in blocks.items()])
+        tables["image_ablation"] = _ablation_table(ablate, "image_ablations")
+        tables["blocks"] = _ablation_table(ablate, "blocks")
         tables["head_delta"] = np.nanmean(np.array([r["head_delta"] for r in ablate], dtype=float), axis=0)
     compared = [r for r in ok if "methods" in r]
     # Xing et al. skip items with no visually relevant token: their curves normalise by s(I) - s(B) ~ 0

@@ -30,13 +30,14 @@ def answer_item(vqa, image, question, answer, row):
 
 
 def answer_target(inp, row) -> int:
-    """Index of the answer token that carries the answer word (else the first answer token)."""
+    """Index of the answer token that carries the answer word (else the first answer token).
+
+    The last occurrence counts: the answer word ends the answer, while an earlier one may echo the
+    question ("the color of the red object is red").
+    """
     word = (row.get("answer_word") or "").lower()
-    tokens = [inp.str_tokens[p] for p in inp.answer_positions.tolist()]
-    for index, token in enumerate(tokens):
-        if word and token.lower().lstrip("▁Ġ") == word:
-            return index
-    return 0
+    tokens = [inp.str_tokens[p].lower().lstrip("▁Ġ") for p in inp.answer_positions.tolist()]
+    return len(tokens) - 1 - tokens[::-1].index(word) if word and word in tokens else 0
 
 
 def task_answer(vqa, *, image, question, answer, box, row):

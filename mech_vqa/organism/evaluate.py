@@ -136,14 +136,14 @@ def library_method(name: str, **options) -> Callable:
     """
     from mech_vqa.compare import METHODS
     from mech_vqa.model import VQAModel
+    from mech_vqa.tasks import answer_target
 
     wrapped: dict[int, VQAModel] = {}
 
     def method(model, processor, item: VQAItem) -> torch.Tensor:
         vqa = wrapped.setdefault(id(model), VQAModel(model, processor, name="organism"))
         inp = vqa.prepare(item.image, item.question, item.answer)
-        words = [inp.str_tokens[p] for p in inp.answer_positions.tolist()]
-        target = inp.target(len(words) - 1 - words[::-1].index(item.answer_word.lower()))
+        target = inp.target(answer_target(inp, {"answer_word": item.answer_word}))
         patch_map = METHODS[name](vqa, inp, [target], inp.box_to_model(item.box), {"baseline": "blur", **options})
         grid = inp.geometry.grid
         return patch_map.scores if patch_map.grid == tuple(grid) else patch_map.resample(grid, mode="area")

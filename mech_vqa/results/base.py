@@ -49,7 +49,7 @@ class Result:
             else:
                 meta[field.name] = value
         save_file(tensors, str(tensor_path))
-        json_path.write_text(json.dumps({"type": type(self).__name__, "fields": meta}, indent=1, default=_jsonable))
+        json_path.write_text(json.dumps({"type": type(self).__name__, "fields": meta}, indent=1, default=to_jsonable))
         return json_path
 
     @classmethod
@@ -100,7 +100,7 @@ def save_bundle(path, type_name: str, parts: dict, meta: dict | None = None) -> 
             part.save(stem.with_name(f"{stem.name}.{key}"))
             files[key] = f"{stem.name}.{key}"
     payload = {"type": type_name, "parts": files, **(meta or {})}
-    json_path.write_text(json.dumps(payload, indent=1, default=_jsonable))
+    json_path.write_text(json.dumps(payload, indent=1, default=to_jsonable))
     return json_path
 
 
@@ -116,11 +116,12 @@ def load_bundle(path, type_name: str) -> tuple[dict, dict]:
     return parts, payload
 
 
-def _jsonable(value):
-    if torch.is_tensor(value):
-        return value.tolist()
+def to_jsonable(value):
+    """``json.dumps`` default for tensors, numpy values, dataclasses, sets and tuples."""
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)
+    if hasattr(value, "tolist"):  # tensors and numpy arrays or scalars
+        return value.tolist()
     if hasattr(value, "item"):
         return value.item()
     if isinstance(value, (set, tuple)):
