@@ -6,6 +6,11 @@ residual stream entering every decoder layer and the keyword arguments HF passed
 rotary embeddings, position ids) in one clean forward, then :meth:`ResidualCheckpoint.run_from`
 calls the model's own decoder layers ``l..L-1`` on a batch of copies, with interventions applied
 through the usual hooks, and unembeds only the positions asked for.
+
+Both here and in the perturbation scorer (:class:`~mech_vqa.methods.scoring.AnswerScorer`) only a
+few rows of the last layer's output are ever read, so :func:`last_mlp_only_at` runs the last
+layer's MLP (most of a layer's arithmetic) at those rows alone; its attention still runs at every
+position, since the kept rows attend to all of them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,33 @@ import torch
 
 from .hooks import HookSet, preserved_state
 from .interventions import Intervention, register_interventions
+
+
+def last_mlp_only_at(hooks: HookSet, adapter, rows: torch.Tensor) -> None:
+    """Make the last decoder layer's MLP compute only sequence ``rows`` (zeros elsewhere).
+
+    Valid whenever nothing reads the last layer's output outside ``rows``; exact at ``rows`` (the
+    MLP acts on each position alone). Differentiable. Register it before any intervention hook on
+    that MLP, so those see the full ``[B, S, d]`` output.
+    """
+    mlp = adapter.mlp(adapter.n_layers - 1)
+    shapes = []
+
+    def keep_rows(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states", None)
+        if hidden is None:  # called in a way we do not recognise: leave it whole
+            return None
+        shapes.append(hidden.shape)
+        return (hidden.index_select(1, rows.to(hidden.device)),) + tuple(args[1:]), kwargs
+
+    def scatter_back(module, args, kwargs, output):
+        if not shapes:
+            return None
+        shape = shapes.pop()
+        return output.new_zeros(shape).index_copy(1, rows.to(output.device), output)
+
+    hooks.pre(mlp, keep_rows)
+    hooks.post(mlp, scatter_back)
 
 
 class ResidualCheckpoint:
@@ -37,7 +69,7 @@ class ResidualCheckpoint:
             try:
                 for layer in range(self.adapter.n_layers):
                     hooks.pre(self.adapter.layer(layer), record)
-                self.clean_logits = vqa.forward(inp).logits.float()
+                self.clean_logits = vqa.forward(inp).logits.float()  # [1, S, vocab]
             finally:
                 hooks.remove()
         if len(self.inputs) != self.adapter.n_layers:
@@ -59,6 +91,7 @@ class ResidualCheckpoint:
         hooks = HookSet()
         with preserved_state(self.vqa.model):
             try:
+                last_mlp_only_at(hooks, self.adapter, positions)  # first: interventions see full outputs
                 register_interventions(hooks, self.adapter, interventions)
                 for index in range(layer, self.adapter.n_layers):
                     out = self.adapter.layer(index)(hidden, **self.calls[index])

@@ -14,7 +14,8 @@ Scoring. For pixel values ``X`` ``[N, *pixel_shape]`` (``pixel_shape`` = the sha
 by one teacher-forced forward of the batch (no KV cache). Only the rows ``a_t - 1`` of the last
 hidden state reach the unembedding (a pre-hook on ``adapter.unembed`` slices them), and the
 sequence is cut after the last of them (causal attention: later tokens cannot change it), so no
-full-vocabulary logits are computed at other positions. The log-softmax runs in float32 whatever
+full-vocabulary logits are computed at other positions; the last layer's MLP, whose output is read
+only at those rows, runs only there (:func:`~mech_vqa.runner.last_mlp_only_at`). The log-softmax runs in float32 whatever
 the model dtype.
 
 Baselines (``baseline_image``): the image as given (PIL, before preprocessing) is blurred,
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 from ..hooks import HookSet
 from ..inputs import PreparedInput, check_image
+from ..runner import last_mlp_only_at
 
 BASELINES = ("blur", "black", "noise")
 
@@ -184,6 +186,7 @@ class AnswerScorer:
 
         hooks = HookSet()
         try:
+            last_mlp_only_at(hooks, self.vqa.adapter, rows)
             hooks.pre(self.vqa.adapter.unembed, keep_answer_rows)
             logits = self.vqa.model(**self._inputs(pixels), use_cache=False).logits   # [N, T, V]
         finally:
