@@ -72,6 +72,9 @@ def llava_processor(tokenizer, image_size: int, patch_size: int, image_mean=None
     )
 
 
+TEXT_MODELS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
+
+
 def llava_config(
     tokenizer,
     *,
@@ -86,11 +89,31 @@ def llava_config(
     kv_heads: int | None = None,
     intermediate: int | None = None,
     max_positions: int = 512,
+    text_model: str = "llama",
+    sliding_window: int | None = None,
 ):
-    """A ``LlavaConfig`` with a CLIP vision tower and a Llama text model sized by the arguments."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    """A ``LlavaConfig`` with a CLIP vision tower and a text model sized by the arguments.
 
-    text_config = LlamaConfig(
+    ``text_model``: ``"llama"`` (LLaVA-1.5), ``"mistral"`` (BakLLaVA) or ``"qwen2"`` (LLaVA-Interleave,
+    with q/k/v biases). ``sliding_window``: Mistral slides in every layer, Qwen2 in every layer but
+    the first (``max_window_layers=1``), so one model mixes both kinds.
+    """
+    import transformers
+    from transformers import CLIPVisionConfig, LlavaConfig
+
+    if text_model not in TEXT_MODELS:
+        raise ValueError(f"unknown text_model {text_model!r}; choose one of {sorted(TEXT_MODELS)}")
+    extra = {}
+    if sliding_window is not None:
+        if text_model == "llama":
+            raise ValueError("Llama has no sliding window; use text_model='mistral' or 'qwen2'")
+        extra["sliding_window"] = sliding_window
+        if text_model == "qwen2":
+            extra.update(use_sliding_window=True, max_window_layers=1)
+    elif text_model == "mistral":
+        extra["sliding_window"] = None
+    text_config = getattr(transformers, TEXT_MODELS[text_model])(
+        **extra,
         hidden_size=hidden,
         intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,

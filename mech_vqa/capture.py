@@ -221,14 +221,17 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
         hooks.post(adapter.mlp(layer), lambda m, a, kw, out: keep(("mlp_out", layer), _select(out, positions)))
 
 
-def attention_rows(adapter: ModelAdapter, layer: int, q: torch.Tensor, k: torch.Tensor,
+def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.Tensor, k: torch.Tensor,
                    query_positions: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention weights at chosen query rows, recomputed from captured rotated ``q`` and ``k``.
 
     Exact for causal softmax attention (what eager attention computes), without eager mode:
-    ``softmax(q k^T * scaling + causal/padding mask)``.
+    ``softmax(q k^T * scaling + mask)``, the mask being causal, padding and, for a sliding-window
+    layer (:meth:`ModelAdapter.sliding_window`, window ``w``), ``key > query - w``.
 
     Args:
+        layer: the layer of ``q``/``k``, or one layer per batch row (rows of different layers,
+            each with its own scaling and window, in one call).
         q: ``[B, P, n_heads, head_dim]`` captured ``q`` at ``query_positions``.
         k: ``[B, S, n_kv_heads, head_dim]`` captured ``k``.
         query_positions: ``[P]`` or ``[B, P]`` sequence positions of the rows of ``q``.
@@ -236,14 +239,23 @@ def attention_rows(adapter: ModelAdapter, layer: int, q: torch.Tensor, k: torch.
 
     Returns: ``[B, n_heads, P, S]`` float32.
     """
+    layers = [layer] * q.shape[0] if isinstance(layer, int) else [int(x) for x in layer]
+    if len(layers) != q.shape[0]:
+        raise ValueError(f"attention_rows got {len(layers)} layers for {q.shape[0]} batch rows")
     group = adapter.n_heads // adapter.n_kv_heads
     k = k.float().repeat_interleave(group, dim=2)  # [B, S, H, hd]
-    scores = torch.einsum("bphd,bshd->bhps", q.float(), k) * adapter.attention_scaling(layer)
+    scaling = torch.tensor([adapter.attention_scaling(x) for x in layers], device=k.device).view(-1, 1, 1, 1)
+    scores = torch.einsum("bphd,bshd->bhps", q.float(), k) * scaling
     seq = k.shape[1]
     query_positions = query_positions.to(scores.device)
     if query_positions.dim() == 1:
         query_positions = query_positions.unsqueeze(0).expand(scores.shape[0], -1)
-    allowed = torch.arange(seq, device=scores.device).view(1, 1, seq) <= query_positions.unsqueeze(-1)  # [B, P, S]
+    keys = torch.arange(seq, device=scores.device).view(1, 1, seq)
+    allowed = keys <= query_positions.unsqueeze(-1)  # [B, P, S]
+    windows = [adapter.sliding_window(x) for x in layers]
+    if any(w is not None for w in windows):
+        width = torch.tensor([w if w is not None else seq + 1 for w in windows], device=scores.device)
+        allowed = allowed & (keys > (query_positions - width.view(-1, 1)).unsqueeze(-1))
     if key_mask is not None:
         allowed = allowed & key_mask.to(scores.device).bool().unsqueeze(1)
     scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))

@@ -50,9 +50,27 @@ def tiny_mha_vqa() -> VQAModel:
     return _warmed_up(VQAModel(model, processor, name="tiny-mha"))
 
 
-@pytest.fixture(params=["gqa", "mha"])
-def any_vqa(request, tiny_vqa, tiny_mha_vqa) -> VQAModel:
-    return tiny_vqa if request.param == "gqa" else tiny_mha_vqa
+@pytest.fixture(scope="session")
+def tiny_mistral_vqa() -> VQAModel:
+    """Tiny BakLLaVA-like model: Mistral text model whose 8-token sliding window is shorter than the prompt."""
+    model, processor = tiny_llava(seed=2, kv_heads=2, text_model="mistral", sliding_window=8)
+    return _warmed_up(VQAModel(model, processor, name="tiny-mistral-sliding"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vqa() -> VQAModel:
+    """Tiny LLaVA-Interleave-like model: Qwen2 (q/k/v biases), layer 0 full, layer 1 sliding (8 tokens)."""
+    model, processor = tiny_llava(seed=3, kv_heads=2, text_model="qwen2", sliding_window=8)
+    return _warmed_up(VQAModel(model, processor, name="tiny-qwen2-sliding"))
+
+
+FAMILIES = {"gqa": "tiny_vqa", "mha": "tiny_mha_vqa", "mistral": "tiny_mistral_vqa", "qwen2": "tiny_qwen2_vqa"}
+
+
+@pytest.fixture(params=list(FAMILIES))
+def any_vqa(request) -> VQAModel:
+    """Each text-model family the adapter supports: Llama GQA / MHA, Mistral and Qwen2 with sliding windows."""
+    return request.getfixturevalue(FAMILIES[request.param])
 
 
 @pytest.fixture(scope="session")

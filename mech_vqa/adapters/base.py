@@ -231,6 +231,19 @@ class ModelAdapter:
     def attention_scaling(self, layer: int) -> float:
         return float(getattr(self.attn(layer), "scaling", self.head_dim ** -0.5))
 
+    def sliding_window(self, layer: int) -> int | None:
+        """Keys a query of ``layer`` may see, counting itself, or None for full causal attention.
+
+        HF's rule: a layer slides when ``config.layer_types`` names it ``"sliding_attention"``, or,
+        for configs without ``layer_types`` (Mistral), whenever ``config.sliding_window`` is set.
+        """
+        config = self.text_config
+        window = getattr(config, "sliding_window", None)
+        types = getattr(config, "layer_types", None)
+        if types is not None:
+            return int(window) if window is not None and types[self.check_layer(layer)] == "sliding_attention" else None
+        return int(window) if window is not None else None
+
     # ------------------------------------------------------------------------ geometry
     @property
     def image_token_id(self) -> int:

@@ -94,13 +94,11 @@ def answer_attention(vqa, inp: PreparedInput, targets=None, *, layers: Sequence[
     positions = torch.tensor([t.position for t in targets])
     with torch.no_grad(), vqa.trace(["q", "k"], layers=layer_list, positions=positions) as cache:
         vqa.forward(inp, **logits_at(vqa, positions[-1:])[0])  # the logits are not used
-    # All layers in one call: layers play the batch dimension. A layer whose scaling differs from
-    # the first one's gets its queries rescaled, so the product q.k*scaling is the layer's own.
-    base = adapter.attention_scaling(layer_list[0])
-    q = torch.stack([cache["q", l][0].float() * (adapter.attention_scaling(l) / base) for l in layer_list])
+    # All layers in one call: layers play the batch dimension (each with its scaling and window).
+    q = torch.stack([cache["q", l][0] for l in layer_list])
     k = torch.stack([cache["k", l][0] for l in layer_list])
     mask = inp.attention_mask.to(q.device).expand(len(layer_list), -1)
-    weights = attention_rows(adapter, layer_list[0], q, k, positions, mask)  # [L, H, T, S]
+    weights = attention_rows(adapter, layer_list, q, k, positions, mask)  # [L, H, T, S]
     geometry = inp.geometry
     return AnswerAttention(
         weights=weights.cpu(), layers=layer_list, targets=[t.to_dict() for t in targets],
