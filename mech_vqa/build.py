@@ -48,27 +48,43 @@ def word_level_tokenizer(words: Iterable[str]):
     return tokenizer
 
 
-def llava_processor(tokenizer, image_size: int, patch_size: int, image_mean=None, image_std=None):
-    """A ``LlavaProcessor`` (CLIP image processor, ``default`` feature strategy) for square images."""
+def _image_processor_class(name: str):
+    import transformers
+
+    # transformers 5.x names the PIL-based processors ``...Pil``; older versions only have the plain name
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
+def llava_processor(tokenizer, image_size: int, patch_size: int, image_mean=None, image_std=None, *,
+                    vision_model: str = "clip"):
+    """A ``LlavaProcessor`` for square images.
+
+    ``vision_model="clip"`` (LLaVA-1.5): shortest-edge resize and centre crop, the ``default``
+    strategy dropping CLS. ``"siglip"`` (LLaVA-Interleave): a plain resize, no class token, the
+    ``full`` strategy.
+    """
     from transformers import LlavaProcessor
 
-    try:
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-    except ImportError:  # older transformers have only the PIL-based class under the plain name
-        from transformers import CLIPImageProcessor as ImageProcessor
-
-    image_processor = ImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=list(image_mean or (0.48145466, 0.4578275, 0.40821073)),
-        image_std=list(image_std or (0.26862954, 0.26130258, 0.27577711)),
-    )
+    if vision_model not in ("clip", "siglip"):
+        raise ValueError(f"unknown vision_model {vision_model!r}; choose 'clip' or 'siglip'")
+    if vision_model == "clip":
+        image_processor = _image_processor_class("CLIPImageProcessor")(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            image_mean=list(image_mean or (0.48145466, 0.4578275, 0.40821073)),
+            image_std=list(image_std or (0.26862954, 0.26130258, 0.27577711)),
+        )
+    else:
+        image_processor = _image_processor_class("SiglipImageProcessor")(
+            size={"height": image_size, "width": image_size},
+            image_mean=list(image_mean or (0.5, 0.5, 0.5)), image_std=list(image_std or (0.5, 0.5, 0.5)),
+        )
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        vision_feature_select_strategy="default" if vision_model == "clip" else "full",
+        num_additional_image_tokens=1 if vision_model == "clip" else 0,  # CLIP's CLS token
     )
 
 
@@ -91,12 +107,14 @@ def llava_config(
     max_positions: int = 512,
     text_model: str = "llama",
     sliding_window: int | None = None,
+    vision_model: str = "clip",
 ):
     """A ``LlavaConfig`` with a CLIP vision tower and a text model sized by the arguments.
 
     ``text_model``: ``"llama"`` (LLaVA-1.5), ``"mistral"`` (BakLLaVA) or ``"qwen2"`` (LLaVA-Interleave,
     with q/k/v biases). ``sliding_window``: Mistral slides in every layer, Qwen2 in every layer but
-    the first (``max_window_layers=1``), so one model mixes both kinds.
+    the first (``max_window_layers=1``), so one model mixes both kinds. ``vision_model``: ``"clip"``
+    (class token dropped by the ``default`` strategy) or ``"siglip"`` (no class token, ``full``).
     """
     import transformers
     from transformers import CLIPVisionConfig, LlavaConfig
@@ -126,21 +144,21 @@ def llava_config(
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    vision_config = CLIPVisionConfig(
-        image_size=image_size,
-        patch_size=patch_size,
-        hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=vision_heads,
-        projection_dim=vision_hidden,
-    )
+    if vision_model not in ("clip", "siglip"):
+        raise ValueError(f"unknown vision_model {vision_model!r}; choose 'clip' or 'siglip'")
+    vision_sizes = dict(image_size=image_size, patch_size=patch_size, hidden_size=vision_hidden,
+                        intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+                        num_attention_heads=vision_heads)
+    if vision_model == "clip":
+        vision_config = CLIPVisionConfig(**vision_sizes, projection_dim=vision_hidden)
+    else:
+        vision_config = transformers.SiglipVisionConfig(**vision_sizes)
     return LlavaConfig(
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy="default" if vision_model == "clip" else "full",
         pad_token_id=tokenizer.pad_token_id,
     )
 
@@ -166,6 +184,7 @@ def tiny_llava(seed: int = 0, *, kv_heads: int | None = 2, **sizes):
     tokenizer = word_level_tokenizer(TINY_WORDS)
     image_size = sizes.pop("image_size", 32)
     patch_size = sizes.pop("patch_size", 8)
-    processor = llava_processor(tokenizer, image_size, patch_size)
+    vision_model = sizes.get("vision_model", "clip")
+    processor = llava_processor(tokenizer, image_size, patch_size, vision_model=vision_model)
     config = llava_config(tokenizer, image_size=image_size, patch_size=patch_size, kv_heads=kv_heads, **sizes)
     return random_llava(config, seed=seed), processor

@@ -59,8 +59,9 @@ def tiny_mistral_vqa() -> VQAModel:
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_vqa() -> VQAModel:
-    """Tiny LLaVA-Interleave-like model: Qwen2 (q/k/v biases), layer 0 full, layer 1 sliding (8 tokens)."""
-    model, processor = tiny_llava(seed=3, kv_heads=2, text_model="qwen2", sliding_window=8)
+    """Tiny LLaVA-Interleave-like model: SigLIP tower (no class token, "full" strategy) and Qwen2 (q/k/v
+    biases), text layer 0 full, layer 1 sliding (8 tokens)."""
+    model, processor = tiny_llava(seed=3, kv_heads=2, text_model="qwen2", sliding_window=8, vision_model="siglip")
     return _warmed_up(VQAModel(model, processor, name="tiny-qwen2-sliding"))
 
 

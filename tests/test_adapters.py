@@ -77,6 +77,18 @@ def test_full_feature_strategy_skips_cls():
     assert geometry.positions.tolist() == list(range(2, 18))
 
 
+def test_siglip_tower_has_no_class_token(tiny_qwen2_vqa, image):
+    """LLaVA-Interleave's layout: SigLIP, the "full" strategy, and every image token a patch."""
+    adapter = tiny_qwen2_vqa.adapter
+    assert tiny_qwen2_vqa.model.config.vision_feature_select_strategy == "full"
+    assert not adapter.has_cls_token and adapter.tokens_per_image() == 16
+    inp = tiny_qwen2_vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
+    assert inp.geometry.positions.numel() == 16
+    assert (inp.input_ids[0, inp.geometry.positions] == adapter.image_token_id).all()
+    # SigLIP stretches the 48 x 40 image to 32 x 32 (no crop)
+    assert inp.box_to_model([0, 0, 24, 20]) == [0.0, 0.0, 16.0, 16.0]
+
+
 def test_from_pretrained_roundtrip(tmp_path, image):
     from mech_vqa import VQAModel
 

@@ -85,7 +85,14 @@ class LlavaAdapter(ModelAdapter):
 
     @property
     def has_cls_token(self) -> bool:
-        return self.model.config.vision_feature_select_strategy == "full"
+        """Whether the image features keep a class token: the ``full`` strategy on a tower that has
+        one (CLIP: ``num_positions = num_patches + 1``; SigLIP has none)."""
+        if self.model.config.vision_feature_select_strategy != "full":
+            return False
+        for module in self.vision_tower.modules():
+            if hasattr(module, "num_positions") and hasattr(module, "num_patches"):
+                return module.num_positions > module.num_patches
+        return any(hasattr(module, "class_embedding") for module in self.vision_tower.modules())
 
     def tokens_per_image(self) -> int:
         rows, cols = self.patch_grid

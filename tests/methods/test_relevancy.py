@@ -16,10 +16,10 @@ matplotlib.use("Agg")
 
 
 def reference_relevancy(vqa, inp, answer_index: int, row_normalize: bool = False):
-    """Chefer's rule written out step by step on an eager deep copy: ``(R row [S], vision row [n+1])``.
+    """Chefer's rule written out step by step on an eager deep copy: ``(R row [S], vision row [n_image])``.
 
     LLM attention probabilities come from ``output_attentions``; the vision tower's from plain
-    hooks on its encoder layers (path written out for the CLIP tower of the tiny models).
+    hooks on its encoder layers (path written out for the tiny models' CLIP and SigLIP towers).
     """
     model = copy.deepcopy(vqa.model)
     model.set_attn_implementation("eager")
@@ -54,10 +54,11 @@ def reference_relevancy(vqa, inp, answer_index: int, row_normalize: bool = False
     for A, G in zip(vision_probs, vision_grads):  # every layer feeds the projector (feature layer -1)
         abar = (G[0] * A[0]).clamp(min=0).mean(0)
         Rv = Rv + abar @ Rv
+    cls = n_tokens - image.numel()  # CLIP's CLS (vision token 0) is dropped by LLaVA; SigLIP has none
     seed = torch.zeros(n_tokens)
-    seed[1:] = row[image]  # CLS (vision token 0) is dropped by LLaVA
+    seed[cls:] = row[image]
     vision_row = seed @ Rv
-    return row.detach(), vision_row[1:].detach()
+    return row.detach(), vision_row[cls:].detach()
 
 
 def grid(values, side=4):
