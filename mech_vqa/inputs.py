@@ -123,6 +123,8 @@ class PreparedInput:
     def display_image(self) -> np.ndarray:
         """The preprocessed image the model saw, de-normalised to ``[H, W, 3]`` floats in [0, 1]."""
         pixel = self.pixel_values[0].detach().float().cpu()
+        if pixel.dim() == 4:  # several views (tiles): the first is the whole image
+            pixel = pixel[0]
         mean = torch.tensor(self.image_mean).view(3, 1, 1)
         std = torch.tensor(self.image_std).view(3, 1, 1)
         return (pixel * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
@@ -164,20 +166,6 @@ def _find_subsequence(haystack: list[int], needle: list[int]) -> int:
     return -1
 
 
-def _pixel_transform(image_processor, original_size, model_size) -> tuple:
-    """(sx, sy, dx, dy) mapping original pixels to the model's: CLIP's shortest-edge resize then
-    centre crop when the processor does that, else a plain stretch to the model's size."""
-    width, height = original_size
-    out_h, out_w = model_size
-    size = getattr(image_processor, "size", None)
-    shortest = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
-    if shortest and getattr(image_processor, "do_center_crop", False):
-        scale = shortest / min(width, height)
-        resized_w, resized_h = round(width * scale), round(height * scale)
-        return (resized_w / width, resized_h / height, (resized_w - out_w) // 2, (resized_h - out_h) // 2)
-    return (out_w / width, out_h / height, 0.0, 0.0)
-
-
 def prepare(processor, adapter: ModelAdapter, image, question: str, answer: str | None = None) -> PreparedInput:
     """Build a :class:`PreparedInput` for ``image`` and ``question``, teacher-forcing ``answer``."""
     if not isinstance(question, str) or not question.strip():
@@ -208,7 +196,7 @@ def prepare(processor, adapter: ModelAdapter, image, question: str, answer: str 
         enc = prompt_enc
     input_ids = torch.as_tensor(enc["input_ids"])
     ids = input_ids[0].tolist()
-    geometry = adapter.image_geometry(input_ids[0], enc["pixel_values"])
+    geometry = adapter.image_geometry(input_ids[0], enc["pixel_values"], enc.get("image_sizes"))
 
     question_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
     start = _find_subsequence(prompt_ids, question_ids)
@@ -235,7 +223,7 @@ def prepare(processor, adapter: ModelAdapter, image, question: str, answer: str 
         image=image,
         image_mean=tuple(getattr(image_processor, "image_mean", (0.5, 0.5, 0.5))),
         image_std=tuple(getattr(image_processor, "image_std", (0.5, 0.5, 0.5))),
-        pixel_transform=_pixel_transform(image_processor, image.size, geometry.image_size),
+        pixel_transform=adapter.pixel_transform(image_processor, image.size, geometry.image_size),
         extra=extra,
     )
 

@@ -2,5 +2,6 @@
 
 from .base import AdapterError, ImageGeometry, ModelAdapter, get_adapter, register_adapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 
-__all__ = ["AdapterError", "ImageGeometry", "ModelAdapter", "LlavaAdapter", "get_adapter", "register_adapter"]
+__all__ = ["AdapterError", "ImageGeometry", "ModelAdapter", "LlavaAdapter", "LlavaNextAdapter", "get_adapter", "register_adapter"]

@@ -26,6 +26,12 @@ class ImageGeometry:
         grid: ``(rows, cols)`` of the patch grid.
         image_size: ``(height, width)`` of the preprocessed image.
         view: per-token index of the view / tile the token belongs to (all 0 for LLaVA-1.5).
+        view_boxes: ``[n_views, 4]`` the box ``(x0, y0, x1, y1)``, in the first view's pixels, that
+            each view of ``pixel_values`` shows (a tile of a padded high-resolution canvas may
+            reach beyond the image); None when ``pixel_values`` holds one view only.
+
+    With several views, every token's ``rowcol`` is on its own view's grid and its ``boxes`` are in
+    the first view's pixels, so maps of any view can be drawn over the first view's image.
     """
 
     positions: torch.Tensor
@@ -34,6 +40,7 @@ class ImageGeometry:
     grid: tuple[int, int]
     image_size: tuple[int, int]
     view: torch.Tensor
+    view_boxes: torch.Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -62,8 +69,53 @@ class ImageGeometry:
         return out
 
     def to_dict(self) -> dict:
-        return {"grid": list(self.grid), "image_size": list(self.image_size),
-                "positions": self.positions.tolist()}
+        out = {"grid": list(self.grid), "image_size": list(self.image_size), "positions": self.positions.tolist()}
+        if self.view_boxes is not None:
+            out["view_boxes"] = self.view_boxes.tolist()
+        return out
+
+    def mask_to_pixels(self, masks: torch.Tensor, pixel_shape, mode: str = "bilinear") -> torch.Tensor:
+        """:func:`mask_to_pixels` with this geometry's views (masks laid over the first view's image)."""
+        return mask_to_pixels(masks, pixel_shape, mode, view_boxes=self.view_boxes, frame_size=self.image_size)
+
+
+def mask_to_pixels(masks: torch.Tensor, pixel_shape, mode: str = "bilinear", *, view_boxes: torch.Tensor | None = None,
+                   frame_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Lay masks ``[N, h, w]`` over an image onto the pixels of every view the model sees.
+
+    ``pixel_shape``: one row of pixel values, ``[C, H, W]`` or ``[n_views, C, H, W]``. Returns a
+    tensor that broadcasts against ``[N, *pixel_shape]``: ``[N, 1, H, W]`` / ``[N, 1, 1, H, W]``
+    when the mask covers the (first) view's pixel grid as it is, or ``[N, n_views, 1, H, W]`` when
+    ``view_boxes`` ``[n_views, 4]`` says which box of the first view's ``frame_size`` image each
+    view shows (LLaVA-NeXT tiles): each view then samples the mask over its box (``grid_sample``,
+    edges extended beyond the image). Upsampling is ``align_corners=False`` for bilinear.
+    Differentiable in ``masks``.
+    """
+    import torch.nn.functional as F
+
+    height, width = (int(v) for v in pixel_shape[-2:])
+    n = masks.shape[0]
+    if view_boxes is None or len(pixel_shape) < 4:
+        out = F.interpolate(masks.unsqueeze(1), size=(height, width), mode=mode, **_corners(mode))
+        return out.view(n, *[1] * (len(pixel_shape) - 2), height, width)
+    n_views = int(pixel_shape[0])
+    if view_boxes.shape[0] < n_views:
+        raise ValueError(f"pixel values have {n_views} views but the geometry knows {view_boxes.shape[0]}")
+    frame_h, frame_w = frame_size
+    boxes = view_boxes[:n_views].to(masks.device, torch.float32)                    # [V, 4]
+    fx = (torch.arange(width, device=masks.device) + 0.5) / width                     # pixel centres in [0, 1]
+    fy = (torch.arange(height, device=masks.device) + 0.5) / height
+    x = boxes[:, 0:1] + fx * (boxes[:, 2:3] - boxes[:, 0:1])                         # [V, W] first-view pixels
+    y = boxes[:, 1:2] + fy * (boxes[:, 3:4] - boxes[:, 1:2])                         # [V, H]
+    grid = torch.stack([(2 * x / frame_w - 1).unsqueeze(1).expand(-1, height, -1),
+                        (2 * y / frame_h - 1).unsqueeze(2).expand(-1, -1, width)], dim=-1)   # [V, H, W, 2]
+    grid = grid.reshape(1, n_views * height, width, 2).expand(n, -1, -1, -1)
+    out = F.grid_sample(masks.unsqueeze(1).float(), grid, mode=mode, padding_mode="border", align_corners=False)
+    return out.view(n, n_views, 1, height, width)
+
+
+def _corners(mode: str) -> dict:
+    return {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
 
 
 class AdapterError(ValueError):
@@ -252,9 +304,27 @@ class ModelAdapter:
     def tokens_per_image(self) -> int:
         raise NotImplementedError
 
-    def image_geometry(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> ImageGeometry:
-        """Geometry of the image tokens of one sequence ``input_ids`` ``[S]``."""
+    def image_geometry(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                       image_sizes: torch.Tensor | None = None) -> ImageGeometry:
+        """Geometry of the image tokens of one sequence ``input_ids`` ``[S]`` (``pixel_values`` and,
+        for models that tile images, ``image_sizes`` as the processor returned them)."""
         raise NotImplementedError
+
+    def pixel_transform(self, image_processor, original_size, model_size) -> tuple[float, float, float, float]:
+        """``(sx, sy, dx, dy)``: original pixel ``(x, y)`` -> ``(x sx - dx, y sy - dy)`` in the first view.
+
+        Default: CLIP's shortest-edge resize then centre crop when the processor does that, else a
+        plain stretch to the model's size.
+        """
+        width, height = original_size
+        out_h, out_w = model_size
+        size = getattr(image_processor, "size", None)
+        shortest = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+        if shortest and getattr(image_processor, "do_center_crop", False):
+            scale = shortest / min(width, height)
+            resized_w, resized_h = round(width * scale), round(height * scale)
+            return (resized_w / width, resized_h / height, (resized_w - out_w) // 2, (resized_h - out_h) // 2)
+        return (out_w / width, out_h / height, 0.0, 0.0)
 
 
 _ADAPTERS: list[type[ModelAdapter]] = []

@@ -98,7 +98,8 @@ class LlavaAdapter(ModelAdapter):
         rows, cols = self.patch_grid
         return rows * cols + int(self.has_cls_token)
 
-    def image_geometry(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> ImageGeometry:
+    def image_geometry(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                       image_sizes: torch.Tensor | None = None) -> ImageGeometry:
         if input_ids.dim() != 1:
             raise ValueError(f"image_geometry takes one sequence [S], got shape {tuple(input_ids.shape)}")
         found = (input_ids == self.image_token_id).nonzero().flatten().cpu()

@@ -7,8 +7,9 @@ destroys the answer and inserting them restores it.
 
 Notation: ``I``, ``B`` image and baseline pixel values ``[1, *pixel_shape]`` (the processor's
 normalised space; see :mod:`mech_vqa.methods.scoring` for the baselines), ``U(m)`` bilinear
-upsampling (``align_corners=False``) of the mask to the pixel grid ``[H, W]``, applied alike to
-every view/tile, ``Phi(X, Y, u) = X * u + Y * (1 - u)``, and the score of the visually relevant
+upsampling (``align_corners=False``) of the mask to the pixel grid ``[H, W]`` (the mask covers
+the first view's image; a LLaVA-NeXT tile samples it over the box of that image it shows,
+:func:`~mech_vqa.adapters.base.mask_to_pixels`), ``Phi(X, Y, u) = X * u + Y * (1 - u)``, and the score of the visually relevant
 tokens ``S`` (:mod:`mech_vqa.methods.token_selection`), teacher-forced, float32::
 
     s(X) = sum_{t in S} log p(y_t | X)
@@ -55,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..adapters.base import mask_to_pixels
 from ..hooks import preserved_state
 from ..inputs import PreparedInput
 from ..metrics.insertion_deletion import from_raw, insertion_deletion_curves, mean_probability
@@ -158,19 +160,20 @@ def _terms(two_masks: bool) -> list[_Term]:
 
 def optimise_mask(score_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, baseline: torch.Tensor,
                   config: IGOSConfig | None = None, *, seed: int = 0, progress: bool = True,
-                  one_point_per_forward: bool = False) -> dict:
+                  one_point_per_forward: bool = False, geometry=None) -> dict:
     """Optimise the iGOS+/iGOS++ mask(s) for a black-box ``score_fn: pixels [n, ...] -> s [n]``.
 
     ``score_fn`` must be differentiable in the pixels (``s = sum_{t in S} log p``). With
     ``one_point_per_forward`` every interpolation point is scored and back-propagated on its own
-    (the reference way; same noise, same result up to float rounding).
+    (the reference way; same noise, same result up to float rounding). ``geometry`` (an
+    :class:`~mech_vqa.adapters.ImageGeometry`) lays the mask over every view of a tiled image;
+    without it the mask is upsampled onto the pixel grid of every view alike.
 
     Returns a dict: ``mask`` ``[h, w]``, ``masks`` (one per optimised mask), ``history``.
     """
     config = config or IGOSConfig()
     device = image.device
     image, baseline = image.detach().float(), baseline.detach().float().to(device)
-    pixel_size = image.shape[-2:]
     weights = edge_weights(image, config.bilateral_sigma)
     masks = [torch.ones(config.mask_size, device=device, requires_grad=True)
              for _ in range(2 if config.two_masks else 1)]
@@ -188,7 +191,8 @@ def optimise_mask(score_fn: Callable[[torch.Tensor], torch.Tensor], image: torch
     chunks = [c.tolist() for c in torch.arange(n_points).tensor_split(n_chunks)]
     history = {name: [] for name in [t.name for t in terms] + ["l1", "tv", "l2", "objective"]}
     theta_prev = None
-    extra = (1,) * (image.dim() - 3)  # views/channels between the batch and the pixel grid
+    pixel_shape = image.shape[1:]
+    views = dict(view_boxes=geometry.view_boxes, frame_size=geometry.image_size) if geometry is not None else {}
 
     bar = tqdm(range(config.iterations), desc="iGOS++" if config.two_masks else "iGOS+", disable=not progress)
     for iteration in bar:
@@ -196,10 +200,9 @@ def optimise_mask(score_fn: Callable[[torch.Tensor], torch.Tensor], image: torch
         scores = torch.empty(n_points)
         for chunk in chunks:
             rows = slice(chunk[0], chunk[-1] + 1)
-            up = [upsample(m, pixel_size) for m in masks]
-            term_masks = torch.stack([math.prod(up[j] for j in t.masks) for t in terms])   # [n_terms, H, W]
-            u = term_masks[point_term[rows]] * point_alpha[rows].view(-1, 1, 1)          # [c, H, W]
-            u = u.view(u.shape[0], *extra, *pixel_size)
+            up = [mask_to_pixels(m.unsqueeze(0), pixel_shape, **views)[0] for m in masks]     # U(m), per view
+            term_masks = torch.stack([math.prod(up[j] for j in t.masks) for t in terms])   # [n_terms, ..., H, W]
+            u = term_masks[point_term[rows]] * point_alpha[rows].view(-1, *[1] * (term_masks.dim() - 1))
             # deletion Phi(I, B, u) = B + u (I - B); insertion Phi(B, I, u) = I + u (B - I)
             deleting = is_deletion[rows].view(-1, *[1] * (image.dim() - 1))
             lo, hi = torch.where(deleting, baseline, image), torch.where(deleting, image, baseline)
@@ -311,7 +314,7 @@ def igos(vqa, inp: PreparedInput, *, tokens: TokenSelection | Sequence[int] | No
         log_probs = scorer.reference if reference else scorer
         t0 = time.perf_counter()
         optimised = optimise_mask(lambda pixels: log_probs(pixels).sum(-1), image, base, config, seed=seed,
-                                  progress=progress, one_point_per_forward=reference)
+                                  progress=progress, one_point_per_forward=reference, geometry=inp.geometry)
         timings["optimisation"] = time.perf_counter() - t0
         mask = optimised["mask"].cpu()
         saliency = 1 - mask
@@ -321,7 +324,8 @@ def igos(vqa, inp: PreparedInput, *, tokens: TokenSelection | Sequence[int] | No
             with torch.no_grad():
                 raw = insertion_deletion_curves(mean_probability(log_probs, range(scorer.n_tokens)), image, base,
                                                 saliency, step_fraction=step_fraction,
-                                                chunk_size=1 if reference else config.chunk_size, progress=progress)
+                                                chunk_size=1 if reference else config.chunk_size, progress=progress,
+                                                geometry=inp.geometry)
             metric = from_raw(raw)
             curves = dict(fractions=metric.fractions, deletion_curve=metric.deletion,
                           insertion_curve=metric.insertion, deletion_auc=metric.deletion_auc,

@@ -9,6 +9,7 @@ tensor), image pixels ``I`` and baseline pixels ``B`` (both ``[1, *pixel_shape]`
     order      = cells of M from most to least important (ties: raster order)
     c          = max(1, round(step_fraction * h * w)) cells per step,  n_k = min(k c, h w), k = 0..K
     R_k        = [h, w] indicator of the first n_k cells, nearest-upsampled to the pixel grid [H, W]
+                 (for a tiled image, onto every view over the box it shows: ImageGeometry.view_boxes)
     deletion   X_k = I * (1 - R_k) + B * R_k          (remove the most important cells first)
     insertion  X_k = B * (1 - R_k) + I * R_k          (reveal them first)
     s(X)       = mean_{t in S} p(y_t | X)             (teacher-forced, float32)
@@ -28,9 +29,9 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..adapters.base import mask_to_pixels
 from ..hooks import preserved_state
 from ..results.base import Result
 
@@ -125,18 +126,21 @@ def step_counts(n_cells: int, step_fraction: float) -> torch.Tensor:
     return torch.unique_consecutive(counts)
 
 
-def reveal_masks(scores: torch.Tensor, counts: torch.Tensor, pixel_size: tuple[int, int]) -> torch.Tensor:
-    """``[K + 1, H, W]`` pixel masks of the first ``counts[k]`` cells of the map's order (1 = chosen)."""
+def reveal_masks(scores: torch.Tensor, counts: torch.Tensor, pixel_shape, geometry=None) -> torch.Tensor:
+    """Pixel masks ``[K + 1, ...]`` of the first ``counts[k]`` cells of the map's order (1 = chosen),
+    nearest-upsampled onto one row of pixel values of shape ``pixel_shape`` (every view of a tiled
+    image through ``geometry``), shaped to broadcast against ``[K + 1, *pixel_shape]``."""
     h, w = scores.shape
     rank = torch.empty(h * w, dtype=torch.long)
     rank[cell_order(scores)] = torch.arange(h * w)
-    chosen = (rank.view(1, h * w) < counts.view(-1, 1)).float().view(-1, 1, h, w)
-    return F.interpolate(chosen, size=tuple(pixel_size), mode="nearest")[:, 0]
+    chosen = (rank.view(1, h * w) < counts.view(-1, 1)).float().view(-1, h, w)
+    views = dict(view_boxes=geometry.view_boxes, frame_size=geometry.image_size) if geometry is not None else {}
+    return mask_to_pixels(chosen, pixel_shape, "nearest", **views)
 
 
 def insertion_deletion_curves(prob_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
                               baseline: torch.Tensor, scores: torch.Tensor, *, step_fraction: float = 0.02,
-                              chunk_size: int = 16, progress: bool = True) -> dict:
+                              chunk_size: int = 16, progress: bool = True, geometry=None) -> dict:
     """The raw curves for one map with a model-agnostic ``prob_fn: pixels [N, ...] -> s [N]``.
 
     Returns a dict with ``fractions``, ``deletion_raw``, ``insertion_raw`` ``[K + 1]`` and the
@@ -147,9 +151,7 @@ def insertion_deletion_curves(prob_fn: Callable[[torch.Tensor], torch.Tensor], i
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     scores = as_map(scores)
     counts = step_counts(scores.numel(), step_fraction)
-    masks = reveal_masks(scores, counts, image.shape[-2:]).to(image.device)    # [K+1, H, W]
-    extra = (1,) * (image.dim() - 3)  # views/channels between the batch and the pixel grid
-    masks = masks.view(masks.shape[0], *extra, *masks.shape[-2:])
+    masks = reveal_masks(scores, counts, image.shape[1:], geometry).to(image.device)   # [K+1, ..., H, W]
     image, baseline = image.float(), baseline.float().to(image.device)
     n_points = masks.shape[0]
     total = 2 * n_points                       # rows: the deletion points, then the insertion points
@@ -223,7 +225,8 @@ def insertion_deletion(vqa, inp, saliency, *, tokens=None, baseline="blur", tau:
         else:
             prob_fn = mean_probability(score_fn, selection.indices)
         raw = insertion_deletion_curves(prob_fn, inp.pixel_values.to(vqa.device), base, scores,
-                                        step_fraction=step_fraction, chunk_size=chunk_size, progress=progress)
+                                        step_fraction=step_fraction, chunk_size=chunk_size, progress=progress,
+                                        geometry=inp.geometry)
     token_names = [selection.tokens[i] for i in selection.indices]
     return from_raw(raw, map_shape=list(scores.shape), method=method, tokens=token_names, info=info)
 

@@ -1,0 +1,139 @@
+"""Adapter for HF ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT / LLaVA-1.6, "anyres" tiling).
+
+The language model and its module paths are LLaVA-1.5's (:class:`~mech_vqa.adapters.llava.LlavaAdapter`).
+What differs is the image: the processor returns ``pixel_values`` ``[1, n_views, 3, T, T]`` --
+view 0 the whole image stretched to ``T x T``, views ``1..`` the ``T x T`` tiles of a canvas of the
+best grid resolution ("pinpoint") into which the image was resized (aspect kept) and padded -- and
+``image_sizes`` ``[1, 2]`` (original height, width). The model packs the features as view 0's
+``g x g`` patches (``g = T / patch``) followed by the high-resolution grid of all tiles with the
+padding rows / columns removed and one ``image_newline`` token closing every row.
+
+The geometry is read by running the model's own ``pack_image_features`` on index features
+(each patch feature replaced by ``(tile, row, col)``, the newline by ``-1``), so it follows HF's
+packing exactly. Tokens of view 0 have ``rowcol`` on the ``g x g`` grid; tokens of view 1 (all
+tiles together) on the high-resolution grid of the padded canvas; the newline tokens are not
+patches and are left out of ``positions``. All boxes, and each view's ``view_boxes``, are in view
+0's pixels, so heatmaps of either view are drawn over the same image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import AdapterError, ImageGeometry, register_adapter
+from .llava import LlavaAdapter
+
+
+@register_adapter
+class LlavaNextAdapter(LlavaAdapter):
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        return type(model).__name__ == "LlavaNextForConditionalGeneration"
+
+    @property
+    def tile_size(self) -> int:
+        return int(self.model.config.vision_config.image_size)
+
+    def tokens_per_image(self) -> int:
+        raise AdapterError("LLaVA-NeXT images give a number of tokens that depends on their size; "
+                           "use image_geometry(input_ids, pixel_values, image_sizes)")
+
+    def _tile_grid(self, image_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int], int]:
+        """``((best_h, best_w), (tiles_down, tiles_across), n_views)`` for an original ``(h, w)``."""
+        from transformers.image_processing_utils import select_best_resolution
+
+        pinpoints = self.model.config.image_grid_pinpoints
+        best_h, best_w = select_best_resolution(list(image_size), pinpoints)
+        tile = self.tile_size
+        down, across = best_h // tile, best_w // tile
+        return (best_h, best_w), (down, across), down * across + 1
+
+    def image_geometry(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                       image_sizes: torch.Tensor | None = None) -> ImageGeometry:
+        if input_ids.dim() != 1:
+            raise ValueError(f"image_geometry takes one sequence [S], got shape {tuple(input_ids.shape)}")
+        if image_sizes is None:
+            raise AdapterError("LLaVA-NeXT geometry needs image_sizes (the processor returns it with pixel_values); "
+                               "build inputs with VQAModel.prepare()")
+        image_sizes = torch.as_tensor(image_sizes).reshape(-1, 2)
+        if image_sizes.shape[0] != 1:
+            raise AdapterError(f"one image per prompt is supported for LLaVA-NeXT, got {image_sizes.shape[0]}")
+        if self.has_cls_token:
+            raise AdapterError("LLaVA-NeXT with the 'full' feature strategy on a CLIP tower keeps CLS tokens "
+                               "that HF's own packing does not expect; use vision_feature_select_strategy='default'")
+        found = (input_ids == self.image_token_id).nonzero().flatten().cpu()
+        if found.numel() == 0:
+            raise AdapterError(
+                f"the prompt has no image token (id {self.image_token_id}); put the processor's image "
+                "token (e.g. '<image>') in the text, or build inputs with VQAModel.prepare()"
+            )
+        original = (int(image_sizes[0, 0]), int(image_sizes[0, 1]))
+        (best_h, best_w), (down, across), n_views = self._tile_grid(original)
+        g = self.tile_size // self.patch_size
+        index = torch.arange(g * g)
+        features = torch.stack([torch.arange(n_views).repeat_interleave(g * g).float(),
+                                (index // g).float().repeat(n_views), (index % g).float().repeat(n_views)],
+                               dim=-1).view(n_views, g * g, 3)
+        packed, _ = self.model.pack_image_features([features], image_sizes,
+                                                   vision_feature_select_strategy="default",
+                                                   image_newline=torch.full((3,), -1.0))
+        packed = packed[0].round().long()                                       # [n_tokens, 3]
+        if packed.shape[0] != found.numel():
+            raise AdapterError(
+                f"the prompt has {found.numel()} image tokens but this {original[0]} x {original[1]} image gives "
+                f"{packed.shape[0]} features; let the processor expand '<image>' (pass images= with text=)"
+            )
+        patch = packed[:, 0] >= 0                                               # newline tokens are -1
+        tiles, rows, cols = packed[patch].unbind(-1)
+        hires = tiles > 0
+        # position on the padded high-resolution canvas grid, for the tokens of views 1..
+        grid_row = torch.where(hires, (tiles - 1).clamp(min=0) // across * g + rows, rows)
+        grid_col = torch.where(hires, (tiles - 1).clamp(min=0) % across * g + cols, cols)
+        frame_h, frame_w = (tuple(int(v) for v in pixel_values.shape[-2:]) if pixel_values is not None
+                            else (self.tile_size, self.tile_size))
+        to_frame = self._canvas_to_frame(original, (best_h, best_w), (frame_h, frame_w))
+        cell = self.patch_size                                                  # canvas pixels per patch
+        x0, y0 = grid_col * cell, grid_row * cell
+        canvas_boxes = torch.stack([x0, y0, x0 + cell, y0 + cell], dim=1).float()
+        base_cell_w, base_cell_h = frame_w / g, frame_h / g
+        base_boxes = torch.stack([cols * base_cell_w, rows * base_cell_h,
+                                  (cols + 1) * base_cell_w, (rows + 1) * base_cell_h], dim=1).float()
+        boxes = torch.where(hires.unsqueeze(1), to_frame(canvas_boxes), base_boxes)
+        boxes = torch.stack([boxes[:, 0].clamp(0, frame_w), boxes[:, 1].clamp(0, frame_h),
+                             boxes[:, 2].clamp(0, frame_w), boxes[:, 3].clamp(0, frame_h)], dim=1)
+        tile_index = torch.arange(1, n_views)
+        tx, ty = (tile_index - 1) % across * self.tile_size, (tile_index - 1) // across * self.tile_size
+        tile_boxes = to_frame(torch.stack([tx, ty, tx + self.tile_size, ty + self.tile_size], dim=1).float())
+        view_boxes = torch.cat([torch.tensor([[0.0, 0.0, frame_w, frame_h]]), tile_boxes])
+        return ImageGeometry(positions=found[patch], rowcol=torch.stack([grid_row, grid_col], dim=1),
+                             boxes=boxes, grid=(g, g), image_size=(frame_h, frame_w), view=hires.long(),
+                             view_boxes=view_boxes)
+
+    @staticmethod
+    def _canvas_to_frame(original, best, frame):
+        """Map canvas boxes ``[N, 4]`` to view 0's pixels (the processor's resize-and-pad, inverted)."""
+        orig_h, orig_w = original
+        best_h, best_w = best
+        frame_h, frame_w = frame
+        # transformers.image_processing_utils.get_patch_output_size: resize keeping the aspect ratio
+        if best_w / orig_w < best_h / orig_h:
+            new_w, new_h = best_w, min(math.ceil(orig_h * best_w / orig_w), best_h)
+        else:
+            new_h, new_w = best_h, min(math.ceil(orig_w * best_h / orig_h), best_w)
+        pad_x, pad_y = (best_w - new_w) // 2, (best_h - new_h) // 2
+        scale = torch.tensor([frame_w / new_w, frame_h / new_h] * 2)
+        offset = torch.tensor([pad_x, pad_y] * 2, dtype=torch.float32)
+
+        def to_frame(boxes: torch.Tensor) -> torch.Tensor:
+            return (boxes - offset) * scale
+
+        return to_frame
+
+    def pixel_transform(self, image_processor, original_size, model_size) -> tuple[float, float, float, float]:
+        # view 0 is the whole image stretched to the tile size (no crop)
+        width, height = original_size
+        out_h, out_w = model_size
+        return (out_w / width, out_h / height, 0.0, 0.0)
