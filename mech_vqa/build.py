@@ -88,6 +88,19 @@ def llava_processor(tokenizer, image_size: int, patch_size: int, image_mean=None
     )
 
 
+def llava_next_processor(tokenizer, image_size: int, patch_size: int, grid_pinpoints):
+    """A ``LlavaNextProcessor`` (anyres tiles of ``image_size``, CLIP normalisation, ``default`` strategy)."""
+    from transformers import LlavaNextProcessor
+
+    image_processor = _image_processor_class("LlavaNextImageProcessor")(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=[list(p) for p in grid_pinpoints],
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
 TEXT_MODELS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
 
 
@@ -188,3 +201,23 @@ def tiny_llava(seed: int = 0, *, kv_heads: int | None = 2, **sizes):
     processor = llava_processor(tokenizer, image_size, patch_size, vision_model=vision_model)
     config = llava_config(tokenizer, image_size=image_size, patch_size=patch_size, kv_heads=kv_heads, **sizes)
     return random_llava(config, seed=seed), processor
+
+
+def tiny_llava_next(seed: int = 0, *, grid_pinpoints=((32, 64), (64, 32), (64, 64)), **sizes):
+    """A tiny random LLaVA-NeXT (anyres: 32 px tiles, up to 2 x 2 of them) with its processor."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    tokenizer = word_level_tokenizer(TINY_WORDS)
+    image_size = sizes.pop("image_size", 32)
+    patch_size = sizes.pop("patch_size", 8)
+    processor = llava_next_processor(tokenizer, image_size, patch_size, grid_pinpoints)
+    base = llava_config(tokenizer, image_size=image_size, patch_size=patch_size, kv_heads=sizes.pop("kv_heads", 2),
+                        **sizes)
+    config = LlavaNextConfig(text_config=base.text_config, vision_config=base.vision_config,
+                             image_token_id=base.image_token_id, image_grid_pinpoints=[list(p) for p in grid_pinpoints],
+                             vision_feature_layer=-1, vision_feature_select_strategy="default",
+                             pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlavaNextForConditionalGeneration(config)
+    return model.eval(), processor

@@ -241,13 +241,14 @@ class BatchedInput:
     attention_mask: torch.Tensor
     pixel_values: torch.Tensor
     offsets: torch.Tensor
+    extra: dict = field(default_factory=dict)
 
     def model_inputs(self, device=None, dtype=None) -> dict:
         pixel = self.pixel_values if dtype is None else self.pixel_values.to(dtype)
         position_ids = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
         out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": pixel,
-               "position_ids": position_ids}
-        return {k: v.to(device) if device is not None else v for k, v in out.items()}
+               "position_ids": position_ids, **self.extra}
+        return {k: v.to(device) if device is not None and torch.is_tensor(v) else v for k, v in out.items()}
 
     def batch_positions(self, positions: list[int] | torch.Tensor) -> torch.Tensor:
         """``[B, P]``: per-row positions (one list per row, or shared) shifted into the batch."""
@@ -268,5 +269,12 @@ def collate(items: list[PreparedInput], pad_token_id: int) -> BatchedInput:
     for row, item in enumerate(items):
         ids[row, offsets[row]:] = item.input_ids[0]
         mask[row, offsets[row]:] = item.attention_mask[0]
-    pixel = torch.cat([item.pixel_values for item in items])
-    return BatchedInput(items, ids, mask, pixel, offsets)
+    pixels = [item.pixel_values for item in items]
+    if pixels[0].dim() == 5:  # tiled images: pad every row to the most views (the model reads image_sizes)
+        most = max(p.shape[1] for p in pixels)
+        pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
+    extra = {}
+    for key, value in items[0].extra.items():
+        if torch.is_tensor(value):
+            extra[key] = torch.cat([item.extra[key] for item in items])
+    return BatchedInput(items, ids, mask, torch.cat(pixels), offsets, extra)

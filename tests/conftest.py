@@ -65,12 +65,22 @@ def tiny_qwen2_vqa() -> VQAModel:
     return _warmed_up(VQAModel(model, processor, name="tiny-qwen2-sliding"))
 
 
-FAMILIES = {"gqa": "tiny_vqa", "mha": "tiny_mha_vqa", "mistral": "tiny_mistral_vqa", "qwen2": "tiny_qwen2_vqa"}
+@pytest.fixture(scope="session")
+def tiny_next_vqa() -> VQAModel:
+    """Tiny LLaVA-NeXT: 32 px tiles, pinpoints 32 x 64 / 64 x 32 / 64 x 64, newline tokens."""
+    from mech_vqa.build import tiny_llava_next
+
+    model, processor = tiny_llava_next(seed=5)
+    return _warmed_up(VQAModel(model, processor, name="tiny-llava-next"))
+
+
+FAMILIES = {"gqa": "tiny_vqa", "mha": "tiny_mha_vqa", "mistral": "tiny_mistral_vqa", "qwen2": "tiny_qwen2_vqa",
+            "next": "tiny_next_vqa"}
 
 
 @pytest.fixture(params=list(FAMILIES))
 def any_vqa(request) -> VQAModel:
-    """Each text-model family the adapter supports: Llama GQA / MHA, Mistral and Qwen2 with sliding windows."""
+    """Each layout the adapters support: Llama GQA / MHA, Mistral and Qwen2 with sliding windows, LLaVA-NeXT tiles."""
     return request.getfixturevalue(FAMILIES[request.param])
 
 

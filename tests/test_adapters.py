@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -99,3 +100,126 @@ def test_from_pretrained_roundtrip(tmp_path, image):
     original = VQAModel(model, processor)
     inp = loaded.prepare(image, "What is the color of the dog?", "red")
     torch.testing.assert_close(loaded.logits(inp), original.logits(inp))
+
+
+# ------------------------------------------------------------------------------ LLaVA-NeXT
+NEXT_SIZES = [(70, 40), (40, 70), (50, 50), (200, 30)]  # (width, height): wide, tall, square, very wide
+
+
+def _gradient_image(width, height):
+    """R rises left to right, G top to bottom (255 * index / (side - 1)), B constant."""
+    from PIL import Image
+
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    return Image.fromarray(np.stack([x, y, np.full_like(x, 128)], -1).round().astype("uint8"))
+
+
+@pytest.mark.parametrize("size", NEXT_SIZES)
+def test_next_geometry_follows_the_models_own_packing(tiny_next_vqa, size):
+    """Every image position holds projector(vision features of its tile)[its patch]: an exact identity."""
+    vqa = tiny_next_vqa
+    inp = vqa.prepare(_gradient_image(*size), "What is the color of the dog?", "The dog is red.")
+    geometry = inp.geometry
+    g = geometry.grid[0]
+    n_views = geometry.view_boxes.shape[0]
+    across = geometry.view_boxes[1:, 0].unique().numel()  # tiles per canvas row
+    with torch.no_grad(), vqa.trace(["resid_pre"], layers=[0]) as cache:
+        vqa.forward(inp)
+        tiles = inp.pixel_values[0, :n_views]
+        hidden = vqa.model.model.vision_tower(tiles, output_hidden_states=True).hidden_states[-1][:, 1:]
+        projected = vqa.model.model.multi_modal_projector(hidden)                 # [views, g*g, d]
+    row, col = geometry.rowcol.unbind(-1)
+    hires = geometry.view == 1
+    tile = torch.where(hires, row // g * across + col // g + 1, 0)
+    local = row % g * g + col % g
+    torch.testing.assert_close(cache["resid_pre", 0][0, geometry.positions], projected[tile, local], rtol=0, atol=0)
+    # the first view is the whole g x g grid, row-major; the image tokens left over close each high-res row
+    assert torch.equal(geometry.rowcol[~hires], torch.stack([torch.arange(g * g) // g, torch.arange(g * g) % g], 1))
+    n_image_tokens = int((inp.input_ids[0] == vqa.adapter.image_token_id).sum())
+    assert n_image_tokens - geometry.positions.numel() == row[hires].unique().numel()
+
+
+@pytest.mark.parametrize("size", NEXT_SIZES)
+def test_next_view_boxes_show_what_the_processor_put_in_each_view(tiny_next_vqa, size):
+    """De-normalised pixels of every view equal the original's gradient at the place view_boxes says."""
+    vqa = tiny_next_vqa
+    width, height = size
+    inp = vqa.prepare(_gradient_image(width, height), "What is the color of the dog?", "The dog is red.")
+    geometry = inp.geometry
+    mean = torch.tensor(inp.image_mean).view(3, 1, 1)
+    std = torch.tensor(inp.image_std).view(3, 1, 1)
+    frame_h, frame_w = geometry.image_size
+    sx, sy, _, _ = inp.pixel_transform
+    checked = 0
+    for view, (x0, y0, x1, y1) in enumerate(geometry.view_boxes.tolist()):
+        pixels = inp.pixel_values[0, view] * std + mean                       # [3, T, T] in [0, 1]
+        side = pixels.shape[-1]
+        centres = (torch.arange(side) + 0.5) / side
+        x_orig = (x0 + centres * (x1 - x0)) / sx                             # original-pixel coordinates
+        y_orig = (y0 + centres * (y1 - y0)) / sy
+        expect_r = ((x_orig - 0.5) / (width - 1)).view(1, -1).expand(side, -1)
+        expect_g = ((y_orig - 0.5) / (height - 1)).view(-1, 1).expand(-1, side)
+        # away from the image border (resampling blends in the edge / the padding there)
+        inside = ((x_orig > 3 / sx * width / frame_w + 2).view(1, -1) & (x_orig < width - 3).view(1, -1)
+                  & (y_orig > 3).view(-1, 1) & (y_orig < height - 3).view(-1, 1))
+        if inside.any():
+            assert float((pixels[0] - expect_r)[inside].abs().max()) < 0.05
+            assert float((pixels[1] - expect_g)[inside].abs().max()) < 0.05
+            checked += int(inside.sum())
+    assert checked > 0
+
+
+def test_next_masks_cover_every_view_and_the_metric_ends_at_the_baseline(tiny_next_vqa):
+    from mech_vqa import igos
+    from mech_vqa.adapters.base import mask_to_pixels
+    from mech_vqa.methods.scoring import AnswerScorer, input_baseline
+    from mech_vqa.metrics.insertion_deletion import insertion_deletion_curves, mean_probability
+
+    vqa = tiny_next_vqa
+    inp = vqa.prepare(_gradient_image(70, 40), "What is the color of the dog?", "The dog is red.")
+    geometry = inp.geometry
+    frame_w = geometry.image_size[1]
+    # left half of the image kept: every view's pixels left of the image's middle get 1, right of it 0
+    left = torch.zeros(1, 8, 8)
+    left[..., :4] = 1
+    up = mask_to_pixels(left, inp.pixel_values.shape[1:], "nearest", view_boxes=geometry.view_boxes,
+                        frame_size=geometry.image_size)[0, :, 0]                   # [views, T, T]
+    side = up.shape[-1]
+    for view, (x0, _, x1, _) in enumerate(geometry.view_boxes.tolist()):
+        x = x0 + (torch.arange(side) + 0.5) / side * (x1 - x0)
+        if (x < frame_w / 2 - 1).any():
+            assert torch.equal(up[view][:, x < frame_w / 2 - 1].unique(), torch.tensor([1.0]))
+        if (x > frame_w / 2 + 1).any():
+            assert torch.equal(up[view][:, x > frame_w / 2 + 1].unique(), torch.tensor([0.0]))
+    # the deletion curve's last point (every cell replaced) is the baseline's score exactly
+    scorer = AnswerScorer(vqa, inp, [3])
+    base = input_baseline(vqa, inp)
+    raw = insertion_deletion_curves(mean_probability(scorer, [0]), inp.pixel_values.float(), base, torch.rand(8, 8),
+                                    step_fraction=0.25, progress=False, geometry=geometry)
+    assert raw["deletion_raw"][-1] == pytest.approx(raw["score_baseline"], abs=1e-6)
+    assert raw["insertion_raw"][-1] == pytest.approx(raw["score_image"], abs=1e-6)
+    # iGOS batched equals the reference way on the tiled input
+    fast = igos(vqa, inp, tokens=[3], seed=0, progress=False, iterations=2, n_steps=2, mask_size=4)
+    slow = igos(vqa, inp, tokens=[3], seed=0, progress=False, iterations=2, n_steps=2, mask_size=4, reference=True)
+    torch.testing.assert_close(fast.mask, slow.mask, rtol=0, atol=1e-4)
+    assert fast.deletion_auc == pytest.approx(slow.deletion_auc, abs=1e-5)
+
+
+def test_next_compare_and_batch(tiny_next_vqa, image):
+    from mech_vqa import compare, explain
+
+    vqa = tiny_next_vqa
+    inp = vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
+    assert inp.box_to_model([0, 0, 24, 20]) == [0.0, 0.0, 16.0, 16.0]          # view 0 stretches 48 x 40 to 32 x 32
+    result = compare(vqa, inp, tokens=[3], progress=False, box=[0, 0, 16, 16],
+                     options={"igos": {"iterations": 1, "n_steps": 2}})
+    assert {row["method"] for row in result.table} >= {"mechanistic", "raw_attention", "relevancy", "igos++"}
+    assert all(m.scores.shape == (4, 4) for name, m in result.maps.items() if name != "igos++")  # the base view
+    assert result.maps["igos++"].scores.shape == (32, 32) and all(
+        torch.isfinite(torch.tensor([row["insertion_auc"], row["deletion_auc"]])).all() for row in result.table)
+    other = vqa.prepare(_gradient_image(70, 40), "What is the color of the dog?", "The dog is red.")
+    batch = vqa.batch([inp, other])
+    together = explain(vqa, batch, [inp.target(3), other.target(3)], progress=False)
+    alone = explain(vqa, other, other.target(3), progress=False)
+    torch.testing.assert_close(together[1].heads.scores, alone.heads.scores, rtol=1e-4, atol=1e-5)

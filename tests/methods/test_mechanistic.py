@@ -85,7 +85,8 @@ def test_increases_equal_hand_computation(any_vqa, inp, chunk_elements):
     assert result.layers.model_logprob == pytest.approx(final, abs=2e-5)
     # image map: sum of the two heads' increases at the image positions, row-major on the grid
     rows, cols = any_vqa.adapter.patch_grid
-    expected_map = positions[:, inp.image_positions].sum(0).view(rows, cols)
+    first_view = (inp.input_ids[0] == any_vqa.adapter.image_token_id).nonzero().flatten()[: rows * cols]
+    expected_map = positions[:, first_view].sum(0).view(rows, cols)
     torch.testing.assert_close(result.patch_map.scores, expected_map, **tol)
     assert result.target == target.to_dict()
 

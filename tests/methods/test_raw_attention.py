@@ -23,9 +23,10 @@ def eager_attentions(vqa, inp) -> torch.Tensor:
 
 
 def image_cells(vqa, inp):
-    """Image-token positions and their (row, col), from the input ids (row-major, CLS dropped)."""
-    positions = (inp.input_ids[0] == vqa.model.config.image_token_id).nonzero().flatten()
+    """The first view's image-token positions and their (row, col), from the input ids: the first
+    ``cols x cols`` image tokens, row-major (CLS dropped; LLaVA-NeXT's tiles come after them)."""
     cols = vqa.model.config.vision_config.image_size // vqa.model.config.vision_config.patch_size
+    positions = (inp.input_ids[0] == vqa.model.config.image_token_id).nonzero().flatten()[: cols * cols]
     index = torch.arange(positions.numel())
     return positions, index // cols, index % cols
 
