@@ -223,3 +223,49 @@ def test_next_compare_and_batch(tiny_next_vqa, image):
     together = explain(vqa, batch, [inp.target(3), other.target(3)], progress=False)
     alone = explain(vqa, other, other.target(3), progress=False)
     torch.testing.assert_close(together[1].heads.scores, alone.heads.scores, rtol=1e-4, atol=1e-5)
+
+
+def test_paint_view_0_is_the_patch_grid_upsampled(prepared):
+    geometry = prepared.geometry
+    values = torch.rand(3, geometry.n_tokens)
+    painted = geometry.paint(values, view=0)                                   # [3, H, W] one cell per pixel
+    grid = geometry.to_grid(values)                                            # [3, rows, cols]
+    upsampled = torch.nn.functional.interpolate(grid[None], size=tuple(geometry.image_size), mode="nearest")[0]
+    assert torch.equal(painted, upsampled)
+    with pytest.raises(ValueError, match="no image token belongs to view 1"):
+        geometry.paint(values, view=1)
+
+
+def test_next_high_resolution_maps_paint_each_pixel_with_its_token(tiny_next_vqa, tmp_path):
+    from mech_vqa import Result, answer_attention, explain
+
+    vqa = tiny_next_vqa
+    inp = vqa.prepare(_gradient_image(70, 40), "What is the color of the dog?", "The dog is red.")
+    geometry = inp.geometry
+    result = explain(vqa, inp, inp.target(3), heads=[(1, 0)], view=1, progress=False)
+    hires = geometry.view == 1
+    token_scores = result.positions.scores[0, geometry.positions[hires]]
+    boxes = geometry.boxes[hires]
+    height, width = geometry.image_size
+    assert result.patch_map.scores.shape == (height, width)
+    for y in range(height):                                                    # brute force: the token whose box
+        for x in range(width):                                                 # holds the pixel centre, else nearest
+            cx, cy = x + 0.5, y + 0.5
+            inside = (boxes[:, 0] <= cx) & (cx < boxes[:, 2]) & (boxes[:, 1] <= cy) & (cy < boxes[:, 3])
+            if inside.any():
+                assert result.patch_map.scores[y, x] == token_scores[inside][0]
+    edge = ~((boxes[:, 1].min() <= torch.arange(height) + 0.5) & (torch.arange(height) + 0.5 < boxes[:, 3].max()))
+    assert edge.any()  # the trimmed canvas leaves rows outside every box: they take the nearest row's values
+    first, last = int(torch.nonzero(~edge)[0]), int(torch.nonzero(~edge)[-1])
+    assert torch.equal(result.patch_map.scores[edge & (torch.arange(height) < first)],
+                       result.patch_map.scores[first].expand(int((edge & (torch.arange(height) < first)).sum()), -1))
+    assert torch.equal(result.patch_map.scores[last + 1:],
+                       result.patch_map.scores[last].expand(height - last - 1, -1))
+    # raw attention paints the same way, and the result keeps the boxes through save/load
+    attention = answer_attention(vqa, inp)
+    painted = attention.patch_map(view=1)
+    assert painted.scores.shape == (height, width) and painted.info["view"] == 1
+    assert attention.patch_map(view=0).scores.shape == geometry.grid
+    assert torch.equal(Result.load(attention.save(tmp_path / "attention")).patch_map(view=1).scores, painted.scores)
+    reloaded = Result.load(result.positions.save(tmp_path / "positions"))
+    assert torch.equal(reloaded.patch_map(view=1).scores, result.patch_map.scores)

@@ -74,9 +74,44 @@ class ImageGeometry:
             out["view_boxes"] = self.view_boxes.tolist()
         return out
 
+    def paint(self, values: torch.Tensor, view: int = 1, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """:func:`paint_boxes` of the tokens of ``view``: ``values`` ``[..., n_image_tokens]`` (all views)
+        -> ``[..., H, W]`` over the first view's image (default ``H, W`` = its pixels)."""
+        if values.shape[-1] != self.n_tokens:
+            raise ValueError(f"paint expects {self.n_tokens} values (one per image token), got {values.shape[-1]}")
+        chosen = self.view == view
+        if not chosen.any():
+            raise ValueError(f"no image token belongs to view {view} (views: {sorted(set(self.view.tolist()))})")
+        return paint_boxes(values[..., chosen], self.boxes[chosen], self.image_size, size)
+
     def mask_to_pixels(self, masks: torch.Tensor, pixel_shape, mode: str = "bilinear") -> torch.Tensor:
         """:func:`mask_to_pixels` with this geometry's views (masks laid over the first view's image)."""
         return mask_to_pixels(masks, pixel_shape, mode, view_boxes=self.view_boxes, frame_size=self.image_size)
+
+
+def paint_boxes(values: torch.Tensor, boxes: torch.Tensor, frame_size, size=None) -> torch.Tensor:
+    """Paint token values ``[..., n]`` into an ``[..., H, W]`` map of a ``frame_size`` image.
+
+    ``boxes`` ``[n, 4]`` are the tokens' boxes in the image's pixels; they must tile a grid (every
+    token of one grid column shares ``x0``, of one grid row ``y0``), as the patches of one view do.
+    Each output cell takes the value of the token whose box holds its centre; centres beyond the
+    grid's edge (a high-resolution grid trimmed of its padding) take the nearest token's.
+    ``size`` defaults to ``frame_size`` (one cell per pixel).
+    """
+    frame_h, frame_w = (int(v) for v in frame_size)
+    height, width = (frame_h, frame_w) if size is None else (int(v) for v in size)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).cpu()
+    x_edges, col = boxes[:, 0].unique(return_inverse=True)                         # sorted column starts
+    y_edges, row = boxes[:, 1].unique(return_inverse=True)
+    table = torch.full((y_edges.numel(), x_edges.numel()), -1, dtype=torch.long)
+    table[row, col] = torch.arange(boxes.shape[0])
+    if (table < 0).any():
+        raise ValueError("the boxes do not tile a full grid (a row / column start without a token)")
+    cx = (torch.arange(width) + 0.5) * frame_w / width
+    cy = (torch.arange(height) + 0.5) * frame_h / height
+    cols = (torch.searchsorted(x_edges, cx, right=True) - 1).clamp(min=0)
+    rows = (torch.searchsorted(y_edges, cy, right=True) - 1).clamp(min=0)
+    return values[..., table[rows][:, cols].to(values.device)]
 
 
 def mask_to_pixels(masks: torch.Tensor, pixel_shape, mode: str = "bilinear", *, view_boxes: torch.Tensor | None = None,

@@ -237,7 +237,7 @@ def position_increase(capture: TargetCapture, heads, *, progress: bool = False) 
             scores=scores, image_scores=image_scores, attention=attention, heads=[list(h) for h in row_heads],
             str_tokens=list(item.str_tokens), image_positions=geometry.positions.tolist(),
             image_size=list(geometry.image_size), image=torch.from_numpy(item.display_image()),
-            **capture.meta(row)))
+            image_boxes=geometry.boxes.clone(), image_view=geometry.view.clone(), **capture.meta(row)))
     return results
 
 
@@ -267,7 +267,7 @@ def _head_sets(heads, head_results: list[HeadIncrease]) -> list[list[tuple[int, 
 
 
 def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top", k: int = 10,
-            neurons: bool | list[int] = False, box=None,
+            neurons: bool | list[int] = False, box=None, view: int = 0,
             chunk_elements: int = CHUNK_ELEMENTS, progress: bool = True) -> Explanation | list[Explanation]:
     """Explain one answer token: layer, head and position-level increases, the image map, neurons.
 
@@ -283,6 +283,8 @@ def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top",
         neurons: False, True (all layers) or a list of layers for the FFN-neuron attribution.
         box: optional ground-truth box ``[x0, y0, x1, y1]`` (preprocessed-image pixels) stored with
             the patch map; for a batch, one box per row or one for all.
+        view: which image view the patch map shows: 0 = the first view's patch grid; 1 = LLaVA-NeXT's
+            high-resolution tiles, painted over the same image (``positions.patch_map(view=...)``).
         chunk_elements: size of one block of logits during scoring (float32 elements).
         progress: show progress bars (over heads for the position level, layers for neurons).
     """
@@ -297,7 +299,7 @@ def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top",
         layers = None if neurons is True else neurons
         neuron_results = neuron_increase_from_capture(capture, layers=layers, k=k, progress=progress)
     boxes = box if box is not None and len(box) and isinstance(box[0], (list, tuple)) else [box] * len(positions)
-    out = [Explanation(layers=lr, heads=hr, positions=pr, patch_map=pr.patch_map(box=bx), neurons=nr)
+    out = [Explanation(layers=lr, heads=hr, positions=pr, patch_map=pr.patch_map(box=bx, view=view), neurons=nr)
            for lr, hr, pr, nr, bx in zip(layer_results, head_results, positions, neuron_results, boxes)]
     return out if isinstance(inp, BatchedInput) else out[0]
 

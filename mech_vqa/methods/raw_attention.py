@@ -103,6 +103,7 @@ def answer_attention(vqa, inp: PreparedInput, targets=None, *, layers: Sequence[
     return AnswerAttention(
         weights=weights.cpu(), layers=layer_list, targets=[t.to_dict() for t in targets],
         image_positions=geometry.positions.cpu(), image_rowcol=geometry.rowcol.cpu(), image_view=geometry.view.cpu(),
+        image_boxes=geometry.boxes.cpu(),
         question_positions=inp.question_positions.cpu(), answer_positions=inp.answer_positions.cpu(),
         grid=list(geometry.grid), image_size=list(geometry.image_size),
         image=torch.from_numpy(inp.display_image()), str_tokens=list(inp.str_tokens),

@@ -23,7 +23,7 @@ import torch
 
 from ..adapters import ImageGeometry
 from .base import Result, tensor_topk
-from .patch_map import PatchMap
+from .patch_map import PatchMap, paint_view
 
 REDUCTIONS = ("mean", "max", "sum")
 MASS_GROUPS = ("image", "question", "answer", "other")
@@ -83,6 +83,8 @@ class AnswerAttention(Result):
         targets: the explained tokens (``Target.to_dict()``); target ``i`` is column ``i``.
         image_positions / image_rowcol / image_view: ``[n_image]``, ``[n_image, 2]``, ``[n_image]``
             sequence position, grid cell and view of every image token (from the adapter).
+        image_boxes: ``[n_image, 4]`` each image token's box in the first view's pixels (to paint
+            the maps of later views, LLaVA-NeXT's tiles).
         question_positions, answer_positions: sequence positions of the question / answer tokens.
         grid, image_size: patch grid ``[rows, cols]`` and preprocessed image ``[height, width]``.
         image: ``[height, width, 3]`` de-normalised image (for plots) or None.
@@ -96,6 +98,7 @@ class AnswerAttention(Result):
     image_positions: torch.Tensor | None = None
     image_rowcol: torch.Tensor | None = None
     image_view: torch.Tensor | None = None
+    image_boxes: torch.Tensor | None = None
     question_positions: torch.Tensor | None = None
     answer_positions: torch.Tensor | None = None
     grid: list = dataclasses.field(default_factory=list)
@@ -127,19 +130,22 @@ class AnswerAttention(Result):
         return values[layer_idx][:, head_idx][:, :, token_idx], token_idx
 
     def patch_map(self, layers=None, heads=None, tokens=None, *, head_reduce: str = "mean",
-                  layer_reduce: str = "mean", token_reduce: str = "mean", box=None) -> PatchMap:
+                  layer_reduce: str = "mean", token_reduce: str = "mean", box=None, view: int = 0) -> PatchMap:
         """Aggregate to one ``PatchMap``: reduce heads, then layers, then target tokens.
 
         ``layers`` are model layer indices (a range works), ``heads`` head indices, ``tokens``
-        indices into ``targets``; None = all. Reductions: ``mean``, ``max`` or ``sum``.
+        indices into ``targets``; None = all. Reductions: ``mean``, ``max`` or ``sum``. ``view`` 0
+        is the first view's patch grid; 1 paints LLaVA-NeXT's high-resolution tiles over the image.
         """
         values, token_idx = self._select(layers, heads, tokens)  # [L, H, T, n_image]
         scores = reduce(reduce(reduce(values, head_reduce, 1), layer_reduce, 0), token_reduce, 0)
-        return PatchMap(self.to_grid(scores), method="raw_attention", image_size=self.image_size, image=self.image,
+        scores = self.to_grid(scores) if view == 0 else paint_view(scores, self.image_boxes, self.image_view, view,
+                                                                   self.image_size)
+        return PatchMap(scores, method="raw_attention", image_size=self.image_size, image=self.image,
                         targets=[self.targets[i] for i in token_idx], box=box if box is not None else self.box,
                         info={**self.info, "layers": list(layers) if layers is not None else self.layers,
                               "heads": list(heads) if heads is not None else "all", "head_reduce": head_reduce,
-                              "layer_reduce": layer_reduce, "token_reduce": token_reduce})
+                              "layer_reduce": layer_reduce, "token_reduce": token_reduce, "view": view})
 
     def head_maps(self, layer: int, tokens=None, token_reduce: str = "mean") -> torch.Tensor:
         """``[n_heads, rows, cols]``: one map per head of ``layer`` (tokens reduced)."""

@@ -21,7 +21,7 @@ import torch
 
 from ..plotting import heatmap, new_axes
 from .base import Result, load_bundle, save_bundle, tensor_topk
-from .patch_map import PatchMap
+from .patch_map import PatchMap, paint_view
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -120,16 +120,25 @@ class HeadPositions(TargetResult):
     image_positions: list = dataclasses.field(default_factory=list)
     image_size: list = dataclasses.field(default_factory=list)
     image: torch.Tensor | None = None
+    image_boxes: torch.Tensor | None = None
+    image_view: torch.Tensor | None = None
 
-    def patch_map(self, box=None) -> PatchMap:
+    def patch_map(self, box=None, view: int = 0) -> PatchMap:
         """The image heatmap: the SUM of the chosen heads' position-level increases per patch.
 
         Summing keeps the map in log-prob units; each head's term is its own direct effect on ``lp``
         through the frozen norm (not additive in ``lp`` across heads, which is not linear).
+        ``view``: 0 = the first view's patch grid; a later view (LLaVA-NeXT's tiles, 1) is painted
+        over the same image at its pixel resolution (:func:`~mech_vqa.adapters.base.paint_boxes`).
         """
-        return PatchMap(scores=self.image_scores.sum(0), method="mechanistic_head_positions",
-                        image_size=self.image_size, image=self.image, targets=[self.target], box=box,
-                        info={"heads": self.heads, "model": self.model, "prompt": self.prompt})
+        info = {"heads": self.heads, "model": self.model, "prompt": self.prompt, "view": view}
+        if view == 0:
+            scores = self.image_scores.sum(0)
+        else:
+            scores = paint_view(self.scores[:, self.image_positions].sum(0), self.image_boxes, self.image_view,
+                                view, self.image_size)
+        return PatchMap(scores=scores, method="mechanistic_head_positions", image_size=self.image_size,
+                        image=self.image, targets=[self.target], box=box, info=info)
 
     def to_dataframe(self):
         import pandas as pd
