@@ -4,4 +4,5 @@ from .base import AdapterError, ImageGeometry, ModelAdapter, get_adapter, regist
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 
-__all__ = ["AdapterError", "ImageGeometry", "ModelAdapter", "LlavaAdapter", "LlavaNextAdapter", "get_adapter", "register_adapter"]
+__all__ = ["AdapterError", "ImageGeometry", "ModelAdapter", "LlavaAdapter", "LlavaNextAdapter", "get_adapter",
+           "register_adapter"]

@@ -1,9 +1,9 @@
 """The model adapter: the one place that knows module paths, dimensions and image-token geometry.
 
 Methods never index ``model.language_model.layers`` or assume a 24 x 24 grid; they ask an adapter.
-A new family (LLaVA-NeXT tiles, LLaVA-OneVision, Qwen2-VL) subclasses :class:`ModelAdapter`,
-overrides what differs (usually :meth:`image_geometry` and the vision modules) and registers itself
-with :func:`register_adapter`.
+A new family subclasses :class:`ModelAdapter` (or a relative: LLaVA-NeXT's tiles subclass the LLaVA
+adapter), overrides what differs (usually :meth:`image_geometry` and the vision modules) and
+registers itself with :func:`register_adapter`.
 """
 
 from __future__ import annotations

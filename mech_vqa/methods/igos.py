@@ -9,8 +9,8 @@ Notation: ``I``, ``B`` image and baseline pixel values ``[1, *pixel_shape]`` (th
 normalised space; see :mod:`mech_vqa.methods.scoring` for the baselines), ``U(m)`` bilinear
 upsampling (``align_corners=False``) of the mask to the pixel grid ``[H, W]`` (the mask covers
 the first view's image; a LLaVA-NeXT tile samples it over the box of that image it shows,
-:func:`~mech_vqa.adapters.base.mask_to_pixels`), ``Phi(X, Y, u) = X * u + Y * (1 - u)``, and the score of the visually relevant
-tokens ``S`` (:mod:`mech_vqa.methods.token_selection`), teacher-forced, float32::
+:func:`~mech_vqa.adapters.base.mask_to_pixels`), ``Phi(X, Y, u) = X * u + Y * (1 - u)``, and the
+score of the visually relevant tokens ``S`` (:mod:`mech_vqa.methods.token_selection`), teacher-forced, float32::
 
     s(X) = sum_{t in S} log p(y_t | X)
 

@@ -15,8 +15,8 @@ by one teacher-forced forward of the batch (no KV cache). Only the rows ``a_t - 
 hidden state reach the unembedding (a pre-hook on ``adapter.unembed`` slices them), and the
 sequence is cut after the last of them (causal attention: later tokens cannot change it), so no
 full-vocabulary logits are computed at other positions; the last layer's MLP, whose output is read
-only at those rows, runs only there (:func:`~mech_vqa.runner.last_mlp_only_at`). The log-softmax runs in float32 whatever
-the model dtype.
+only at those rows, runs only there (:func:`~mech_vqa.runner.last_mlp_only_at`). The log-softmax
+runs in float32 whatever the model dtype.
 
 Baselines (``baseline_image``): the image as given (PIL, before preprocessing) is blurred,
 blacked out or replaced by noise, *then* run through the processor's image processor exactly like
