@@ -221,3 +221,62 @@ def tiny_llava_next(seed: int = 0, *, grid_pinpoints=((32, 64), (64, 32), (64, 6
         torch.manual_seed(seed)
         model = LlavaNextForConditionalGeneration(config)
     return model.eval(), processor
+
+
+def llava_onevision_processor(tokenizer, image_size: int, patch_size: int, grid_pinpoints,
+                              vision_aspect_ratio: str = "anyres_max_9"):
+    """An image-only ``LlavaOnevisionProcessor`` (SigLIP normalisation, ``full`` strategy).
+
+    transformers' own constructor insists on a video processor, which needs torchvision; images
+    need none, so this subclass leaves it out (everything else is the real processor).
+    """
+    from transformers import LlavaOnevisionProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
+                     vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
+                     vision_aspect_ratio="anyres_max_9", **kwargs):
+            self.num_image_tokens = num_image_tokens
+            self.vision_feature_select_strategy = vision_feature_select_strategy
+            self.image_token, self.video_token = image_token, "<video>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+            self.video_token_id = None
+            self.vision_aspect_ratio = vision_aspect_ratio
+            self.video_processor = None
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    image_processor = _image_processor_class("LlavaOnevisionImageProcessor")(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=[list(p) for p in grid_pinpoints],
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    return ImageOnlyLlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                            num_image_tokens=(image_size // patch_size) ** 2,
+                                            vision_feature_select_strategy="full",
+                                            vision_aspect_ratio=vision_aspect_ratio)
+
+
+def tiny_llava_onevision(seed: int = 0, *, grid_pinpoints=((32, 32), (32, 64), (64, 32), (64, 64), (32, 96), (96, 32)),
+                         vision_aspect_ratio: str = "anyres_max_2", **sizes):
+    """A tiny random LLaVA-OneVision (SigLIP, Qwen2, 32 px tiles) with its processor.
+
+    ``anyres_max_2``: a high-resolution grid of more than about two tiles' worth of patches is
+    downsampled by the model, so the tiny model exercises that path too.
+    """
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    tokenizer = word_level_tokenizer(TINY_WORDS)
+    image_size = sizes.pop("image_size", 32)
+    patch_size = sizes.pop("patch_size", 8)
+    processor = llava_onevision_processor(tokenizer, image_size, patch_size, grid_pinpoints, vision_aspect_ratio)
+    base = llava_config(tokenizer, image_size=image_size, patch_size=patch_size, kv_heads=sizes.pop("kv_heads", 2),
+                        text_model="qwen2", vision_model="siglip", **sizes)
+    config = LlavaOnevisionConfig(text_config=base.text_config, vision_config=base.vision_config,
+                                  image_token_id=base.image_token_id,
+                                  image_grid_pinpoints=[list(p) for p in grid_pinpoints], vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", vision_aspect_ratio=vision_aspect_ratio,
+                                  pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlavaOnevisionForConditionalGeneration(config)
+    return model.eval(), processor

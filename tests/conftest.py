@@ -74,8 +74,23 @@ def tiny_next_vqa() -> VQAModel:
     return _warmed_up(VQAModel(model, processor, name="tiny-llava-next"))
 
 
+@pytest.fixture(scope="session")
+def tiny_onevision_vqa() -> VQAModel:
+    """Tiny LLaVA-OneVision: SigLIP, Qwen2, 32 px tiles, high-resolution grids beyond ~2 tiles downsampled."""
+    from mech_vqa.build import tiny_llava_onevision
+
+    model, processor = tiny_llava_onevision(seed=6)
+    return _warmed_up(VQAModel(model, processor, name="tiny-llava-onevision"))
+
+
+@pytest.fixture(params=["next", "onevision"])
+def tiled_vqa(request) -> VQAModel:
+    """The adapters whose images come as several views (tiles)."""
+    return request.getfixturevalue(f"tiny_{request.param}_vqa")
+
+
 FAMILIES = {"gqa": "tiny_vqa", "mha": "tiny_mha_vqa", "mistral": "tiny_mistral_vqa", "qwen2": "tiny_qwen2_vqa",
-            "next": "tiny_next_vqa"}
+            "next": "tiny_next_vqa", "onevision": "tiny_onevision_vqa"}
 
 
 @pytest.fixture(params=list(FAMILIES))

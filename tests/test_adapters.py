@@ -115,35 +115,51 @@ def _gradient_image(width, height):
     return Image.fromarray(np.stack([x, y, np.full_like(x, 128)], -1).round().astype("uint8"))
 
 
-@pytest.mark.parametrize("size", NEXT_SIZES)
-def test_next_geometry_follows_the_models_own_packing(tiny_next_vqa, size):
-    """Every image position holds projector(vision features of its tile)[its patch]: an exact identity."""
-    vqa = tiny_next_vqa
+@pytest.mark.parametrize("size", NEXT_SIZES + [(90, 90)])
+def test_tiled_geometry_follows_the_models_own_packing(tiled_vqa, size):
+    """Every image position holds what the model put there, rebuilt here from the tiles' projected features:
+    the first view's patches row-major, then the canvas grid of the tiles cut to the image (HF's
+    ``unpad_image``) and, for OneVision beyond ``anyres_max_N``, bilinearly downsampled, row-major."""
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    vqa = tiled_vqa
     inp = vqa.prepare(_gradient_image(*size), "What is the color of the dog?", "The dog is red.")
     geometry = inp.geometry
     g = geometry.grid[0]
     n_views = geometry.view_boxes.shape[0]
     across = geometry.view_boxes[1:, 0].unique().numel()  # tiles per canvas row
+    down = (n_views - 1) // across
+    strip_cls = 1 if vqa.model.config.vision_feature_select_strategy == "default" else 0
     with torch.no_grad(), vqa.trace(["resid_pre"], layers=[0]) as cache:
         vqa.forward(inp)
         tiles = inp.pixel_values[0, :n_views]
-        hidden = vqa.model.model.vision_tower(tiles, output_hidden_states=True).hidden_states[-1][:, 1:]
+        hidden = vqa.model.model.vision_tower(tiles, output_hidden_states=True).hidden_states[-1][:, strip_cls:]
         projected = vqa.model.model.multi_modal_projector(hidden)                 # [views, g*g, d]
-    row, col = geometry.rowcol.unbind(-1)
-    hires = geometry.view == 1
-    tile = torch.where(hires, row // g * across + col // g + 1, 0)
-    local = row % g * g + col % g
-    torch.testing.assert_close(cache["resid_pre", 0][0, geometry.positions], projected[tile, local], rtol=0, atol=0)
-    # the first view is the whole g x g grid, row-major; the image tokens left over close each high-res row
-    assert torch.equal(geometry.rowcol[~hires], torch.stack([torch.arange(g * g) // g, torch.arange(g * g) % g], 1))
+    embedded = cache["resid_pre", 0][0, geometry.positions]
+    base = geometry.view == 0
+    torch.testing.assert_close(embedded[base], projected[0], rtol=0, atol=0)
+    assert torch.equal(geometry.rowcol[base], torch.stack([torch.arange(g * g) // g, torch.arange(g * g) % g], 1))
+    canvas = projected[1:].view(down, across, g, g, -1).permute(4, 0, 2, 1, 3).reshape(-1, down * g, across * g)
+    kept = unpad_image(canvas, inp.extra["image_sizes"][0])                      # [d, rows, cols]
     n_image_tokens = int((inp.input_ids[0] == vqa.adapter.image_token_id).sum())
-    assert n_image_tokens - geometry.positions.numel() == row[hires].unique().numel()
+    n_rows = n_image_tokens - geometry.positions.numel()                        # one newline per row
+    n_cols = int((~base).sum()) // n_rows
+    if (n_rows, n_cols) != tuple(kept.shape[1:]):
+        kept = torch.nn.functional.interpolate(kept[None], [n_rows, n_cols], mode="bilinear")[0]
+    torch.testing.assert_close(embedded[~base], kept.flatten(1).T, rtol=1e-6, atol=1e-6)
+    # boxes of the high-resolution tokens: non-empty, inside the image, covering at least 3/4 of each side
+    boxes = geometry.boxes[~base]
+    height, width = geometry.image_size
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert boxes.min() >= 0 and boxes[:, [0, 2]].max() <= width and boxes[:, [1, 3]].max() <= height
+    assert boxes[:, 2].max() - boxes[:, 0].min() >= 0.75 * width
+    assert boxes[:, 3].max() - boxes[:, 1].min() >= 0.75 * height
 
 
 @pytest.mark.parametrize("size", NEXT_SIZES)
-def test_next_view_boxes_show_what_the_processor_put_in_each_view(tiny_next_vqa, size):
+def test_tiled_view_boxes_show_what_the_processor_put_in_each_view(tiled_vqa, size):
     """De-normalised pixels of every view equal the original's gradient at the place view_boxes says."""
-    vqa = tiny_next_vqa
+    vqa = tiled_vqa
     width, height = size
     inp = vqa.prepare(_gradient_image(width, height), "What is the color of the dog?", "The dog is red.")
     geometry = inp.geometry
@@ -170,13 +186,13 @@ def test_next_view_boxes_show_what_the_processor_put_in_each_view(tiny_next_vqa,
     assert checked > 0
 
 
-def test_next_masks_cover_every_view_and_the_metric_ends_at_the_baseline(tiny_next_vqa):
+def test_tiled_masks_cover_every_view_and_the_metric_ends_at_the_baseline(tiled_vqa):
     from mech_vqa import igos
     from mech_vqa.adapters.base import mask_to_pixels
     from mech_vqa.methods.scoring import AnswerScorer, input_baseline
     from mech_vqa.metrics.insertion_deletion import insertion_deletion_curves, mean_probability
 
-    vqa = tiny_next_vqa
+    vqa = tiled_vqa
     inp = vqa.prepare(_gradient_image(70, 40), "What is the color of the dog?", "The dog is red.")
     geometry = inp.geometry
     frame_w = geometry.image_size[1]

@@ -2,7 +2,8 @@
 
 from .base import AdapterError, ImageGeometry, ModelAdapter, get_adapter, register_adapter
 from .llava import LlavaAdapter
-from .llava_next import LlavaNextAdapter
+from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 
-__all__ = ["AdapterError", "ImageGeometry", "ModelAdapter", "LlavaAdapter", "LlavaNextAdapter", "get_adapter",
+__all__ = ["AdapterError", "ImageGeometry", "ModelAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter",
+           "get_adapter",
            "register_adapter"]

@@ -1,4 +1,5 @@
-"""Adapter for HF ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT / LLaVA-1.6, "anyres" tiling).
+"""Adapters for HF ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT / LLaVA-1.6, "anyres" tiling) and
+``LlavaOnevisionForConditionalGeneration`` (the same tiling, with a downsampled high-resolution grid).
 
 The language model and its module paths are LLaVA-1.5's (:class:`~mech_vqa.adapters.llava.LlavaAdapter`).
 What differs is the image: the processor returns ``pixel_values`` ``[1, n_views, 3, T, T]`` --
@@ -12,8 +13,10 @@ The geometry is read by running the model's own ``pack_image_features`` on index
 (each patch feature replaced by ``(tile, row, col)``, the newline by ``-1``), so it follows HF's
 packing exactly. Tokens of view 0 have ``rowcol`` on the ``g x g`` grid; tokens of view 1 (all
 tiles together) on the high-resolution grid of the padded canvas; the newline tokens are not
-patches and are left out of ``positions``. All boxes, and each view's ``view_boxes``, are in view
-0's pixels, so heatmaps of either view are drawn over the same image.
+patches and are left out of ``positions``. When the model downsamples that grid (OneVision), view 1's
+``rowcol`` is on the downsampled grid and each token's box is its share of the kept canvas. All boxes,
+and each view's ``view_boxes``, are in view 0's pixels, so heatmaps of either view are drawn over the
+same image.
 """
 
 from __future__ import annotations
@@ -73,44 +76,67 @@ class LlavaNextAdapter(LlavaAdapter):
         original = (int(image_sizes[0, 0]), int(image_sizes[0, 1]))
         (best_h, best_w), (down, across), n_views = self._tile_grid(original)
         g = self.tile_size // self.patch_size
-        index = torch.arange(g * g)
-        features = torch.stack([torch.arange(n_views).repeat_interleave(g * g).float(),
-                                (index // g).float().repeat(n_views), (index % g).float().repeat(n_views)],
-                               dim=-1).view(n_views, g * g, 3)
-        packed, _ = self.model.pack_image_features([features], image_sizes,
-                                                   vision_feature_select_strategy="default",
-                                                   image_newline=torch.full((3,), -1.0))
-        packed = packed[0].round().long()                                       # [n_tokens, 3]
+        # index features: (view flag, row, col) on the first view's grid / on the padded canvas's grid
+        tile_index = torch.arange(n_views).repeat_interleave(g * g)
+        local = torch.arange(g * g).repeat(n_views)
+        hires_feature = tile_index > 0
+        row = torch.where(hires_feature, (tile_index - 1).clamp(min=0) // across * g, 0) + local // g
+        col = torch.where(hires_feature, (tile_index - 1).clamp(min=0) % across * g, 0) + local % g
+        features = torch.stack([hires_feature.float(), row.float(), col.float()], -1).view(n_views, g * g, 3)
+        unpadded = self._pack(features, image_sizes, downsample=False)       # every kept canvas patch, in order
+        packed = self._pack(features, image_sizes, downsample=True)          # what the model really packs
         if packed.shape[0] != found.numel():
             raise AdapterError(
                 f"the prompt has {found.numel()} image tokens but this {original[0]} x {original[1]} image gives "
                 f"{packed.shape[0]} features; let the processor expand '<image>' (pass images= with text=)"
             )
         patch = packed[:, 0] >= 0                                               # newline tokens are -1
-        tiles, rows, cols = packed[patch].unbind(-1)
-        hires = tiles > 0
-        # position on the padded high-resolution canvas grid, for the tokens of views 1..
-        grid_row = torch.where(hires, (tiles - 1).clamp(min=0) // across * g + rows, rows)
-        grid_col = torch.where(hires, (tiles - 1).clamp(min=0) % across * g + cols, cols)
+        base = patch & (packed[:, 0] < 0.5)
+        hires = patch & ~base
         frame_h, frame_w = (tuple(int(v) for v in pixel_values.shape[-2:]) if pixel_values is not None
                             else (self.tile_size, self.tile_size))
-        to_frame = self._canvas_to_frame(original, (best_h, best_w), (frame_h, frame_w))
+        # the high-resolution grid: the unpadded canvas patches, or (downsampled) a coarser grid over them
+        kept = unpadded[:, 0] > 0.5
+        top, left = unpadded[kept, 1].min(), unpadded[kept, 2].min()
+        rows_kept = int(unpadded[kept, 1].max() - top) + 1
+        cols_kept = int(unpadded[kept, 2].max() - left) + 1
+        n_rows = int((packed[:, 0] < 0).sum())                                  # one newline closes each row
+        n_cols = int(hires.sum()) // max(n_rows, 1)
+        i = torch.arange(int(hires.sum())) // n_cols
+        j = torch.arange(int(hires.sum())) % n_cols
+        step_r, step_c = rows_kept / n_rows, cols_kept / n_cols                 # 1 unless downsampled
         cell = self.patch_size                                                  # canvas pixels per patch
-        x0, y0 = grid_col * cell, grid_row * cell
-        canvas_boxes = torch.stack([x0, y0, x0 + cell, y0 + cell], dim=1).float()
+        y0, x0 = (top + i * step_r) * cell, (left + j * step_c) * cell
+        to_frame = self._canvas_to_frame(original, (best_h, best_w), (frame_h, frame_w))
+        hires_boxes = to_frame(torch.stack([x0, y0, x0 + step_c * cell, y0 + step_r * cell], dim=1).float())
+        same_grid = n_rows == rows_kept and n_cols == cols_kept
+        hires_rowcol = (torch.stack([top + i, left + j], 1) if same_grid else torch.stack([i, j], 1)).long()
+        base_rows, base_cols = packed[base, 1].long(), packed[base, 2].long()
         base_cell_w, base_cell_h = frame_w / g, frame_h / g
-        base_boxes = torch.stack([cols * base_cell_w, rows * base_cell_h,
-                                  (cols + 1) * base_cell_w, (rows + 1) * base_cell_h], dim=1).float()
-        boxes = torch.where(hires.unsqueeze(1), to_frame(canvas_boxes), base_boxes)
+        base_boxes = torch.stack([base_cols * base_cell_w, base_rows * base_cell_h,
+                                  (base_cols + 1) * base_cell_w, (base_rows + 1) * base_cell_h], dim=1).float()
+        order = torch.cat([torch.nonzero(base).flatten(), torch.nonzero(hires).flatten()])
+        if not torch.equal(order, torch.nonzero(patch).flatten()):
+            raise AdapterError("unexpected packing: the first view's patches do not precede the tiles'")
+        boxes = torch.cat([base_boxes, hires_boxes])
         boxes = torch.stack([boxes[:, 0].clamp(0, frame_w), boxes[:, 1].clamp(0, frame_h),
                              boxes[:, 2].clamp(0, frame_w), boxes[:, 3].clamp(0, frame_h)], dim=1)
-        tile_index = torch.arange(1, n_views)
-        tx, ty = (tile_index - 1) % across * self.tile_size, (tile_index - 1) // across * self.tile_size
+        tile = torch.arange(1, n_views)
+        tx, ty = (tile - 1) % across * self.tile_size, (tile - 1) // across * self.tile_size
         tile_boxes = to_frame(torch.stack([tx, ty, tx + self.tile_size, ty + self.tile_size], dim=1).float())
         view_boxes = torch.cat([torch.tensor([[0.0, 0.0, frame_w, frame_h]]), tile_boxes])
-        return ImageGeometry(positions=found[patch], rowcol=torch.stack([grid_row, grid_col], dim=1),
-                             boxes=boxes, grid=(g, g), image_size=(frame_h, frame_w), view=hires.long(),
+        return ImageGeometry(positions=found[patch], rowcol=torch.cat([torch.stack([base_rows, base_cols], 1),
+                                                                       hires_rowcol]),
+                             boxes=boxes, grid=(g, g), image_size=(frame_h, frame_w),
+                             view=torch.cat([torch.zeros(int(base.sum())), torch.ones(int(hires.sum()))]).long(),
                              view_boxes=view_boxes)
+
+    def _pack(self, features: torch.Tensor, image_sizes: torch.Tensor, downsample: bool) -> torch.Tensor:
+        """The model's own ``pack_image_features`` on index features ``[n_views, g*g, 3]`` -> ``[n_tokens, 3]``
+        (newline tokens ``-1``). LLaVA-NeXT never downsamples."""
+        packed, _ = self.model.pack_image_features([features], image_sizes, vision_feature_select_strategy="default",
+                                                   image_newline=torch.full((3,), -1.0))
+        return packed[0]
 
     @staticmethod
     def _canvas_to_frame(original, best, frame):
@@ -137,3 +163,21 @@ class LlavaNextAdapter(LlavaAdapter):
         width, height = original_size
         out_h, out_w = model_size
         return (out_w / width, out_h / height, 0.0, 0.0)
+
+
+@register_adapter
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision: LLaVA-NeXT's tiles (SigLIP, no class token), and a high-resolution grid that the
+    model bilinearly downsamples when it exceeds ``vision_aspect_ratio`` (``anyres_max_N``: about
+    ``N`` tiles' worth of patches). A downsampled token then shows a proportionally larger box."""
+
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        return type(model).__name__ == "LlavaOnevisionForConditionalGeneration"
+
+    def _pack(self, features: torch.Tensor, image_sizes: torch.Tensor, downsample: bool) -> torch.Tensor:
+        inner = getattr(self.model, "model", self.model)  # the ForConditionalGeneration wrapper's pack is broken
+        ratio = self.model.config.vision_aspect_ratio if downsample else "anyres_max_1000000000"
+        packed, _ = inner.pack_image_features([features], image_sizes, image_newline=torch.full((3,), -1.0),
+                                              vision_aspect_ratio=ratio)
+        return packed[0]
