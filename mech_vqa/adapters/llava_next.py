@@ -9,9 +9,9 @@ best grid resolution ("pinpoint") into which the image was resized (aspect kept)
 ``g x g`` patches (``g = T / patch``) followed by the high-resolution grid of all tiles with the
 padding rows / columns removed and one ``image_newline`` token closing every row.
 
-The geometry is read by running the model's own ``pack_image_features`` on index features
-(each patch feature replaced by ``(tile, row, col)``, the newline by ``-1``), so it follows HF's
-packing exactly. Tokens of view 0 have ``rowcol`` on the ``g x g`` grid; tokens of view 1 (all
+The geometry is read by running the model's own ``pack_image_features`` on index features (each
+patch feature replaced by ``(is_tile, row, col)``, row and column on view 0's grid or on the padded
+canvas's, the newline by ``-1``), so it follows HF's packing exactly. Tokens of view 0 have ``rowcol`` on the ``g x g`` grid; tokens of view 1 (all
 tiles together) on the high-resolution grid of the padded canvas; the newline tokens are not
 patches and are left out of ``positions``. When the model downsamples that grid (OneVision), view 1's
 ``rowcol`` is on the downsampled grid and each token's box is its share of the kept canvas. All boxes,
@@ -59,13 +59,14 @@ class LlavaNextAdapter(LlavaAdapter):
         if input_ids.dim() != 1:
             raise ValueError(f"image_geometry takes one sequence [S], got shape {tuple(input_ids.shape)}")
         if image_sizes is None:
-            raise AdapterError("LLaVA-NeXT geometry needs image_sizes (the processor returns it with pixel_values); "
-                               "build inputs with VQAModel.prepare()")
+            raise AdapterError("tiled-image geometry needs image_sizes (the processor returns it with "
+                               "pixel_values); build inputs with VQAModel.prepare()")
         image_sizes = torch.as_tensor(image_sizes).reshape(-1, 2)
         if image_sizes.shape[0] != 1:
-            raise AdapterError(f"one image per prompt is supported for LLaVA-NeXT, got {image_sizes.shape[0]}")
+            raise AdapterError(f"one image per prompt is supported for {type(self.model).__name__}, "
+                               f"got {image_sizes.shape[0]}")
         if self.has_cls_token:
-            raise AdapterError("LLaVA-NeXT with the 'full' feature strategy on a CLIP tower keeps CLS tokens "
+            raise AdapterError("a tiled LLaVA with the 'full' feature strategy on a CLIP tower keeps CLS tokens "
                                "that HF's own packing does not expect; use vision_feature_select_strategy='default'")
         found = (input_ids == self.image_token_id).nonzero().flatten().cpu()
         if found.numel() == 0:
@@ -74,15 +75,9 @@ class LlavaNextAdapter(LlavaAdapter):
                 "token (e.g. '<image>') in the text, or build inputs with VQAModel.prepare()"
             )
         original = (int(image_sizes[0, 0]), int(image_sizes[0, 1]))
-        (best_h, best_w), (down, across), n_views = self._tile_grid(original)
+        (best_h, best_w), (_, across), n_views = self._tile_grid(original)
         g = self.tile_size // self.patch_size
-        # index features: (view flag, row, col) on the first view's grid / on the padded canvas's grid
-        tile_index = torch.arange(n_views).repeat_interleave(g * g)
-        local = torch.arange(g * g).repeat(n_views)
-        hires_feature = tile_index > 0
-        row = torch.where(hires_feature, (tile_index - 1).clamp(min=0) // across * g, 0) + local // g
-        col = torch.where(hires_feature, (tile_index - 1).clamp(min=0) % across * g, 0) + local % g
-        features = torch.stack([hires_feature.float(), row.float(), col.float()], -1).view(n_views, g * g, 3)
+        features = self._index_features(n_views, across, g)
         unpadded = self._pack(features, image_sizes, downsample=False)       # every kept canvas patch, in order
         packed = self._pack(features, image_sizes, downsample=True)          # what the model really packs
         if packed.shape[0] != found.numel():
@@ -130,6 +125,17 @@ class LlavaNextAdapter(LlavaAdapter):
                              boxes=boxes, grid=(g, g), image_size=(frame_h, frame_w),
                              view=torch.cat([torch.zeros(int(base.sum())), torch.ones(int(hires.sum()))]).long(),
                              view_boxes=view_boxes)
+
+    @staticmethod
+    def _index_features(n_views: int, across: int, g: int) -> torch.Tensor:
+        """``[n_views, g*g, 3]``: ``(is_tile, row, col)`` of every patch feature, on view 0's grid or on
+        the padded canvas's (tile ``t`` sits at row ``(t-1) // across``, column ``(t-1) % across``)."""
+        tile = torch.arange(n_views).repeat_interleave(g * g)
+        local = torch.arange(g * g).repeat(n_views)
+        is_tile = tile > 0
+        row = torch.where(is_tile, (tile - 1).clamp(min=0) // across * g, 0) + local // g
+        col = torch.where(is_tile, (tile - 1).clamp(min=0) % across * g, 0) + local % g
+        return torch.stack([is_tile.float(), row.float(), col.float()], -1).view(n_views, g * g, 3)
 
     def _pack(self, features: torch.Tensor, image_sizes: torch.Tensor, downsample: bool) -> torch.Tensor:
         """The model's own ``pack_image_features`` on index features ``[n_views, g*g, 3]`` -> ``[n_tokens, 3]``
