@@ -285,3 +285,14 @@ def test_next_high_resolution_maps_paint_each_pixel_with_its_token(tiny_next_vqa
     assert torch.equal(Result.load(attention.save(tmp_path / "attention")).patch_map(view=1).scores, painted.scores)
     reloaded = Result.load(result.positions.save(tmp_path / "positions"))
     assert torch.equal(reloaded.patch_map(view=1).scores, result.patch_map.scores)
+
+
+def test_tiled_geometry_errors(tiled_vqa, image):
+    inp = tiled_vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
+    adapter, ids = tiled_vqa.adapter, inp.input_ids[0]
+    with pytest.raises(AdapterError, match="needs image_sizes"):
+        adapter.image_geometry(ids, inp.pixel_values)
+    with pytest.raises(AdapterError, match="one image per prompt"):
+        adapter.image_geometry(ids, inp.pixel_values, torch.tensor([[40, 48], [40, 48]]))
+    with pytest.raises(AdapterError, match="image tokens but this 40 x 48 image gives"):
+        adapter.image_geometry(ids[: int(inp.image_positions[5])], inp.pixel_values, inp.extra["image_sizes"])
