@@ -283,6 +283,17 @@ def test_next_high_resolution_maps_paint_each_pixel_with_its_token(tiny_next_vqa
     assert painted.scores.shape == (height, width) and painted.info["view"] == 1
     assert attention.patch_map(view=0).scores.shape == geometry.grid
     assert torch.equal(Result.load(attention.save(tmp_path / "attention")).patch_map(view=1).scores, painted.scores)
+    # relevancy's LLM stage: the painted map holds the relevancy row at the token under each pixel
+    from mech_vqa import relevancy
+
+    maps = relevancy(vqa, inp, [3], progress=False)
+    relevant = maps.patch_map(view=1).scores
+    hires_positions = geometry.positions[hires]
+    centre_token = hires_positions[((boxes[:, 0] <= 16.5) & (16.5 < boxes[:, 2]) & (boxes[:, 1] <= 16.5)
+                                    & (16.5 < boxes[:, 3]))][0]
+    assert relevant[16, 16] == maps.rows[0, centre_token]
+    with pytest.raises(ValueError, match="no vision-tower relevancy"):
+        maps.patch_map(stage="vision", view=1)
     reloaded = Result.load(result.positions.save(tmp_path / "positions"))
     assert torch.equal(reloaded.patch_map(view=1).scores, result.patch_map.scores)
 

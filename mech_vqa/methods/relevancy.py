@@ -159,6 +159,7 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
         row_normalized=row_normalize, box=[float(v) for v in box] if box is not None else None,
         info={"model": vqa.name, "question": inp.question, "answer": inp.answer,
               "vision_layers": len(vision_modules), "score": "raw logit"},
+        image_positions=geometry.positions.cpu(), image_boxes=geometry.boxes.cpu(), image_view=geometry.view.cpu(),
     )
 
 

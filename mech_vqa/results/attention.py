@@ -322,6 +322,8 @@ class RelevancyMaps(Result):
         vision: ``[n_targets, rows, cols]`` relevancy of the input patches after propagating the
             image relevancy through the vision tower, or None when not asked.
         targets, str_tokens, image_size, image (for plots), box, info: as in :class:`AnswerAttention`.
+        image_positions / image_boxes / image_view: the image tokens' sequence positions, boxes (first
+            view's pixels) and views, to paint the LLM stage of later views (LLaVA-NeXT's tiles).
     """
 
     rows: torch.Tensor
@@ -334,19 +336,30 @@ class RelevancyMaps(Result):
     row_normalized: bool = False
     box: list | None = None
     info: dict = dataclasses.field(default_factory=dict)
+    image_positions: torch.Tensor | None = None
+    image_boxes: torch.Tensor | None = None
+    image_view: torch.Tensor | None = None
 
-    def patch_map(self, tokens=None, *, stage: str = "llm", token_reduce: str = "mean", box=None) -> PatchMap:
-        """``PatchMap`` of target ``tokens`` (indices, None = all) for ``stage`` ``llm`` or ``vision``."""
+    def patch_map(self, tokens=None, *, stage: str = "llm", token_reduce: str = "mean", box=None,
+                  view: int = 0) -> PatchMap:
+        """``PatchMap`` of target ``tokens`` (indices, None = all) for ``stage`` ``llm`` or ``vision``;
+        ``view`` 1 paints the LLM stage of LLaVA-NeXT's high-resolution tiles over the image."""
         if stage not in ("llm", "vision"):
             raise ValueError(f"stage must be 'llm' or 'vision', got {stage!r}")
         maps = self.llm if stage == "llm" else self.vision
         if maps is None:
             raise ValueError("no vision-tower relevancy here; run relevancy(..., vision=True)")
         token_idx = _pick(tokens, list(range(len(self.targets))), "target")
-        scores = reduce(maps[token_idx], token_reduce, 0)
+        if view == 0:
+            scores = reduce(maps[token_idx], token_reduce, 0)
+        elif stage == "llm" and self.image_positions is not None:
+            values = reduce(self.rows[token_idx][:, self.image_positions], token_reduce, 0)
+            scores = paint_view(values, self.image_boxes, self.image_view, view, self.image_size)
+        else:
+            raise ValueError("only the LLM stage of a result that kept its image-token boxes has later views")
         return PatchMap(scores, method=f"relevancy_{stage}", image_size=self.image_size, image=self.image,
                         targets=[self.targets[i] for i in token_idx], box=box if box is not None else self.box,
-                        info={**self.info, "stage": stage, "row_normalized": self.row_normalized})
+                        info={**self.info, "stage": stage, "row_normalized": self.row_normalized, "view": view})
 
     def to_dataframe(self):
         import pandas as pd
