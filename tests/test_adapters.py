@@ -307,3 +307,24 @@ def test_tiled_geometry_errors(tiled_vqa, image):
         adapter.image_geometry(ids, inp.pixel_values, torch.tensor([[40, 48], [40, 48]]))
     with pytest.raises(AdapterError, match="image tokens but this 40 x 48 image gives"):
         adapter.image_geometry(ids[: int(inp.image_positions[5])], inp.pixel_values, inp.extra["image_sizes"])
+
+
+def test_next_causal_map_of_the_tiles(tiny_next_vqa):
+    from mech_vqa import causal_explanation
+
+    vqa = tiny_next_vqa
+    inp = vqa.prepare(_gradient_image(50, 50), "What is the color of the dog?", "The dog is red.")
+    result = causal_explanation(vqa, inp, inp.target(3), alpha=0.5, threshold=0.0, n_samples=100_000, radius=10)
+    geometry = inp.geometry
+    base, tiles = result.patch_map(view=0).scores, result.patch_map(view=1).scores
+    assert base.shape == geometry.grid and tiles.shape == tuple(geometry.image_size)
+    explained = set(result.explanation.tolist())
+    shown = {int(p) for p, v in zip(geometry.positions, geometry.view) if int(p) in explained}
+    assert shown, "the explanation set has no image node; loosen alpha"
+    hires_nodes = [p for p in shown if int(geometry.view[geometry.positions == p][0]) == 1]
+    # each high-resolution node's attention shows at the centre of its box, and only there is it non-zero
+    for position in hires_nodes:
+        x0, y0, x1, y1 = geometry.boxes[geometry.positions == position][0].tolist()
+        node = result.nodes.tolist().index(position)
+        assert tiles[int((y0 + y1) / 2), int((x0 + x1) / 2)] == result.attention[node]
+    assert bool((tiles != 0).any()) == bool(hires_nodes)

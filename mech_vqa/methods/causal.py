@@ -200,7 +200,7 @@ def _explain_head(vqa, inp, resolved, attention, layer, head, *, threshold, max_
         nodes=nodes, kinds=kinds, adjacency=adjacency, correlation=correlation.float(),
         attention=attention[resolved.position][nodes.to(attention.device)].float().cpu(), explanation=explained,
         image_positions=geometry.positions.cpu(), image_rowcol=geometry.rowcol.cpu(), image_view=geometry.view.cpu(),
-        grid=list(geometry.grid), image_size=list(geometry.image_size),
+        image_boxes=geometry.boxes.cpu(), grid=list(geometry.grid), image_size=list(geometry.image_size),
         image=torch.from_numpy(inp.display_image()), tokens=[inp.str_tokens[p] for p in nodes.tolist()],
         layer=layer, head=head, targets=[resolved.to_dict()], box=[float(v) for v in box] if box is not None else None,
         info={"model": vqa.name, "question": inp.question, "answer": inp.answer, "threshold": threshold,

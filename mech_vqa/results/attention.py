@@ -413,7 +413,7 @@ class CausalExplanation(Result):
         correlation: ``[n, n]`` float32 the attention-derived correlation the graph was learned from.
         attention: ``[n]`` the target's attention to each node (the node-selection score).
         explanation: ``[m]`` positions of the explanation set (target excluded).
-        image_positions / image_rowcol / image_view, grid, image_size: to lay image nodes on the
+        image_positions / image_rowcol / image_view / image_boxes, grid, image_size: to lay image nodes on the
             patch grid; image: the de-normalised image (for plots) or None.
         tokens: token string of each node; layer, head; targets; box; info (alpha, radius...).
     """
@@ -427,6 +427,7 @@ class CausalExplanation(Result):
     image_positions: torch.Tensor | None = None
     image_rowcol: torch.Tensor | None = None
     image_view: torch.Tensor | None = None
+    image_boxes: torch.Tensor | None = None
     grid: list = dataclasses.field(default_factory=list)
     image_size: list = dataclasses.field(default_factory=list)
     image: torch.Tensor | None = None
@@ -460,17 +461,24 @@ class CausalExplanation(Result):
         return [(int(p), self.tokens[i]) for i, p in enumerate(self.nodes.tolist())
                 if self.kinds[i] == "text" and p in self.explanation.tolist()]
 
-    def patch_map(self, box=None) -> PatchMap:
-        """Image nodes of the explanation set, scored by the target's attention to them (0 elsewhere)."""
+    def patch_map(self, box=None, view: int = 0) -> PatchMap:
+        """Image nodes of the explanation set, scored by the target's attention to them (0 elsewhere).
+
+        ``view`` 0: the first view's patch grid; 1: LLaVA-NeXT's high-resolution tokens painted over
+        the image (nodes of the other view do not show).
+        """
         image_pos = self.image_positions.long()
         scores = torch.zeros(image_pos.shape[0])
         for node, pos in enumerate(self.nodes.tolist()):
             if self.kinds[node] == "image" and pos in self.explanation.tolist():
                 scores[image_pos == pos] = float(self.attention[node])
-        grid = _to_grid(scores, self.image_rowcol, self.image_view, self.grid)
+        if view == 0:
+            grid = _to_grid(scores, self.image_rowcol, self.image_view, self.grid)
+        else:
+            grid = paint_view(scores, self.image_boxes, self.image_view, view, self.image_size)
         return PatchMap(grid, method="causal_explanation", image_size=self.image_size, image=self.image,
                         targets=list(self.targets), box=box if box is not None else self.box,
-                        info={**self.info, "layer": self.layer, "head": self.head})
+                        info={**self.info, "layer": self.layer, "head": self.head, "view": view})
 
     def to_dataframe(self):
         import pandas as pd
