@@ -47,8 +47,8 @@ def _mean_maps(maps: list[PatchMap], method: str, info: dict | None = None) -> P
 def _mechanistic(vqa, inp, targets, box, options):
     from .methods.mechanistic import explain
 
-    maps = [explain(vqa, inp, t, heads=options.get("heads", "top"), box=box, progress=False).patch_map
-            for t in targets]
+    maps = [explain(vqa, inp, t, heads=options.get("heads", "top"), box=box, view=options.get("view", 0),
+                    progress=False).patch_map for t in targets]
     return _mean_maps(maps, "mechanistic")
 
 
@@ -57,7 +57,7 @@ def _logit_lens(vqa, inp, targets, box, options):
 
     maps = []
     for t in targets:
-        lens = logit_lens(vqa, inp, t.token_id, k=1)
+        lens = logit_lens(vqa, inp, t.token_id, k=1, view=options.get("view", 0))
         stage = int(lens.word_probs.mean(-1).argmax())
         layer = "input" if stage == 0 else stage - 1
         patch = lens.patch_map(layer)
@@ -68,19 +68,19 @@ def _logit_lens(vqa, inp, targets, box, options):
 def _raw_attention(vqa, inp, targets, box, options):
     from .methods.raw_attention import raw_attention_map
 
-    return raw_attention_map(vqa, inp, targets, box=box)
+    return raw_attention_map(vqa, inp, targets, box=box, view=options.get("view", 0))
 
 
 def _relevancy(vqa, inp, targets, box, options):
     from .methods.relevancy import relevancy_map
 
-    return relevancy_map(vqa, inp, targets, progress=False, box=box)
+    return relevancy_map(vqa, inp, targets, progress=False, box=box, view=options.get("view", 0))
 
 
 def _causal(vqa, inp, targets, box, options):
     from .methods.causal import causal_map
 
-    maps = [causal_map(vqa, inp, t, box=box) for t in targets]
+    maps = [causal_map(vqa, inp, t, box=box, view=options.get("view", 0)) for t in targets]
     return _mean_maps(maps, "causal")
 
 
@@ -181,6 +181,16 @@ class Comparison(Result):
                    selection=meta["selection"], info=meta["info"])
 
 
+def _common_grid(geometry, view: int) -> tuple[int, int]:
+    """The grid the maps are compared on: the view's own token grid (rows x cols of its tokens)."""
+    if view == 0:
+        return tuple(geometry.grid)
+    rowcol = geometry.rowcol[geometry.view == view]
+    if rowcol.numel() == 0:
+        raise ValueError(f"no image token belongs to view {view} (views: {sorted(set(geometry.view.tolist()))})")
+    return int(rowcol[:, 0].unique().numel()), int(rowcol[:, 1].unique().numel())
+
+
 def select_targets(vqa, inp: PreparedInput, *, tokens=None, baseline="blur", tau: float = 1.0):
     """``(targets, selection records, rule)``: the visually relevant answer tokens, or a fallback.
 
@@ -205,7 +215,8 @@ def select_targets(vqa, inp: PreparedInput, *, tokens=None, baseline="blur", tau
 
 
 def compare(vqa, inp: PreparedInput, *, methods=None, tokens=None, box=None, baseline="blur", tau: float = 1.0,
-            step_fraction: float = 0.02, progress: bool = True, options: dict | None = None) -> Comparison:
+            step_fraction: float = 0.02, progress: bool = True, options: dict | None = None,
+            view: int = 0) -> Comparison:
     """Every method's map on the same answer tokens, scored (see the module docstring).
 
     Args:
@@ -213,6 +224,9 @@ def compare(vqa, inp: PreparedInput, *, methods=None, tokens=None, box=None, bas
         tokens: answer-token indices to explain (default: the visually relevant ones).
         box: ground-truth box in the preprocessed image's pixels (``inp.box_to_model`` maps one).
         options: per-method options, e.g. ``{"igos": {"mask_size": 8, "iterations": 5}}``.
+        view: which image tokens the token-based maps show: 0 = the whole-image view's grid; 1 =
+            LLaVA-NeXT / OneVision's high-resolution tokens painted over the image (iGOS's mask
+            covers the image either way).
     """
     from tqdm.auto import tqdm
 
@@ -222,7 +236,7 @@ def compare(vqa, inp: PreparedInput, *, methods=None, tokens=None, box=None, bas
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-    options = dict(options or {}, baseline=baseline)
+    options = dict(options or {}, baseline=baseline, view=view)
     targets, selection, rule = select_targets(vqa, inp, tokens=tokens, baseline=baseline, tau=tau)
     indices = [t.position + 1 - inp.prompt_length for t in targets]
     maps, table = {}, []
@@ -238,12 +252,13 @@ def compare(vqa, inp: PreparedInput, *, methods=None, tokens=None, box=None, bas
         if box is not None:
             row.update(pointing_game=patch_map.pointing_game(box), in_box_share=patch_map.in_box_share(box))
         table.append(row)
-    grid = inp.geometry.grid
+    grid = _common_grid(inp.geometry, view)
     on_grid = {name: m.resample(grid, mode="area") if m.grid != tuple(grid) else m.scores for name, m in maps.items()}
     names = list(maps)
     correlations = {f"{a}|{b}": spearman(on_grid[a], on_grid[b]) for i, a in enumerate(names) for b in names[i + 1:]}
     info = {"model": vqa.name, "prompt": inp.prompt, "answer": inp.answer, "selection_rule": rule,
-            "targets": [t.to_dict() for t in targets], "tau": tau, "baseline": baseline if isinstance(baseline, str) else "tensor"}
+            "targets": [t.to_dict() for t in targets], "tau": tau, "view": view,
+            "baseline": baseline if isinstance(baseline, str) else "tensor"}
     return Comparison(maps=maps, table=table, correlations=correlations, selection=selection, info=info)
 
 

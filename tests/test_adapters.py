@@ -328,3 +328,21 @@ def test_next_causal_map_of_the_tiles(tiny_next_vqa):
         node = result.nodes.tolist().index(position)
         assert tiles[int((y0 + y1) / 2), int((x0 + x1) / 2)] == result.attention[node]
     assert bool((tiles != 0).any()) == bool(hires_nodes)
+
+
+def test_tiled_compare_of_the_high_resolution_tokens(tiled_vqa):
+    from mech_vqa import compare, logit_lens
+
+    vqa = tiled_vqa
+    inp = vqa.prepare(_gradient_image(50, 50), "What is the color of the dog?", "The dog is red.")
+    height, width = inp.geometry.image_size
+    result = compare(vqa, inp, tokens=[3], view=1, progress=False,
+                     methods=["mechanistic", "logit_lens", "raw_attention", "relevancy", "causal"])
+    assert all(m.scores.shape == (height, width) for m in result.maps.values())
+    assert all(m.info.get("view") == 1 for name, m in result.maps.items() if name != "logit_lens")
+    assert result.info["view"] == 1
+    assert -1 <= result.correlations["mechanistic|raw_attention"] <= 1  # compared on the high-resolution grid
+    # the logit lens of view 1 reads exactly the high-resolution positions
+    lens = logit_lens(vqa, inp, "red", view=1)
+    assert lens.info["positions"] == inp.geometry.positions[inp.geometry.view == 1].tolist()
+    assert lens.patch_map().scores.shape == (height, width)

@@ -208,6 +208,7 @@ def _explain_head(vqa, inp, resolved, attention, layer, head, *, threshold, max_
     )
 
 
-def causal_map(vqa, inp: PreparedInput, target=None, **kwargs) -> PatchMap:
-    """The explanation set's image patches as a :class:`PatchMap` (see :func:`causal_explanation`)."""
-    return causal_explanation(vqa, inp, target, **kwargs).patch_map()
+def causal_map(vqa, inp: PreparedInput, target=None, *, view: int = 0, **kwargs) -> PatchMap:
+    """The explanation set's image patches as a :class:`PatchMap` (see :func:`causal_explanation`;
+    ``view`` 1: LLaVA-NeXT's high-resolution tokens painted over the image)."""
+    return causal_explanation(vqa, inp, target, **kwargs).patch_map(view=view)

@@ -41,11 +41,12 @@ def word_token_id(vqa, word: str | int) -> int:
 
 @torch.no_grad()
 def logit_lens(vqa, inp: PreparedInput, word: str | int | None = None, *, k: int = 5,
-               chunk_elements: int = CHUNK_ELEMENTS, progress: bool = False) -> LogitLens:
+               chunk_elements: int = CHUNK_ELEMENTS, progress: bool = False, view: int = 0) -> LogitLens:
     """Top-``k`` tokens of every image patch at every stage, and ``word``'s probability map.
 
     One forward records the residual stream at the image positions only (the input of layer 0 and
-    every layer's output); one chunked sweep of the unembedding reads all of them.
+    every layer's output); one chunked sweep of the unembedding reads all of them. ``view``: whose
+    image tokens (0 = the whole-image view; 1 = LLaVA-NeXT's high-resolution tiles).
     """
     if not isinstance(inp, PreparedInput):
         raise TypeError(f"logit_lens takes one PreparedInput (vqa.prepare), got {type(inp).__name__}")
@@ -54,8 +55,10 @@ def logit_lens(vqa, inp: PreparedInput, word: str | int | None = None, *, k: int
     adapter = vqa.adapter
     word_id = word_token_id(vqa, word) if word is not None else None
     geometry = inp.geometry
-    first_view = geometry.view == 0  # one map per image: the first view's patches
-    positions = geometry.positions[first_view]
+    chosen = geometry.view == view  # one map per image view
+    if not chosen.any():
+        raise ValueError(f"no image token belongs to view {view} (views: {sorted(set(geometry.view.tolist()))})")
+    positions = geometry.positions[chosen]
     with vqa.trace(["resid_pre", "resid_post"], positions=positions) as cache:
         vqa.forward(inp, logits_to_keep=1)
     stages = [cache["resid_pre", 0][0]] + [cache["resid_post", layer][0] for layer in range(adapter.n_layers)]
@@ -70,7 +73,8 @@ def logit_lens(vqa, inp: PreparedInput, word: str | int | None = None, *, k: int
     word_probs = None if word_id is None else (sweep["logits"] - lse).exp().view(n_stages, n_patches)
     top_tokens = [[vqa.to_str_tokens(ids) for ids in stage] for stage in top_ids.cpu()]
     return LogitLens(
-        top_ids=top_ids.cpu(), top_probs=top_probs.cpu(), rowcol=geometry.rowcol[first_view].clone(),
+        top_ids=top_ids.cpu(), top_probs=top_probs.cpu(), rowcol=geometry.rowcol[chosen].clone(),
+        view=view, boxes=geometry.boxes[chosen].clone(),
         word_probs=None if word_probs is None else word_probs.cpu(), top_tokens=top_tokens,
         word=None if word is None else (word if isinstance(word, str) else vqa.to_str_tokens([word_id])[0]),
         word_id=word_id, grid=list(geometry.grid), image_size=list(geometry.image_size),

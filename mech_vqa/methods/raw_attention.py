@@ -114,11 +114,12 @@ def answer_attention(vqa, inp: PreparedInput, targets=None, *, layers: Sequence[
 
 def raw_attention_map(vqa, inp: PreparedInput, targets=None, *, layers: Sequence[int] | None = None,
                       heads: Sequence[int] | None = None, head_reduce: str = "mean", layer_reduce: str = "mean",
-                      token_reduce: str = "mean", box=None) -> PatchMap:
-    """One :class:`PatchMap` of raw attention: heads, then ``layers``, then target tokens reduced."""
+                      token_reduce: str = "mean", box=None, view: int = 0) -> PatchMap:
+    """One :class:`PatchMap` of raw attention: heads, then ``layers``, then target tokens reduced
+    (``view`` 1: LLaVA-NeXT's high-resolution tokens painted over the image)."""
     result = answer_attention(vqa, inp, targets, layers=layers, box=box)
     return result.patch_map(heads=heads, head_reduce=head_reduce, layer_reduce=layer_reduce,
-                            token_reduce=token_reduce)
+                            token_reduce=token_reduce, view=view)
 
 
 def attention_mass(vqa, inp: PreparedInput, targets=None, *, layers: Sequence[int] | None = None) -> AttentionMass:

@@ -181,12 +181,13 @@ def _vision_map(image_row: torch.Tensor, probs: list[torch.Tensor], grads, geome
 
 
 def relevancy_map(vqa, inp: PreparedInput, targets=None, *, stage: str = "llm", row_normalize: bool = False,
-                  token_reduce: str = "mean", progress: bool = True, box=None) -> PatchMap:
-    """One :class:`PatchMap` of relevancy (``stage`` ``llm`` or ``vision``), target tokens reduced."""
+                  token_reduce: str = "mean", progress: bool = True, box=None, view: int = 0) -> PatchMap:
+    """One :class:`PatchMap` of relevancy (``stage`` ``llm`` or ``vision``), target tokens reduced
+    (``view`` 1: LLaVA-NeXT's high-resolution tokens painted over the image, LLM stage)."""
     if stage not in ("llm", "vision"):
         raise ValueError(f"stage must be 'llm' or 'vision', got {stage!r}")
     result = relevancy(vqa, inp, targets, row_normalize=row_normalize, vision=stage == "vision",
                        progress=progress, box=box)
-    return result.patch_map(stage=stage, token_reduce=token_reduce)
+    return result.patch_map(stage=stage, token_reduce=token_reduce, view=view)
 
 

@@ -222,7 +222,8 @@ class LogitLens(Result):
     Stage ``0`` is the projector output (the input of layer 0), stage ``i + 1`` the output of
     decoder layer ``i``. ``top_ids``/``top_probs`` ``[stages, n_patches, k]``; ``word_probs``
     ``[stages, n_patches]`` is the probability of ``word`` (None when no word was asked). Patches
-    are in grid order; ``rowcol`` ``[n_patches, 2]`` places them on the ``grid``.
+    are in grid order; ``rowcol`` ``[n_patches, 2]`` places them on the ``grid``. ``view``: which
+    image view the patches belong to; a later view's map is painted from the patches' ``boxes``.
     """
 
     top_ids: torch.Tensor
@@ -238,6 +239,8 @@ class LogitLens(Result):
     model: str = ""
     prompt: str = ""
     info: dict = dataclasses.field(default_factory=dict)
+    view: int = 0
+    boxes: torch.Tensor | None = None
 
     @property
     def n_layers(self) -> int:
@@ -252,6 +255,10 @@ class LogitLens(Result):
         return layer % self.n_layers + 1
 
     def _grid(self, values: torch.Tensor) -> torch.Tensor:
+        if self.view != 0:  # a later view's tokens (LLaVA-NeXT's tiles): painted over the image
+            from ..adapters.base import paint_boxes
+
+            return paint_boxes(values, self.boxes, self.image_size)
         out = values.new_zeros(tuple(self.grid))
         out[self.rowcol[:, 0], self.rowcol[:, 1]] = values
         return out
