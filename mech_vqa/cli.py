@@ -34,8 +34,12 @@ def _run(args) -> int:
     from .dataset import read_dataset, run_dataset
 
     read_dataset(args.dataset)  # a missing or empty dataset fails before the model loads
+    if args.view and args.task not in ("explain", "compare"):
+        print(f"mech-vqa: --view applies to the explain and compare tasks, not {args.task}", file=sys.stderr)
+        return 2
+    extra = {"view": args.view} if args.view else {}
     counts = run_dataset(_load(args.model), args.dataset, args.out, args.task, limit=args.limit,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, **extra)
     print(json.dumps(counts))
     return 0
 
@@ -77,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default=None, help=model_help)
     run.add_argument("--limit", type=int, default=None, help="only the first N rows")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--view", type=int, default=0,
+                     help="explain/compare: which image view the maps show (0 = the whole image's grid; 1 = a "
+                          "tiled model's high-resolution tokens, LLaVA-NeXT / OneVision)")
     run.set_defaults(func=_run)
 
     summary = sub.add_parser("summary", help="print the dataset table of a results file and save its figures")

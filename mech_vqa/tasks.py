@@ -74,14 +74,15 @@ def task_ablate(vqa, *, image, question, answer, box, row, batch_size: int = 16)
     return out
 
 
-def task_explain(vqa, *, image, question, answer, box, row):
-    """Mechanistic explanation of the answer-word token: layers, top heads, the top head's image map."""
+def task_explain(vqa, *, image, question, answer, box, row, view: int = 0):
+    """Mechanistic explanation of the answer-word token: layers, top heads, the top head's image map
+    (``view`` 1: a tiled model's high-resolution tokens)."""
     from .methods.mechanistic import explain
 
     inp, out = answer_item(vqa, image, question, answer, row)
     target = inp.target(answer_target(inp, row))
     model_box = inp.box_to_model(box) if box is not None else None
-    explanation = explain(vqa, inp, target, heads="top", box=model_box, progress=False)
+    explanation = explain(vqa, inp, target, heads="top", box=model_box, view=view, progress=False)
     heads = explanation.heads.topk(5)
     out.update({"target": target.to_dict(), "top_heads": heads.to_dict("records"),
                 "layer_attn_increase": explanation.layers.attention.tolist(),
@@ -92,13 +93,14 @@ def task_explain(vqa, *, image, question, answer, box, row):
     return out
 
 
-def task_compare(vqa, *, image, question, answer, box, row, methods=None, options=None):
-    """Every patch-importance method on the same visually relevant answer tokens, scored."""
+def task_compare(vqa, *, image, question, answer, box, row, methods=None, options=None, view: int = 0):
+    """Every patch-importance method on the same visually relevant answer tokens, scored
+    (``view`` 1: a tiled model's high-resolution tokens)."""
     from .compare import compare
 
     inp, out = answer_item(vqa, image, question, answer, row)
     model_box = inp.box_to_model(box) if box is not None else None
-    comparison = compare(vqa, inp, methods=methods, box=model_box, progress=False, options=options)
+    comparison = compare(vqa, inp, methods=methods, box=model_box, progress=False, options=options, view=view)
     out.update({"targets": comparison.info["targets"], "selection_rule": comparison.info["selection_rule"],
                 "methods": {r["method"]: {k: v for k, v in r.items() if k != "method"} for r in comparison.table},
                 "correlations": comparison.correlations})

@@ -32,3 +32,28 @@ def test_demo_writes_heatmaps_and_scores(tiny_vqa, tmp_path):
 def test_summary_of_missing_file_is_clear(tmp_path, capsys):
     assert main(["summary", str(tmp_path / "none.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_run_compare_on_the_tiles_of_a_saved_llava_next(tiny_next_vqa, tmp_path, capsys):
+    """The scripted path end to end on a tiled model: saved, reloaded by path, high-resolution maps."""
+    import numpy as np
+    from PIL import Image
+
+    tiny_next_vqa.model.save_pretrained(tmp_path / "model")
+    tiny_next_vqa.processor.save_pretrained(tmp_path / "model")
+    rng = np.random.RandomState(0)
+    rows = []
+    for i, (w, h) in enumerate([(48, 40), (70, 40)]):
+        Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "question": "What is the color of the dog?", "answer": "The dog is red.",
+                     "box": [0, 0, w // 2, h // 2]})
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "results.jsonl"
+    args = ["run", "explain", str(tmp_path / "data.jsonl"), "--out", str(out), "--model", str(tmp_path / "model"),
+            "--view", "1", "--no-progress"]
+    assert main(args) == 0
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["status"] for r in results] == ["ok", "ok"] and all(0 <= r["in_box_share"] <= 1 for r in results)
+    assert main(["run", "ablate", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "a.jsonl"),
+                 "--view", "1"]) == 2
+    assert "--view applies to the explain and compare tasks" in capsys.readouterr().err
