@@ -101,7 +101,7 @@ def llava_next_processor(tokenizer, image_size: int, patch_size: int, grid_pinpo
                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
-TEXT_MODELS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
+TEXT_MODELS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "gemma": "GemmaConfig"}
 
 
 def llava_config(
@@ -124,8 +124,9 @@ def llava_config(
 ):
     """A ``LlavaConfig`` with a CLIP vision tower and a text model sized by the arguments.
 
-    ``text_model``: ``"llama"`` (LLaVA-1.5), ``"mistral"`` (BakLLaVA) or ``"qwen2"`` (LLaVA-Interleave,
-    with q/k/v biases). ``sliding_window``: Mistral slides in every layer, Qwen2 in every layer but
+    ``text_model``: ``"llama"`` (LLaVA-1.5), ``"mistral"`` (BakLLaVA), ``"qwen2"`` (LLaVA-Interleave,
+    with q/k/v biases) or ``"gemma"`` (LLaVA-Gemma: norms scale by ``1 + weight``, embeddings by
+    ``sqrt(d)``). ``sliding_window``: Mistral slides in every layer, Qwen2 in every layer but
     the first (``max_window_layers=1``), so one model mixes both kinds. ``vision_model``: ``"clip"``
     (class token dropped by the ``default`` strategy) or ``"siglip"`` (no class token, ``full``).
     """
@@ -134,10 +135,10 @@ def llava_config(
 
     if text_model not in TEXT_MODELS:
         raise ValueError(f"unknown text_model {text_model!r}; choose one of {sorted(TEXT_MODELS)}")
-    extra = {}
+    extra = {"head_dim": hidden // heads} if text_model == "gemma" else {}  # Gemma's default is 256
     if sliding_window is not None:
-        if text_model == "llama":
-            raise ValueError("Llama has no sliding window; use text_model='mistral' or 'qwen2'")
+        if text_model in ("llama", "gemma"):
+            raise ValueError(f"{text_model} has no sliding window; use text_model='mistral' or 'qwen2'")
         extra["sliding_window"] = sliding_window
         if text_model == "qwen2":
             extra.update(use_sliding_window=True, max_window_layers=1)

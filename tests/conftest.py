@@ -66,6 +66,17 @@ def tiny_qwen2_vqa() -> VQAModel:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma_vqa() -> VQAModel:
+    """Tiny LLaVA-Gemma: norms scale by 1 + weight (randomised here so that it matters), embeddings by sqrt(d)."""
+    model, processor = tiny_llava(seed=7, kv_heads=2, text_model="gemma")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:  # Gemma initialises its norm weights at 0 (gain 1)
+                parameter.normal_(0, 0.5)
+    return _warmed_up(VQAModel(model, processor, name="tiny-gemma"))
+
+
+@pytest.fixture(scope="session")
 def tiny_next_vqa() -> VQAModel:
     """Tiny LLaVA-NeXT: 32 px tiles, pinpoints 32 x 64 / 64 x 32 / 64 x 64, newline tokens."""
     from mech_vqa.build import tiny_llava_next
@@ -90,12 +101,13 @@ def tiled_vqa(request) -> VQAModel:
 
 
 FAMILIES = {"gqa": "tiny_vqa", "mha": "tiny_mha_vqa", "mistral": "tiny_mistral_vqa", "qwen2": "tiny_qwen2_vqa",
-            "next": "tiny_next_vqa", "onevision": "tiny_onevision_vqa"}
+            "gemma": "tiny_gemma_vqa", "next": "tiny_next_vqa", "onevision": "tiny_onevision_vqa"}
 
 
 @pytest.fixture(params=list(FAMILIES))
 def any_vqa(request) -> VQAModel:
-    """Each layout the adapters support: Llama GQA / MHA, Mistral and Qwen2 with sliding windows, LLaVA-NeXT tiles."""
+    """Each layout the adapters support: Llama GQA / MHA, Mistral and Qwen2 with sliding windows, Gemma,
+    LLaVA-NeXT and LLaVA-OneVision tiles."""
     return request.getfixturevalue(FAMILIES[request.param])
 
 

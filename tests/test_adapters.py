@@ -346,3 +346,29 @@ def test_tiled_compare_of_the_high_resolution_tokens(tiled_vqa):
     lens = logit_lens(vqa, inp, "red", view=1)
     assert lens.info["positions"] == inp.geometry.positions[inp.geometry.view == 1].tolist()
     assert lens.patch_map().scores.shape == (height, width)
+
+
+def test_gemma_norms_are_read_as_the_gain_they_apply(image):
+    """LLaVA-Gemma: the final norm scales by 1 + weight; the frozen-norm scores and the logit lens must
+    reproduce the model's own log-probs (they did not when the weight was read as the gain)."""
+    from mech_vqa import VQAModel, explain, logit_lens
+
+    model, processor = tiny_llava(seed=7, kv_heads=2, text_model="gemma")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:  # Gemma initialises its norm weights at 0 (gain 1): make them matter
+                parameter.normal_(0, 0.5)
+    vqa = VQAModel(model, processor, name="tiny-gemma")
+    params = vqa.adapter.final_norm_params()
+    torch.testing.assert_close(params["weight"], 1 + vqa.adapter.final_norm.weight.float())
+    inp = vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
+    result = explain(vqa, inp, inp.target(2), progress=False)
+    assert result.layers.final_logprob == pytest.approx(result.layers.model_logprob, abs=2e-5)
+    lens = logit_lens(vqa, inp, "red", k=2)
+    red = vqa.tokenizer.convert_tokens_to_ids("red")
+    probs = vqa.logits(inp)[0, inp.image_positions].float().softmax(-1)[:, red]
+    torch.testing.assert_close(lens.word_probs[-1], probs, rtol=1e-4, atol=1e-6)
+    # a Llama norm keeps its weight as it is (the same tensor)
+    llama, _ = tiny_llava(seed=0)
+    norm = get_adapter(llama).final_norm
+    assert get_adapter(llama).final_norm_params()["weight"] is norm.weight

@@ -149,6 +149,24 @@ def mask_to_pixels(masks: torch.Tensor, pixel_shape, mode: str = "bilinear", *, 
     return out.view(n, n_views, 1, height, width)
 
 
+def _rms_gain(norm: nn.Module, eps: float) -> torch.Tensor:
+    """The gain an RMS norm applies: its ``weight``, or ``1 + weight`` for Gemma-style norms.
+
+    Read by running the module (its own forward, no hooks) on a vector of ones, whose RMS is 1:
+    ``norm(1) = gain / sqrt(1 + eps)``. A norm that is neither form is one clear error.
+    """
+    weight = norm.weight.detach()
+    with torch.no_grad():
+        ones = torch.ones(1, weight.shape[-1], dtype=weight.dtype, device=weight.device)
+        gain = type(norm).forward(norm, ones).float()[0] * (1 + eps) ** 0.5
+    plain, offset = (gain - weight.float()).abs().max(), (gain - 1 - weight.float()).abs().max()
+    tolerance = 1e-2 * max(1.0, float(gain.abs().max()))
+    if min(plain, offset) > tolerance:
+        raise AdapterError(f"the final norm {type(norm).__name__} scales by neither its weight nor 1 + weight; "
+                           "the adapter cannot read it as data")
+    return norm.weight if plain <= offset else 1 + weight.float()
+
+
 def _corners(mode: str) -> dict:
     return {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
 
@@ -290,13 +308,16 @@ class ModelAdapter:
         return self.down_proj(layer).weight
 
     def final_norm_params(self) -> dict:
-        """The final norm as data: ``kind`` ("rms" or "layer"), ``weight``, ``bias``, ``eps``."""
+        """The final norm as data: ``kind`` ("rms" or "layer"), ``weight`` (the gain it applies),
+        ``bias``, ``eps``."""
         norm = self.final_norm
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
         if eps is None:
             raise AdapterError(f"cannot read the epsilon of the final norm {type(norm).__name__}")
-        kind = "layer" if isinstance(norm, nn.LayerNorm) else "rms"
-        return {"kind": kind, "weight": norm.weight, "bias": getattr(norm, "bias", None), "eps": float(eps)}
+        if isinstance(norm, nn.LayerNorm):
+            return {"kind": "layer", "weight": norm.weight, "bias": norm.bias, "eps": float(eps)}
+        return {"kind": "rms", "weight": _rms_gain(norm, float(eps)), "bias": getattr(norm, "bias", None),
+                "eps": float(eps)}
 
     # ------------------------------------------------------------------------ checks
     def check_layer(self, index: int) -> int:

@@ -28,13 +28,13 @@ class HandScorer:
 
     def __init__(self, model, final_r, token_id):
         norm = model.model.language_model.norm
-        self.gamma = norm.weight.double()
-        self.scale = 1.0 / torch.sqrt(final_r.double().pow(2).mean() + norm.variance_epsilon)
+        # gain * frozen scale, elementwise, from the model's own norm at r (Llama: w; Gemma: 1 + w)
+        self.gain_scale = norm(final_r[None])[0].double() / final_r.double()
         self.W_U = model.lm_head.weight.double()
         self.token_id = token_id
 
     def __call__(self, v):
-        return float((self.W_U @ (self.gamma * v.double() * self.scale)).log_softmax(-1)[self.token_id])
+        return float((self.W_U @ (self.gain_scale * v.double())).log_softmax(-1)[self.token_id])
 
 
 @torch.no_grad()

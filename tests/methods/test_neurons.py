@@ -21,12 +21,14 @@ def test_neuron_increase_equals_hand_loop(any_vqa, inp):
     with any_vqa.trace(["resid_pre", "attn_out", "mlp_out", "mlp_act", "resid_post"]) as c:
         any_vqa.forward(inp)
     norm = model.model.language_model.norm
-    final = c["resid_post", a.n_layers - 1][0, t].double()
-    scale = 1.0 / torch.sqrt(final.pow(2).mean() + norm.variance_epsilon)
-    gamma, W_U = norm.weight.double(), model.lm_head.weight.double()
+    final = c["resid_post", a.n_layers - 1][0, t]
+    # gain * frozen scale, elementwise, from the model's own norm at r (Llama: w; Gemma: 1 + w)
+    gain_scale = norm(final[None])[0].double() / final.double()
+    scale = 1.0 / torch.sqrt(final.double().pow(2).mean() + getattr(norm, "variance_epsilon", getattr(norm, "eps", 0)))
+    gamma, W_U = gain_scale / scale, model.lm_head.weight.double()
 
     def lp(v):
-        return float((W_U @ (gamma * v * scale)).log_softmax(-1)[target.token_id])
+        return float((W_U @ (gain_scale * v)).log_softmax(-1)[target.token_id])
 
     layers = [a.n_layers - 1, 0]
     result = neuron_increase(any_vqa, inp, target, layers=layers, k=4, n_tokens=3, progress=False)
