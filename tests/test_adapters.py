@@ -372,3 +372,16 @@ def test_gemma_norms_are_read_as_the_gain_they_apply(image):
     llama, _ = tiny_llava(seed=0)
     norm = get_adapter(llama).final_norm
     assert get_adapter(llama).final_norm_params()["weight"] is norm.weight
+
+
+def test_fused_projections_are_one_clear_error_at_load():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, Phi3Config
+
+    tokenizer = word_level_tokenizer(["dog"])
+    base = llava_config(tokenizer)
+    text = Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    model = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=base.vision_config,
+                                                      image_token_id=base.image_token_id))
+    with pytest.raises(AdapterError, match=r"Phi3Config\) has no self_attn.q_proj, self_attn.k_proj, self_attn.v_proj"):
+        get_adapter(model)

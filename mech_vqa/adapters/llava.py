@@ -54,6 +54,23 @@ class LlavaAdapter(ModelAdapter):
                 f"{type(model).__name__} has no decoder layers at any known LLaVA path "
                 f"({', '.join(v[0] for v in _LAYOUTS.values())})"
             )
+        self._check_layer_modules()
+
+    def _check_layer_modules(self) -> None:
+        """Every method reads separate q/k/v/o projections and the MLP's down projection: say so at
+        load time, not as an AttributeError deep inside a method."""
+        layer = self.layers[0]
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        missing = [f"self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj")
+                   if not hasattr(attn, name)]
+        missing += [] if hasattr(mlp, "down_proj") else ["mlp.down_proj"]
+        if missing:
+            text = type(self.model.config.get_text_config()).__name__
+            raise AdapterError(
+                f"the text model ({text}) has no {', '.join(missing)} in its decoder layers (fused projections?); "
+                "mech_vqa supports Llama-like text models with separate q/k/v/o projections (Llama, Mistral, "
+                "Qwen2, Gemma). A ModelAdapter subclass registered with register_adapter can map another layout"
+            )
 
     @classmethod
     def handles(cls, model: nn.Module) -> bool:
