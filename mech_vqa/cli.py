@@ -23,7 +23,7 @@ def _demo(args) -> int:
     from .demo import run_demo
 
     scores = run_demo(_load(args.model), out_dir=args.out, image=args.image, question=args.question,
-                      methods=args.methods.split(",") if args.methods else None)
+                      methods=args.methods.split(",") if args.methods else None, view=args.view)
     print(json.dumps({k: v for k, v in scores.items() if k != "methods"}, indent=1))
     for name, entry in scores["methods"].items():
         print(f"{name:>22}: {entry.get('png', entry.get('error'))}")
@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image", default=None, help="an image file (default: the first evaluation item)")
     demo.add_argument("--question", default=None, help="the question (default: the item's)")
     demo.add_argument("--methods", default=None, help="comma-separated patch methods (default: all)")
+    demo.add_argument("--view", type=int, default=0,
+                      help="1: draw a tiled model's high-resolution tokens (LLaVA-NeXT / OneVision); default 0")
     demo.set_defaults(func=_demo)
 
     from .tasks import TASKS

@@ -22,7 +22,7 @@ def default_item() -> dict:
     return row
 
 
-def run_demo(vqa, out_dir="out/demo", image=None, question=None, methods=None, options=None) -> dict:
+def run_demo(vqa, out_dir="out/demo", image=None, question=None, methods=None, options=None, view: int = 0) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,7 +41,7 @@ def run_demo(vqa, out_dir="out/demo", image=None, question=None, methods=None, o
     prediction = vqa.generate(picture, question)
     inp = vqa.prepare(picture, question, prediction or None, generate=False)
     box = inp.box_to_model(row["box"]) if row.get("box") else None
-    comparison = compare(vqa, inp, methods=methods, box=box, progress=True, options=options)
+    comparison = compare(vqa, inp, methods=methods, box=box, progress=True, options=options, view=view)
 
     scores = {"model": vqa.name, "image": row["image"], "question": question, "prediction": prediction,
               "expected": row.get("answer"), "box": box, "targets": comparison.info["targets"],
@@ -58,7 +58,7 @@ def run_demo(vqa, out_dir="out/demo", image=None, question=None, methods=None, o
     plt.close(fig)
 
     target = comparison.info["targets"][0]
-    explanation = explain(vqa, inp, inp.target(position=target["position"]), box=box, progress=False)
+    explanation = explain(vqa, inp, inp.target(position=target["position"]), box=box, view=view, progress=False)
     for name, result in (("layers", explanation.layers), ("heads", explanation.heads)):
         fig, _ = result.plot()
         fig.savefig(out / f"{name}.png", dpi=130, bbox_inches="tight")

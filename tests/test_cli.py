@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,6 @@ def test_run_compare_on_the_tiles_of_a_saved_llava_next(tiny_next_vqa, tmp_path,
     assert main(["run", "ablate", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "a.jsonl"),
                  "--view", "1"]) == 2
     assert "--view applies to the explain and compare tasks" in capsys.readouterr().err
+    scores = run_demo(tiny_next_vqa, tmp_path / "demo", image=tmp_path / "1.png", question="What is the color of the dog?",
+                      methods=["mechanistic", "raw_attention"], view=1)
+    assert all(Path(entry["png"]).exists() for entry in scores["methods"].values())
