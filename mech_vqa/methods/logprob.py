@@ -11,7 +11,8 @@ with the final norm's scale frozen at its value for the real last-layer output `
     logits(v) = W_U n(v) (+ b_U)                          [vocab]
     lp(v)     = log_softmax(logits(v))[y]
 
-Freezing makes ``logits`` affine in ``v``: ``logits(x + u) = logits(x) + s * W_U (gamma * u)``.
+``gamma`` is the gain the norm applies (its weight; ``1 + weight`` for Gemma's norm), as
+:meth:`~mech_vqa.adapters.ModelAdapter.final_norm_params` reads it. Freezing makes ``logits`` affine in ``v``: ``logits(x + u) = logits(x) + s * W_U (gamma * u)``.
 :class:`FrozenNormScorer` uses this to score many vectors ``x + u`` cheaply when every ``u`` lies
 in a small basis (a head's value space, or one MLP neuron's value vector).
 
