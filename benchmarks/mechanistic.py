@@ -110,7 +110,7 @@ def memory_child(name: str) -> None:
     inp = midsize_input(vqa)
     paths = {
         "forward": lambda: vqa.logits(inp),
-        "heads": lambda: layer_and_head_increase(capture_target(vqa, inp)),
+        "heads": lambda: layer_and_head_increase(capture_target(vqa, inp, kv_layers=None)),
         "explain": lambda: explain(vqa, inp, heads="top", progress=False),
     }
     fn = paths[name]
@@ -148,7 +148,8 @@ def main() -> None:
         times = interleaved_medians({
             "plain forward": lambda: vqa.logits(inp),
             "forward, last logits only": lambda: vqa.forward(inp, logits_to_keep=1),
-            "head-level, all L x H (incl. forward)": lambda: layer_and_head_increase(capture_target(vqa, inp)),
+            "head-level, all L x H (incl. forward)": lambda: layer_and_head_increase(
+                capture_target(vqa, inp, kv_layers=None)),
             "position-level, one head (extra)": lambda: position_increase(capture, top),
             EXPLAIN: lambda: explain(vqa, inp, heads="top", progress=False),
         }, repeats=7, warmup=1)

@@ -167,9 +167,13 @@ class FrozenNormScorer:
         out.targets, out.mean, out.scale = self.targets[rows], self.mean[rows], self.scale[rows]
         return out
 
-    def frozen_norm(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``n(v)`` for ``vectors`` ``[B, ..., d]`` (row b uses row b's frozen mean and scale)."""
+    def frozen_norm(self, vectors: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
+        """``n(v)`` for ``vectors`` ``[B, ..., d]`` (row b uses row b's frozen mean and scale);
+        ``overwrite`` computes it in place when ``vectors`` is float32 on the right device."""
         shape = (vectors.shape[0],) + (1,) * (vectors.dim() - 1)
+        if overwrite and vectors.dtype == torch.float32 and vectors.device == self.gamma.device:
+            x = vectors.sub_(self.mean.view(shape)).mul_(self.scale.view(shape)).mul_(self.gamma)
+            return x.add_(self.beta) if self.beta is not None else x
         x = (vectors.float().to(self.gamma.device) - self.mean.view(shape)) * self.scale.view(shape) * self.gamma
         return x + self.beta if self.beta is not None else x
 
@@ -202,9 +206,13 @@ class FrozenNormScorer:
         return target - lse
 
     @torch.no_grad()
-    def log_prob(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``lp(v)`` for ``vectors`` ``[B, N, d]`` -> ``[B, N]`` float32 (cost ``B*N*d*vocab``)."""
-        normed = self.frozen_norm(vectors)  # [B, N, d]
+    def log_prob(self, vectors: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
+        """``lp(v)`` for ``vectors`` ``[B, N, d]`` -> ``[B, N]`` float32 (cost ``B*N*d*vocab``).
+
+        ``overwrite``: normalise a float32 ``vectors`` in place instead of into a copy (the caller
+        no longer needs them).
+        """
+        normed = self.frozen_norm(vectors, overwrite=overwrite)  # [B, N, d]
 
         def chunk_logits(W, b):
             return normed @ W.T if b is None else torch.addmm(b, normed.flatten(0, 1), W.T).view(*normed.shape[:2], -1)

@@ -25,6 +25,7 @@ Entry point: :func:`explain` ("explain this answer token"); :func:`capture_targe
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,10 @@ from ..inputs import BatchedInput, PreparedInput, Target
 from ..results.mechanistic import Explanation, HeadIncrease, HeadPositions, LayerIncrease
 from .logprob import CHUNK_ELEMENTS, FrozenNormScorer, check_token_ids
 
-CAPTURED = ("resid_pre", "attn_out", "mlp_out", "z", "q", "k", "v", "mlp_act", "resid_post")
+#: float32 elements of W_O converted at once when forming head vectors (8 MiB)
+HEAD_CHUNK_ELEMENTS = 1 << 21
+
+CAPTURED = ("resid_pre", "attn_out", "mlp_out", "z", "q", "mlp_act", "resid_post")  # at t; k, v at every position
 
 
 @dataclass
@@ -44,7 +48,7 @@ class TargetCapture:
 
     ``resid_pre``/``attn_out``/``mlp_out`` ``[B, L, d]``, ``z``/``q`` ``[B, L, H, hd]`` and
     ``mlp_act`` ``[B, L, d_mlp]`` are at each row's target position; ``k``/``v`` are per-layer lists of
-    ``[B, S, KV, hd]``; ``final`` ``[B, d]`` the last layer's output at ``t``. ``positions`` ``[B]`` are
+    ``[B, S, KV, hd]`` (None for layers not kept, see ``kv_layers``); ``final`` ``[B, d]`` the last layer's output at ``t``. ``positions`` ``[B]`` are
     batch coordinates of ``t``; ``offsets`` ``[B]`` the left padding of each row.
     """
 
@@ -101,20 +105,24 @@ def _targets(vqa, inp, target) -> tuple[list[PreparedInput], list[Target], torch
 
 
 @torch.no_grad()
-def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *,
+def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_layers="all",
                    chunk_elements: int = CHUNK_ELEMENTS) -> TargetCapture:
     """One forward recording everything the attributions need at each row's target position.
 
     ``target``: a :class:`~mech_vqa.inputs.Target` (default ``inp.target()``, the first answer
     token), or for a :class:`BatchedInput` a list with one per row (positions in the row's own
-    coordinates).
+    coordinates). ``kv_layers``: layers whose keys and values are kept at every position, which
+    only position-level maps need (``"all"``, a list, or None): at LLaVA-1.5-7B's size they are
+    ~10 MB per layer, so head- and layer-level attributions keep none.
     """
     adapter = vqa.adapter
     items, targets, offsets = _targets(vqa, inp, target)
     positions = torch.tensor([t.position for t in targets]) + offsets  # batch coordinates
-    with vqa.trace(CAPTURED, positions=positions.view(-1, 1)) as cache:
-        vqa.forward(inp, logits_to_keep=1)
     layers = range(adapter.n_layers)
+    kv = list(layers) if kv_layers == "all" else sorted({adapter.check_layer(int(x)) for x in (kv_layers or [])})
+    with vqa.trace(CAPTURED, positions=positions.view(-1, 1)) as cache, \
+            (vqa.trace(["k", "v"], layers=kv, positions=positions.view(-1, 1)) if kv else nullcontext()) as kv_cache:
+        vqa.forward(inp, logits_to_keep=1)
 
     def stacked(name):  # [B, L, ...] at t
         return torch.stack([cache[name, layer][:, 0] for layer in layers], dim=1)
@@ -128,21 +136,31 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *,
     return TargetCapture(
         vqa=vqa, items=items, targets=targets, positions=positions, offsets=offsets, attention_mask=mask,
         resid_pre=stacked("resid_pre"), attn_out=stacked("attn_out"), mlp_out=stacked("mlp_out"),
-        z=stacked("z"), q=stacked("q"), k=[cache["k", layer] for layer in layers],
-        v=[cache["v", layer] for layer in layers], mlp_act=stacked("mlp_act"), final=final,
+        z=stacked("z"), q=stacked("q"), k=[kv_cache["k", layer] if layer in kv else None for layer in layers],
+        v=[kv_cache["v", layer] if layer in kv else None for layer in layers], mlp_act=stacked("mlp_act"), final=final,
         model_logprob=model_logprob,
         scorer=FrozenNormScorer(adapter, final, token_ids, chunk_elements=chunk_elements),
     )
 
 
 @torch.no_grad()
-def head_vectors(capture: TargetCapture) -> torch.Tensor:
-    """``[B, L, H, d]`` float32: what each head writes at ``t``, ``h_lj = z_lj @ W_O[j]``."""
+def head_vectors(capture: TargetCapture, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, L, H, d]`` float32: what each head writes at ``t``, ``h_lj = z_lj @ W_O[j]``.
+
+    ``out``: a ``[B, L, H, d]`` float32 tensor to ADD the head vectors into (saves a copy).
+    """
     adapter = capture.adapter
-    # One einsum per layer: each layer has its own W_O, and stacking all of them would copy every
-    # o_proj weight in float32 (gigabytes for a 7B model) to save a handful of kernel launches.
-    return torch.stack([torch.einsum("bhe,hed->bhd", capture.z[:, layer].float(), adapter.W_O(layer).float())
-                        for layer in range(adapter.n_layers)], dim=1)
+    batch, n_layers, n_heads, _ = capture.z.shape
+    out = capture.z.new_zeros((batch, n_layers, n_heads, adapter.d_model), dtype=torch.float32) if out is None else out
+    # W_O goes to float32 a few heads at a time: a whole 7B layer's would be a 64 MiB copy, and all
+    # layers' gigabytes, for a product worth a few milliseconds.
+    step = max(1, HEAD_CHUNK_ELEMENTS // (adapter.head_dim * adapter.d_model))
+    for layer in range(n_layers):
+        W_O = adapter.W_O(layer)
+        for start in range(0, n_heads, step):
+            heads = slice(start, start + step)
+            out[:, layer, heads] += torch.einsum("bhe,hed->bhd", capture.z[:, layer, heads].float(), W_O[heads].float())
+    return out
 
 
 @torch.no_grad()
@@ -153,12 +171,19 @@ def layer_and_head_increase(capture: TargetCapture) -> tuple[list[LayerIncrease]
     """
     adapter = capture.adapter
     n_layers, n_heads = adapter.n_layers, adapter.n_heads
-    x = capture.resid_pre.float()
-    after_attn = x + capture.attn_out.float()
-    after_mlp = after_attn + capture.mlp_out.float()
-    with_head = (x.unsqueeze(2) + head_vectors(capture)).flatten(1, 2)  # [B, L*H, d]
-    final = capture.final.float().unsqueeze(1)
-    lp = capture.scorer.log_prob(torch.cat([x, after_attn, after_mlp, with_head, final], dim=1))  # [B, 3L + L*H + 1]
+    batch, d = capture.resid_pre.shape[0], adapter.d_model
+    # every vector in one float32 buffer, built in place and normalised in place: at a 7B model's size a
+    # copy of it is ~18 MB, a quarter of a forward's peak activations
+    vectors = capture.resid_pre.new_empty((batch, 3 * n_layers + n_layers * n_heads + 1, d), dtype=torch.float32)
+    x, after_attn, after_mlp = (vectors[:, i * n_layers:(i + 1) * n_layers] for i in range(3))
+    x.copy_(capture.resid_pre)
+    torch.add(x, capture.attn_out.float(), out=after_attn)
+    torch.add(after_attn, capture.mlp_out.float(), out=after_mlp)
+    with_head = vectors[:, 3 * n_layers:-1].view(batch, n_layers, n_heads, d)
+    with_head.copy_(x.unsqueeze(2).expand(-1, -1, n_heads, -1))
+    head_vectors(capture, out=with_head)                                        # x_l + h_lj
+    vectors[:, -1].copy_(capture.final)
+    lp = capture.scorer.log_prob(vectors, overwrite=True)  # [B, 3L + L*H + 1]
     base, attn, mlp = lp[:, :n_layers], lp[:, n_layers:2 * n_layers], lp[:, 2 * n_layers:3 * n_layers]
     heads = lp[:, 3 * n_layers:-1].view(-1, n_layers, n_heads) - base.unsqueeze(2)
     layer_results, head_results = [], []
@@ -190,6 +215,9 @@ def position_scores(capture: TargetCapture, layer: int, head: int, rows=None) ->
     ``rows`` selects batch rows (default all); positions are batch coordinates (padding gives 0).
     """
     adapter = capture.adapter
+    if capture.k[layer] is None:
+        raise ValueError(f"layer {layer}'s keys and values were not captured; capture with "
+                         f"capture_target(..., kv_layers='all') or a list that includes {layer}")
     rows = list(range(len(capture.items))) if rows is None else list(rows)
     group = adapter.n_heads // adapter.n_kv_heads
     query_positions = capture.positions[rows].view(-1, 1)
@@ -289,7 +317,8 @@ def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top",
         progress: show progress bars (over heads for the position level, layers for neurons).
     """
     _check_heads_argument(vqa.adapter, heads)  # fail before the forward
-    capture = capture_target(vqa, inp, target, chunk_elements=chunk_elements)
+    kv_layers = sorted({int(layer) for layer, _ in heads}) if isinstance(heads, (list, tuple)) else "all"
+    capture = capture_target(vqa, inp, target, kv_layers=kv_layers, chunk_elements=chunk_elements)
     layer_results, head_results = layer_and_head_increase(capture)
     positions = position_increase(capture, _head_sets(heads, head_results), progress=progress)
     neuron_results = [None] * len(positions)
@@ -307,20 +336,20 @@ def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top",
 def head_increase(vqa, inp: PreparedInput, target: Target | None = None) -> HeadIncrease:
     """Head-level increases ``[n_layers, n_heads]`` for one input (one forward)."""
     _check_single(inp)
-    return layer_and_head_increase(capture_target(vqa, inp, target))[1][0]
+    return layer_and_head_increase(capture_target(vqa, inp, target, kv_layers=None))[1][0]
 
 
 def layer_increase(vqa, inp: PreparedInput, target: Target | None = None) -> LayerIncrease:
     """Attention and MLP block increases per layer for one input (one forward)."""
     _check_single(inp)
-    return layer_and_head_increase(capture_target(vqa, inp, target))[0][0]
+    return layer_and_head_increase(capture_target(vqa, inp, target, kv_layers=None))[0][0]
 
 
 def head_positions(vqa, inp: PreparedInput, heads, target: Target | None = None) -> HeadPositions:
     """Position-level increases of ``heads`` ``[(layer, head), ...]`` for one input (one forward)."""
     _check_single(inp)
     heads = check_heads(vqa.adapter, heads)
-    return position_increase(capture_target(vqa, inp, target), heads)[0]
+    return position_increase(capture_target(vqa, inp, target, kv_layers=[layer for layer, _ in heads]), heads)[0]
 
 
 def _check_single(inp) -> None:

@@ -72,5 +72,5 @@ def neuron_increase(vqa, inp: PreparedInput, target: Target | None = None, *, la
     if not isinstance(inp, PreparedInput):
         raise TypeError(f"neuron_increase takes one PreparedInput; for a batch use explain(..., neurons=True) "
                         f"(got {type(inp).__name__})")
-    capture = capture_target(vqa, inp, target)
+    capture = capture_target(vqa, inp, target, kv_layers=None)
     return neuron_increase_from_capture(capture, layers, k=k, n_tokens=n_tokens, progress=progress)[0]

@@ -10,7 +10,8 @@ from mech_vqa import VQAModel
 from mech_vqa.inputs import Target
 from mech_vqa.methods.logprob import FrozenNormScorer
 from mech_vqa.methods.mechanistic import (
-    capture_target, explain, head_increase, head_positions, head_vectors, layer_increase,
+    capture_target, explain, head_increase, head_positions, head_vectors, layer_and_head_increase, layer_increase,
+    position_increase,
 )
 from mech_vqa.results import Result
 from mech_vqa.results.mechanistic import Explanation
@@ -321,3 +322,18 @@ def test_scorer_survives_logit_range_beyond_float32_exp():
     got = scorer.log_prob(vectors)[0]
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_keys_and_values_are_kept_only_where_position_maps_need_them(tiny_vqa, prepared):
+    full = capture_target(tiny_vqa, prepared)
+    lean = capture_target(tiny_vqa, prepared, kv_layers=None)
+    one = capture_target(tiny_vqa, prepared, kv_layers=[1])
+    assert all(k is not None for k in full.k) and all(k is None for k in lean.k + lean.v)
+    assert one.k[0] is None and torch.equal(one.k[1], full.k[1]) and torch.equal(one.v[1], full.v[1])
+    # head level needs none of them: identical scores
+    torch.testing.assert_close(layer_and_head_increase(lean)[1][0].scores, layer_and_head_increase(full)[1][0].scores,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(position_increase(one, [(1, 2)])[0].scores, position_increase(full, [(1, 2)])[0].scores,
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="layer 0's keys and values were not captured"):
+        position_increase(one, [(0, 1)])
