@@ -385,3 +385,18 @@ def test_fused_projections_are_one_clear_error_at_load():
                                                       image_token_id=base.image_token_id))
     with pytest.raises(AdapterError, match=r"Phi3Config\) has no self_attn.q_proj, self_attn.k_proj, self_attn.v_proj"):
         get_adapter(model)
+
+
+def test_post_normalised_blocks_are_one_clear_error_at_load():
+    """Gemma-2's layers normalise block outputs before the residual add and soft-cap scores: the
+    decompositions would be silently wrong, so the adapter refuses the model."""
+    from transformers import Gemma2Config, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = word_level_tokenizer(["dog"])
+    base = llava_config(tokenizer)
+    text = Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=16, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    model = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=base.vision_config,
+                                                      image_token_id=base.image_token_id))
+    with pytest.raises(AdapterError, match="pre_feedforward_layernorm, post_feedforward_layernorm, attn_logit_softcapping"):
+        get_adapter(model)

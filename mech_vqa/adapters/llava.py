@@ -64,8 +64,20 @@ class LlavaAdapter(ModelAdapter):
         missing = [f"self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj")
                    if not hasattr(attn, name)]
         missing += [] if hasattr(mlp, "down_proj") else ["mlp.down_proj"]
+        text = type(self.model.config.get_text_config()).__name__
+        extra_norms = [name for name, _ in layer.named_children()
+                       if "norm" in name and name not in ("input_layernorm", "post_attention_layernorm")]
+        capped = [key for key in ("attn_logit_softcapping", "final_logit_softcapping")
+                  if getattr(self.model.config.get_text_config(), key, None)]
+        if extra_norms or capped:
+            # Gemma-2/3 style: block outputs are normalised before they reach the residual stream and
+            # scores are soft-capped, so the decompositions every method relies on would be silently wrong
+            raise AdapterError(
+                f"the text model ({text}) has {', '.join(extra_norms + capped)}: a layout whose attention / MLP "
+                "outputs are normalised before the residual add, or whose scores are soft-capped; mech_vqa's "
+                "decompositions assume a pre-norm Llama-like layer (Llama, Mistral, Qwen2, Gemma)"
+            )
         if missing:
-            text = type(self.model.config.get_text_config()).__name__
             raise AdapterError(
                 f"the text model ({text}) has no {', '.join(missing)} in its decoder layers (fused projections?); "
                 "mech_vqa supports Llama-like text models with separate q/k/v/o projections (Llama, Mistral, "
