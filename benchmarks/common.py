@@ -5,8 +5,11 @@ Not collected by pytest. Run a benchmark as ``python benchmarks/<name>.py``.
 
 from __future__ import annotations
 
+import gc
+import re
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,6 +62,26 @@ def interleaved_medians(fns: dict, repeats: int = 7, warmup: int = 2) -> dict:
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def measured(fn):
+    """``(seconds, peak resident-set rise in bytes, result)`` of one call of ``fn``.
+
+    The rise is the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) above
+    the resident set before the call. Linux only; run with glibc's ``MALLOC_MMAP_THRESHOLD_=65536``
+    so that freed tensors leave the resident set.
+    """
+    gc.collect()
+    before = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    return seconds, _status("VmHWM") - before, result
+
+
+def _status(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
 def header(title: str) -> None:

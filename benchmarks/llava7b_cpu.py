@@ -13,9 +13,7 @@ Run: ``python benchmarks/llava7b_cpu.py``.
 
 from __future__ import annotations
 
-import gc
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, midsize_input  # noqa: E402
+from common import header, measured, midsize_input  # noqa: E402
 
 from mech_vqa import VQAModel  # noqa: E402
 from mech_vqa.build import TINY_WORDS, llava_processor, word_level_tokenizer  # noqa: E402
@@ -57,21 +55,6 @@ def llava15_7b_shaped(vocab: int = 32064) -> VQAModel:
     return VQAModel(model, processor, name="llava-1.5-7b-shaped-random-bf16")
 
 
-def _status(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
-def measured(fn):
-    """``(seconds, peak resident-set rise in bytes, result)`` of one call (Linux; peak reset first)."""
-    gc.collect()
-    before = _status("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
-    start = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - start
-    return seconds, _status("VmHWM") - before, result
-
-
 def main() -> None:
     header("mechanistic attributions, LLaVA-1.5-7B shape, bf16, CPU")
     start = time.perf_counter()
@@ -90,7 +73,7 @@ def main() -> None:
         results = {name: measured(fn) for name, fn in runs.items()}
         capture = capture_target(vqa, inp)
         top = results["head-level, all 32 x 32 (incl. forward)"][2][1][0].top_heads(1)
-        results["position-level, one head (extra)"] = measured(lambda: position_increase(capture, top))
+        results["position-level, one head (extra)"] = measured(lambda c=capture: position_increase(c, top))
         del capture
         results["explain(heads='top') total"] = measured(lambda: explain(vqa, inp, heads="top", progress=False))
     forward_time, forward_peak, _ = results["plain forward"]

@@ -25,7 +25,6 @@ scoring costs the same); its values are checked against ours on that subset.
 
 from __future__ import annotations
 
-import gc
 import os
 import re
 import statistics
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, interleaved_medians, midsize_input, midsize_vqa  # noqa: E402
+from common import header, interleaved_medians, measured, midsize_input, midsize_vqa  # noqa: E402
 
 from mech_vqa.capture import LAYER_NAMES  # noqa: E402
 from mech_vqa.methods.mechanistic import (  # noqa: E402
@@ -99,10 +98,6 @@ def timed(fn):
 
 
 # ------------------------------------------------------------------------------------ memory
-def _status(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
 def memory_child(name: str) -> None:
     """Run one path once after a warm-up and print its peak resident-set rise in bytes."""
     torch.manual_seed(0)
@@ -116,13 +111,9 @@ def memory_child(name: str) -> None:
     fn = paths[name]
     with torch.no_grad():
         fn()
-        gc.collect()
-        before = _status("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-        result = fn()
-        peak = _status("VmHWM")
+        _, peak, result = measured(fn)
     del result
-    print(f"PEAK {peak - before}")
+    print(f"PEAK {peak}")
 
 
 def measure_memory(name: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 from pathlib import Path
 
@@ -182,3 +183,27 @@ def head_zeroed_by_hand(vqa, layer: int, head: int):
         yield
     finally:
         handle.remove()
+
+
+def first_view_positions(vqa, inp) -> torch.Tensor:
+    """Sequence positions of the first view's image tokens, read from the input ids alone: the first
+    ``rows x cols`` image tokens, row-major (CLS dropped; LLaVA-NeXT / OneVision tiles come after)."""
+    rows, cols = vqa.adapter.patch_grid
+    return (inp.input_ids[0] == vqa.adapter.image_token_id).nonzero().flatten()[: rows * cols]
+
+
+def assert_leaves_model_as_found(vqa, prepared, run):
+    """``run(inp)`` leaves parameters, mode, attention implementation and hooks as found, also when a
+    broken input (pixels cut to 16 x 16) makes the forward fail. Returns ``(run(prepared), state before)``."""
+    model = vqa.model
+    vqa.logits(prepared)  # HF installs its own output-capture hooks on a model's first forward
+    before, hooks = model_state(model), hook_snapshot(model)
+    result = run(prepared)
+    assert_same_state(before, model_state(model))
+    assert hook_snapshot(model) == hooks
+    broken = dataclasses.replace(prepared, pixel_values=prepared.pixel_values[:, :, :16, :16])
+    with pytest.raises(Exception):  # noqa: B017 - any failure inside the forward
+        run(broken)
+    assert_same_state(before, model_state(model))
+    assert hook_snapshot(model) == hooks
+    return result, before

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import assert_same_state, hook_snapshot, model_state
+from conftest import assert_same_state, first_view_positions, hook_snapshot, model_state
 from mech_vqa import CaptureError, attention_rows
 
 ALL = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "mlp_act",
@@ -40,9 +40,7 @@ def test_exact_decompositions(any_vqa, inp):
     last = cache["resid_post", a.n_layers - 1]
     torch.testing.assert_close(a.unembed(a.final_norm(last)), logits)
     # the first view's projector rows are the first image tokens, in order (LLaVA-NeXT: tiles follow)
-    first = cache["projector_out"][0]
-    image = (inp.input_ids[0] == any_vqa.adapter.image_token_id).nonzero().flatten()[: first.shape[0]]
-    torch.testing.assert_close(first, cache["resid_pre", 0][0, image])
+    torch.testing.assert_close(cache["projector_out"][0], cache["resid_pre", 0][0, first_view_positions(any_vqa, inp)])
 
 
 @torch.no_grad()

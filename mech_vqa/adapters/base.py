@@ -79,14 +79,23 @@ class ImageGeometry:
         -> ``[..., H, W]`` over the first view's image (default ``H, W`` = its pixels)."""
         if values.shape[-1] != self.n_tokens:
             raise ValueError(f"paint expects {self.n_tokens} values (one per image token), got {values.shape[-1]}")
-        chosen = self.view == view
-        if not chosen.any():
-            raise ValueError(f"no image token belongs to view {view} (views: {sorted(set(self.view.tolist()))})")
-        return paint_boxes(values[..., chosen], self.boxes[chosen], self.image_size, size)
+        return paint_view(values, self.boxes, self.view, view, self.image_size, size)
 
     def mask_to_pixels(self, masks: torch.Tensor, pixel_shape, mode: str = "bilinear") -> torch.Tensor:
         """:func:`mask_to_pixels` with this geometry's views (masks laid over the first view's image)."""
         return mask_to_pixels(masks, pixel_shape, mode, view_boxes=self.view_boxes, frame_size=self.image_size)
+
+
+def paint_view(values: torch.Tensor, boxes, views, view: int, frame_size, size=None) -> torch.Tensor:
+    """:func:`paint_boxes` of one ``view``'s tokens: ``values`` / ``boxes`` / ``views`` cover every
+    image token (``[..., n]``, ``[n, 4]`` in the first view's pixels, ``[n]``)."""
+    if boxes is None or views is None:
+        raise ValueError("no image-token boxes are known here, so only view 0 (the patch grid) can be drawn")
+    views = torch.as_tensor(views)
+    chosen = views == view
+    if not chosen.any():
+        raise ValueError(f"no image token belongs to view {view} (views: {sorted(set(views.tolist()))})")
+    return paint_boxes(values[..., chosen.to(values.device)], torch.as_tensor(boxes)[chosen], frame_size, size)
 
 
 def paint_boxes(values: torch.Tensor, boxes: torch.Tensor, frame_size, size=None) -> torch.Tensor:

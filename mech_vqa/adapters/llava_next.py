@@ -78,8 +78,7 @@ class LlavaNextAdapter(LlavaAdapter):
         (best_h, best_w), (_, across), n_views = self._tile_grid(original)
         g = self.tile_size // self.patch_size
         features = self._index_features(n_views, across, g)
-        unpadded = self._pack(features, image_sizes, downsample=False)       # every kept canvas patch, in order
-        packed = self._pack(features, image_sizes, downsample=True)          # what the model really packs
+        unpadded, packed = self._pack(features, image_sizes)
         if packed.shape[0] != found.numel():
             raise AdapterError(
                 f"the prompt has {found.numel()} image tokens but this {original[0]} x {original[1]} image gives "
@@ -137,12 +136,13 @@ class LlavaNextAdapter(LlavaAdapter):
         col = torch.where(is_tile, (tile - 1).clamp(min=0) % across * g, 0) + local % g
         return torch.stack([is_tile.float(), row.float(), col.float()], -1).view(n_views, g * g, 3)
 
-    def _pack(self, features: torch.Tensor, image_sizes: torch.Tensor, downsample: bool) -> torch.Tensor:
-        """The model's own ``pack_image_features`` on index features ``[n_views, g*g, 3]`` -> ``[n_tokens, 3]``
-        (newline tokens ``-1``). LLaVA-NeXT never downsamples."""
+    def _pack(self, features: torch.Tensor, image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own ``pack_image_features`` on index features ``[n_views, g*g, 3]``:
+        ``(every kept canvas patch, what the model really packs)``, each ``[n_tokens, 3]`` with newline
+        tokens ``-1``. LLaVA-NeXT never downsamples, so both are the same packing."""
         packed, _ = self.model.pack_image_features([features], image_sizes, vision_feature_select_strategy="default",
                                                    image_newline=torch.full((3,), -1.0))
-        return packed[0]
+        return packed[0], packed[0]
 
     @staticmethod
     def _canvas_to_frame(original, best, frame):
@@ -181,9 +181,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def handles(cls, model: nn.Module) -> bool:
         return type(model).__name__ == "LlavaOnevisionForConditionalGeneration"
 
-    def _pack(self, features: torch.Tensor, image_sizes: torch.Tensor, downsample: bool) -> torch.Tensor:
+    def _pack(self, features: torch.Tensor, image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inner = getattr(self.model, "model", self.model)  # the ForConditionalGeneration wrapper's pack is broken
-        ratio = self.model.config.vision_aspect_ratio if downsample else "anyres_max_1000000000"
-        packed, _ = inner.pack_image_features([features], image_sizes, image_newline=torch.full((3,), -1.0),
-                                              vision_aspect_ratio=ratio)
-        return packed[0]
+        newline = torch.full((3,), -1.0)
+        return tuple(inner.pack_image_features([features], image_sizes, image_newline=newline,
+                                               vision_aspect_ratio=ratio)[0][0]
+                     for ratio in ("anyres_max_1000000000", self.model.config.vision_aspect_ratio))

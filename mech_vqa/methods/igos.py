@@ -192,7 +192,7 @@ def optimise_mask(score_fn: Callable[[torch.Tensor], torch.Tensor], image: torch
     history = {name: [] for name in [t.name for t in terms] + ["l1", "tv", "l2", "objective"]}
     theta_prev = None
     pixel_shape = image.shape[1:]
-    views = dict(view_boxes=geometry.view_boxes, frame_size=geometry.image_size) if geometry is not None else {}
+    to_pixels = geometry.mask_to_pixels if geometry is not None else mask_to_pixels
 
     bar = tqdm(range(config.iterations), desc="iGOS++" if config.two_masks else "iGOS+", disable=not progress)
     for iteration in bar:
@@ -200,7 +200,7 @@ def optimise_mask(score_fn: Callable[[torch.Tensor], torch.Tensor], image: torch
         scores = torch.empty(n_points)
         for chunk in chunks:
             rows = slice(chunk[0], chunk[-1] + 1)
-            up = [mask_to_pixels(m.unsqueeze(0), pixel_shape, **views)[0] for m in masks]     # U(m), per view
+            up = to_pixels(torch.stack(masks), pixel_shape)                            # U(m) of every mask
             term_masks = torch.stack([math.prod(up[j] for j in t.masks) for t in terms])   # [n_terms, ..., H, W]
             u = term_masks[point_term[rows]] * point_alpha[rows].view(-1, *[1] * (term_masks.dim() - 1))
             # deletion Phi(I, B, u) = B + u (I - B); insertion Phi(B, I, u) = I + u (B - I)

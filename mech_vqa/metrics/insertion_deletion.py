@@ -134,8 +134,8 @@ def reveal_masks(scores: torch.Tensor, counts: torch.Tensor, pixel_shape, geomet
     rank = torch.empty(h * w, dtype=torch.long)
     rank[cell_order(scores)] = torch.arange(h * w)
     chosen = (rank.view(1, h * w) < counts.view(-1, 1)).float().view(-1, h, w)
-    views = dict(view_boxes=geometry.view_boxes, frame_size=geometry.image_size) if geometry is not None else {}
-    return mask_to_pixels(chosen, pixel_shape, "nearest", **views)
+    to_pixels = geometry.mask_to_pixels if geometry is not None else mask_to_pixels
+    return to_pixels(chosen, pixel_shape, "nearest")
 
 
 def insertion_deletion_curves(prob_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,

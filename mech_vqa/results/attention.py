@@ -22,8 +22,9 @@ import dataclasses
 import torch
 
 from ..adapters import ImageGeometry
+from ..adapters.base import paint_view
 from .base import Result, tensor_topk
-from .patch_map import PatchMap, paint_view
+from .patch_map import PatchMap
 
 REDUCTIONS = ("mean", "max", "sum")
 MASS_GROUPS = ("image", "question", "answer", "other")

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.base import paint_boxes, paint_view
 from ..plotting import heatmap, new_axes
 from .base import Result, load_bundle, save_bundle, tensor_topk
-from .patch_map import PatchMap, paint_view
+from .patch_map import PatchMap
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -256,8 +257,6 @@ class LogitLens(Result):
 
     def _grid(self, values: torch.Tensor) -> torch.Tensor:
         if self.view != 0:  # a later view's tokens (LLaVA-NeXT's tiles): painted over the image
-            from ..adapters.base import paint_boxes
-
             return paint_boxes(values, self.boxes, self.image_size)
         out = values.new_zeros(tuple(self.grid))
         out[self.rowcol[:, 0], self.rowcol[:, 1]] = values

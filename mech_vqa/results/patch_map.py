@@ -15,23 +15,6 @@ import torch.nn.functional as F
 from .base import Result, tensor_topk
 
 
-def paint_view(values: torch.Tensor, boxes, views, view: int, image_size) -> torch.Tensor:
-    """Scores ``[..., n_image]`` of one ``view``'s tokens painted over the first view's image.
-
-    ``boxes`` ``[n_image, 4]`` / ``views`` ``[n_image]`` are the tokens' boxes (first-view pixels)
-    and views, as :class:`~mech_vqa.adapters.ImageGeometry` gives them.
-    """
-    from ..adapters.base import paint_boxes
-
-    if boxes is None or views is None:
-        raise ValueError("this result has no image-token boxes, so only view 0 (the patch grid) can be drawn")
-    views = torch.as_tensor(views)
-    chosen = views == view
-    if not chosen.any():
-        raise ValueError(f"no image token belongs to view {view} (views: {sorted(set(views.tolist()))})")
-    return paint_boxes(values[..., chosen], torch.as_tensor(boxes)[chosen], image_size)
-
-
 @dataclasses.dataclass
 class PatchMap(Result):
     """Importance of each image cell for some target tokens.

@@ -1,12 +1,11 @@
 import copy
-import dataclasses
 import math
 
 import matplotlib
 import pytest
 import torch
 
-from conftest import assert_same_state, hook_snapshot, model_state
+from conftest import assert_leaves_model_as_found
 from mech_vqa.methods.causal import (
     causal_explanation,
     causal_explanations,
@@ -130,17 +129,8 @@ def test_all_heads_from_one_forward_equal_single_head_calls(tiny_vqa, prepared):
 
 
 def test_state_restored_errors_save_load_plot(tiny_vqa, prepared, tmp_path):
-    model = tiny_vqa.model
-    tiny_vqa.logits(prepared)  # HF installs its own output-capture hooks on a model's first forward
-    before, hooks = model_state(model), hook_snapshot(model)
-    result = causal_explanation(tiny_vqa, prepared, 1, head=1, box=[0, 0, 16, 16])
-    assert_same_state(before, model_state(model))
-    assert hook_snapshot(model) == hooks
-    broken = dataclasses.replace(prepared, pixel_values=prepared.pixel_values[:, :, :16, :16])
-    with pytest.raises(Exception):  # noqa: B017 - any failure inside the forward
-        causal_explanation(tiny_vqa, broken)
-    assert_same_state(before, model_state(model))
-    assert hook_snapshot(model) == hooks
+    result, _ = assert_leaves_model_as_found(
+        tiny_vqa, prepared, lambda inp: causal_explanation(tiny_vqa, inp, 1, head=1, box=[0, 0, 16, 16]))
     with pytest.raises(IndexError, match="head 4 is out of range"):
         causal_explanation(tiny_vqa, prepared, head=4)
     loaded = Result.load(result.save(tmp_path / "causal"))

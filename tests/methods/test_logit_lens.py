@@ -5,16 +5,10 @@ import copy
 import pytest
 import torch
 
-from conftest import assert_same_state, hook_snapshot, model_state
+from conftest import assert_same_state, first_view_positions, hook_snapshot, model_state
 from mech_vqa import VQAModel
 from mech_vqa.methods.logit_lens import logit_lens
 from mech_vqa.results import PatchMap, Result
-
-
-def first_view(vqa, inp):
-    """The first view's image tokens: the first ``g x g`` of them, row-major (LLaVA-NeXT's tiles follow)."""
-    rows, cols = vqa.adapter.patch_grid
-    return (inp.input_ids[0] == vqa.adapter.image_token_id).nonzero().flatten()[: rows * cols]
 
 
 @pytest.fixture
@@ -25,7 +19,7 @@ def inp(any_vqa, image):
 @torch.no_grad()
 def test_last_layer_equals_model_logits(any_vqa, inp):
     lens = logit_lens(any_vqa, inp, word="red", k=4, chunk_elements=200)  # many small vocabulary chunks
-    log_probs = any_vqa.logits(inp)[0, first_view(any_vqa, inp)].float().log_softmax(-1)  # [n_img, V]
+    log_probs = any_vqa.logits(inp)[0, first_view_positions(any_vqa, inp)].float().log_softmax(-1)  # [n_img, V]
     top = log_probs.topk(4, dim=-1)
     assert torch.equal(lens.top_ids[-1], top.indices)
     torch.testing.assert_close(lens.top_probs[-1], top.values.exp(), rtol=1e-4, atol=1e-6)
@@ -44,9 +38,9 @@ def test_every_stage_equals_hand_norm(any_vqa, inp):
     a, model = any_vqa.adapter, any_vqa.model
     with any_vqa.trace(["projector_out", "resid_post"]) as c:
         any_vqa.forward(inp)
-    stages = [c["projector_out"][0]] + [c["resid_post", l][0, first_view(any_vqa, inp)] for l in range(a.n_layers)]
+    stages = [c["projector_out"][0]] + [c["resid_post", l][0, first_view_positions(any_vqa, inp)] for l in range(a.n_layers)]
     lens = logit_lens(any_vqa, inp, word="dog", k=3)
-    assert lens.top_ids.shape == (a.n_layers + 1, len(first_view(any_vqa, inp)), 3)
+    assert lens.top_ids.shape == (a.n_layers + 1, len(first_view_positions(any_vqa, inp)), 3)
     dog = any_vqa.tokenizer.convert_tokens_to_ids("dog")
     for stage, resid in enumerate(stages):
         probs = model.lm_head(model.model.language_model.norm(resid)).float().softmax(-1)  # the model's own norm

@@ -1,11 +1,10 @@
 import copy
-import dataclasses
 
 import matplotlib
 import pytest
 import torch
 
-from conftest import ANSWER, QUESTION, assert_same_state, hook_snapshot, model_state
+from conftest import ANSWER, QUESTION, assert_leaves_model_as_found, first_view_positions
 from mech_vqa.methods.raw_attention import answer_attention, attention_mass, patch_to_text, raw_attention_map
 from mech_vqa.results import PatchMap, Result
 from mech_vqa.results.attention import AnswerAttention, AttentionMass, PatchToText
@@ -23,10 +22,9 @@ def eager_attentions(vqa, inp) -> torch.Tensor:
 
 
 def image_cells(vqa, inp):
-    """The first view's image-token positions and their (row, col), from the input ids: the first
-    ``cols x cols`` image tokens, row-major (CLS dropped; LLaVA-NeXT's tiles come after them)."""
+    """The first view's image-token positions and their (row, col), from the input ids (row-major)."""
     cols = vqa.model.config.vision_config.image_size // vqa.model.config.vision_config.patch_size
-    positions = (inp.input_ids[0] == vqa.model.config.image_token_id).nonzero().flatten()[: cols * cols]
+    positions = first_view_positions(vqa, inp)
     index = torch.arange(positions.numel())
     return positions, index // cols, index % cols
 
@@ -119,17 +117,7 @@ def test_patch_to_text_reverse_view(tiny_vqa, prepared):
 
 
 def test_state_restored_and_errors(tiny_vqa, prepared):
-    model = tiny_vqa.model
-    tiny_vqa.logits(prepared)  # HF installs its own output-capture hooks on a model's first forward
-    before, hooks = model_state(model), hook_snapshot(model)
-    answer_attention(tiny_vqa, prepared, layers=[1])
-    assert_same_state(before, model_state(model))
-    assert hook_snapshot(model) == hooks
-    broken = dataclasses.replace(prepared, pixel_values=prepared.pixel_values[:, :, :16, :16])
-    with pytest.raises(Exception):  # noqa: B017 - any failure inside the forward
-        answer_attention(tiny_vqa, broken)
-    assert_same_state(before, model_state(model))
-    assert hook_snapshot(model) == hooks
+    assert_leaves_model_as_found(tiny_vqa, prepared, lambda inp: answer_attention(tiny_vqa, inp, layers=[1]))
     with pytest.raises(IndexError, match="the answer has 5 tokens"):
         answer_attention(tiny_vqa, prepared, targets=[7])
     with pytest.raises(IndexError, match="layer 5 is out of range"):
