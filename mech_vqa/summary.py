@@ -99,30 +99,48 @@ def summarize(results_path, figures: str | None = None) -> str:
     return "\n\n".join(parts)
 
 
+# the methods figure's metrics: column, axis label (which direction is better)
+_METRICS = (("insertion_auc", "insertion AUC (higher is better)"), ("deletion_auc", "deletion AUC (lower is better)"),
+            ("pointing_game", "pointing game (higher is better)"), ("in_box_share", "in-box share (higher is better)"))
+
+
 def save_figures(tables: dict, folder: Path) -> list[Path]:
+    """``head_ablation.png`` (ablate results) and ``methods.png`` (compare results) in ``folder``;
+    nothing (and no folder) when the tables hold neither."""
     import matplotlib.pyplot as plt
     import torch
 
-    from .plotting import heatmap
+    from .plotting import PALETTE, heatmap
 
-    folder.mkdir(parents=True, exist_ok=True)
     written = []
+    if "head_delta" not in tables and "methods" not in tables:
+        return written
+    folder.mkdir(parents=True, exist_ok=True)
     if "head_delta" in tables:
-        fig, _ = heatmap(torch.tensor(tables["head_delta"]), xlabel="head", ylabel="layer",
-                         title="mean answer log-prob change, head ablated")
+        items = int(tables["image_ablation"]["items"].max()) if len(tables.get("image_ablation", [])) else None
+        fig, _ = heatmap(torch.tensor(tables["head_delta"]), xlabel="head", ylabel="decoder layer",
+                         title="mean change of the answer's log-prob when one head is ablated"
+                               + (f" ({items} items)" if items else ""),
+                         cbar_label="mean change of answer log-prob (nats)")
         written.append(folder / "head_ablation.png")
         fig.savefig(written[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)
     if "methods" in tables:
         frame = tables["methods"]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(frame) + 2.5), 3.8))
         x = np.arange(len(frame))
-        for offset, column in zip((-0.3, -0.1, 0.1, 0.3), ("insertion_auc", "deletion_auc", "pointing_game",
-                                                            "in_box_share")):
-            ax.bar(x + offset, frame[column], width=0.2, label=column)
-        ax.set_xticks(x, frame["method"], rotation=30, ha="right")
-        ax.legend(fontsize=7)
-        ax.set_title("patch-importance methods over the dataset", fontsize=9)
+        width = 0.8 / len(_METRICS)
+        for index, (column, label) in enumerate(_METRICS):
+            offset = (index - (len(_METRICS) - 1) / 2) * width
+            ax.bar(x + offset, frame[column], width=width, label=label, color=PALETTE[index],
+                   hatch="//" if column == "deletion_auc" else None, edgecolor="white", linewidth=0.5)
+        ax.set_xticks(x, [f"{m}\n({n} items)" for m, n in zip(frame["method"], frame["items"])], fontsize=8)
+        ax.set_ylabel("score (0 to 1)")
+        ax.set_ylim(0, 1.05)
+        ax.grid(axis="y", linewidth=0.4, alpha=0.5)
+        ax.set_axisbelow(True)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax.set_title("patch-importance methods, mean over the items with visually relevant answer tokens", fontsize=9)
         written.append(folder / "methods.png")
         fig.savefig(written[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)
