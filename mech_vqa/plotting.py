@@ -82,7 +82,7 @@ def components_label(method: str, info: dict) -> str:
                          f"heads {','.join(map(str, heads))}" + (f" ({reduction})" if reduction else ""))
         if "layers" in info and isinstance(info["layers"], (list, tuple)) and info["layers"]:
             reduction = info.get("layer_reduce", "")
-            parts.append(_layers_label(info["layers"]) + (f" ({reduction})" if reduction else ""))
+            parts.append((f"{reduction} over " if reduction else "") + _layers_label(info["layers"]))
         elif "layer" in info:
             parts.append("projector output" if info["layer"] == "input" else f"after layer {info['layer']}")
     if "stage" in info:

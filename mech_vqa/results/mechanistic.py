@@ -15,6 +15,7 @@ All scores are float32 differences of natural-log probabilities of ``target`` (a
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ class TargetResult(Result):
         """``what`` for the explained token, where it is predicted, and the question and answer."""
         token = self.target.get("token", "")
         title = f"{what} for answer token {token!r} (predicted at sequence position {self.target.get('position', '?')})"
-        qa = question_answer(self.info, width=90)
+        qa = question_answer(self.info, width=120)
         return title + (f"\n{qa}" if qa else "")
 
     @property
@@ -83,7 +84,8 @@ class LayerIncrease(TargetResult):
         step = max(1, n // 16)
         ax.set_xticks(layers[::step].tolist(), [str(i) for i in range(0, n, step)])
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
-                  title=f"final log p = {self.final_logprob:.2f}", title_fontsize=7)
+                  title=f"final log p = {self.final_logprob:.3g}\n(p = {math.exp(self.final_logprob):.2f})",
+                  title_fontsize=7)
         ax.set_title(self._title("layer attribution"), fontsize=9)
         return fig, ax
 
@@ -115,7 +117,7 @@ class HeadIncrease(TargetResult):
         top = self.top_heads(1)
         n_layers, n_heads = self.scores.shape
         if ax is None:
-            ax = new_axes(None, figsize=(min(14.0, max(5.0, 0.45 * n_heads + 2.5)),
+            ax = new_axes(None, figsize=(min(14.0, max(7.0, 0.45 * n_heads + 2.5)),
                                          min(12.0, max(3.5, 0.3 * n_layers + 1.5))))[1]
         title = self._title(f"head attribution (top head L{top[0][0]}H{top[0][1]} outlined)")
         return heatmap(self.scores, ax=ax, xlabel="head", ylabel="decoder layer", title=title,
