@@ -198,6 +198,17 @@ def add_colorbar(fig, ax, norm, cmap, label: str):
     return bar
 
 
+def shared_colorbar(fig, axes, vmax: float, label: str, *, signed: bool = False, cmap: str | None = None):
+    """One colour bar for several panels drawn with the same ``vmax`` (space taken from all of them)."""
+    from matplotlib.cm import ScalarMappable
+
+    _, norm, colour_map = importance_rgba(torch.zeros(1, 1), signed=signed, cmap=cmap, vmax=vmax or 1.0)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=colour_map), ax=list(axes), fraction=0.025, pad=0.02)
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    return bar
+
+
 def overlay_heatmap(scores: torch.Tensor, image: torch.Tensor | None, image_size, *, ax=None, cmap=None,
                     signed: bool | None = None, max_alpha: float = MAX_ALPHA, box=None, title="",
                     colorbar=True, unit: str = _DEFAULT_UNIT, empty_reason: str | None = None,
@@ -239,12 +250,13 @@ def _wrap(text: str, width: int) -> str:
 
 def heatmap(values: torch.Tensor, *, ax=None, xlabel="", ylabel="", title="", cmap=None, center=True,
             xticklabels=None, yticklabels=None, cbar_label: str = "", annotate: bool | None = None,
-            highlight=None):
+            highlight=None, limits: tuple[float, float] | None = None):
     """A labelled matrix heatmap (e.g. layer x head).
 
     ``center``: a diverging colour map symmetric about 0 (signed values); else the sequential map
     from the minimum. ``annotate`` writes each value in its cell (default: small matrices); ``highlight``
-    outlines the cells ``[(row, col), ...]``. NaN cells (not computed) are left blank.
+    outlines the cells ``[(row, col), ...]``; ``limits`` fixes the colour scale (e.g. ``(0, 1)`` for
+    shares). NaN cells (not computed) are left blank.
     """
     fig, ax = new_axes(ax, figsize=(5, 4))
     data = values.float().numpy()
@@ -252,6 +264,8 @@ def heatmap(values: torch.Tensor, *, ax=None, xlabel="", ylabel="", title="", cm
     limit = float(finite.abs().max()) if finite.numel() else 1.0
     limit = limit or 1.0
     kwargs = {"vmin": -limit, "vmax": limit} if center else {}
+    if limits is not None:
+        kwargs = {"vmin": limits[0], "vmax": limits[1]}
     shown = ax.imshow(data, cmap=cmap or (DIVERGING_CMAP if center else SEQUENTIAL_CMAP), aspect="auto", **kwargs)
     bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
     bar.set_label(cbar_label, fontsize=8)
@@ -272,7 +286,8 @@ def heatmap(values: torch.Tensor, *, ax=None, xlabel="", ylabel="", title="", cm
                 if math.isfinite(value):
                     strong = abs(value) > 0.6 * limit if center else (value - shown.norm.vmin) > 0.5 * (
                         shown.norm.vmax - shown.norm.vmin)  # the dark end of both maps
-                    ax.text(c, r, f"{value:.2g}", ha="center", va="center", fontsize=7,
+                    text = f"{value:.2g}" if abs(value) >= 0.01 or value == 0 else "≈0"
+                    ax.text(c, r, text, ha="center", va="center", fontsize=7,
                             color="white" if strong else "black")
     for r, c in highlight or []:
         from matplotlib.patches import Rectangle

@@ -132,11 +132,12 @@ def save_figures(tables: dict, folder: Path) -> list[Path]:
         width = 0.8 / len(_METRICS)
         for index, (column, label) in enumerate(_METRICS):
             offset = (index - (len(_METRICS) - 1) / 2) * width
-            ax.bar(x + offset, frame[column], width=width, label=label, color=PALETTE[index],
-                   hatch="//" if column == "deletion_auc" else None, edgecolor="white", linewidth=0.5)
+            bars = ax.bar(x + offset, frame[column], width=width, label=label, color=PALETTE[index],
+                          hatch="//" if column == "deletion_auc" else None, edgecolor="white", linewidth=0.5)
+            ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)  # a zero bar is otherwise invisible
         ax.set_xticks(x, [f"{m}\n({n} items)" for m, n in zip(frame["method"], frame["items"])], fontsize=8)
         ax.set_ylabel("score (0 to 1)")
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.1)
         ax.grid(axis="y", linewidth=0.4, alpha=0.5)
         ax.set_axisbelow(True)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)

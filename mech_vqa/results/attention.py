@@ -224,7 +224,7 @@ class AnswerAttention(Result):
         """Gallery of per-head image maps of ``layer`` (default the last); returns ``(fig, axes)``."""
         import matplotlib.pyplot as plt
 
-        from ..plotting import question_answer, tokens_label
+        from ..plotting import question_answer, shared_colorbar, tokens_label
 
         layer = int(self.layers[-1]) if layer is None else layer
         maps = self.head_maps(layer, tokens)
@@ -243,8 +243,9 @@ class AnswerAttention(Result):
         shared = float(maps.max()) or None  # one colour scale, so heads compare
         for head, axis in enumerate(axes[:n]):
             PatchMap(maps[head], method="raw_attention", image_size=self.image_size, image=self.image,
-                     box=self.box).plot(ax=axis, title=f"head L{layer}H{head}", colorbar=head == n - 1, vmax=shared,
+                     box=self.box).plot(ax=axis, title=f"head L{layer}H{head}", colorbar=False, vmax=shared,
                                         signed=False)
+        shared_colorbar(axes[0].figure, axes[:n], shared, "attention weight")
         if new_figure:
             token_idx = _pick(tokens, list(range(len(self.targets))), "target")
             tokens_text = tokens_label([self.targets[i] for i in token_idx])
@@ -290,7 +291,7 @@ class AttentionMass(Result):
 
         return heatmap(self.of(group).T, ax=ax, xlabel="decoder layer", ylabel="head", center=False,
                        title=f"share of attention on {group} tokens, answer token {tokens_label(self.targets)}",
-                       cbar_label=f"attention share on {group} tokens (0-1)",
+                       cbar_label=f"attention share on {group} tokens (0-1)", limits=(0.0, 1.0),
                        xticklabels=[str(v) for v in self.layers],
                        yticklabels=[str(h) for h in range(self.mass.shape[1])])
 
@@ -411,7 +412,7 @@ class RelevancyMaps(Result):
         """One overlay per target token; returns ``(fig, axes)``."""
         import matplotlib.pyplot as plt
 
-        from ..plotting import question_answer
+        from ..plotting import question_answer, shared_colorbar, unit_of
 
         n = len(self.targets)
         new_figure = ax is None
@@ -421,11 +422,12 @@ class RelevancyMaps(Result):
         axes = list(ax) if hasattr(ax, "__len__") else [ax]
         maps = [self.patch_map([i], stage=stage) for i in range(min(n, len(axes)))]
         shared = max(float(m.scores.max()) for m in maps) or None  # one colour scale, so tokens compare
-        for i, (axis, patch_map) in enumerate(zip(axes, maps)):
-            patch_map.plot(ax=axis, colorbar=i == len(maps) - 1, vmax=shared)
+        for axis, patch_map in zip(axes, maps):
+            patch_map.plot(ax=axis, colorbar=False, vmax=shared, signed=False)
+        shared_colorbar(axes[0].figure, axes[:len(maps)], shared, unit_of(maps[0].info))
         qa = question_answer(self.info)
         if new_figure and qa:
-            axes[0].figure.suptitle(qa, fontsize=9)
+            axes[0].figure.suptitle(qa, fontsize=9, y=1.04)
         return axes[0].figure, axes
 
 

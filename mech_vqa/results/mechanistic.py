@@ -497,7 +497,14 @@ class Explanation(Result):
         self.heads.plot(ax=axes[1])
         self.positions.plot(ax=axes[2])
         self.patch_map.plot(ax=axes[3])
+        top = self.heads.top_heads(1)[0]
+        # the token and the question once, above all four panels
+        for axis, title in zip(axes, ("layer attribution", f"head attribution (top head L{top[0]}H{top[1]} outlined)",
+                                      "position attribution of the map's heads")):
+            axis.set_title(title, fontsize=9)
         fig = axes[0].figure
+        headline = self.heads._title("mechanistic attribution")
+        fig.suptitle(headline, fontsize=10)
         fig.tight_layout()
         return fig, ax
 
