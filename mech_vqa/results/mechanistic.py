@@ -337,7 +337,7 @@ class LogitLens(Result):
         words = []
         for i in range(self.top_ids.shape[1]):
             word = self.top_tokens[stage][i][0] if self.top_tokens else str(int(self.top_ids[stage, i, 0]))
-            word = word.replace("\n", "\\n").strip() or "␣"
+            word = word.replace("\n", "\\n").replace("▁", " ").replace("Ġ", " ").strip() or "·"  # "·": a space
             words.append(word if len(word) <= width else word[:width - 1] + "…")
         return words
 
@@ -395,8 +395,8 @@ class LogitLens(Result):
             side = min(12.0, max(7.0, 0.5 * self.grid[1]))
             strip_height = side / max(len(stages), 6) * 1.45 if stages else 0.0
             fig = plt.figure(figsize=(side + 1.2, side + strip_height + 0.7))
-            grid = fig.add_gridspec(2 if stages else 1, max(len(stages), 1),
-                                    height_ratios=[side, strip_height] if stages else [1], hspace=0.25)
+            grid = fig.add_gridspec(2 if stages else 1, max(len(stages), 1), top=0.93, bottom=0.04, left=0.06,
+                                    right=0.98, height_ratios=[side, strip_height] if stages else [1], hspace=0.15)
             ax = fig.add_subplot(grid[0, :])
             strip_axes = [fig.add_subplot(grid[1, i]) for i in range(len(stages))]
         else:
