@@ -70,12 +70,13 @@ def test_empty_or_constant_map_is_a_no_evidence_panel(scores, reason):
 
 def test_method_reason_is_shown_for_an_empty_causal_map():
     n = 4
-    causal = CausalExplanation(nodes=torch.tensor([1, 5]), kinds=["text", "target"], adjacency=torch.zeros(2, 2, dtype=bool),
-                               correlation=torch.eye(2), attention=torch.tensor([0.5, 0.5]), explanation=torch.tensor([1]),
-                               image_positions=torch.arange(2, 2 + n), image_rowcol=torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]]),
-                               image_view=torch.zeros(n, dtype=torch.long), image_boxes=torch.zeros(n, 4), grid=[2, 2],
-                               image_size=[32, 32], image=_image(), tokens=["the", "yellow"], layer=3, head=1,
-                               targets=[TARGET], info=dict(QA))
+    rowcol = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]])
+    causal = CausalExplanation(
+        nodes=torch.tensor([1, 5]), kinds=["text", "target"], adjacency=torch.zeros(2, 2, dtype=bool),
+        correlation=torch.eye(2), attention=torch.tensor([0.5, 0.5]), explanation=torch.tensor([1]),
+        image_positions=torch.arange(2, 2 + n), image_rowcol=rowcol, image_view=torch.zeros(n, dtype=torch.long),
+        image_boxes=torch.zeros(n, 4), grid=[2, 2], image_size=[32, 32], image=_image(), tokens=["the", "yellow"],
+        layer=3, head=1, targets=[TARGET], info=dict(QA))
     patch_map = causal.patch_map()
     assert "no image patch" in patch_map.info["empty_reason"]
     _, ax = patch_map.plot(ax=plt.subplots()[1])
