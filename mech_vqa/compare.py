@@ -37,11 +37,16 @@ DEFAULT_METHODS = ("mechanistic", "logit_lens", "raw_attention", "relevancy", "c
 
 
 def _mean_maps(maps: list[PatchMap], method: str, info: dict | None = None) -> PatchMap:
+    from .plotting import components_label
+
     first = maps[0]
     scores = torch.stack([m.scores for m in maps]).mean(0)
     targets = [t for m in maps for t in m.targets]
+    info = {**first.info, **(info or {})}
+    if len(maps) > 1:  # each token may use other heads / layers: the figure names them all
+        info["components_per_token"] = [components_label(m.method, m.info) for m in maps]
     return PatchMap(scores=scores, method=method, image_size=first.image_size, image=first.image, targets=targets,
-                    box=first.box, info={**first.info, **(info or {})})
+                    box=first.box, info=info)
 
 
 def _mechanistic(vqa, inp, targets, box, options):

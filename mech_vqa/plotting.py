@@ -68,6 +68,9 @@ def _layers_label(layers) -> str:
 def components_label(method: str, info: dict) -> str:
     """Which heads / layers / stage a map was read from, from the map's ``info``."""
     info = info or {}
+    per_token = info.get("components_per_token")
+    if per_token and len(set(per_token)) > 1:  # a mean of several tokens' maps, each from its own components
+        return "mean of tokens' maps: " + "; ".join(per_token)
     parts = []
     if "heads" in info and info["heads"] not in (None, "all") and isinstance(info["heads"], (list, tuple)) \
             and info["heads"] and isinstance(info["heads"][0], (list, tuple)):

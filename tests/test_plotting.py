@@ -178,3 +178,13 @@ def test_summary_methods_figure_says_which_way_is_better(tmp_path, monkeypatch):
     assert "deletion AUC (lower is better)" in labels and "insertion AUC (higher is better)" in labels
     legend_box = ax.get_legend().get_window_extent()
     assert legend_box.x0 >= ax.get_window_extent().x1  # the legend sits outside the bars
+
+
+def test_mean_of_tokens_maps_names_each_tokens_heads():
+    from mech_vqa.compare import _mean_maps
+
+    first = _map(torch.rand(4, 4))
+    second = _map(torch.rand(4, 4), targets=[{"token_id": 5, "position": 84, "token": "dark"}],
+                  info={**QA, "heads": [[1, 3]]})
+    title = _mean_maps([first, second], "mechanistic").title()
+    assert "L2H0" in title and "L1H3" in title and "'yellow' 'dark'" in title
