@@ -11,13 +11,16 @@ Made for a GPU lent for minutes (``bash benchmarks/gpu.sh`` through the device t
    is recorded: nonzero means a nondeterministic kernel), and on the device in bf16 and fp16 (no NaN /
    inf where fp32 is finite, and every score within :data:`HALF_TOLERANCES` of the device's fp32, scaled
    by the field's largest fp32 magnitude). The methods and the choices made for them are in :data:`METHODS`.
-2. **Benchmarks** (``benchmark``): a random model in LLaVA-1.5-7B's shapes, bf16, on the device (``--small``:
-   the mid-size shape; ``--tiny-only``: the tiny shape), 576 image tokens + a short question and answer.
+2. **Benchmarks** (``benchmark``): a random model in LLaVA-1.5-7B's shapes, bf16, on the device, 576 image
+   tokens + a short question and answer (``--small``: the mid-size shape, in fp32 on the CPU, whose bf16
+   matrix products run ~100x slower on CPUs without bf16 instructions; ``--tiny-only``: the tiny shape).
    Times (medians, the device synchronised inside each timed call) and peak memory of: a plain forward,
    capture of what ``explain`` needs, all heads' increases incl. the forward, one head's position map
    (extra, on a capture), ``explain(heads="top")``; as ratios to the plain forward. Then the head-ablation
    sweep of every head, batched, against one forward per head (timed on a subset, extrapolated linearly),
-   and iGOS+ batched against the reference way (``benchmarks/igos.py``'s comparison) at equal AUCs.
+   and iGOS+ batched against the reference way (``benchmarks/igos.py``'s comparison) at equal AUCs, with
+   the authors' README budget (``IGOSConfig()``: 5 iterations x 2 x 10 points, 2 % metric steps; ``--small``
+   and ``--tiny-only``: 1 iteration x 2 x 4 points, 10 % steps). ``targets`` evaluates issue 19's targets.
 
 Everything lands in ``OUT/gpu_results.json`` (rewritten after every step, so a killed run still leaves
 what it measured; strict JSON: a value that would be NaN is null, its path and reason listed under
@@ -52,6 +55,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's mech_vqa, even if another is installed
 from common import LLAVA_SHAPES, interleaved_medians, llava_shaped, measured, midsize_input  # noqa: E402
 
 import mech_vqa  # noqa: E402
@@ -236,14 +240,15 @@ def tiny_layouts() -> dict:
                     parameter.normal_(0, 0.5, generator=generator)
         return model, processor
 
+    # the most different layouts first, so that a budget cut leaves out the ones most like those already run
     return {
         "gqa": lambda: tiny_llava(seed=0, kv_heads=2),
-        "mha": lambda: tiny_llava(seed=1, kv_heads=None, layers=3),
-        "mistral": lambda: tiny_llava(seed=2, kv_heads=2, text_model="mistral", sliding_window=8),
-        "qwen2": lambda: tiny_llava(seed=3, kv_heads=2, text_model="qwen2", sliding_window=8, vision_model="siglip"),
-        "gemma": gemma,
         "next": lambda: tiny_llava_next(seed=5),
         "onevision": lambda: tiny_llava_onevision(seed=6),
+        "qwen2": lambda: tiny_llava(seed=3, kv_heads=2, text_model="qwen2", sliding_window=8, vision_model="siglip"),
+        "gemma": gemma,
+        "mistral": lambda: tiny_llava(seed=2, kv_heads=2, text_model="mistral", sliding_window=8),
+        "mha": lambda: tiny_llava(seed=1, kv_heads=None, layers=3),
     }
 
 
@@ -601,7 +606,13 @@ def run_benchmark(args, device, budget: Budget, report: Report) -> None:
         forward_rise = stages["forward"].get("peak_rise_bytes")
         for name in fns:
             rise = stages[name].get("peak_rise_bytes")
-            stages[name]["peak_rise_ratio_to_forward"] = rise / forward_rise if rise is not None and forward_rise else None
+            ratio = rise / forward_rise if rise is not None and forward_rise else None
+            stages[name]["peak_rise_ratio_to_forward"] = ratio
+            if stages[name]["peak_rise_ratio_to_forward"] is None:
+                stages[name]["peak_rise_ratio_null_because"] = (
+                    "this path's peak was not measured" if rise is None else
+                    "the plain forward's peak rise was not measured" if forward_rise is None else
+                    "the plain forward raised the peak by 0 bytes (too small a model to see)")
         section["memory_note"] = (
             "peak_rise_bytes: peak of torch.cuda.max_memory_allocated (reset before the call) minus the memory in use "
             "before it (weights, and for one_head_positions the capture)" if device.type == "cuda" else
@@ -731,11 +742,14 @@ def parse_args(argv=None):
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: tiny, bench")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10 on a GPU, 3 on the CPU)")
     parser.add_argument("--sweep-batch", type=int, default=None, help="ablations per batch (default 32 GPU, 16 CPU)")
-    parser.add_argument("--naive-sweep-s", type=float, default=30.0, help="most seconds spent timing one forward per head")
+    parser.add_argument("--naive-sweep-s", type=float, default=30.0,
+                        help="most seconds spent timing one forward per head")
     parser.add_argument("--igos-chunk", type=int, default=10,
                         help="iGOS rows per forward/backward (10 keeps a 7B model's activations ~45 GB)")
     parser.add_argument("--tiny-share", type=float, default=0.45, help="share of the budget part 1 may use")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 with --device cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default 1 with --device cpu, else 4: the CPU references are tiny "
+                             "models, which more threads only slow down)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.budget_s is None:
@@ -762,8 +776,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args, device = parse_args(argv)
-    if args.threads or device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
+    torch.set_num_threads(args.threads or (1 if device.type == "cpu" else min(4, os.cpu_count() or 1)))
     if device.type == "cuda":  # fp32 must be fp32 for the identity checks (cuDNN convolutions default to TF32)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False

@@ -6,13 +6,15 @@
 # torch), or put on PYTHONPATH if that fails. Results: $OUT/gpu_results.json (rewritten after every
 # step, so a killed run still returns what it measured) and $OUT/gpu_log.txt.
 # Environment: GPU_BUDGET_S (default 420: the script's own budget; it skips what no longer fits and
-# still writes the JSON), GPU_ARGS (extra arguments for benchmarks/gpu.py), PYTHON (default python3).
+# still writes the JSON), GPU_ARGS (extra arguments for benchmarks/gpu.py), PYTHON (default python3),
+# GPU_DEVICE (default cuda; cpu smoke-tests this wrapper where there is no GPU, e.g. with GPU_ARGS=--tiny-only).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 BUDGET="${GPU_BUDGET_S:-420}"
+DEVICE="${GPU_DEVICE:-cuda}"
 LOG="$OUT/gpu_log.txt"
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
@@ -21,7 +23,7 @@ export PYTHONUNBUFFERED=1 MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false HF_HUB_OFF
   nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader 2>&1 | head -4
 } | tee "$LOG"
 
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$LOG"; then
+if [ "$DEVICE" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$LOG"; then
   echo "ERROR: $PY's torch sees no CUDA device ($("$PY" -c 'import torch; print(torch.__version__)' 2>&1));" \
        "nothing can be installed here (no network): run on a machine whose python has torch with CUDA" | tee -a "$LOG"
   exit 2
@@ -40,15 +42,16 @@ fi
 if ! (cd /tmp && "$PY" -c "import mech_vqa" 2>/dev/null); then
   "$PY" -m pip install --no-deps --no-build-isolation --no-index -q -e . >>"$LOG" 2>&1 \
     && echo "installed mech_vqa (editable, no dependencies)" | tee -a "$LOG" \
-    || { export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; echo "pip install failed: mech_vqa on PYTHONPATH" | tee -a "$LOG"; }
+    || echo "pip install failed (see above); running from PYTHONPATH" | tee -a "$LOG"
 fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code runs, whatever else is installed
 "$PY" -c "import torch, transformers, mech_vqa; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'mech_vqa from', mech_vqa.__file__)" 2>&1 | tee -a "$LOG"
 
 # SIGTERM 45 s after the budget if something hangs where the script's own alarm cannot reach (inside one
 # long kernel): the script then writes what it has; SIGKILL 15 s later.
 set -o pipefail
-timeout -s TERM -k 15 $((BUDGET + 45)) "$PY" benchmarks/gpu.py --device cuda --out "$OUT" --budget-s "$BUDGET" \
+timeout -s TERM -k 15 $((BUDGET + 45)) "$PY" benchmarks/gpu.py --device "$DEVICE" --out "$OUT" --budget-s "$BUDGET" \
   ${GPU_ARGS:-} 2>&1 | tee -a "$LOG"
 status=$?
 echo "== gpu.py exit status $status; files in $OUT:" | tee -a "$LOG"
