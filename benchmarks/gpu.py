@@ -409,7 +409,7 @@ def check_layout(name: str, build, device: torch.device, dtypes: list[str], meth
     choice = {"word": word, "head": head, "saliency": raw_attention_map(cpu, inp, [inp.target(word)]).scores}
     log(budget, f"layout {name}: {cpu!r}, {inp.seq_len} tokens, target {inp.target(word)}, head {head}")
 
-    variants = {"float32": None}
+    variants = {}
     for dtype_name in ["float32", *dtypes]:
         dtype = getattr(torch, dtype_name)
         variants[dtype_name] = VQAModel(copy.deepcopy(model).to(device=device, dtype=dtype), processor,
