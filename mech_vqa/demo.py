@@ -64,5 +64,7 @@ def run_demo(vqa, out_dir="out/demo", image=None, question=None, methods=None, o
         fig.savefig(out / f"{name}.png", dpi=130, bbox_inches="tight")
         plt.close(fig)
     scores["top_heads"] = explanation.heads.topk(5).to_dict("records")
-    (out / "scores.json").write_text(json.dumps(scores, indent=1, default=float))
+    from .results.base import dumps_strict
+
+    (out / "scores.json").write_text(dumps_strict(scores, indent=1))  # NaN -> null, listed under "non_finite"
     return scores
