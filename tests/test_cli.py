@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from mech_vqa.cli import build_parser, main
+from mech_vqa.dataset import read_results
 from mech_vqa.demo import run_demo
 
 
@@ -53,7 +54,7 @@ def test_run_compare_on_the_tiles_of_a_saved_llava_next(tiny_next_vqa, tmp_path,
     args = ["run", "explain", str(tmp_path / "data.jsonl"), "--out", str(out), "--model", str(tmp_path / "model"),
             "--view", "1", "--no-progress"]
     assert main(args) == 0
-    results = [json.loads(line) for line in out.read_text().splitlines()]
+    results = read_results(out)
     assert [r["status"] for r in results] == ["ok", "ok"] and all(0 <= r["in_box_share"] <= 1 for r in results)
     assert main(["run", "ablate", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "a.jsonl"),
                  "--view", "1"]) == 2

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..adapters.base import mask_to_pixels
 from ..hooks import preserved_state
+from ..inputs import check_pixels
 from ..results.base import Result
 
 
@@ -230,6 +231,7 @@ def insertion_deletion(vqa, inp, saliency, *, tokens=None, baseline="blur", tau:
 
     scores = as_map(saliency)
     check_map_shape(scores, inp.geometry)
+    check_pixels(inp.pixel_values)  # perturbed pixels never pass through model_inputs' check
     method = method if method is not None else getattr(saliency, "method", "")
     base = input_baseline(vqa, inp, baseline).to(vqa.device)
     info = {"step_fraction": step_fraction, "baseline": baseline if isinstance(baseline, str) else "tensor"}
