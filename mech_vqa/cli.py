@@ -22,10 +22,11 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 def default_threads() -> int:
     """``OMP_NUM_THREADS`` when set, else half the cores this process may use (at least 1).
 
-    PyTorch's CPU threads wait on each other at every operation: with more threads than free
-    cores, one descheduled thread stalls the rest (``benchmarks/threads.py``: an explain item took
-    0.25 s on 1 thread and 0.6-1.3 s on 2 threads while another process kept one of the two cores
-    busy). Half the cores leaves room for whatever else runs.
+    PyTorch's CPU threads wait on each other at every operation, so with more threads than free
+    cores one descheduled thread stalls the rest. Measured by ``benchmarks/threads.py`` on a 2-core
+    machine that other jobs shared (organism, median item): explain 0.11 s on 1 thread vs 2.0 s on
+    2; with one more process spinning, 0.23 s vs 2.4 s; a compare item 27 s vs 379 s. Half the
+    cores leaves room for whatever else runs.
     """
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"])
@@ -130,8 +131,8 @@ def _model_options(parser, model_help: str, device: bool = True) -> None:
     parser.add_argument("--threads", type=_positive_int, default=default_threads(),
                         help=f"CPU threads for torch (default {default_threads()}: OMP_NUM_THREADS when set, else "
                              "half the usable cores). More threads than free cores make torch's threads wait "
-                             "on each other: on a 2-core machine with one core busy, 2 threads were 2.4-5x "
-                             "slower than 1 (benchmarks/threads.py)")
+                             "on each other: on a shared 2-core machine an explain item took 0.23 s on 1 thread "
+                             "and 2.4 s on 2, a compare item 27 s and 379 s (benchmarks/threads.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:
