@@ -73,3 +73,25 @@ def test_every_result_prints_one_short_line(tiny_vqa, prepared):
     assert repr(lens).startswith("LogitLens(model='tiny-gqa', layers=2 + input, 16 image tokens (grid 4x4")
     assert "word='red': max p=" in repr(lens)
     assert "scores=tensor[2, 4]" in repr(explanation.heads)
+
+
+def test_saved_results_are_strict_json_and_load_their_nan_back(tmp_path):
+    import math
+
+    from mech_vqa.results.base import dumps_strict, loads_strict
+
+    def refuse(name):
+        raise ValueError(name)
+
+    pm = PatchMap(scores=torch.zeros(2, 2), method="x", image_size=[8, 8],
+                  info={"auc": float("nan"), "curve": [1.0, float("-inf")]})
+    path = pm.save(tmp_path / "pm")
+    payload = json.loads(path.read_text(), parse_constant=refuse)
+    assert payload["fields"]["info"] == {"auc": None, "curve": [1.0, None]}
+    assert payload["non_finite"] == {"fields.info.auc": "NaN", "fields.info.curve.1": "-inf"}
+    loaded = Result.load(path)
+    assert math.isnan(loaded.info["auc"]) and loaded.info["curve"] == [1.0, float("-inf")]
+    text = dumps_strict({"a": [float("inf"), {"b": float("nan")}], "c": torch.tensor([1.0, float("nan")])})
+    assert json.loads(text, parse_constant=refuse)["non_finite"] == {"a.0": "inf", "a.1.b": "NaN", "c.1": "NaN"}
+    again = loads_strict(text)
+    assert again["a"][0] == float("inf") and math.isnan(again["a"][1]["b"]) and math.isnan(again["c"][1])
