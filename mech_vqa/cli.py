@@ -86,13 +86,14 @@ def _demo(args) -> int:
 
 
 def _run(args) -> int:
-    from .dataset import read_dataset, run_dataset
+    from .dataset import check_resumable, read_dataset, run_dataset
 
     read_dataset(args.dataset)  # a missing or empty dataset fails before the model loads
     if args.view and args.task not in ("explain", "compare"):
         print(f"mech-vqa: --view applies to the explain and compare tasks, not {args.task}", file=sys.stderr)
         return 2
     extra = {"view": args.view} if args.view else {}
+    check_resumable(args.out, args.task, extra)  # so does a results file of another task or options
     counts = run_dataset(_load(args), args.dataset, args.out, args.task, limit=args.limit,
                          progress=not args.no_progress, **extra)
     print(json.dumps(counts))

@@ -170,6 +170,21 @@ class ResultsFile:
         return read_results(self.path)
 
 
+def check_resumable(results_path, task: str, options: dict) -> None:
+    """Fail before a model loads when ``results_path`` was written by another task or other options
+    (the model itself is compared once loaded, by :class:`ResultsFile`)."""
+    path = Path(results_path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    existing = ResultsFile(path)
+    if existing.header is None:
+        if existing.done:
+            existing._check_or_write_header({})  # the "no header" error
+        return
+    wanted = json.loads(dumps_strict({"task": task, "options": strict_json(options, record=False)}))
+    existing._check_or_write_header({**wanted, "model": existing.header.get("model")})
+
+
 def model_identity(vqa) -> dict:
     """What a results header records of the model: its name (``organism`` for the shipped one) and dtype."""
     from .organism import ORGANISM_DIR

@@ -193,7 +193,7 @@ def save_figures(tables: dict, folder: Path) -> list[Path]:
         ax.set_xlabel("layer")
         ax.set_ylabel("mean increase in answer log-prob (nats)")
         ax.legend(fontsize=7, frameon=False)
-        ax.set_title(f"explain: what each layer adds to the answer token ({int(frame['items'].iloc[0])} items)",
+        ax.set_title(f"explain: what each layer adds to the answer word ({int(frame['items'].iloc[0])} items)",
                      fontsize=9)
         written.append(folder / "layers.png")
         fig.savefig(written[-1], dpi=120, bbox_inches="tight")

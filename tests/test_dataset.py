@@ -140,7 +140,7 @@ def test_a_compare_run_and_the_demo_write_no_nan(tiny_vqa, tmp_path):
     _strict((tmp_path / "tables" / "summary.json").read_text())
 
 
-def test_resuming_with_other_settings_is_one_clear_error(tiny_vqa, tiny_mha_vqa, tmp_path):
+def test_resuming_with_other_settings_is_one_clear_error(tiny_vqa, tiny_mha_vqa, tmp_path, capsys):
     data = _dataset(tmp_path / "d", n=2)
     out = tmp_path / "r.jsonl"
     run_dataset(tiny_vqa, data, out, "answer", progress=False)
@@ -152,6 +152,9 @@ def test_resuming_with_other_settings_is_one_clear_error(tiny_vqa, tiny_mha_vqa,
     with pytest.raises(DatasetError, match=r'options \{\}; this run has options \{"view": 1\}'):
         run_dataset(tiny_vqa, data, out, "answer", progress=False, view=1)
     assert out.read_text() == before  # nothing appended by a refused run
+    # the command line refuses before loading a model (this one does not even exist)
+    assert cli_main(["run", "compare", str(data), "--out", str(out), "--model", str(tmp_path / "none")]) == 2
+    assert 'this run has task "compare"' in capsys.readouterr().err
     assert run_dataset(tiny_vqa, data, out, "answer", progress=False) == {"done": 0, "skipped": 2, "errors": 0}
     headerless = tmp_path / "old.jsonl"
     headerless.write_text(json.dumps({"id": "0", "status": "ok"}) + "\n")
