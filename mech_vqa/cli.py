@@ -76,10 +76,11 @@ def _load(args):
 
 def _demo(args) -> int:
     from .demo import run_demo
+    from .results.base import dumps_strict
 
     scores = run_demo(_load(args), out_dir=args.out, image=args.image, question=args.question,
                       methods=args.methods.split(",") if args.methods else None, view=args.view)
-    print(json.dumps({k: v for k, v in scores.items() if k != "methods"}, indent=1, default=str))
+    print(dumps_strict({k: v for k, v in scores.items() if k != "methods"}, indent=1))
     for name, entry in scores["methods"].items():
         print(f"{name:>22}: {entry.get('png', entry.get('error'))}")
     return 0
