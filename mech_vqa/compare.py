@@ -37,11 +37,16 @@ DEFAULT_METHODS = ("mechanistic", "logit_lens", "raw_attention", "relevancy", "c
 
 
 def _mean_maps(maps: list[PatchMap], method: str, info: dict | None = None) -> PatchMap:
+    from .plotting import components_label
+
     first = maps[0]
     scores = torch.stack([m.scores for m in maps]).mean(0)
     targets = [t for m in maps for t in m.targets]
+    info = {**first.info, **(info or {})}
+    if len(maps) > 1:  # each token may use other heads / layers: the figure names them all
+        info["components_per_token"] = [components_label(m.method, m.info) for m in maps]
     return PatchMap(scores=scores, method=method, image_size=first.image_size, image=first.image, targets=targets,
-                    box=first.box, info={**first.info, **(info or {})})
+                    box=first.box, info=info)
 
 
 def _mechanistic(vqa, inp, targets, box, options):
@@ -110,6 +115,18 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum()) / denominator if denominator > 0 else float("nan")
 
 
+def _score_line(row: dict) -> str:
+    """``ins 0.98 ↑  del 0.06 ↓  box hit``: one method's scores for its panel title."""
+    parts = []
+    for key, name, arrow in (("insertion_auc", "ins", "↑"), ("deletion_auc", "del", "↓")):
+        value = row.get(key)
+        if value is not None and value == value:
+            parts.append(f"{name} {value:.2f}{arrow}")
+    if row.get("pointing_game") is not None:
+        parts.append("peak in box" if row["pointing_game"] else "peak outside box")
+    return "  ".join(parts) or "not scored"
+
+
 @dataclasses.dataclass
 class Comparison(Result):
     """Every method's map on the same tokens, with one row of scores per method.
@@ -150,22 +167,61 @@ class Comparison(Result):
         return frame
 
     def plot(self, ax=None, **kwargs):
-        """Side-by-side heatmaps (one axis per method); ``ax`` may be a sequence of axes."""
+        """The image as it is, then one panel per method; returns ``(fig, axes)`` (the methods' axes).
+
+        Each panel: the map over the image (opacity = importance, its own colour bar and unit),
+        which heads / layers it was read from, and its scores (insertion AUC: higher is better;
+        deletion AUC: lower is better; pointing game hit or miss). The question, the answer and the
+        explained tokens head the figure. ``ax``: a sequence of axes, one per method (no image panel).
+        """
         import matplotlib.pyplot as plt
+
+        from .plotting import show_image
 
         names = list(self.maps)
         if ax is None:
-            fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4))
-            axes = [axes] if len(names) == 1 else list(axes)
+            panels = len(names) + 1
+            cols = min(panels, 4)
+            rows = -(-panels // cols)
+            fig, grid = plt.subplots(rows, cols, figsize=(4.1 * cols, 3.9 * rows + 1.0), squeeze=False)
+            flat = list(grid.flat)
+            for extra in flat[panels:]:
+                extra.set_visible(False)
+            first = next(iter(self.maps.values()), None)
+            if first is not None:
+                show_image(first.image, first.image_size, ax=flat[0], box=first.box,
+                           title="image as the model saw it" + ("\n(box: answer region)" if first.box else ""))
+            axes = flat[1:panels]
+            fig.suptitle(self._headline(), fontsize=10)
         else:
             axes = list(ax) if hasattr(ax, "__len__") else [ax]
             fig = axes[0].figure
         rows = {row["method"]: row for row in self.table}
         for axis, name in zip(axes, names):
-            row = rows.get(name, {})
-            title = f"{name}\nins {row.get('insertion_auc', float('nan')):.2f} del {row.get('deletion_auc', float('nan')):.2f}"
-            self.maps[name].plot(ax=axis, title=title, colorbar=False)
+            patch_map = self.maps[name]
+            title = patch_map.title(label=name) + "\n" + _score_line(rows.get(name, {}))
+            patch_map.plot(ax=axis, title=title)
+        if ax is None:
+            fig.tight_layout()
         return fig, axes
+
+    def _headline(self) -> str:
+        """Question, answer, explained tokens and why they were chosen."""
+        from .plotting import question_answer, tokens_label
+
+        first = next(iter(self.maps.values()), None)
+        question = self.info.get("question") or (first.info.get("question") if first is not None else None)
+        qa = question_answer({"question": question, "answer": self.info.get("answer")}, width=140)
+        rule = str(self.info.get("selection_rule", ""))
+        baseline = self.info.get("baseline", "blur")
+        on = "the blurred image" if baseline == "blur" else f"the {baseline!r} baseline"
+        why = {"gap": f"log p falls by more than {self.info.get('tau', 1.0)} nats on {on}",
+               "manual": "chosen by hand",
+               "single-token ratio": f"p at least halves on {on}"}.get(
+            rule, "no token passed the threshold: the largest log-p gap" if rule.startswith("fallback") else rule)
+        explained = f"explained answer token(s): {tokens_label(self.info.get('targets', []))} ({why})"
+        return "\n".join(part for part in (qa, explained) if part)
+
 
     def save(self, path) -> Path:
         """``<path>.json`` (table, correlations, selection) plus one saved PatchMap per method."""

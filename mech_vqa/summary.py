@@ -168,15 +168,21 @@ def write_tables(tables: dict, folder: Path, header: dict | None = None) -> tupl
     return written, note
 
 
+# the methods figure's metrics: column, axis label (which direction is better)
+_METRICS = (("insertion_auc", "insertion AUC (higher is better)"), ("deletion_auc", "deletion AUC (lower is better)"),
+            ("pointing_game", "pointing game (higher is better)"), ("in_box_share", "in-box share (higher is better)"))
+
+
 def save_figures(tables: dict, folder: Path) -> list[Path]:
-    """The figures that apply to these tables; the folder is made only when there is one to write."""
+    """``head_ablation.png`` (ablate results), ``layers.png`` (explain results) and ``methods.png``
+    (compare results) in ``folder``; nothing (and no folder) when the tables hold none of them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
 
-    from .plotting import heatmap
+    from .plotting import PALETTE, heatmap
 
     if not any(name in tables for name in ("head_delta", "methods", "layers")):
         return []
@@ -186,11 +192,11 @@ def save_figures(tables: dict, folder: Path) -> list[Path]:
         frame = tables["layers"]
         fig, ax = plt.subplots(figsize=(5, 3))
         x = frame["layer"].to_numpy()
-        ax.bar(x - 0.2, frame["mean_attn_increase"], width=0.4, label="attention")
-        ax.bar(x + 0.2, frame["mean_mlp_increase"], width=0.4, label="MLP")
+        ax.bar(x - 0.2, frame["mean_attn_increase"], width=0.4, label="attention", color=PALETTE[0])
+        ax.bar(x + 0.2, frame["mean_mlp_increase"], width=0.4, label="MLP", color=PALETTE[1])
         ax.axhline(0, color="0.5", lw=0.6)
         ax.set_xticks(x)
-        ax.set_xlabel("layer")
+        ax.set_xlabel("decoder layer")
         ax.set_ylabel("mean increase in answer log-prob (nats)")
         ax.legend(fontsize=7, frameon=False)
         ax.set_title(f"explain: what each layer adds to the answer word ({int(frame['items'].iloc[0])} items)",
@@ -199,21 +205,31 @@ def save_figures(tables: dict, folder: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)
     if "head_delta" in tables:
-        fig, _ = heatmap(torch.tensor(tables["head_delta"]), xlabel="head", ylabel="layer",
-                         title="mean answer log-prob change, head ablated")
+        items = int(tables["image_ablation"]["items"].max()) if len(tables.get("image_ablation", [])) else None
+        fig, _ = heatmap(torch.tensor(tables["head_delta"]), xlabel="head", ylabel="decoder layer",
+                         title="mean change of the answer's log-prob when one head is ablated"
+                               + (f" ({items} items)" if items else ""),
+                         cbar_label="mean change of answer log-prob (nats)")
         written.append(folder / "head_ablation.png")
         fig.savefig(written[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)
     if "methods" in tables:
         frame = tables["methods"]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(frame) + 2.5), 3.8))
         x = np.arange(len(frame))
-        for offset, column in zip((-0.3, -0.1, 0.1, 0.3), ("insertion_auc", "deletion_auc", "pointing_game",
-                                                            "in_box_share")):
-            ax.bar(x + offset, frame[column], width=0.2, label=column)
-        ax.set_xticks(x, frame["method"], rotation=30, ha="right")
-        ax.legend(fontsize=7)
-        ax.set_title("patch-importance methods over the dataset", fontsize=9)
+        width = 0.8 / len(_METRICS)
+        for index, (column, label) in enumerate(_METRICS):
+            offset = (index - (len(_METRICS) - 1) / 2) * width
+            bars = ax.bar(x + offset, frame[column], width=width, label=label, color=PALETTE[index],
+                          hatch="//" if column == "deletion_auc" else None, edgecolor="white", linewidth=0.5)
+            ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)  # a zero bar is otherwise invisible
+        ax.set_xticks(x, [f"{m}\n({n} items)" for m, n in zip(frame["method"], frame["items"])], fontsize=8)
+        ax.set_ylabel("score (0 to 1)")
+        ax.set_ylim(0, 1.1)
+        ax.grid(axis="y", linewidth=0.4, alpha=0.5)
+        ax.set_axisbelow(True)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax.set_title("patch-importance methods, mean over the items with visually relevant answer tokens", fontsize=9)
         written.append(folder / "methods.png")
         fig.savefig(written[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)

@@ -86,11 +86,13 @@ class InsertionDeletion(Result):
 
         fig, ax = new_axes(ax, figsize=(4.5, 3.2))
         x = self.fractions.numpy()
-        ax.plot(x, self.deletion.numpy(), color="tab:red", label=f"deletion (AUC {self.deletion_auc:.3f})")
-        ax.fill_between(x, self.deletion.numpy(), color="tab:red", alpha=0.15)
-        ax.plot(x, self.insertion.numpy(), color="tab:blue", label=f"insertion (AUC {self.insertion_auc:.3f})")
-        ax.set_xlabel("share of cells removed / revealed")
-        ax.set_ylabel("normalised score")
+        ax.plot(x, self.deletion.numpy(), color="#D55E00",
+                label=f"deletion (AUC {self.deletion_auc:.3f}, lower is better)")
+        ax.fill_between(x, self.deletion.numpy(), color="#D55E00", alpha=0.15)
+        ax.plot(x, self.insertion.numpy(), color="#0072B2", linestyle="--",
+                label=f"insertion (AUC {self.insertion_auc:.3f}, higher is better)")
+        ax.set_xlabel("share of cells removed (deletion) / revealed (insertion)")
+        ax.set_ylabel("normalised answer probability\n(0 = baseline, 1 = image)", fontsize=8)
         ax.set_title(kwargs.get("title", self.method or "insertion / deletion"), fontsize=9)
         ax.legend(fontsize=8)
         return fig, ax

@@ -62,13 +62,14 @@ class AblationResult(Result):
         from ..plotting import heatmap, new_axes
 
         if self.kinds and all(kind == "head" for kind in self.kinds):
-            return heatmap(self.head_grid(), ax=ax, xlabel="head", ylabel="layer",
-                           title="answer log-prob change when the head is ablated")
+            return heatmap(self.head_grid(), ax=ax, xlabel="head", ylabel="decoder layer",
+                           title="answer log-prob change when the head is ablated (blank: not ablated)",
+                           cbar_label="change of summed answer log-prob (nats)")
         fig, ax = new_axes(ax, figsize=(max(4, 0.3 * len(self.names)), 3.5))
-        colors = ["tab:red" if f else "tab:blue" for f in self.flipped.tolist()]
+        colors = ["#D55E00" if f else "#0072B2" for f in self.flipped.tolist()]
         ax.bar(range(len(self.names)), self.total.numpy(), color=colors)
         ax.set_xticks(range(len(self.names)), self.names, rotation=90, fontsize=7)
         ax.axhline(0, color="black", linewidth=0.5)
-        ax.set_ylabel("answer log-prob change")
-        ax.set_title("ablations (red: answer flips)", fontsize=9)
+        ax.set_ylabel("change of summed answer\nlog-prob (nats)", fontsize=8)
+        ax.set_title("ablations (vermilion: the answer flips, blue: it does not)", fontsize=9)
         return fig, ax

@@ -146,7 +146,8 @@ class AnswerAttention(Result):
                         targets=[self.targets[i] for i in token_idx], box=box if box is not None else self.box,
                         info={**self.info, "layers": list(layers) if layers is not None else self.layers,
                               "heads": list(heads) if heads is not None else "all", "head_reduce": head_reduce,
-                              "layer_reduce": layer_reduce, "token_reduce": token_reduce, "view": view})
+                              "layer_reduce": layer_reduce, "token_reduce": token_reduce, "view": view,
+                              "unit": f"attention weight ({head_reduce} of heads, {layer_reduce} of layers)"})
 
     def head_maps(self, layer: int, tokens=None, token_reduce: str = "mean") -> torch.Tensor:
         """``[n_heads, rows, cols]``: one map per head of ``layer`` (tokens reduced)."""
@@ -223,18 +224,34 @@ class AnswerAttention(Result):
         """Gallery of per-head image maps of ``layer`` (default the last); returns ``(fig, axes)``."""
         import matplotlib.pyplot as plt
 
+        from ..plotting import question_answer, shared_colorbar, tokens_label
+
         layer = int(self.layers[-1]) if layer is None else layer
         maps = self.head_maps(layer, tokens)
         n = maps.shape[0]
-        if ax is None:
-            fig, ax = plt.subplots(1, n, figsize=(2.2 * n, 2.4), squeeze=False)
-            ax = ax[0]
+        new_figure = ax is None
+        if new_figure:
+            cols = min(n, 8)
+            rows = -(-n // cols)
+            fig, ax = plt.subplots(rows, cols, figsize=(2.2 * cols + 0.8, 2.3 * rows + 0.7), squeeze=False)
+            for extra in ax.flat[n:]:
+                extra.set_visible(False)
+            ax = list(ax.flat)
         axes = list(ax) if hasattr(ax, "__len__") else [ax]
         if len(axes) < n:
             raise ValueError(f"plot needs {n} axes (one per head), got {len(axes)}")
+        shared = float(maps.max()) or None  # one colour scale, so heads compare
         for head, axis in enumerate(axes[:n]):
             PatchMap(maps[head], method="raw_attention", image_size=self.image_size, image=self.image,
-                     box=self.box).plot(ax=axis, title=f"L{layer} H{head}", colorbar=False)
+                     box=self.box).plot(ax=axis, title=f"head L{layer}H{head}", colorbar=False, vmax=shared,
+                                        signed=False)
+        shared_colorbar(axes[0].figure, axes[:n], shared, "attention weight")
+        if new_figure:
+            token_idx = _pick(tokens, list(range(len(self.targets))), "target")
+            tokens_text = tokens_label([self.targets[i] for i in token_idx])
+            qa = question_answer(self.info)
+            axes[0].figure.suptitle(f"raw attention of answer token {tokens_text} to the image, layer {layer}, "
+                                    f"one colour scale (attention weight)" + (f"\n{qa}" if qa else ""), fontsize=9)
         return axes[0].figure, axes
 
 
@@ -270,9 +287,11 @@ class AttentionMass(Result):
         """Heads x layers heatmap of the mass on ``group``; returns ``(fig, ax)``."""
         from ..plotting import heatmap
 
-        tokens = " ".join(t.get("token", "") for t in self.targets)
-        return heatmap(self.of(group).T, ax=ax, xlabel="layer", ylabel="head", cmap="viridis", center=False,
-                       title=f"attention mass on {group} tokens | {tokens!r}",
+        from ..plotting import tokens_label
+
+        return heatmap(self.of(group).T, ax=ax, xlabel="decoder layer", ylabel="head", center=False,
+                       title=f"share of attention on {group} tokens, answer token {tokens_label(self.targets)}",
+                       cbar_label=f"attention share on {group} tokens (0-1)", limits=(0.0, 1.0),
                        xticklabels=[str(v) for v in self.layers],
                        yticklabels=[str(h) for h in range(self.mass.shape[1])])
 
@@ -304,9 +323,9 @@ class PatchToText(Result):
         from ..plotting import new_axes
 
         fig, ax = new_axes(ax, figsize=(max(3.0, 0.6 * len(self.targets)), 3))
-        ax.bar(range(len(self.targets)), self.scores.numpy(), color="tab:orange")
+        ax.bar(range(len(self.targets)), self.scores.numpy(), color="#E69F00")
         ax.set_xticks(range(len(self.targets)), [t.get("token", "") for t in self.targets], rotation=45)
-        ax.set_ylabel("attention to chosen patches")
+        ax.set_ylabel("attention weight on the patches\n(summed over them)", fontsize=8)
         ax.set_title(f"patches {self.cells} -> answer tokens", fontsize=9)
         return fig, ax
 
@@ -360,7 +379,9 @@ class RelevancyMaps(Result):
             raise ValueError("only the LLM stage of a result that kept its image-token boxes has later views")
         return PatchMap(scores, method=f"relevancy_{stage}", image_size=self.image_size, image=self.image,
                         targets=[self.targets[i] for i in token_idx], box=box if box is not None else self.box,
-                        info={**self.info, "stage": stage, "row_normalized": self.row_normalized, "view": view})
+                        info={**self.info, "stage": stage, "row_normalized": self.row_normalized, "view": view,
+                              "unit": "relevance (Chefer, row-normalised)" if self.row_normalized
+                              else "relevance (Chefer, unnormalised)"})
 
     def to_dataframe(self):
         import pandas as pd
@@ -391,13 +412,22 @@ class RelevancyMaps(Result):
         """One overlay per target token; returns ``(fig, axes)``."""
         import matplotlib.pyplot as plt
 
+        from ..plotting import question_answer, shared_colorbar, unit_of
+
         n = len(self.targets)
-        if ax is None:
-            fig, ax = plt.subplots(1, n, figsize=(2.6 * n, 2.6), squeeze=False)
+        new_figure = ax is None
+        if new_figure:
+            fig, ax = plt.subplots(1, n, figsize=(3.0 * n + 0.8, 3.2), squeeze=False)
             ax = ax[0]
         axes = list(ax) if hasattr(ax, "__len__") else [ax]
-        for i, axis in enumerate(axes[:n]):
-            self.patch_map([i], stage=stage).plot(ax=axis, colorbar=False)
+        maps = [self.patch_map([i], stage=stage) for i in range(min(n, len(axes)))]
+        shared = max(float(m.scores.max()) for m in maps) or None  # one colour scale, so tokens compare
+        for axis, patch_map in zip(axes, maps):
+            patch_map.plot(ax=axis, colorbar=False, vmax=shared, signed=False)
+        shared_colorbar(axes[0].figure, axes[:len(maps)], shared, unit_of(maps[0].info))
+        qa = question_answer(self.info)
+        if new_figure and qa:
+            axes[0].figure.suptitle(qa, fontsize=9, y=1.04)
         return axes[0].figure, axes
 
 
@@ -477,9 +507,14 @@ class CausalExplanation(Result):
             grid = _to_grid(scores, self.image_rowcol, self.image_view, self.grid)
         else:
             grid = paint_view(scores, self.image_boxes, self.image_view, view, self.image_size)
+        info = {**self.info, "layer": self.layer, "head": self.head, "view": view,
+                "unit": "attention weight of the target to explanation-set patches"}
+        if not bool((scores != 0).any()):  # say why, so the empty map is not read as data
+            n_text = len(self.explanation_tokens())
+            info["empty_reason"] = (f"the explanation set of head L{self.layer}H{self.head} holds no image patch "
+                                    f"({n_text} text token{'s' if n_text != 1 else ''} only)")
         return PatchMap(grid, method="causal_explanation", image_size=self.image_size, image=self.image,
-                        targets=list(self.targets), box=box if box is not None else self.box,
-                        info={**self.info, "layer": self.layer, "head": self.head, "view": view})
+                        targets=list(self.targets), box=box if box is not None else self.box, info=info)
 
     def to_dataframe(self):
         import pandas as pd
@@ -517,5 +552,10 @@ class CausalExplanation(Result):
         ax.set_yticks([])
         ax.set_xlim(-1, n)
         ax.set_ylim(-0.5, max(1.0, 0.3 * n))
-        ax.set_title(f"causal graph L{self.layer} H{self.head} (green: explanation, red: target)", fontsize=9)
+        from ..plotting import question_answer, tokens_label
+
+        qa = question_answer(self.info, width=90)
+        ax.set_title(f"causal graph over attention nodes of head L{self.layer}H{self.head}, answer token "
+                     f"{tokens_label(self.targets)}\n(green: explanation set, red: target; square: image patch, "
+                     f"circle: text)" + (f"\n{qa}" if qa else ""), fontsize=9)
         return fig, ax

@@ -72,7 +72,10 @@ class IGOSResult(Result):
         return PatchMap(scores=self.saliency, method="igos++", image_size=list(self.image_size), image=self.image,
                         targets=list(self.targets), box=self.box,
                         info={**self.info, "variant": self.method, "params": self.params,
-                              "deletion_auc": self.deletion_auc, "insertion_auc": self.insertion_auc})
+                              "deletion_auc": self.deletion_auc, "insertion_auc": self.insertion_auc,
+                              "unit": "saliency (1 - mask)",
+                              **({"empty_reason": self.message or "no visually relevant answer token"}
+                                 if self.empty else {})})
 
     def topk(self, k: int = 10):
         """The ``k`` most salient mask cells (row, col, score, pixel box)."""
@@ -89,14 +92,15 @@ class IGOSResult(Result):
         return frame
 
     def plot(self, ax=None, **kwargs):
-        """Saliency over the image with the box; returns ``(fig, ax)``."""
+        """Saliency over the image with the box (see :meth:`PatchMap.plot`); returns ``(fig, ax)``."""
+        patch_map = self.to_patch_map()
         title = kwargs.pop("title", None)
         if title is None:
-            shown = repr(" ".join(self.selected_tokens)) if not self.empty else "empty S"
-            title = f"{self.method} | {shown}"
+            title = patch_map.title(label=self.method) if not self.empty else f"{self.method}: empty S"
             if not math.isnan(self.insertion_auc):
-                title += f"\nins {self.insertion_auc:.3f}  del {self.deletion_auc:.3f}"
-        return self.to_patch_map().plot(ax=ax, title=title, **kwargs)
+                title += f"\ninsertion AUC {self.insertion_auc:.3f} (higher is better), " \
+                         f"deletion {self.deletion_auc:.3f} (lower)"
+        return patch_map.plot(ax=ax, title=title, **kwargs)
 
     def plot_curves(self, ax=None):
         """Deletion and insertion curves of the saliency; returns ``(fig, ax)``."""

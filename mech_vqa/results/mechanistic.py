@@ -15,12 +15,13 @@ All scores are float32 differences of natural-log probabilities of ``target`` (a
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
 
 from ..adapters.base import paint_boxes, paint_view
-from ..plotting import heatmap, new_axes
+from ..plotting import PALETTE, SEQUENTIAL_CMAP, heatmap, new_axes, question_answer
 from .base import Result, load_bundle, save_bundle, tensor_topk
 from .patch_map import PatchMap
 
@@ -35,7 +36,15 @@ class TargetResult(Result):
     info: dict = dataclasses.field(default_factory=dict)
 
     def _title(self, what: str) -> str:
-        return f"{what} | {self.target.get('token', '')!r} @ {self.target.get('position', '?')}"
+        """``what`` for the explained token, where it is predicted, and the question and answer."""
+        token = self.target.get("token", "")
+        title = f"{what} for answer token {token!r} (predicted at sequence position {self.target.get('position', '?')})"
+        qa = question_answer(self.info, width=120)
+        return title + (f"\n{qa}" if qa else "")
+
+    @property
+    def _unit(self) -> str:
+        return f"increase of log p({self.target.get('token', '')!r}) (nats)"
 
 
 @dataclasses.dataclass
@@ -64,16 +73,20 @@ class LayerIncrease(TargetResult):
 
     def plot(self, ax=None):
         """Side-by-side bars per layer: attention vs MLP increase."""
-        fig, ax = new_axes(ax, figsize=(6, 3))
-        layers = torch.arange(self.attention.numel()).float()
-        ax.bar(layers - 0.2, self.attention.float().numpy(), width=0.4, label="attention")
-        ax.bar(layers + 0.2, self.mlp.float().numpy(), width=0.4, label="MLP")
+        n = self.attention.numel()
+        fig, ax = new_axes(ax, figsize=(max(6.0, 0.35 * n + 3), 3.4))
+        layers = torch.arange(n).float()
+        ax.bar(layers - 0.2, self.attention.float().numpy(), width=0.4, label="attention block", color=PALETTE[0])
+        ax.bar(layers + 0.2, self.mlp.float().numpy(), width=0.4, label="MLP block", color=PALETTE[1])
         ax.axhline(0, color="black", linewidth=0.5)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("log-prob increase")
-        ax.set_xticks(layers.tolist(), [str(i) for i in range(self.attention.numel())])
-        ax.legend(fontsize=8)
-        ax.set_title(self._title("layer increase"), fontsize=9)
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel(self._unit, fontsize=8)
+        step = max(1, n // 16)
+        ax.set_xticks(layers[::step].tolist(), [str(i) for i in range(0, n, step)])
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                  title=f"final log p = {self.final_logprob:.3g}\n(p = {math.exp(self.final_logprob):.2f})",
+                  title_fontsize=7)
+        ax.set_title(self._title("layer attribution"), fontsize=9)
         return fig, ax
 
 
@@ -100,8 +113,15 @@ class HeadIncrease(TargetResult):
         return self.to_dataframe().nlargest(k, "increase").reset_index(drop=True)
 
     def plot(self, ax=None):
-        """Layer x head heatmap of the increase (symmetric colour scale)."""
-        return heatmap(self.scores, ax=ax, xlabel="head", ylabel="layer", title=self._title("head increase"))
+        """Layer x head heatmap of the increase (diverging scale centred on 0), the top head outlined."""
+        top = self.top_heads(1)
+        n_layers, n_heads = self.scores.shape
+        if ax is None:
+            ax = new_axes(None, figsize=(min(14.0, max(7.0, 0.45 * n_heads + 2.5)),
+                                         min(12.0, max(3.5, 0.3 * n_layers + 1.5))))[1]
+        title = self._title(f"head attribution (top head L{top[0][0]}H{top[0][1]} outlined)")
+        return heatmap(self.scores, ax=ax, xlabel="head", ylabel="decoder layer", title=title,
+                       cbar_label=self._unit, highlight=top)
 
 
 @dataclasses.dataclass
@@ -132,7 +152,9 @@ class HeadPositions(TargetResult):
         ``view``: 0 = the first view's patch grid; a later view (LLaVA-NeXT's tiles, 1) is painted
         over the same image at its pixel resolution (:func:`~mech_vqa.adapters.base.paint_boxes`).
         """
-        info = {"heads": self.heads, "model": self.model, "prompt": self.prompt, "view": view}
+        token = self.target.get("token", "")
+        info = {**self.info, "heads": self.heads, "model": self.model, "prompt": self.prompt, "view": view,
+                "unit": f"increase of log p({token!r}) (nats)"}
         if view == 0:
             scores = self.image_scores.sum(0)
         else:
@@ -163,13 +185,16 @@ class HeadPositions(TargetResult):
         """Increase over source positions, one line per head, image span shaded."""
         fig, ax = new_axes(ax, figsize=(7, 3))
         if self.image_positions:
-            ax.axvspan(min(self.image_positions) - 0.5, max(self.image_positions) + 0.5, color="0.9", label="image")
-        for (layer, head), row in zip(self.heads, self.scores):
-            ax.plot(row.float().numpy(), label=f"L{layer}H{head}", linewidth=1)
-        ax.set_xlabel("source position")
-        ax.set_ylabel("log-prob increase")
-        ax.legend(fontsize=7)
-        ax.set_title(self._title("position increase"), fontsize=9)
+            ax.axvspan(min(self.image_positions) - 0.5, max(self.image_positions) + 0.5, color="0.9",
+                       label="image tokens")
+        for index, ((layer, head), row) in enumerate(zip(self.heads, self.scores)):
+            ax.plot(row.float().numpy(), label=f"head L{layer}H{head}", linewidth=1,
+                    color=PALETTE[index % len(PALETTE)])
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xlabel("source position in the sequence")
+        ax.set_ylabel(self._unit, fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax.set_title(self._title("position attribution"), fontsize=9)
         return fig, ax
 
 
@@ -209,10 +234,10 @@ class NeuronIncrease(TargetResult):
         fig, ax = new_axes(ax, figsize=(6, 0.3 * k + 1))
         top = self.topk(k).iloc[::-1]
         labels = [f"L{r.layer}.N{r.neuron} ({r.promotes[:30]})" for r in top.itertuples()]
-        ax.barh(range(len(top)), top["increase"].tolist())
+        ax.barh(range(len(top)), top["increase"].tolist(), color=PALETTE[0])
         ax.set_yticks(range(len(top)), labels, fontsize=7)
-        ax.set_xlabel("log-prob increase")
-        ax.set_title(self._title("neuron increase"), fontsize=9)
+        ax.set_xlabel(self._unit)
+        ax.set_title(self._title("neuron attribution"), fontsize=9)
         return fig, ax
 
 
@@ -279,7 +304,9 @@ class LogitLens(Result):
         return PatchMap(scores=self._grid(self.word_probs[self.stage(layer)]), method="logit_lens",
                         image_size=self.image_size, image=self.image,
                         targets=[{"token_id": self.word_id, "position": -1, "token": self.word}],
-                        info={"layer": layer, "model": self.model, "prompt": self.prompt})
+                        info={**{key: self.info[key] for key in ("question", "answer") if key in self.info},
+                              "layer": layer, "model": self.model, "prompt": self.prompt,
+                              "unit": f"probability of {self.word!r}"})
 
     def to_dataframe(self):
         import pandas as pd
@@ -303,23 +330,124 @@ class LogitLens(Result):
         frame = self.to_dataframe()
         return frame[frame["rank"] == 1].nlargest(k, "prob").reset_index(drop=True)
 
-    def plot(self, ax=None, layer=-1, fontsize: float | None = None):
-        """Grid of each patch's top-1 token after ``layer``, coloured by its probability."""
-        fig, ax = new_axes(ax, figsize=(5, 5))
+    def _stage_name(self, stage: int) -> str:
+        return "projector output" if stage == 0 else f"after layer {stage - 1}"
+
+    def _centres(self) -> torch.Tensor:
+        """``[n_patches, 2]`` (x, y) pixel centre of every patch, for writing its word."""
+        if self.boxes is not None:
+            boxes = self.boxes.float()
+            return torch.stack([(boxes[:, 0] + boxes[:, 2]) / 2 - 0.5, (boxes[:, 1] + boxes[:, 3]) / 2 - 0.5], 1)
+        (rows, cols), (height, width) = self.grid, self.image_size
+        rowcol = self.rowcol.float()
+        return torch.stack([(rowcol[:, 1] + 0.5) * width / cols - 0.5, (rowcol[:, 0] + 0.5) * height / rows - 0.5], 1)
+
+    def _words(self, stage: int, width: int = 8) -> list[str]:
+        """Each patch's top-1 token, whitespace made visible and cut to ``width`` characters."""
+        words = []
+        for i in range(self.top_ids.shape[1]):
+            word = self.top_tokens[stage][i][0] if self.top_tokens else str(int(self.top_ids[stage, i, 0]))
+            word = word.replace("\n", "\\n").replace("▁", " ").replace("Ġ", " ").strip() or "·"  # "·": a space
+            words.append(word if len(word) <= width else word[:width - 1] + "…")
+        return words
+
+    def _draw_words(self, ax, stage: int, fontsize: float | None):
+        """The image, the top-1 probability as a backdrop (opacity = probability) and each patch's word."""
+        import matplotlib
+        import matplotlib.patheffects as effects
+
+        from ..plotting import add_colorbar, show_image
+
+        fig = ax.figure
+        show_image(self.image, self.image_size, ax=ax, title="")
+        probs = self._grid(self.top_probs[stage, :, 0].float()).clamp(0, 1)
+        colour_map = matplotlib.colormaps[SEQUENTIAL_CMAP]
+        rgba = colour_map(probs.numpy())
+        rgba[..., 3] = 0.45 * probs.numpy()  # keeps the words and the image readable at p = 1
+        height, width = self.image_size
+        ax.imshow(rgba, extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="nearest")
+        from matplotlib.colors import Normalize
+
+        add_colorbar(fig, ax, Normalize(0, 1), colour_map, "probability of the top-1 word (backdrop)")
+        lengths = sorted(len(w) for w in self._words(stage, width=99))
+        fit = max(4, min(8, lengths[int(0.9 * (len(lengths) - 1))]))  # 9 in 10 words whole, longer ones cut
+        words = self._words(stage, width=fit)
+        if fontsize is None:  # a word of ``fit`` characters fills about one cell's width
+            box = ax.get_position()
+            side = min(box.width * fig.get_figwidth(), box.height * fig.get_figheight())  # the image is square-ish
+            cell_points = side * 72 / max(self.grid[1], 1)
+            fontsize = max(3.5, min(11.0, cell_points / (0.62 * fit)))
+        for (x, y), word in zip(self._centres().tolist(), words):
+            ax.text(x, y, word, ha="center", va="center", fontsize=fontsize, color="black",
+                    path_effects=[effects.withStroke(linewidth=2, foreground="white")])
+
+    def _strip_stages(self, chosen: int, max_panels: int) -> list[int]:
+        stages = self.top_ids.shape[0]
+        if stages <= max_panels:
+            return list(range(stages))
+        picked = {round(i * (stages - 1) / (max_panels - 2)) for i in range(max_panels - 1)} | {chosen}
+        return sorted(picked)
+
+    def plot(self, ax=None, layer=-1, fontsize: float | None = None, strip: bool = True, max_strip: int = 12):
+        """Each patch's top-1 token after ``layer`` written on the image, the token's probability as
+        a backdrop; returns ``(fig, ax)`` (``ax``: the word panel).
+
+        With ``ax=None`` and ``strip``, a strip of small maps below shows every stage (at most
+        ``max_strip``, evenly spaced): the probability of ``word`` (or of each patch's top-1 token
+        when no word was asked) per patch, with the stage's most frequent top-1 token; the chosen
+        layer is framed.
+        """
         stage = self.stage(layer)
-        probs = self._grid(self.top_probs[stage, :, 0].float())
-        shown = ax.imshow(probs.numpy(), cmap="viridis", vmin=0, vmax=1)
-        rows, cols = self.grid
-        size = fontsize or max(4.0, 40.0 / max(rows, cols))
-        for i, (r, c) in enumerate(self.rowcol.tolist()):
-            token = self.top_tokens[stage][i][0] if self.top_tokens else str(int(self.top_ids[stage, i, 0]))
-            ax.text(c, r, token, ha="center", va="center", fontsize=size,
-                    color="white" if probs[r, c] < 0.5 else "black")
-        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="top-1 probability")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"logit lens, {'projector output' if stage == 0 else f'layer {stage - 1}'}", fontsize=9)
+        stages = self._strip_stages(stage, max_strip) if strip and ax is None else []
+        if ax is None:
+            import matplotlib.pyplot as plt
+
+            side = min(12.0, max(7.0, 0.5 * self.grid[1]))
+            strip_height = side / max(len(stages), 6) * 1.45 if stages else 0.0
+            fig = plt.figure(figsize=(side + 1.2, side + strip_height + 0.7))
+            grid = fig.add_gridspec(2 if stages else 1, max(len(stages), 1), top=0.93, bottom=0.04, left=0.06,
+                                    right=0.98, height_ratios=[side, strip_height] if stages else [1], hspace=0.15)
+            ax = fig.add_subplot(grid[0, :])
+            strip_axes = [fig.add_subplot(grid[1, i]) for i in range(len(stages))]
+        else:
+            fig, strip_axes = ax.figure, []
+        self._draw_words(ax, stage, fontsize)
+        last = " (the last)" if stage == self.n_layers else ""
+        ax.set_title(f"logit lens {self._stage_name(stage)}{last}: top-1 token of each image patch", fontsize=10)
+        if strip_axes:
+            self._draw_strip(strip_axes, stages, stage)
+            qa = question_answer(self.info)
+            if qa:
+                fig.suptitle(qa, fontsize=9)
         return fig, ax
+
+    def _draw_strip(self, axes, stages: list[int], chosen: int):
+        from collections import Counter
+
+        import matplotlib
+
+        from ..plotting import show_image
+
+        values = self.word_probs if self.word_probs is not None else self.top_probs[..., 0]
+        colour_map = matplotlib.colormaps[SEQUENTIAL_CMAP]
+        height, width = self.image_size
+        for axis, stage in zip(axes, stages):
+            show_image(self.image, self.image_size, ax=axis, title="")
+            probs = self._grid(values[stage].float()).clamp(0, 1).numpy()
+            rgba = colour_map(probs)
+            rgba[..., 3] = 0.85 * probs
+            axis.imshow(rgba, extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="nearest")
+            common, count = Counter(self._words(stage, width=7)).most_common(1)[0]
+            name = "input" if stage == 0 else f"L{stage - 1}"
+            axis.set_title(f"{name}\n{common!r} ×{count}", fontsize=7)
+            if stage == chosen:
+                for spine in axis.spines.values():
+                    spine.set_linewidth(2.5)
+                    spine.set_edgecolor(PALETTE[5])
+        what = f"p({self.word!r})" if self.word_probs is not None else "p(top-1)"
+        axes[0].set_ylabel(f"{what} per stage\n(opacity = p)", fontsize=7)
+        axes[len(axes) // 2].set_xlabel("each stage's most frequent top-1 token (×patches); framed: the stage "
+                                        "shown above", fontsize=7)
 
 
 _PARTS = ("layers", "heads", "positions", "patch_map", "neurons")
@@ -379,7 +507,14 @@ class Explanation(Result):
         self.heads.plot(ax=axes[1])
         self.positions.plot(ax=axes[2])
         self.patch_map.plot(ax=axes[3])
+        top = self.heads.top_heads(1)[0]
+        # the token and the question once, above all four panels
+        for axis, title in zip(axes, ("layer attribution", f"head attribution (top head L{top[0]}H{top[1]} outlined)",
+                                      "position attribution of the map's heads")):
+            axis.set_title(title, fontsize=9)
         fig = axes[0].figure
+        headline = self.heads._title("mechanistic attribution")
+        fig.suptitle(headline, fontsize=10)
         fig.tight_layout()
         return fig, ax
 

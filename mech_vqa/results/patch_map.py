@@ -117,16 +117,45 @@ class PatchMap(Result):
             "in_box": inside,
         })
 
-    def plot(self, ax=None, *, alpha: float = 0.55, cmap: str = "jet", box=None, title: str | None = None,
-             colorbar: bool = True):
-        """Heatmap over the image the model saw, with the ground-truth box; returns ``(fig, ax)``."""
-        from ..plotting import overlay_heatmap
+    def plot(self, ax=None, *, box=None, title: str | None = None, label: str | None = None, colorbar: bool = True,
+             with_image: bool = True, signed: bool | None = None, cmap: str | None = None,
+             vmax: float | None = None):
+        """The map over the image the model saw, opacity following importance; returns ``(fig, ax)``.
+
+        With ``ax=None`` (and ``with_image``) a two-panel figure: the image as it is (with the box)
+        and the map, the question and answer above both; ``ax`` is then the map's axis. Given an
+        ``ax``, only the map is drawn there. ``label`` names the method in the title (default: the
+        map's ``method``); the colour bar carries ``info["unit"]``. A map with no positive
+        importance is drawn as a "no evidence" panel (see :func:`mech_vqa.plotting.overlay_heatmap`).
+        """
+        from ..plotting import overlay_heatmap, question_answer, show_image, unit_of
 
         box = box if box is not None else self.box
-        tokens = " ".join(t.get("token", "") for t in self.targets)
-        title = title if title is not None else f"{self.method}" + (f" | {tokens!r}" if tokens else "")
-        return overlay_heatmap(self.scores, self.image, self.image_size, ax=ax, alpha=alpha, cmap=cmap,
-                               box=box, title=title, colorbar=colorbar)
+        title = title if title is not None else self.title(label)
+        image_ax = None
+        if ax is None and with_image:
+            import matplotlib.pyplot as plt
+
+            fig, (image_ax, ax) = plt.subplots(1, 2, figsize=(8.4, 4.1), gridspec_kw={"width_ratios": [1, 1.1]})
+        fig, ax = overlay_heatmap(self.scores, self.image, self.image_size, ax=ax, box=box, title=title,
+                                  colorbar=colorbar, unit=unit_of(self.info), signed=signed, cmap=cmap,
+                                  empty_reason=self.info.get("empty_reason"), vmax=vmax)
+        if image_ax is not None:
+            show_image(self.image, self.image_size, ax=image_ax, box=box,
+                       title="image as the model saw it" + ("\n(box: answer region)" if box is not None else ""))
+            text = question_answer(self.info)
+            if text:
+                fig.suptitle(text, fontsize=9)
+        return fig, ax
+
+    def title(self, label: str | None = None) -> str:
+        """``method: token 'x'`` and, on a second line, the heads / layers the map was read from."""
+        from ..plotting import components_label, method_label, tokens_label
+
+        name = label or method_label(self.method)
+        first = f"{name}: token {tokens_label(self.targets)}" if self.targets else name
+        components = components_label(self.method, self.info)
+        return first + (f"\n{components}" if components else "")
 
     def __repr__(self) -> str:
         return (f"PatchMap(method={self.method!r}, grid={self.grid}, image_size={self.image_size}, "
