@@ -43,6 +43,8 @@ def test_box_outside_the_image_is_an_error_in_explain_and_compare(tiny_vqa, prep
         explain(tiny_vqa, prepared, prepared.target(3), box=[100, 100, 200, 200], progress=False)
     with left_as_found(tiny_vqa), pytest.raises(ValueError, match="not inside"):
         compare(tiny_vqa, prepared, methods=["raw_attention"], box=[0, 0, width + 1, 4], progress=False)
+    with left_as_found(tiny_vqa), pytest.raises(ValueError, match="not inside"):
+        igos(tiny_vqa, prepared, tokens=[3], box=[-1, 0, 4, 4], iterations=1, n_steps=1, progress=False)
     with pytest.raises(ValueError, match=r"must be \[x0, y0, x1, y1\]"):
         check_box([1, 2, 3], (32, 32))
     with pytest.raises(ValueError, match="not inside"):

@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 from ..adapters.base import mask_to_pixels
 from ..hooks import preserved_state
-from ..inputs import PreparedInput, check_pixels
+from ..inputs import PreparedInput, check_box, check_pixels
 from ..metrics.insertion_deletion import from_raw, insertion_deletion_curves, mean_probability
 from ..results.igos import IGOSResult
 from .scoring import AnswerScorer, input_baseline
@@ -284,8 +284,8 @@ def igos(vqa, inp: PreparedInput, *, tokens: TokenSelection | Sequence[int] | No
     _check_answer(vqa, inp)
     if not 0 < step_fraction <= 1:
         raise ValueError(f"step_fraction must be in (0, 1], got {step_fraction}")
-    if box is not None and len(box) != 4:
-        raise ValueError(f"box must be [x0, y0, x1, y1] in the preprocessed image's pixels, got {box!r}")
+    if box is not None:
+        box = check_box(box, inp.geometry.image_size)
     check_pixels(inp.pixel_values)  # perturbed pixels never pass through model_inputs' check
     height, width = (int(v) for v in inp.geometry.image_size)
     if config.mask_size[0] > height or config.mask_size[1] > width:  # cells below one pixel change nothing more
