@@ -3,34 +3,63 @@
 Data flow: inputs (:mod:`mech_vqa.inputs`) -> model adapter (:mod:`mech_vqa.adapters`) -> capture and
 interventions (:mod:`mech_vqa.capture`, :mod:`mech_vqa.interventions`) -> methods
 (:mod:`mech_vqa.methods`) -> typed results (:mod:`mech_vqa.results`) -> plots / CLI.
+
+The public names below are imported on first use (PEP 562), so ``import mech_vqa`` and the
+``mech-vqa`` command's ``--help`` do not pay for importing torch and transformers.
 """
 
-from .adapters import AdapterError, ImageGeometry, ModelAdapter, get_adapter, register_adapter
-from .capture import ActivationCache, CaptureError, attention_rows, trace
-from .inputs import PreparedInput, Target, prepare
-from .interventions import Intervention, zero_block, zero_head
-from .model import VQAModel
-from .methods.ablation import ablate, block_ablations, head_ablations, image_token_ablation
-from .methods.causal import causal_explanation, causal_map
-from .methods.igos import IGOSConfig, igos
-from .methods.logit_lens import logit_lens
-from .methods.mechanistic import explain
-from .methods.neurons import neuron_increase
-from .methods.raw_attention import answer_attention, attention_mass, patch_to_text, raw_attention_map
-from .methods.relevancy import relevancy, relevancy_map
-from .methods.token_selection import visually_relevant_tokens
-from .compare import compare
-from .metrics.insertion_deletion import insertion_deletion
-from .results import PatchMap, Result
+from __future__ import annotations
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "IGOSConfig", "PatchMap", "Result", "ablate", "answer_attention", "attention_mass", "block_ablations", "causal_explanation",
-    "causal_map", "compare", "explain", "head_ablations", "igos", "image_token_ablation", "insertion_deletion",
-    "logit_lens", "neuron_increase", "patch_to_text", "raw_attention_map", "relevancy", "relevancy_map",
-    "visually_relevant_tokens",
-    "ActivationCache", "AdapterError", "CaptureError", "ImageGeometry", "Intervention", "ModelAdapter",
-    "PreparedInput", "Target", "VQAModel", "attention_rows", "get_adapter", "prepare", "register_adapter",
-    "trace", "zero_block", "zero_head",
-]
+_EXPORTS = {
+    ".adapters": ["AdapterError", "ImageGeometry", "ModelAdapter", "get_adapter", "register_adapter"],
+    ".capture": ["ActivationCache", "CaptureError", "attention_rows", "trace"],
+    ".inputs": ["PreparedInput", "Target", "prepare"],
+    ".interventions": ["Intervention", "zero_block", "zero_head"],
+    ".model": ["VQAModel"],
+    ".methods.ablation": ["ablate", "block_ablations", "head_ablations", "image_token_ablation"],
+    ".methods.causal": ["causal_explanation", "causal_map"],
+    ".methods.igos": ["IGOSConfig", "igos"],
+    ".methods.logit_lens": ["logit_lens"],
+    ".methods.mechanistic": ["explain"],
+    ".methods.neurons": ["neuron_increase"],
+    ".methods.raw_attention": ["answer_attention", "attention_mass", "patch_to_text", "raw_attention_map"],
+    ".methods.relevancy": ["relevancy", "relevancy_map"],
+    ".methods.token_selection": ["visually_relevant_tokens"],
+    ".compare": ["compare"],
+    ".metrics.insertion_deletion": ["insertion_deletion"],
+    ".results": ["PatchMap", "Result"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'mech_vqa' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Keeps a public function when the import system binds a same-named submodule over it
+    (``mech_vqa.compare`` is the function, as with an eager ``from .compare import compare``)."""
+
+    def __setattr__(self, name, value):
+        if name in _WHERE and isinstance(value, types.ModuleType) and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -2,71 +2,155 @@
 
     mech-vqa demo [--out DIR]                      explain a shipped question on the organism
     mech-vqa run TASK DATASET.jsonl --out R.jsonl  run a task over a dataset (resumable)
-    mech-vqa summary R.jsonl [--figures DIR]       the dataset table and figures
+    mech-vqa summary R.jsonl [--figures DIR]       the dataset table, its CSV / parquet tables, figures
     mech-vqa eval [--n N]                          the organism's accuracy and localisation scores
+
+Commands that load a model take --model, --device, --dtype and --threads. This module imports
+only the standard library until a command runs, so --help answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
-def _load(model: str | None):
+
+def default_threads() -> int:
+    """``OMP_NUM_THREADS`` when set, else half the cores this process may use (at least 1).
+
+    PyTorch's CPU threads wait on each other at every operation, so with more threads than free
+    cores one descheduled thread stalls the rest. Measured by ``benchmarks/threads.py`` on a 2-core
+    machine that other jobs shared (organism, median item): explain 0.11 s on 1 thread vs 2.0 s on
+    2; with one more process spinning, 0.23 s vs 2.4 s; a compare item 27 s vs 379 s. Half the
+    cores leaves room for whatever else runs.
+    """
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value} (leave the option out "
+                                         "to use its default)")
+    return value
+
+
+def _settings(args):
+    """Apply --threads and resolve --device / --dtype into ``(device, torch dtype)``."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch build sees no CUDA GPU (torch {torch.__version__}); "
+                         "install a CUDA build of torch (see the README's Set-up) or use --device cpu")
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return device, getattr(torch, dtype)
+
+
+def _load(args):
     from .model import VQAModel
 
-    return VQAModel.organism() if model in (None, "organism") else VQAModel.from_pretrained(model)
+    device, dtype = _settings(args)
+    if args.model in (None, "organism"):
+        return VQAModel.organism(dtype=dtype, device=device)
+    return VQAModel.from_pretrained(args.model, dtype=dtype, device=device)
 
 
 def _demo(args) -> int:
     from .demo import run_demo
+    from .results.base import dumps_strict
 
-    scores = run_demo(_load(args.model), out_dir=args.out, image=args.image, question=args.question,
+    scores = run_demo(_load(args), out_dir=args.out, image=args.image, question=args.question,
                       methods=args.methods.split(",") if args.methods else None, view=args.view)
-    print(json.dumps({k: v for k, v in scores.items() if k != "methods"}, indent=1))
+    print(dumps_strict({k: v for k, v in scores.items() if k != "methods"}, indent=1))
     for name, entry in scores["methods"].items():
         print(f"{name:>22}: {entry.get('png', entry.get('error'))}")
     return 0
 
 
 def _run(args) -> int:
-    from .dataset import read_dataset, run_dataset
+    from .dataset import check_resumable, read_dataset, run_dataset
 
     read_dataset(args.dataset)  # a missing or empty dataset fails before the model loads
     if args.view and args.task not in ("explain", "compare"):
         print(f"mech-vqa: --view applies to the explain and compare tasks, not {args.task}", file=sys.stderr)
         return 2
     extra = {"view": args.view} if args.view else {}
-    counts = run_dataset(_load(args.model), args.dataset, args.out, args.task, limit=args.limit,
+    check_resumable(args.out, args.task, extra)  # so does a results file of another task or options
+    counts = run_dataset(_load(args), args.dataset, args.out, args.task, limit=args.limit,
                          progress=not args.no_progress, **extra)
     print(json.dumps(counts))
     return 0
 
 
 def _summary(args) -> int:
+    from pathlib import Path
+
     from .summary import summarize
 
-    print(summarize(args.results, figures=args.figures))
+    tables = None
+    if not args.no_tables:
+        results = Path(args.results)
+        tables = args.tables or str(results.with_name(results.stem + "_tables"))
+    print(summarize(args.results, figures=args.figures, tables_dir=tables))
     return 0
 
 
 def _eval(args) -> int:
     from .organism.evaluate import main as evaluate_main
 
-    argv = ["--n", str(args.n), "--methods", args.methods] + (["--model", args.model] if args.model else [])
+    argv = ["--n", str(args.n), "--methods", args.methods, "--threads", str(args.threads)]
+    argv += ["--model", args.model] if args.model else []
     return evaluate_main(argv) or 0
 
 
+def _model_options(parser, model_help: str, device: bool = True) -> None:
+    parser.add_argument("--model", default=None, help=model_help)
+    if device:
+        parser.add_argument("--device", default="auto",
+                            help="cpu, cuda, cuda:1, ... (default auto: cuda when torch sees a GPU, else cpu)")
+        parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                            help="weights' dtype (default auto: float16 on a GPU, float32 on the CPU; a 7B model "
+                                 "needs ~14 GB in float16); scores are computed in float32 either way")
+    parser.add_argument("--threads", type=_positive_int, default=default_threads(),
+                        help=f"CPU threads for torch (default {default_threads()}: OMP_NUM_THREADS when set, else "
+                             "half the usable cores). More threads than free cores make torch's threads wait "
+                             "on each other: on a shared 2-core machine an explain item took 0.23 s on 1 thread "
+                             "and 2.4 s on 2, a compare item 27 s and 379 s (benchmarks/threads.py)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .tasks import COMMON_COLUMNS, TASK_HELP  # plain strings: no torch imported
+
     parser = argparse.ArgumentParser(prog="mech-vqa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     model_help = "hub id or local folder of a LLaVA model (default: the organism shipped in data/)"
 
-    demo = sub.add_parser("demo", help="answer a question about a shipped image and write heatmaps + scores")
+    demo = sub.add_parser("demo", help="answer a question about a shipped image and write heatmaps + scores",
+                          description="Answer a question about an image, then explain the answer with every "
+                                      "patch-importance method: one heatmap per method, side-by-side and "
+                                      "layer / head figures, and scores.json (strict JSON).")
     demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
-    demo.add_argument("--model", default=None, help=model_help)
+    _model_options(demo, model_help)
     demo.add_argument("--image", default=None, help="an image file (default: the first evaluation item)")
     demo.add_argument("--question", default=None, help="the question (default: the item's)")
     demo.add_argument("--methods", default=None, help="comma-separated patch methods (default: all)")
@@ -74,28 +158,49 @@ def build_parser() -> argparse.ArgumentParser:
                       help="1: draw a tiled model's high-resolution tokens (LLaVA-NeXT / OneVision); default 0")
     demo.set_defaults(func=_demo)
 
-    from .tasks import TASKS
+    import textwrap
 
-    run = sub.add_parser("run", help="run a task over a JSONL dataset, appending one row per item (resumable)")
-    run.add_argument("task", choices=sorted(TASKS))
+    tasks = "\n".join(textwrap.fill(text, 100, initial_indent=f"  {name:<9}", subsequent_indent=" " * 11)
+                      for name, text in sorted(TASK_HELP.items()))
+    common = textwrap.fill(f"columns of {COMMON_COLUMNS}", 100)
+    run = sub.add_parser(
+        "run", help="run a task over a JSONL dataset, appending one row per item (resumable)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run TASK on every row of DATASET.jsonl; each finished item appends one strict-JSON row to "
+                    "--out (NaN written as null). The file's first line records the task, options and model; "
+                    "rerunning the same command resumes, and resuming with other settings is an error.",
+        epilog=f"tasks:\n{tasks}\n\n{common}")
+    run.add_argument("task", choices=sorted(TASK_HELP), help="what to compute per item (see below)")
     run.add_argument("dataset", help='JSONL rows {"image", "question", "answer"?, "answer_word"?, "box"?}')
     run.add_argument("--out", required=True, help="results JSONL file (appended; rerun to resume)")
-    run.add_argument("--model", default=None, help=model_help)
-    run.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    _model_options(run, model_help)
+    run.add_argument("--limit", type=_positive_int, default=None, help="only the first N rows (N >= 1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--view", type=int, default=0,
                      help="explain/compare: which image view the maps show (0 = the whole image's grid; 1 = a "
                           "tiled model's high-resolution tokens, LLaVA-NeXT / OneVision)")
     run.set_defaults(func=_run)
 
-    summary = sub.add_parser("summary", help="print the dataset table of a results file and save its figures")
-    summary.add_argument("results")
-    summary.add_argument("--figures", default=None, help="folder for the figures")
+    summary = sub.add_parser("summary", help="print the dataset table of a results file, save tables and figures",
+                             description="Aggregate a results file written by `mech-vqa run`: print the tables, "
+                                         "write each as CSV (and parquet when pyarrow is installed: the "
+                                         "'tables' extra) plus summary.json, and with --figures the figures "
+                                         "that apply to the task.")
+    summary.add_argument("results", help="a results JSONL written by `mech-vqa run`")
+    summary.add_argument("--figures", default=None, help="folder for the figures (made only if one applies)")
+    summary.add_argument("--tables", default=None,
+                         help="folder for the CSV / parquet tables and summary.json (default: <results>_tables "
+                              "beside the results file)")
+    summary.add_argument("--no-tables", action="store_true", help="print only; write no tables")
     summary.set_defaults(func=_summary)
 
-    evaluate = sub.add_parser("eval", help="organism accuracy and localisation of every patch method")
-    evaluate.add_argument("--n", type=int, default=100)
-    evaluate.add_argument("--model", default=None, help="a saved organism folder (default: data/organism)")
+    evaluate = sub.add_parser("eval", help="organism accuracy and localisation of every patch method",
+                              description="Score the organism on fresh synthetic questions: answer accuracy, "
+                                          "and how often each patch method's map points into the asked object.")
+    evaluate.add_argument("--n", type=_positive_int, default=100,
+                          help="number of fresh synthetic questions to score (default 100)")
+    _model_options(evaluate, "a saved organism folder (default: data/organism); runs on the CPU in float32",
+                   device=False)
     evaluate.add_argument("--methods", default="all", help="comma-separated patch methods (default: all)")
     evaluate.set_defaults(func=_eval)
     return parser
@@ -105,7 +210,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # DatasetError, ModelLoadError, bad inputs: one line, no traceback
         print(f"mech-vqa: error: {err}", file=sys.stderr)
         return 2
 

@@ -292,6 +292,10 @@ def compare(vqa, inp: PreparedInput, *, methods=None, tokens=None, box=None, bas
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    if box is not None:
+        from .inputs import check_box
+
+        box = check_box(box, inp.geometry.image_size)
     options = dict(options or {}, baseline=baseline, view=view)
     targets, selection, rule = select_targets(vqa, inp, tokens=tokens, baseline=baseline, tau=tau)
     indices = [t.position + 1 - inp.prompt_length for t in targets]

@@ -8,6 +8,12 @@ run killed at any moment resumes where it stopped: on start the results file is 
 line is cut off, and items already present are skipped — no row lost, none duplicated. A bad row
 (missing or unreadable image, no question, a box outside the image) becomes an ``error`` row and
 the run goes on.
+
+The first line of a results file is its header, ``{"mech_vqa_results": 1, "task": ..., "options":
+{...}, "model": {"name": ..., "dtype": ...}, ...}``: what made the rows. Resuming into a file
+whose header names another task, other options or another model is one clear error, never a file
+of mixed rows. Rows are strict JSON: NaN and infinities are written as null, and each such field is
+listed under the row's ``non_finite`` (see :func:`mech_vqa.results.base.strict_json`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .results.base import to_jsonable
+from .results.base import dumps_strict, strict_json
+
+HEADER_KEY = "mech_vqa_results"
+"""The key that marks a results file's header line (its value is the format version)."""
+FORMAT_VERSION = 1
+COMPARED = ("task", "options", "model")
+"""The header fields a resumed run must match."""
 
 
 class DatasetError(ValueError):
@@ -87,14 +99,21 @@ def load_row(row: dict, root: Path):
 
 
 class ResultsFile:
-    """Append-only JSONL results with crash-safe resume (see the module docstring)."""
+    """Append-only JSONL results with crash-safe resume (see the module docstring).
 
-    def __init__(self, path):
+    With ``header`` (see :func:`results_header`) a new file starts with it and an existing one
+    must carry the same task, options and model, else :class:`DatasetError`.
+    """
+
+    def __init__(self, path, header: dict | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done: set[str] = set()
+        self.header: dict | None = None
         if self.path.exists():
             self._recover()
+        if header is not None:
+            self._check_or_write_header(header)
 
     def _recover(self) -> None:
         data = self.path.read_bytes()
@@ -107,36 +126,113 @@ class ResultsFile:
             except json.JSONDecodeError:
                 break
             keep += len(line)
-            self.done.add(str(row["id"]))
+            if isinstance(row, dict) and HEADER_KEY in row:
+                self.header = row
+            elif isinstance(row, dict) and "id" in row:
+                self.done.add(str(row["id"]))
+            else:
+                raise DatasetError(f"{self.path} is not a mech_vqa results file (a line without an id); "
+                                   "give --out a new file name")
         if keep != len(data):
             with open(self.path, "r+b") as handle:
                 handle.truncate(keep)
 
+    def _check_or_write_header(self, header: dict) -> None:
+        header = json.loads(dumps_strict(header))  # compared as it reads back from the file
+        if self.header is None and self.done:
+            raise DatasetError(f"{self.path} has rows but no header saying which task, options and model made "
+                               "them (an older mech_vqa or another program wrote it); give --out a new file name")
+        if self.header is None:
+            self._write(header)
+            self.header = header
+            return
+        differ = [key for key in COMPARED if self.header.get(key) != header.get(key)]
+        if differ:
+            was = ", ".join(f"{key} {json.dumps(self.header.get(key))}" for key in differ)
+            now = ", ".join(f"{key} {json.dumps(header.get(key))}" for key in differ)
+            raise DatasetError(f"{self.path} was written with {was}; this run has {now}. Rows of different "
+                               "settings must not mix: give --out a new file name, or rerun with the file's "
+                               "settings to resume it")
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(dumps_strict(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
     def append(self, row: dict) -> None:
         if str(row["id"]) in self.done:
             return
-        line = json.dumps(row, default=to_jsonable) + "\n"
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        self._write(row)
         self.done.add(str(row["id"]))
 
     def rows(self) -> list[dict]:
         return read_results(self.path)
 
 
-def read_results(path) -> list[dict]:
+def check_resumable(results_path, task: str, options: dict) -> None:
+    """Fail before a model loads when ``results_path`` was written by another task or other options
+    (the model itself is compared once loaded, by :class:`ResultsFile`)."""
+    path = Path(results_path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    existing = ResultsFile(path)
+    if existing.header is None:
+        if existing.done:
+            existing._check_or_write_header({})  # the "no header" error
+        return
+    wanted = json.loads(dumps_strict({"task": task, "options": strict_json(options, record=False)}))
+    existing._check_or_write_header({**wanted, "model": existing.header.get("model")})
+
+
+def model_identity(vqa) -> dict:
+    """What a results header records of the model: its name (``organism`` for the shipped one) and dtype."""
+    from .organism import ORGANISM_DIR
+
+    name = str(vqa.name)
+    try:
+        if Path(name).resolve() == Path(ORGANISM_DIR).resolve():
+            name = "organism"
+    except OSError:
+        pass
+    dtype = next(vqa.model.parameters()).dtype
+    return {"name": name, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def results_header(vqa, task: str, options: dict, dataset_path) -> dict:
+    """The first line of a results file: the format, task, task options, model and dataset."""
+    from . import __version__
+
+    return {HEADER_KEY: FORMAT_VERSION, "task": task, "options": strict_json(options, record=False),
+            "model": model_identity(vqa), "dataset": str(dataset_path), "mech_vqa": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def read_results_file(path) -> tuple[dict | None, list[dict]]:
+    """``(header, rows)`` of a results file (header None for files without one)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"results file {path} does not exist; run `mech-vqa run` first")
-    rows = []
+    header, rows = None, []
     for line in path.read_text().splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             break
-    return rows
+        if isinstance(row, dict) and HEADER_KEY in row:
+            header = row
+        else:
+            rows.append(row)
+    if rows and not any(isinstance(r, dict) and "status" in r for r in rows):
+        raise DatasetError(f"{path} is not a results file: its rows have no status, so it looks like a dataset. "
+                           f"Run a task on it first (`mech-vqa run compare {path} --out results.jsonl`) and "
+                           "summarise the results file")
+    return header, rows
+
+
+def read_results(path) -> list[dict]:
+    """The rows of a results file (without its header)."""
+    return read_results_file(path)[1]
 
 
 def run_dataset(vqa, dataset_path, results_path, task: str | Callable = "ablate", *, limit: int | None = None,
@@ -147,14 +243,17 @@ def run_dataset(vqa, dataset_path, results_path, task: str | Callable = "ablate"
     if isinstance(task, str) and task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     task_fn = TASKS[task] if isinstance(task, str) else task
+    task_name = task if isinstance(task, str) else task_fn.__name__
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a whole number >= 0 (run the first N rows), got {limit!r}; "
+                         "leave it out to run every row")
     rows = read_dataset(dataset_path)[:limit]
     root = Path(dataset_path).resolve().parent
-    results = ResultsFile(results_path)
-    counts = {"done": 0, "skipped": 0, "errors": 0}
-    for row in tqdm(rows, desc=f"{task if isinstance(task, str) else task_fn.__name__}", disable=not progress):
-        if row["id"] in results.done:
-            counts["skipped"] += 1
-            continue
+    results = ResultsFile(results_path, header=results_header(vqa, task_name, task_kwargs, dataset_path))
+    pending = [row for row in rows if row["id"] not in results.done]
+    counts = {"done": 0, "skipped": len(rows) - len(pending), "errors": 0}
+    # the bar counts only the items left, so its rate and time left are those of this run
+    for row in tqdm(pending, desc=task_name, disable=not progress):
         start = time.perf_counter()
         base = {"id": row["id"], "index": row["_index"], "image": row.get("image"), "question": row.get("question")}
         try:

@@ -74,7 +74,9 @@ def run_demo(vqa, out_dir="out/demo", image=None, question=None, methods=None, o
     figures += ["comparison.png", "layers.png", "heads.png", "logit_lens_words.png"]
     scores["figures"] = figures
     scores["top_heads"] = explanation.heads.topk(5).to_dict("records")
-    (out / "scores.json").write_text(json.dumps(scores, indent=1, default=float))
+    from .results.base import dumps_strict
+
+    (out / "scores.json").write_text(dumps_strict(scores, indent=1))  # NaN -> null, listed under "non_finite"
     return scores
 
 

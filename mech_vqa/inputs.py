@@ -60,6 +60,9 @@ class PreparedInput:
     pixel_transform: tuple = (1.0, 1.0, 0.0, 0.0)  # original pixels -> model pixels: (sx, sy, dx, dy)
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        check_pixels(self.pixel_values)
+
     def positions_in_box(self, box) -> list[int]:
         """Image-token positions whose patch centre lies in ``box`` (model pixels, x1/y1 exclusive)."""
         boxes = self.geometry.boxes
@@ -82,7 +85,7 @@ class PreparedInput:
 
     def model_inputs(self, device=None, dtype=None) -> dict:
         """The keyword arguments for the HF forward."""
-        pixel = self.pixel_values
+        pixel = check_pixels(self.pixel_values)  # also after an in-place edit
         if dtype is not None:
             pixel = pixel.to(dtype)
         out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": pixel, **self.extra}
@@ -132,6 +135,36 @@ class PreparedInput:
     def info(self) -> dict:
         return {"prompt": self.prompt, "question": self.question, "answer": self.answer,
                 "seq_len": self.seq_len, "geometry": self.geometry.to_dict()}
+
+
+def check_pixels(pixel_values):
+    """``pixel_values`` unchanged, or one clear error when they hold NaN or infinite values (the model
+    would turn them into NaN scores or an internal error far from the cause)."""
+    if torch.is_tensor(pixel_values) and pixel_values.is_floating_point():
+        bad = ~torch.isfinite(pixel_values)
+        if bad.any():
+            raise ValueError(f"pixel_values hold {int(bad.sum())} NaN or infinite values (of {bad.numel()}); "
+                             "prepare the input again from the image with vqa.prepare(image, question, answer), "
+                             "or replace the non-finite pixels before running a method")
+    return pixel_values
+
+
+def check_box(box, image_size, where: str = "the preprocessed image") -> list[float]:
+    """``box`` as four floats ``[x0, y0, x1, y1]`` inside an image of ``image_size`` ``(height, width)``
+    with ``x0 < x1``, ``y0 < y1``; anything else is one clear error naming the fix."""
+    height, width = (float(v) for v in image_size)
+    try:
+        values = [float(v) for v in box]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 4:
+        raise ValueError(f"box must be [x0, y0, x1, y1], got {box!r}")
+    x0, y0, x1, y1 = values
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"box {values} is not inside {where} of {int(width)} x {int(height)} pixels "
+                         "(0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height); a box in the original image's "
+                         "pixels must go through inp.box_to_model(box) first")
+    return values
 
 
 def build_prompt(processor, question: str) -> str:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,6 +18,45 @@ from torch import nn
 from .adapters import ModelAdapter, get_adapter
 from .capture import trace
 from .inputs import BatchedInput, PreparedInput, collate, prepare
+
+
+class ModelLoadError(OSError):
+    """A model cannot be loaded; the message names the problem and the fix."""
+
+
+def _looks_local(name: str) -> bool:
+    """A folder path rather than a hub id (``owner/name``): absolute, relative, home or several slashes."""
+    return (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+            or Path(name).expanduser().exists())
+
+
+def _check_source(name_or_path: str) -> str:
+    """The local folder (resolved) or the hub id; a missing or incomplete folder is one clear error."""
+    name = str(name_or_path)
+    if not _looks_local(name):
+        return name
+    folder = Path(name).expanduser()
+    if not folder.exists():
+        raise ModelLoadError(f"model folder {folder} does not exist; give a folder written by save_pretrained "
+                             "(config.json, weights, processor files) or a hub id such as "
+                             "llava-hf/llava-1.5-7b-hf")
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder} is a file, not a model folder; give the folder that holds config.json "
+                             "and the weights")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"model folder {folder} has no config.json; give the folder written by "
+                             "save_pretrained (config.json, weights, processor files)")
+    return str(folder)
+
+
+def _load_error(source: str, err: Exception) -> ModelLoadError:
+    """One clear error for a checkpoint that does not read (truncated, corrupt or incomplete)."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if type(err).__name__ == "SafetensorError" or "deserializ" in text or "header" in text.lower():
+        return ModelLoadError(f"the weights in {source} cannot be read ({text}): the file is truncated or "
+                              "corrupt; copy or download the checkpoint again")
+    return ModelLoadError(f"{source} cannot be loaded as a LLaVA-family model ({type(err).__name__}: {text}); "
+                          "check that it is a complete checkpoint folder or hub id of a supported model")
 
 
 class VQAModel:
@@ -33,18 +73,32 @@ class VQAModel:
     def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None, attn_implementation: str | None = None,
                         **kwargs) -> VQAModel:
-        """Load a model and processor by hub id or local folder (``from_pretrained`` of both)."""
+        """Load a model and processor by hub id or local folder (``from_pretrained`` of both).
+
+        A missing folder, a folder without ``config.json`` and weights that do not read (a truncated
+        or corrupt file) are one :class:`ModelLoadError` each, naming the problem and the fix.
+        """
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        source = _check_source(name_or_path)
         model_kwargs = dict(kwargs)
         if dtype is not None:
             model_kwargs["dtype"] = dtype
         if attn_implementation is not None:
             model_kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **model_kwargs)
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(source, **model_kwargs)
+            processor = AutoProcessor.from_pretrained(source)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            if type(err).__name__ == "AdapterError" or isinstance(err, ModelLoadError):
+                raise
+            raise _load_error(source, err) from err
+        except Exception as err:  # safetensors' SafetensorError derives from Exception only
+            if type(err).__name__ != "SafetensorError":
+                raise
+            raise _load_error(source, err) from err
         if device is not None:
             model = model.to(device)
-        processor = AutoProcessor.from_pretrained(name_or_path)
         return cls(model.eval(), processor, name=str(name_or_path))
 
     @classmethod

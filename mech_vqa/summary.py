@@ -4,7 +4,12 @@ Per task it reports what the rows hold: accuracy for every task; for ``ablate`` 
 ablation grid, block effects and the object-vs-other patch ablation; for ``compare`` (over the
 items that have visually relevant tokens, as Xing et al. 2025 do) per-method means of insertion /
 deletion AUC, pointing game, in-box share and runtime, the mean Spearman
-correlation between methods, and accuracy split by whether each method's focus hits the box.
+correlation between methods, and accuracy split by whether each method's focus hits the box; for
+``explain`` the mean attention / MLP increase per layer, how often each head is the top head, and
+the pointing game and in-box share of the top head's map.
+
+:func:`write_tables` saves every table as CSV, as parquet when pyarrow is installed (the
+``tables`` extra), and all of them in one strict-JSON ``summary.json`` (NaN written as null).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import read_results
+from .dataset import read_results_file
 
 
 def _mean(values) -> float:
@@ -53,6 +58,19 @@ def summary_tables(rows: list[dict]) -> dict:
         tables["image_ablation"] = _ablation_table(ablate, "image_ablations")
         tables["blocks"] = _ablation_table(ablate, "blocks")
         tables["head_delta"] = np.nanmean(np.array([r["head_delta"] for r in ablate], dtype=float), axis=0)
+    explained = [r for r in ok if "layer_attn_increase" in r]
+    if explained:
+        attn = np.array([r["layer_attn_increase"] for r in explained], dtype=float)
+        mlp = np.array([r["layer_mlp_increase"] for r in explained], dtype=float)
+        tables["layers"] = pd.DataFrame({"layer": np.arange(attn.shape[1]), "mean_attn_increase": attn.mean(0),
+                                         "mean_mlp_increase": mlp.mean(0), "items": len(explained)})
+        tops = [(h["layer"], h["head"]) for r in explained for h in r.get("top_heads", [])[:1]]
+        counted = {head: tops.count(head) for head in set(tops)}
+        tables["top_head"] = pd.DataFrame(
+            [{"layer": layer, "head": head, "items_top": n, "share": n / len(explained)}
+             for (layer, head), n in sorted(counted.items(), key=lambda kv: (-kv[1], kv[0]))])
+        tables["overview"]["pointing_game"] = _mean(r.get("pointing_game") for r in explained)
+        tables["overview"]["in_box_share"] = _mean(r.get("in_box_share") for r in explained)
     compared = [r for r in ok if "methods" in r]
     # Xing et al. skip items with no visually relevant token: their curves normalise by s(I) - s(B) ~ 0
     compare = [r for r in compared if not str(r.get("selection_rule", "")).startswith("fallback")]
@@ -84,19 +102,70 @@ def summary_tables(rows: list[dict]) -> dict:
     return tables
 
 
-def summarize(results_path, figures: str | None = None) -> str:
-    """The printed dataset table; with ``figures``, also PNG figures in that folder."""
-    rows = read_results(results_path)
+def summarize(results_path, figures: str | None = None, tables_dir: str | None = None) -> str:
+    """The printed dataset table; with ``figures``, also PNG figures in that folder; with
+    ``tables_dir``, every table as CSV (and parquet when pyarrow is installed) plus ``summary.json``."""
+    header, rows = read_results_file(results_path)
     tables = summary_tables(rows)
     parts = []
+    if header is not None:
+        parts.append(f"task {header.get('task')}, model {header.get('model', {}).get('name')} "
+                     f"({header.get('model', {}).get('dtype')}), options {header.get('options')}")
     for name, table in tables.items():
         if name == "head_delta":
             continue
         parts.append(f"## {name}\n{table.to_string(index=False, float_format=lambda v: f'{v:.3f}')}")
+    if tables_dir:
+        written, note = write_tables(tables, Path(tables_dir), header)
+        parts.append("tables: " + ", ".join(str(p) for p in written) + (f"\n{note}" if note else ""))
     if figures:
         written = save_figures(tables, Path(figures))
-        parts.append("figures: " + ", ".join(str(p) for p in written))
+        parts.append("figures: " + ", ".join(str(p) for p in written) if written else
+                     "figures: none apply to these results (head ablation, layer and method figures need "
+                     "ablate, explain or compare rows); no folder written")
     return "\n\n".join(parts)
+
+
+def _frames(tables: dict) -> dict:
+    """Every table as a DataFrame (the head-ablation grid as layer rows, one column per head)."""
+    import pandas as pd
+
+    out = {}
+    for name, table in tables.items():
+        if name == "head_delta":
+            grid = np.asarray(table, dtype=float)
+            table = pd.DataFrame(grid, columns=[f"head_{j}" for j in range(grid.shape[1])])
+            table.insert(0, "layer", np.arange(grid.shape[0]))
+        out[name] = table
+    return out
+
+
+def write_tables(tables: dict, folder: Path, header: dict | None = None) -> tuple[list[Path], str]:
+    """Write ``<name>.csv`` for each table, ``<name>.parquet`` when pyarrow is installed, and
+    ``summary.json`` (strict JSON, with the results header). Returns ``(paths, note)``; the note says
+    why parquet was skipped, if it was."""
+    from .results.base import dumps_strict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = _frames(tables)
+    written = []
+    for name, frame in frames.items():
+        written.append(folder / f"{name}.csv")
+        frame.to_csv(written[-1], index=False)
+    note = ""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        note = ("parquet tables skipped: pyarrow is not installed; install it with "
+                "`python3 -m pip install -e \".[tables]\"` (or `pip install pyarrow`)")
+    else:
+        for name, frame in frames.items():
+            written.append(folder / f"{name}.parquet")
+            frame.to_parquet(written[-1], index=False)
+    written.append(folder / "summary.json")
+    written[-1].write_text(dumps_strict({"header": header, "tables": {
+        name: frame.to_dict("records") for name, frame in frames.items()}}, indent=1))
+    return written, note
 
 
 # the methods figure's metrics: column, axis label (which direction is better)
@@ -105,17 +174,36 @@ _METRICS = (("insertion_auc", "insertion AUC (higher is better)"), ("deletion_au
 
 
 def save_figures(tables: dict, folder: Path) -> list[Path]:
-    """``head_ablation.png`` (ablate results) and ``methods.png`` (compare results) in ``folder``;
-    nothing (and no folder) when the tables hold neither."""
+    """``head_ablation.png`` (ablate results), ``layers.png`` (explain results) and ``methods.png``
+    (compare results) in ``folder``; nothing (and no folder) when the tables hold none of them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
 
     from .plotting import PALETTE, heatmap
 
-    written = []
-    if "head_delta" not in tables and "methods" not in tables:
-        return written
+    if not any(name in tables for name in ("head_delta", "methods", "layers")):
+        return []
     folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    if "layers" in tables:
+        frame = tables["layers"]
+        fig, ax = plt.subplots(figsize=(5, 3))
+        x = frame["layer"].to_numpy()
+        ax.bar(x - 0.2, frame["mean_attn_increase"], width=0.4, label="attention", color=PALETTE[0])
+        ax.bar(x + 0.2, frame["mean_mlp_increase"], width=0.4, label="MLP", color=PALETTE[1])
+        ax.axhline(0, color="0.5", lw=0.6)
+        ax.set_xticks(x)
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("mean increase in answer log-prob (nats)")
+        ax.legend(fontsize=7, frameon=False)
+        ax.set_title(f"explain: what each layer adds to the answer word ({int(frame['items'].iloc[0])} items)",
+                     fontsize=9)
+        written.append(folder / "layers.png")
+        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
     if "head_delta" in tables:
         items = int(tables["image_ablation"]["items"].max()) if len(tables.get("image_ablation", [])) else None
         fig, _ = heatmap(torch.tensor(tables["head_delta"]), xlabel="head", ylabel="decoder layer",

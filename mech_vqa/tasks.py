@@ -3,13 +3,34 @@
 Every task answers the question greedily first and reports ``prediction`` and ``correct`` (the
 expected answer word — ``answer_word`` of the row, else the given answer — appears in the
 prediction), then teacher-forces the given answer (or the prediction when none is given).
+
+:data:`TASK_HELP` says what each task computes and which columns its rows hold (shown by
+``mech-vqa run --help``); this module imports no torch at import time, so the help stays fast.
 """
 
 from __future__ import annotations
 
 import re
 
-import torch
+COMMON_COLUMNS = ("every row: id, index, image, question, status (ok / error), error (when status is error), "
+                  "runtime_s, non_finite (fields written as null because they were NaN / infinite)")
+
+TASK_HELP = {
+    "answer": ("the greedy answer and whether it is right. Columns: prediction, correct (the expected "
+               "answer word appears in the prediction; null without one), answer (the teacher-forced answer)."),
+    "explain": ("the mechanistic explanation of the answer-word token: what each layer's attention and MLP "
+                "add to its log-probability, the top heads, and where the top head reads in the image. "
+                "Columns: prediction, correct, answer, target {token_id, position, token}, top_heads "
+                "(5 x {layer, head, increase}), layer_attn_increase, layer_mlp_increase (per layer, nats); "
+                "with a box: pointing_game, in_box_share of the top head's map."),
+    "compare": ("every patch-importance method on the same visually relevant answer tokens, scored. Columns: "
+                "prediction, correct, answer, targets, selection_rule, methods {name: {insertion_auc, "
+                "deletion_auc, pointing_game, in_box_share, runtime_s, ...}}, correlations {a|b: Spearman}."),
+    "ablate": ("zero each head, each attention / MLP block, and the object's patches against the others, on "
+               "the answer-word token. Columns: prediction, correct, answer, target, clean_logprob, top_heads "
+               "(5 most harmful heads: ablation, delta_logprob, flipped), head_delta (layers x heads), "
+               "heads_flipping, blocks, image_ablations (object / other patches, with a box)."),
+}
 
 
 def _words(text: str) -> list[str]:
@@ -47,6 +68,8 @@ def task_answer(vqa, *, image, question, answer, box, row):
 
 def task_ablate(vqa, *, image, question, answer, box, row, batch_size: int = 16):
     """Head and block sweeps on the answer token, and the object's patches ablated against the rest."""
+    import torch
+
     from .methods.ablation import ablate, block_ablations, head_ablations, image_token_ablation
 
     inp, out = answer_item(vqa, image, question, answer, row)

@@ -1,9 +1,12 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from mech_vqa.cli import build_parser, main
+from mech_vqa.dataset import read_results
 from mech_vqa.demo import run_demo
 
 
@@ -53,7 +56,7 @@ def test_run_compare_on_the_tiles_of_a_saved_llava_next(tiny_next_vqa, tmp_path,
     args = ["run", "explain", str(tmp_path / "data.jsonl"), "--out", str(out), "--model", str(tmp_path / "model"),
             "--view", "1", "--no-progress"]
     assert main(args) == 0
-    results = [json.loads(line) for line in out.read_text().splitlines()]
+    results = read_results(out)
     assert [r["status"] for r in results] == ["ok", "ok"] and all(0 <= r["in_box_share"] <= 1 for r in results)
     assert main(["run", "ablate", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "a.jsonl"),
                  "--view", "1"]) == 2
@@ -61,3 +64,31 @@ def test_run_compare_on_the_tiles_of_a_saved_llava_next(tiny_next_vqa, tmp_path,
     scores = run_demo(tiny_next_vqa, tmp_path / "demo", image=tmp_path / "1.png", question="What is the color of the dog?",
                       methods=["mechanistic", "raw_attention"], view=1)
     assert all(Path(entry["png"]).exists() for entry in scores["methods"].values())
+
+
+def test_model_options_and_task_help(capsys, monkeypatch):
+    from mech_vqa.cli import _settings, default_threads
+
+    for command in (["demo"], ["run", "answer", "d.jsonl", "--out", "r.jsonl"]):
+        args = build_parser().parse_args(command)
+        assert (args.model, args.device, args.dtype, args.threads) == (None, "auto", "auto", default_threads())
+    assert build_parser().parse_args(["eval", "--threads", "3"]).threads == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads() == max(1, len(os.sched_getaffinity(0)) // 2)
+    args = build_parser().parse_args(["run", "answer", "d.jsonl", "--out", "r.jsonl", "--threads", "1"])
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert _settings(args) == ("cpu", torch.float32)
+    args.device = "cuda"
+    with pytest.raises(ValueError, match="sees no CUDA GPU.*--device cpu"):
+        _settings(args)
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    for task in ("answer", "explain", "compare", "ablate"):
+        assert f"  {task} " in text
+    assert text.count("Columns:") == 4 and "non_finite" in text and "resumes" in text
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "number of fresh synthetic questions" in capsys.readouterr().out

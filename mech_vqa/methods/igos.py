@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 from ..adapters.base import mask_to_pixels
 from ..hooks import preserved_state
-from ..inputs import PreparedInput
+from ..inputs import PreparedInput, check_box, check_pixels
 from ..metrics.insertion_deletion import from_raw, insertion_deletion_curves, mean_probability
 from ..results.igos import IGOSResult
 from .scoring import AnswerScorer, input_baseline
@@ -284,8 +284,14 @@ def igos(vqa, inp: PreparedInput, *, tokens: TokenSelection | Sequence[int] | No
     _check_answer(vqa, inp)
     if not 0 < step_fraction <= 1:
         raise ValueError(f"step_fraction must be in (0, 1], got {step_fraction}")
-    if box is not None and len(box) != 4:
-        raise ValueError(f"box must be [x0, y0, x1, y1] in the preprocessed image's pixels, got {box!r}")
+    if box is not None:
+        box = check_box(box, inp.geometry.image_size)
+    check_pixels(inp.pixel_values)  # perturbed pixels never pass through model_inputs' check
+    height, width = (int(v) for v in inp.geometry.image_size)
+    if config.mask_size[0] > height or config.mask_size[1] > width:  # cells below one pixel change nothing more
+        raise ValueError(f"mask_size {tuple(config.mask_size)} is finer than the {height} x {width} pixels of the "
+                         f"image the model saw; use at most {height} x {width} (the model's patch grid is "
+                         f"{vqa.adapter.patch_grid[0]} x {vqa.adapter.patch_grid[1]}; the default is 32)")
     timings, start = {}, time.perf_counter()
     base = input_baseline(vqa, inp, baseline).to(vqa.device)
     image = inp.pixel_values.float().to(vqa.device)

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..capture import attention_rows
-from ..inputs import BatchedInput, PreparedInput, Target
+from ..inputs import BatchedInput, PreparedInput, Target, check_box
 from ..results.mechanistic import Explanation, HeadIncrease, HeadPositions, LayerIncrease
 from .logprob import CHUNK_ELEMENTS, FrozenNormScorer, check_token_ids
 
@@ -317,6 +317,11 @@ def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top",
         progress: show progress bars (over heads for the position level, layers for neurons).
     """
     _check_heads_argument(vqa.adapter, heads)  # fail before the forward
+    items = inp.items if isinstance(inp, BatchedInput) else [inp]
+    boxes = box if box is not None and len(box) and isinstance(box[0], (list, tuple)) else [box] * len(items)
+    for item, item_box in zip(items, boxes):
+        if item_box is not None:
+            check_box(item_box, item.geometry.image_size)
     kv_layers = sorted({int(layer) for layer, _ in heads}) if isinstance(heads, (list, tuple)) else "all"
     capture = capture_target(vqa, inp, target, kv_layers=kv_layers, chunk_elements=chunk_elements)
     layer_results, head_results = layer_and_head_increase(capture)
@@ -327,7 +332,6 @@ def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top",
 
         layers = None if neurons is True else neurons
         neuron_results = neuron_increase_from_capture(capture, layers=layers, k=k, progress=progress)
-    boxes = box if box is not None and len(box) and isinstance(box[0], (list, tuple)) else [box] * len(positions)
     out = [Explanation(layers=lr, heads=hr, positions=pr, patch_map=pr.patch_map(box=bx, view=view), neurons=nr)
            for lr, hr, pr, nr, bx in zip(layer_results, head_results, positions, neuron_results, boxes)]
     return out if isinstance(inp, BatchedInput) else out[0]

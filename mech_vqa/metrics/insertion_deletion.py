@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..adapters.base import mask_to_pixels
 from ..hooks import preserved_state
+from ..inputs import check_pixels
 from ..results.base import Result
 
 
@@ -112,6 +113,31 @@ def as_map(saliency) -> torch.Tensor:
     if not torch.isfinite(scores).all():
         raise ValueError("the map has NaN or infinite scores; fix the method or nan_to_num the map first")
     return scores
+
+
+def check_map_shape(scores: torch.Tensor, geometry) -> None:
+    """A map ``[h, w]`` the curves can lay over the image the model saw, or one clear error.
+
+    The map is stretched over the preprocessed image (``geometry.image_size``, ``H x W``). Accepted:
+    the model's patch grid; a pixel-size map ``H x W``; or any other ``h x w`` whose cells have the
+    patches' shape (``w == round(h * W / H)``: square cells on a square image, such as an iGOS mask
+    of 32 x 32) and cover at least one pixel (``h <= H``, ``w <= W``). A map of other proportions was
+    made for another image or model: its cells would cut across patches.
+    """
+    h, w = (int(v) for v in scores.shape)
+    grid = tuple(int(v) for v in geometry.grid)
+    height, width = (int(v) for v in geometry.image_size)
+    if (h, w) in (grid, (height, width)):
+        return
+    if h > height or w > width:
+        raise ValueError(f"the map is {h} x {w} cells but the image the model saw is {height} x {width} pixels: "
+                         f"cells smaller than a pixel; resample it to the {grid[0]} x {grid[1]} patch grid "
+                         "(PatchMap.resample) or use a coarser map")
+    if w != round(h * width / height):
+        raise ValueError(f"the map is {h} x {w} cells but the model's patch grid is {grid[0]} x {grid[1]} "
+                         f"(image {height} x {width} pixels): its cells are not the patches' shape, so it was "
+                         "made for another image or model; give a map on the patch grid, a pixel-size map, or "
+                         "one of the image's proportions")
 
 
 def cell_order(scores: torch.Tensor) -> torch.Tensor:
@@ -206,6 +232,8 @@ def insertion_deletion(vqa, inp, saliency, *, tokens=None, baseline="blur", tau:
     from ..methods.token_selection import TokenSelection, manual_selection, visually_relevant_tokens
 
     scores = as_map(saliency)
+    check_map_shape(scores, inp.geometry)
+    check_pixels(inp.pixel_values)  # perturbed pixels never pass through model_inputs' check
     method = method if method is not None else getattr(saliency, "method", "")
     base = input_baseline(vqa, inp, baseline).to(vqa.device)
     info = {"step_fraction": step_fraction, "baseline": baseline if isinstance(baseline, str) else "tensor"}

@@ -184,13 +184,14 @@ def main(argv=None):
                         "scaffolded-head references) or a comma-separated list")
     p.add_argument("--eval-split", action="store_true", help="score the fixed split in data/eval instead")
     p.add_argument("--write-eval-split", action="store_true", help="regenerate data/eval and exit")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
     args = p.parse_args(argv)
     from mech_vqa.organism import EVAL_DIR, load_eval_split, load_organism, write_eval_split
 
     if args.write_eval_split:
         print(f"wrote {len(write_eval_split(EVAL_DIR))} items to {EVAL_DIR}")
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     model, processor = load_organism(args.model)
     items = load_eval_split(EVAL_DIR) if args.eval_split else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import ClassVar
 
@@ -33,6 +34,14 @@ class Result:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         _REGISTRY[cls.__name__] = cls
+        if "__repr__" not in cls.__dict__:  # set before @dataclass runs, so it keeps this short form
+            cls.__repr__ = Result.__repr__
+
+    def __repr__(self) -> str:
+        """One line: the type and each field in brief (tensors by shape, long lists by length)."""
+        parts = [f"{field.name}={brief(getattr(self, field.name))}" for field in dataclasses.fields(self)
+                 if getattr(self, field.name) is not None]
+        return f"{type(self).__name__}({', '.join(parts)})"
 
     # --------------------------------------------------------------------- save/load
     def save(self, path) -> Path:
@@ -49,7 +58,7 @@ class Result:
             else:
                 meta[field.name] = value
         save_file(tensors, str(tensor_path))
-        json_path.write_text(json.dumps({"type": type(self).__name__, "fields": meta}, indent=1, default=to_jsonable))
+        json_path.write_text(dumps_strict({"type": type(self).__name__, "fields": meta}, indent=1))
         return json_path
 
     @classmethod
@@ -60,7 +69,7 @@ class Result:
         tensor_path, json_path = _paths(path)
         if not json_path.exists():
             raise FileNotFoundError(f"no saved result at {json_path}")
-        payload = json.loads(json_path.read_text())
+        payload = loads_strict(json_path.read_text())
         type_name = payload.get("type")
         if type_name not in _REGISTRY:  # result types living outside this package register on import
             import importlib
@@ -100,7 +109,7 @@ def save_bundle(path, type_name: str, parts: dict, meta: dict | None = None) -> 
             part.save(stem.with_name(f"{stem.name}.{key}"))
             files[key] = f"{stem.name}.{key}"
     payload = {"type": type_name, "parts": files, **(meta or {})}
-    json_path.write_text(json.dumps(payload, indent=1, default=to_jsonable))
+    json_path.write_text(dumps_strict(payload, indent=1))
     return json_path
 
 
@@ -109,7 +118,7 @@ def load_bundle(path, type_name: str) -> tuple[dict, dict]:
     _, json_path = _paths(path)
     if not json_path.exists():
         raise FileNotFoundError(f"no saved {type_name} at {json_path}")
-    payload = json.loads(json_path.read_text())
+    payload = loads_strict(json_path.read_text())
     if payload.get("type") != type_name:
         raise TypeError(f"{json_path} holds a {payload.get('type')}, not a {type_name}")
     parts = {key: Result.load(json_path.with_name(file)) for key, file in payload["parts"].items()}
@@ -127,6 +136,86 @@ def to_jsonable(value):
     if isinstance(value, (set, tuple)):
         return list(value)
     raise TypeError(f"cannot store {type(value).__name__} in a result's JSON")
+
+
+NON_FINITE_KEY = "non_finite"
+"""Where :func:`strict_json` records the values it wrote as null: ``{"a.b.0": "NaN", ...}``."""
+
+
+def strict_json(value, *, record: bool = True):
+    """``value`` made of plain JSON types only, every NaN / infinity replaced by None.
+
+    JSON has no NaN or infinity (``json.dumps`` writes bare ``NaN``, which jq, browsers and most
+    readers reject). With ``record``, a top-level dict gains ``non_finite``: the dotted path of each
+    replaced value and what it was (``"NaN"``, ``"inf"``, ``"-inf"``), so the reason is kept and
+    :func:`restore_non_finite` can put the values back. Tensors, numpy values, dataclasses, sets and
+    tuples are converted as by :func:`to_jsonable`.
+    """
+    found: dict[str, str] = {}
+
+    def walk(item, path: str):
+        if isinstance(item, float):
+            if math.isfinite(item):
+                return item
+            found[path] = "NaN" if math.isnan(item) else ("inf" if item > 0 else "-inf")
+            return None
+        if item is None or isinstance(item, (str, bool, int)):
+            return item
+        if isinstance(item, dict):
+            return {str(k): walk(v, f"{path}.{k}" if path else str(k)) for k, v in item.items()}
+        if isinstance(item, (list, tuple, set)):
+            return [walk(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(item)]
+        return walk(to_jsonable(item), path)
+
+    out = walk(value, "")
+    if record and found and isinstance(out, dict):
+        out[NON_FINITE_KEY] = {**out.get(NON_FINITE_KEY, {}), **found}
+    return out
+
+
+def dumps_strict(value, **kwargs) -> str:
+    """``json.dumps`` of :func:`strict_json` (``allow_nan=False``: a stray NaN is an error, never written)."""
+    return json.dumps(strict_json(value), allow_nan=False, **kwargs)
+
+
+def restore_non_finite(payload):
+    """Undo :func:`strict_json` on a loaded dict: put the recorded NaN / infinities back in place."""
+    if not isinstance(payload, dict) or NON_FINITE_KEY not in payload:
+        return payload
+    for path, what in payload.pop(NON_FINITE_KEY).items():
+        *parents, last = path.split(".")
+        node = payload
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        value = float("nan") if what == "NaN" else float(what)
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return payload
+
+
+def loads_strict(text: str):
+    """``json.loads`` for files written by :func:`dumps_strict` (old files with bare NaN still read)."""
+    return restore_non_finite(json.loads(text))
+
+
+def brief(value) -> str:
+    """A short description of a field for ``repr``: tensors by shape and dtype, long lists by length."""
+    if torch.is_tensor(value):
+        if value.numel() == 1:
+            return f"{value.item():.4g}"
+        return f"tensor{list(value.shape)}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return repr(value) if len(value) <= 4 and len(repr(value)) <= 60 else f"[{len(value)} items]"
+    if isinstance(value, dict):
+        return repr(value) if len(repr(value)) <= 60 else f"{{{len(value)} keys}}"
+    if isinstance(value, Result):
+        return type(value).__name__
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def tensor_topk(values: torch.Tensor, k: int, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -268,6 +268,16 @@ class LogitLens(Result):
     view: int = 0
     boxes: torch.Tensor | None = None
 
+    def __repr__(self) -> str:
+        stages, patches, k = self.top_ids.shape
+        word = ""
+        if self.word_probs is not None:
+            best = int(self.word_probs.max(dim=1).values.argmax())
+            where = "input" if best == 0 else f"layer {best - 1}"
+            word = (f", word={self.word!r}: max p={float(self.word_probs.max()):.3g} at {where}")
+        return (f"LogitLens(model={self.model!r}, layers={stages - 1} + input, {patches} image tokens "
+                f"(grid {'x'.join(map(str, self.grid))}, view {self.view}), top-{k} words each{word})")
+
     @property
     def n_layers(self) -> int:
         return self.top_ids.shape[0] - 1

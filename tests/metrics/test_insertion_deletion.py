@@ -61,7 +61,7 @@ def test_oracle_beats_random_and_endpoints_are_exact(shape):
 
 
 def test_on_the_model_batched_equals_one_point_per_forward(tiny_vqa, prepared):
-    saliency = torch.rand(3, 5)
+    saliency = torch.rand(3, 3)  # a map of the image's proportions, coarser than the 4 x 4 grid
     kwargs = dict(tokens=[1, 3], baseline="blur", step_fraction=0.34, progress=False)
     tiny_vqa.logits(prepared)                       # HF adds its own hooks on a first forward
     before, hooks = model_state(tiny_vqa.model), hook_snapshot(tiny_vqa.model)
