@@ -53,15 +53,16 @@ def _settings(args):
     """Apply --threads and resolve --device / --dtype into ``(device, torch dtype)``."""
     import torch
 
-    torch.set_num_threads(args.threads)
     from .sharding import local_device
 
-    device = local_device(args.device)  # under torchrun / accelerate, cuda -> this rank's GPU
+    torch.set_num_threads(args.threads)
+    device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch build sees no CUDA GPU (torch {torch.__version__}); "
                          "install a CUDA build of torch (see the README's Set-up) or use --device cpu")
+    device = local_device(device)  # under torchrun / accelerate launch, cuda -> this rank's GPU
     dtype = args.dtype
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
