@@ -2,6 +2,7 @@
 
     mech-vqa demo [--out DIR]                      explain a shipped question on the organism
     mech-vqa run TASK DATASET.jsonl --out R.jsonl  run a task over a dataset (resumable)
+    mech-vqa merge R.shard-*-of-*.jsonl --out R.jsonl   join the shards of a sharded run
     mech-vqa summary R.jsonl [--figures DIR]       the dataset table, its CSV / parquet tables, figures
     mech-vqa eval [--n N]                          the organism's accuracy and localisation scores
 
@@ -52,6 +53,8 @@ def _settings(args):
     """Apply --threads and resolve --device / --dtype into ``(device, torch dtype)``."""
     import torch
 
+    from .sharding import local_device
+
     torch.set_num_threads(args.threads)
     device = args.device
     if device == "auto":
@@ -59,6 +62,7 @@ def _settings(args):
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch build sees no CUDA GPU (torch {torch.__version__}); "
                          "install a CUDA build of torch (see the README's Set-up) or use --device cpu")
+    device = local_device(device)  # under torchrun / accelerate launch, cuda -> this rank's GPU
     dtype = args.dtype
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
@@ -88,16 +92,31 @@ def _demo(args) -> int:
 
 def _run(args) -> int:
     from .dataset import check_resumable, read_dataset, run_dataset
+    from .sharding import resolve_shard
 
     read_dataset(args.dataset)  # a missing or empty dataset fails before the model loads
+    shard = resolve_shard(args.shard)
     if args.view and args.task not in ("explain", "compare"):
         print(f"mech-vqa: --view applies to the explain and compare tasks, not {args.task}", file=sys.stderr)
         return 2
     extra = {"view": args.view} if args.view else {}
-    check_resumable(args.out, args.task, extra)  # so does a results file of another task or options
+    check_resumable(args.out, args.task, extra, shard)  # so does a results file of another task or options
     counts = run_dataset(_load(args), args.dataset, args.out, args.task, limit=args.limit,
-                         progress=not args.no_progress, **extra)
+                         progress=not args.no_progress, shard=shard, **extra)
     print(json.dumps(counts))
+    return 0
+
+
+def _merge(args) -> int:
+    from .sharding import merge_shards
+
+    report = merge_shards(args.shards, args.out)
+    print(json.dumps(report))
+    if not report["complete"] or report["conflicting"]:
+        print(f"mech-vqa merge: incomplete: {len(report['missing_shards'])} shard(s) and "
+              f"{len(report['missing_items'])} item(s) missing, {len(report['conflicting'])} conflicting; rerun the "
+              "missing ranks (they resume) and merge again", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -179,7 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--view", type=int, default=0,
                      help="explain/compare: which image view the maps show (0 = the whole image's grid; 1 = a "
                           "tiled model's high-resolution tokens, LLaVA-NeXT / OneVision)")
+    run.add_argument("--shard", default=None, metavar="I/N",
+                     help="run only shard I of N (0-based; items whose index mod N is I) into <out>.shard-I-of-N"
+                          ".jsonl; default: from torchrun / accelerate launch (RANK, WORLD_SIZE) or a Slurm job "
+                          "array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT), else unsharded. Join the shards "
+                          "with `mech-vqa merge`")
     run.set_defaults(func=_run)
+
+    merge = sub.add_parser("merge", help="join the shard files of a sharded run into one results file",
+                           description="Join the results files of the ranks of one sharded `mech-vqa run` into "
+                                       "one results file, rows in dataset order. Shards of another task, options, "
+                                       "model or dataset are refused; missing shards or items and duplicates "
+                                       "are reported (exit status 1 when incomplete).")
+    merge.add_argument("shards", nargs="+",
+                       help="shard files, their folder, or a glob such as 'out/r.shard-*-of-*.jsonl'")
+    merge.add_argument("--out", required=True, help="the merged results JSONL (written whole, atomically)")
+    merge.set_defaults(func=_merge)
 
     summary = sub.add_parser("summary", help="print the dataset table of a results file, save tables and figures",
                              description="Aggregate a results file written by `mech-vqa run`: print the tables, "

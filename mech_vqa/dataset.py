@@ -31,7 +31,7 @@ from .results.base import dumps_strict, strict_json
 HEADER_KEY = "mech_vqa_results"
 """The key that marks a results file's header line (its value is the format version)."""
 FORMAT_VERSION = 1
-COMPARED = ("task", "options", "model")
+COMPARED = ("task", "options", "model", "shard")
 """The header fields a resumed run must match."""
 
 
@@ -170,10 +170,13 @@ class ResultsFile:
         return read_results(self.path)
 
 
-def check_resumable(results_path, task: str, options: dict) -> None:
-    """Fail before a model loads when ``results_path`` was written by another task or other options
-    (the model itself is compared once loaded, by :class:`ResultsFile`)."""
-    path = Path(results_path)
+def check_resumable(results_path, task: str, options: dict, shard=None) -> None:
+    """Fail before a model loads when ``results_path`` (this shard's file of it) was written by
+    another task or other options (the model itself is compared once loaded, by :class:`ResultsFile`)."""
+    from .sharding import Shard
+
+    shard = shard or Shard()
+    path = shard.path(results_path)
     if not path.is_file() or path.stat().st_size == 0:
         return
     existing = ResultsFile(path)
@@ -181,7 +184,8 @@ def check_resumable(results_path, task: str, options: dict) -> None:
         if existing.done:
             existing._check_or_write_header({})  # the "no header" error
         return
-    wanted = json.loads(dumps_strict({"task": task, "options": strict_json(options, record=False)}))
+    wanted = json.loads(dumps_strict({"task": task, "options": strict_json(options, record=False),
+                                      "shard": shard.to_dict()}))
     existing._check_or_write_header({**wanted, "model": existing.header.get("model")})
 
 
@@ -199,12 +203,16 @@ def model_identity(vqa) -> dict:
     return {"name": name, "dtype": str(dtype).removeprefix("torch.")}
 
 
-def results_header(vqa, task: str, options: dict, dataset_path) -> dict:
-    """The first line of a results file: the format, task, task options, model and dataset."""
+def results_header(vqa, task: str, options: dict, dataset_path, shard=None, n_items: int | None = None) -> dict:
+    """The first line of a results file: the format, task, task options, model, dataset (path,
+    SHA-256 of its bytes, number of items run) and, for a sharded run, the shard."""
     from . import __version__
+    from .sharding import Shard, dataset_fingerprint
 
+    shard = shard or Shard()
     return {HEADER_KEY: FORMAT_VERSION, "task": task, "options": strict_json(options, record=False),
-            "model": model_identity(vqa), "dataset": str(dataset_path), "mech_vqa": __version__,
+            "model": model_identity(vqa), "shard": shard.to_dict(), "dataset": str(dataset_path),
+            "dataset_sha256": dataset_fingerprint(dataset_path), "n_items": n_items, "mech_vqa": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -236,8 +244,16 @@ def read_results(path) -> list[dict]:
 
 
 def run_dataset(vqa, dataset_path, results_path, task: str | Callable = "ablate", *, limit: int | None = None,
-                progress: bool = True, **task_kwargs) -> dict:
-    """Run ``task`` on every row not yet in ``results_path``; returns counts ``{done, skipped, errors}``."""
+                progress: bool = True, shard=None, **task_kwargs) -> dict:
+    """Run ``task`` on every row not yet in ``results_path``; returns counts ``{done, skipped, errors}``.
+
+    With ``shard`` (a :class:`~mech_vqa.sharding.Shard`, e.g. from
+    :func:`~mech_vqa.sharding.resolve_shard`) only that shard's rows run, into the shard's own file
+    beside ``results_path`` (``counts["out"]`` names it); :func:`~mech_vqa.sharding.merge_shards`
+    joins the shards.
+    """
+    from .sharding import Shard
+
     from .tasks import TASKS
 
     if isinstance(task, str) and task not in TASKS:
@@ -247,13 +263,19 @@ def run_dataset(vqa, dataset_path, results_path, task: str | Callable = "ablate"
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be a whole number >= 0 (run the first N rows), got {limit!r}; "
                          "leave it out to run every row")
+    shard = shard or Shard()
     rows = read_dataset(dataset_path)[:limit]
+    n_items = len(rows)
+    rows = shard.select(rows)
     root = Path(dataset_path).resolve().parent
-    results = ResultsFile(results_path, header=results_header(vqa, task_name, task_kwargs, dataset_path))
+    results_file = shard.path(results_path)
+    header = results_header(vqa, task_name, task_kwargs, dataset_path, shard, n_items)
+    results = ResultsFile(results_file, header=header)
     pending = [row for row in rows if row["id"] not in results.done]
     counts = {"done": 0, "skipped": len(rows) - len(pending), "errors": 0}
     # the bar counts only the items left, so its rate and time left are those of this run
-    for row in tqdm(pending, desc=task_name, disable=not progress):
+    desc = task_name + (f" shard {shard}" if shard.sharded else "")
+    for row in tqdm(pending, desc=desc, disable=not progress):
         start = time.perf_counter()
         base = {"id": row["id"], "index": row["_index"], "image": row.get("image"), "question": row.get("question")}
         try:
@@ -266,4 +288,6 @@ def run_dataset(vqa, dataset_path, results_path, task: str | Callable = "ablate"
         record["runtime_s"] = time.perf_counter() - start
         results.append(record)
         counts["done"] += 1
+    if shard.sharded:
+        counts.update(shard=str(shard), out=str(results_file))
     return counts
