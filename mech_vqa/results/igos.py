@@ -68,8 +68,9 @@ class IGOSResult(Result):
         return [t["token"] for t in self.targets]
 
     def to_patch_map(self) -> PatchMap:
-        """The saliency as a :class:`PatchMap` (method ``"igos++"``) for comparisons and localisation."""
-        return PatchMap(scores=self.saliency, method="igos++", image_size=list(self.image_size), image=self.image,
+        """The saliency as a :class:`PatchMap` (method ``"igos+"`` or ``"igos++"``, as run) for comparisons
+        and localisation."""
+        return PatchMap(scores=self.saliency, method=self.method, image_size=list(self.image_size), image=self.image,
                         targets=list(self.targets), box=self.box,
                         info={**self.info, "variant": self.method, "params": self.params,
                               "deletion_auc": self.deletion_auc, "insertion_auc": self.insertion_auc})

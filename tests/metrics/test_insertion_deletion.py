@@ -6,7 +6,7 @@ import torch
 from conftest import assert_same_state, hook_snapshot, model_state
 
 from mech_vqa.metrics import InsertionDeletion, cell_order, insertion_deletion, insertion_deletion_curves
-from mech_vqa.metrics.insertion_deletion import from_raw, reveal_masks, step_counts
+from mech_vqa.metrics.insertion_deletion import from_raw, reveal_masks, step_counts, tie_orders
 from mech_vqa.results import PatchMap, Result
 
 SIZE = 32
@@ -53,10 +53,13 @@ def test_oracle_beats_random_and_endpoints_are_exact(shape):
         assert curves.deletion[0] == pytest.approx(1, abs=1e-6) and curves.deletion[-1] == pytest.approx(0, abs=1e-6)
         assert curves.insertion[0] == pytest.approx(0, abs=1e-6) and curves.insertion[-1] == pytest.approx(1, abs=1e-6)
         assert curves.deletion_auc == pytest.approx(float(curves.deletion.mean()))
-    # one point recomputed by hand: after removing the first c cells of the oracle order
+    # one point recomputed by hand: after removing the first c cells of each tie order, averaged
     k = 3
-    removed = reveal_masks(oracle_map(*shape), step_counts(shape[0] * shape[1], 0.02)[k:k + 1], (SIZE, SIZE))[0]
-    by_hand = prob(image * (1 - removed) + baseline * removed)
+    count = step_counts(shape[0] * shape[1], 0.02)[k:k + 1]
+    orders = tie_orders(oracle_map(*shape), 4, seed=0)
+    assert raw_oracle["n_orders"] == len(orders) == 4                     # the oracle map has tied cells
+    removed = torch.stack([reveal_masks(oracle_map(*shape), count, (SIZE, SIZE), order=o)[0] for o in orders])[:, None]
+    by_hand = prob(image * (1 - removed) + baseline * removed).mean()
     assert float(raw_oracle["deletion_raw"][k]) == pytest.approx(float(by_hand), abs=1e-6)
 
 
