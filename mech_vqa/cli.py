@@ -63,13 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     model_help = "hub id or local folder of a LLaVA model (default: the organism shipped in data/)"
+    from .compare import METHODS
+
+    names = ", ".join(METHODS)  # igos+ (one mask) and igos++ (two masks) are separate methods
 
     demo = sub.add_parser("demo", help="answer a question about a shipped image and write heatmaps + scores")
     demo.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     demo.add_argument("--model", default=None, help=model_help)
     demo.add_argument("--image", default=None, help="an image file (default: the first evaluation item)")
     demo.add_argument("--question", default=None, help="the question (default: the item's)")
-    demo.add_argument("--methods", default=None, help="comma-separated patch methods (default: all)")
+    demo.add_argument("--methods", default=None, help=f"comma-separated patch methods (default: all): {names}")
     demo.add_argument("--view", type=int, default=0,
                       help="1: draw a tiled model's high-resolution tokens (LLaVA-NeXT / OneVision); default 0")
     demo.set_defaults(func=_demo)
@@ -96,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="organism accuracy and localisation of every patch method")
     evaluate.add_argument("--n", type=int, default=100)
     evaluate.add_argument("--model", default=None, help="a saved organism folder (default: data/organism)")
-    evaluate.add_argument("--methods", default="all", help="comma-separated patch methods (default: all)")
+    evaluate.add_argument("--methods", default="all", help=f"comma-separated patch methods (default: all): {names}")
     evaluate.set_defaults(func=_eval)
     return parser
 

@@ -194,7 +194,8 @@ class Comparison(Result):
         rows = {row["method"]: row for row in self.table}
         for axis, name in zip(axes, names):
             row = rows.get(name, {})
-            title = f"{name}\nins {row.get('insertion_auc', float('nan')):.2f} del {row.get('deletion_auc', float('nan')):.2f}"
+            ins, dele = (float("nan") if row.get(k) is None else row[k] for k in ("insertion_auc", "deletion_auc"))
+            title = f"{name}\nins {ins:.2f} del {dele:.2f}"
             self.maps[name].plot(ax=axis, title=title, colorbar=False)
         return fig, axes
 
