@@ -73,6 +73,7 @@ class IGOSResult(Result):
         return PatchMap(scores=self.saliency, method=self.method, image_size=list(self.image_size), image=self.image,
                         targets=list(self.targets), box=self.box,
                         info={**self.info, "variant": self.method, "params": self.params,
+                              "masks": 2 if self.mask_deletion is not None else 1,
                               "deletion_auc": self.deletion_auc, "insertion_auc": self.insertion_auc})
 
     def topk(self, k: int = 10):

@@ -1,0 +1,110 @@
+"""The method comparison: igos+ and igos++ are two methods, the fallback token is the answer's own word,
+and every row carries tie-aware, flagged and knock-out scores."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from mech_vqa.compare import METHODS, Comparison, compare, method_filename, select_targets
+from mech_vqa.methods.igos import igos
+from mech_vqa.methods.token_selection import copied_from_question, fallback_token, select_tokens
+from mech_vqa.results import PatchMap
+from mech_vqa.results.patch_map import UNINFORMATIVE
+
+IGOS = {"mask_size": 4, "iterations": 2, "n_steps": 2, "l1": 0.0, "lr": 3.0}   # masks that move on a tiny model
+
+
+def test_igos_plus_is_one_mask_and_igos_plusplus_two(tiny_vqa, prepared):
+    result = compare(tiny_vqa, prepared, methods=["igos+", "igos++"], tokens=[3], progress=False,
+                     options={"igos": IGOS}, faithfulness=False, head_claims=None)
+    assert [row["method"] for row in result.table] == ["igos+", "igos++"]
+    one, two = result.maps["igos+"], result.maps["igos++"]
+    assert (one.method, one.info["masks"], two.method, two.info["masks"]) == ("igos+", 1, "igos++", 2)
+    # the maps are the saliencies of one and of two optimised masks
+    for patch_map, two_masks in ((one, False), (two, True)):
+        run = igos(tiny_vqa, prepared, tokens=[3], progress=False, evaluate=False, seed=0, two_masks=two_masks, **IGOS)
+        assert torch.equal(patch_map.scores, run.saliency)
+        assert (run.mask_deletion is not None) == two_masks
+    assert not torch.equal(one.scores, two.scores)
+    with pytest.raises(ValueError, match="contradicts the method name"):
+        compare(tiny_vqa, prepared, methods=["igos+"], tokens=[3], progress=False,
+                options={"igos": {**IGOS, "two_masks": True}}, faithfulness=False, head_claims=None)
+    assert {"igos+", "igos++"} <= set(METHODS)
+
+
+def test_method_filenames_are_safe_and_distinct():
+    names = [method_filename(name) for name in METHODS]
+    assert len(set(names)) == len(names) and "igosp" in names and "igospp" in names
+    assert all(name.replace("_", "").replace("-", "").isalnum() for name in names)
+    assert method_filename("a/b c") == "a_b_c"
+
+
+def test_fallback_prefers_the_answers_own_content_word():
+    tokens = ["The", "color", "of", "the", "solid", "object", "is", "yellow"]
+    image = torch.zeros(8)
+    base = -torch.tensor([0.1, 0.2, 0.0, 0.1, 0.9, 0.3, 0.1, 0.6])        # no gap > tau; "solid" largest
+    selection = select_tokens(image, base, tokens, tau=1.0)
+    copied = torch.tensor([True, True, True, True, True, True, True, False])
+    assert selection.empty and fallback_token(selection, copied) == (
+        7, "fallback: the answer's own content word, largest gap")
+    # no own content word: its own printable token; nothing of its own: a clear error
+    own_stop = select_tokens(image, base, tokens[:7] + ["it"], tau=1.0)
+    assert fallback_token(own_stop, copied)[0] == 7 and "no own content word" in fallback_token(own_stop, copied)[1]
+    with pytest.raises(ValueError, match="copied from the question"):
+        fallback_token(selection, torch.ones(8, dtype=torch.bool))
+
+
+def test_copied_tokens_are_found_by_word(tiny_vqa):
+    tokenizer = tiny_vqa.tokenizer
+    ids = tokenizer("The dog is yellowish red.", add_special_tokens=False)["input_ids"]
+    copied = copied_from_question(tokenizer, ids, "What colour is the Dog?")
+    words = {tokenizer.decode(ids[: i + 1]).split()[-1].strip(".").lower() for i in range(len(ids)) if copied[i]}
+    assert words <= {"the", "dog", "is"} and copied.any()
+    assert not copied[-1]                                            # the final "." touches no word
+
+
+def test_fallback_never_explains_a_question_word_on_the_shipped_items(organism_vqa, organism_eval_items):
+    vqa = organism_vqa
+    fallbacks = 0
+    for row in organism_eval_items:
+        inp = vqa.prepare(row["picture"], row["question"], row["answer"])
+        targets, records, rule = select_targets(vqa, inp)
+        if not rule.startswith("fallback"):
+            continue
+        fallbacks += 1
+        chosen = [r for r in records if r["index"] == targets[0].position + 1 - inp.prompt_length][0]
+        assert not chosen["in_question"] and chosen["token"].strip().lower() not in row["question"].lower().split()
+        assert chosen["token"].strip().lower() == row["answer_word"], (row["question"], chosen["token"])
+        assert rule == "fallback: the answer's own content word, largest gap"
+    assert fallbacks > 0
+
+
+def test_rows_carry_raw_flagged_tie_and_knockout_scores(tiny_vqa, prepared, monkeypatch, tmp_path):
+    def constant(vqa, inp, targets, box, options):
+        return PatchMap(scores=torch.ones(inp.geometry.grid), method="constant",
+                        image_size=list(inp.geometry.image_size))
+
+    monkeypatch.setitem(METHODS, "constant", constant)
+    box = [0, 0, 16, 16]
+    result = compare(tiny_vqa, prepared, methods=["raw_attention", "constant"], tokens=[3], box=box, progress=False,
+                     knockout_fractions=(0.25,), n_random=2, head_claims=3)
+    rows = {row["method"]: row for row in result.table}
+    assert rows["constant"]["pointing_game"] is None and rows["constant"]["pointing_uninformative"] == UNINFORMATIVE
+    assert rows["constant"]["pointing_peaks"] == 16 and rows["constant"]["tie_orders"] == 4
+    assert rows["raw_attention"]["tie_orders"] == 1
+    for row in rows.values():
+        assert math.isfinite(row["insertion_auc_raw"]) and math.isfinite(row["deletion_auc_raw"])
+        # the tiny model barely reads the image: flagged, normalised AUCs withheld, the reason kept
+        if row["auc_flag"] is not None:
+            assert row["insertion_auc"] is None and row["deletion_auc"] is None and "min_gap" in row["auc_flag"]
+        assert {"drop_zero@25%", "drop_blur@box", "excess_zero@box", "random_zero@box"} <= set(row)
+    assert math.isfinite(result.info["faithfulness"]["box"]["drop_zero@box"])
+    claims = result.info["head_claims"][0]
+    assert len(claims["heads"]) == 3 and claims["target"]["position"] == prepared.target(3).position
+    frame = result.to_dataframe()
+    assert frame["pointing_game"].isna().tolist() == [False, True]
+    assert len(result.topk()) == 2                                   # ranked by raw AUCs when flagged
+    loaded = Comparison.load(result.save(tmp_path / "cmp"))
+    assert loaded.table == json.loads(json.dumps(result.table)) and loaded.info["head_claims"][0] == claims
