@@ -12,6 +12,7 @@ from .interventions import Intervention, zero_block, zero_head
 from .model import VQAModel
 from .methods.ablation import ablate, block_ablations, head_ablations, image_token_ablation
 from .methods.causal import causal_explanation, causal_map
+from .methods.head_claims import head_claims
 from .methods.igos import IGOSConfig, igos
 from .methods.logit_lens import logit_lens
 from .methods.mechanistic import explain
@@ -20,6 +21,7 @@ from .methods.raw_attention import answer_attention, attention_mass, patch_to_te
 from .methods.relevancy import relevancy, relevancy_map
 from .methods.token_selection import visually_relevant_tokens
 from .compare import compare
+from .metrics.faithfulness import patch_faithfulness
 from .metrics.insertion_deletion import insertion_deletion
 from .results import PatchMap, Result
 
@@ -27,8 +29,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IGOSConfig", "PatchMap", "Result", "ablate", "answer_attention", "attention_mass", "block_ablations", "causal_explanation",
-    "causal_map", "compare", "explain", "head_ablations", "igos", "image_token_ablation", "insertion_deletion",
-    "logit_lens", "neuron_increase", "patch_to_text", "raw_attention_map", "relevancy", "relevancy_map",
+    "causal_map", "compare", "explain", "head_ablations", "head_claims", "igos", "image_token_ablation",
+    "insertion_deletion", "logit_lens", "neuron_increase", "patch_faithfulness", "patch_to_text", "raw_attention_map", "relevancy", "relevancy_map",
     "visually_relevant_tokens",
     "ActivationCache", "AdapterError", "CaptureError", "ImageGeometry", "Intervention", "ModelAdapter",
     "PreparedInput", "Target", "VQAModel", "attention_rows", "get_adapter", "prepare", "register_adapter",

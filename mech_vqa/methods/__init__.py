@@ -13,6 +13,7 @@ module                 method
 ``token_selection``    visually relevant answer tokens (Xing et al. 2025)
 ``scoring``            black-box scoring: pixels -> answer log-probs; baselines
 ``ablation``           head / block / image-token ablation studies
+``head_claims``        the head-level increase ranking tested by zeroing each top head
 =====================  ==================================================================
 
 The public functions are exported from :mod:`mech_vqa` itself (submodules keep their own names:
