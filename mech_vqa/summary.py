@@ -134,8 +134,9 @@ def _faithfulness_table(compared: list[dict]):
     """Mean knock-out drops per method (and of random cells and the box) for every mode and k."""
     import pandas as pd
 
-    columns = sorted({k for r in compared for e in r["methods"].values() for k in e if k.startswith("drop_")},
-                     key=lambda k: (k.split("@")[0], k.split("@")[1] == "box", k))
+    # in the order the rows hold them: per mode, k growing, the box's size last
+    columns = list(dict.fromkeys(k for r in compared for e in r["methods"].values() for k in e
+                                 if k.startswith("drop_")))
     if not columns:
         return None
     names = sorted({m for r in compared for m in r["methods"]})
