@@ -108,7 +108,8 @@ def _methods_table(compared: list[dict]):
     names = sorted({m for r in compared for m in r["methods"]})
     records = []
     for name in names:
-        pairs = [(r, r["methods"][name]) for r in compared if name in r["methods"] and "error" not in r["methods"][name]]
+        pairs = [(r, r["methods"][name]) for r in compared
+                 if name in r["methods"] and "error" not in r["methods"][name]]
         entries = [e for _, e in pairs]
         kept = [e for r, e in pairs if _kept(r, e)]
         pointing = [(e.get("pointing_game"), r.get("correct")) for r, e in pairs if "pointing_game" in e]
@@ -143,7 +144,8 @@ def _faithfulness_table(compared: list[dict]):
     records = []
     for name in names:
         entries = [r["methods"][name] for r in compared if name in r["methods"] and "error" not in r["methods"][name]]
-        records.append({"method": name, "items": len(entries), **{c: _mean(e.get(c) for e in entries) for c in columns}})
+        records.append({"method": name, "items": len(entries),
+                        **{c: _mean(e.get(c) for e in entries) for c in columns}})
     first = [next((e for e in r["methods"].values() if "error" not in e), {}) for r in compared]
     records.append({"method": "random cells", "items": len(first),
                     **{c: _mean(e.get(c.replace("drop_", "random_")) for e in first) for c in columns}})

@@ -14,7 +14,8 @@ from mech_vqa.summary import summarize, summary_tables
 
 
 def _entry(ins, dele, flag=None, pointing=1.0, drop=1.0):
-    return {"insertion_auc": None if flag else ins, "deletion_auc": None if flag else dele, "insertion_auc_raw": ins / 2,
+    return {"insertion_auc": None if flag else ins, "deletion_auc": None if flag else dele,
+            "insertion_auc_raw": ins / 2,
             "deletion_auc_raw": dele / 2, "auc_flag": flag, "pointing_game": pointing, "in_box_share": 0.5,
             "runtime_s": 0.1, "drop_zero@box": drop, "random_zero@box": 0.25}
 

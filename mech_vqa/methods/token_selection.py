@@ -239,7 +239,8 @@ def fallback_token(selection: TokenSelection, copied: torch.Tensor) -> tuple[int
     """
     copied = torch.as_tensor(copied, dtype=torch.bool)
     if copied.numel() != len(selection.tokens):
-        raise ValueError(f"need one copied flag per answer token: {len(selection.tokens)} tokens, {copied.numel()} flags")
+        raise ValueError(f"need one copied flag per answer token: {len(selection.tokens)} tokens, "
+                         f"{copied.numel()} flags")
     gaps = selection.gaps.nan_to_num(nan=float("-inf"))
     printable = torch.tensor([bool(t.strip()) and not is_punctuation(t.strip()) for t in selection.tokens],
                              dtype=torch.bool)

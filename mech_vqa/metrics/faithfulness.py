@@ -271,17 +271,14 @@ def patch_faithfulness(vqa, inp, maps, *, tokens=None, box=None, fractions: Sequ
     values = torch.cat(values)
     clean = float(values[0])
     per_mode = (clean - values[1:]).view(len(modes), len(distinct))[:, which]      # [n_modes, n_sets]
+    owner_kind, owner_k = torch.tensor(owners).unbind(-1)
     drops = torch.full((len(names), len(modes), len(ks)), math.nan)
-    random_sets = [[] for _ in ks]
-    owners_tensor = torch.tensor(owners)
     for index in range(len(names)):
         for j in range(len(ks)):
-            chosen = (owners_tensor[:, 0] == index) & (owners_tensor[:, 1] == j)
-            drops[index, :, j] = per_mode[:, chosen].mean(-1)
-    for j in range(len(ks)):
-        random_sets[j] = per_mode[:, (owners_tensor[:, 0] == -1) & (owners_tensor[:, 1] == j)]
-    random = torch.stack([r.mean(-1) for r in random_sets], -1)
-    random_std = torch.stack([r.std(-1) if r.shape[-1] > 1 else torch.zeros(len(modes)) for r in random_sets], -1)
+            drops[index, :, j] = per_mode[:, (owner_kind == index) & (owner_k == j)].mean(-1)
+    random_drops = [per_mode[:, (owner_kind == -1) & (owner_k == j)] for j in range(len(ks))]   # [n_modes, n_random]
+    random = torch.stack([d.mean(-1) for d in random_drops], -1)
+    random_std = torch.stack([d.std(-1) if d.shape[-1] > 1 else torch.zeros(len(modes)) for d in random_drops], -1)
     return PatchFaithfulness(
         methods=names, modes=list(modes), ks=ks, labels=labels, drops=drops, random=random, random_std=random_std,
         clean_logprob=clean, n_box=n_box, tokens=[selection.tokens[i] for i in selection.indices],

@@ -44,7 +44,8 @@ def test_claims_recompute_from_the_sweep_exactly(tiny_mha_vqa, image, tmp_path):
     frame = claims.to_dataframe()
     assert list(frame.rank_increase) == [1, 2, 3, 4, 5] and sorted(frame.rank_needed) == [1, 2, 3, 4, 5]
     assert frame.rank_needed[int((-claims.delta).argmax())] == 1
-    assert len(claims.topk(2)) == 2 and json.loads(json.dumps(claims.to_record()))["heads"][0]["head"] == frame["head"][0]
+    assert len(claims.topk(2)) == 2
+    assert json.loads(json.dumps(claims.to_record()))["heads"][0]["head"] == frame["head"][0]
     loaded = Result.load(claims.save(tmp_path / "claims"))
     assert isinstance(loaded, HeadClaims) and torch.equal(loaded.delta, claims.delta)
     fig, ax = claims.plot()
