@@ -131,7 +131,10 @@ class InsertionDeletion(Result):
         ax.plot(x, self.insertion.numpy(), color="tab:blue", label=f"insertion (AUC {self.insertion_auc:.3f})")
         ax.set_xlabel("share of cells removed / revealed")
         ax.set_ylabel("normalised score")
-        ax.set_title(kwargs.get("title", self.method or "insertion / deletion"), fontsize=9)
+        title = kwargs.get("title", self.method or "insertion / deletion")
+        if self.flag:  # the normalisation divides by a negligible gap: say so on the figure
+            title += f"\nflagged: log s(I) - log s(B) = {self.log_gap:.2f} nats, use the raw AUCs"
+        ax.set_title(title, fontsize=9)
         ax.legend(fontsize=8)
         return fig, ax
 
