@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, interleaved_medians, midsize_vqa  # noqa: E402
 
 from mech_vqa.inputs import Target  # noqa: E402
-from mech_vqa.methods.mechanistic import CAPTURED, explain  # noqa: E402
+from mech_vqa.methods.mechanistic import explain, target_trace  # noqa: E402
 
 QUESTION = "What is the color of the dog?"
 
@@ -193,15 +193,15 @@ def run_model(name, vqa, image, thread_counts, repeats, captured_forward: bool) 
         "explain(heads='top')": lambda: explain(vqa, inp, target, progress=False),
     }
     if captured_forward:
-        t = torch.tensor([target.position])
+        t, every_layer = torch.tensor([target.position]), list(range(vqa.adapter.n_layers))
 
         @torch.no_grad()
         def plain():
             vqa.forward(inp, logits_to_keep=1)
 
         @torch.no_grad()
-        def captured():  # what explain records, set-up included
-            with vqa.trace(CAPTURED, positions=t), vqa.trace(["k", "v"], positions=t):
+        def captured():  # the forward explain runs, with its capture set up and removed
+            with target_trace(vqa, t, every_layer):
                 vqa.forward(inp, logits_to_keep=1)
 
         fns.update({"plain forward": plain, "captured forward": captured})

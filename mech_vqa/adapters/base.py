@@ -207,7 +207,15 @@ class ModelAdapter:
         raise NotImplementedError
 
     def _get(self, path: str) -> nn.Module:
-        return self.model.get_submodule(path)
+        # Straight through the ``_modules`` dicts: ``get_submodule``'s hasattr/getattr go through
+        # nn.Module's slow ``__getattr__`` at every step, and captures look modules up per layer.
+        module = self.model
+        for name in path.split("."):
+            child = module._modules.get(name)
+            if child is None:
+                return self.model.get_submodule(path)  # its own lookup, and its error
+            module = child
+        return module
 
     # ------------------------------------------------------------------------- modules
     @property
@@ -261,7 +269,13 @@ class ModelAdapter:
     # ---------------------------------------------------------------------- dimensions
     @property
     def text_config(self):
-        return self.model.config.get_text_config()
+        config = self.model.config
+        key = (config, config.__dict__.get("text_config"))
+        cached = self.__dict__.get("_text_config")
+        if cached is None or cached[0] is not key[0] or cached[1] is not key[1]:
+            # get_text_config is slow and read per layer by captures: once per config object
+            cached = self._text_config = (*key, config.get_text_config())
+        return cached[2]
 
     @property
     def n_layers(self) -> int:

@@ -25,7 +25,6 @@ Entry point: :func:`explain` ("explain this answer token"); :func:`capture_targe
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +103,15 @@ def _targets(vqa, inp, target) -> tuple[list[PreparedInput], list[Target], torch
     return items, [_check_target(i, vqa.adapter, t) for i, t in zip(items, targets)], offsets
 
 
+def target_trace(vqa, positions: torch.Tensor, kv_layers: list[int]):
+    """The trace :func:`capture_target` runs its forward in: everything in ``CAPTURED`` at ``positions``
+    ``[B]`` (one per row) in every layer but ``resid_post`` (last layer only), keys and values at every
+    position in ``kv_layers``. One trace: one set-up, at most one hook per module and kind."""
+    names = list(CAPTURED) + (["k", "v"] if kv_layers else [])
+    layers = {"resid_post": [vqa.adapter.n_layers - 1]} | ({"k": kv_layers, "v": kv_layers} if kv_layers else {})
+    return vqa.trace(names, layers=layers, positions=positions.view(-1, 1))
+
+
 @torch.no_grad()
 def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_layers="all",
                    chunk_elements: int = CHUNK_ELEMENTS) -> TargetCapture:
@@ -120,8 +128,7 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
     positions = torch.tensor([t.position for t in targets]) + offsets  # batch coordinates
     layers = range(adapter.n_layers)
     kv = list(layers) if kv_layers == "all" else sorted({adapter.check_layer(int(x)) for x in (kv_layers or [])})
-    with vqa.trace(CAPTURED, positions=positions.view(-1, 1)) as cache, \
-            (vqa.trace(["k", "v"], layers=kv, positions=positions.view(-1, 1)) if kv else nullcontext()) as kv_cache:
+    with target_trace(vqa, positions, kv) as cache:
         vqa.forward(inp, logits_to_keep=1)
 
     def stacked(name):  # [B, L, ...] at t
@@ -136,8 +143,8 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
     return TargetCapture(
         vqa=vqa, items=items, targets=targets, positions=positions, offsets=offsets, attention_mask=mask,
         resid_pre=stacked("resid_pre"), attn_out=stacked("attn_out"), mlp_out=stacked("mlp_out"),
-        z=stacked("z"), q=stacked("q"), k=[kv_cache["k", layer] if layer in kv else None for layer in layers],
-        v=[kv_cache["v", layer] if layer in kv else None for layer in layers], mlp_act=stacked("mlp_act"), final=final,
+        z=stacked("z"), q=stacked("q"), k=[cache["k", layer] if layer in kv else None for layer in layers],
+        v=[cache["v", layer] if layer in kv else None for layer in layers], mlp_act=stacked("mlp_act"), final=final,
         model_logprob=model_logprob,
         scorer=FrozenNormScorer(adapter, final, token_ids, chunk_elements=chunk_elements),
     )
