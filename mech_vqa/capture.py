@@ -307,7 +307,8 @@ def _rotate(adapter: ModelAdapter, jobs: dict) -> None:
 
 
 def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.Tensor, k: torch.Tensor,
-                   query_positions: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   query_positions: torch.Tensor, key_mask: torch.Tensor | None = None,
+                   heads: Sequence[int] | None = None) -> torch.Tensor:
     """Attention weights at chosen query rows, recomputed from captured rotated ``q`` and ``k``.
 
     Exact for causal softmax attention (what eager attention computes), without eager mode:
@@ -321,15 +322,23 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
         k: ``[B, S, n_kv_heads, head_dim]`` captured ``k``.
         query_positions: ``[P]`` or ``[B, P]`` sequence positions of the rows of ``q``.
         key_mask: ``[B, S]`` attention mask (1 = real token); None = all real.
+        heads: only these query heads (default all): each reads its own key head.
 
-    Returns: ``[B, n_heads, P, S]`` float32.
+    Returns: ``[B, n_heads or len(heads), P, S]`` float32.
     """
     layers = [layer] * q.shape[0] if isinstance(layer, int) else [int(x) for x in layer]
     if len(layers) != q.shape[0]:
         raise ValueError(f"attention_rows got {len(layers)} layers for {q.shape[0]} batch rows")
     group = adapter.n_heads // adapter.n_kv_heads
-    k = k.float().repeat_interleave(group, dim=2)  # [B, S, H, hd]
-    scaling = torch.tensor([adapter.attention_scaling(x) for x in layers], device=k.device).view(-1, 1, 1, 1)
+    if heads is None:
+        k = k.float().repeat_interleave(group, dim=2)  # [B, S, H, hd]
+    else:
+        heads = [adapter.check_head(int(h)) for h in heads]
+        q = q[:, :, heads]
+        k = k[:, :, [h // group for h in heads]].float()
+    scales = {x: adapter.attention_scaling(x) for x in set(layers)}
+    scaling = scales[layers[0]] if len(scales) == 1 else torch.tensor(
+        [scales[x] for x in layers], device=k.device).view(-1, 1, 1, 1)
     scores = torch.einsum("bphd,bshd->bhps", q.float(), k) * scaling
     seq = k.shape[1]
     query_positions = query_positions.to(scores.device)
@@ -337,7 +346,8 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
         query_positions = query_positions.unsqueeze(0).expand(scores.shape[0], -1)
     keys = torch.arange(seq, device=scores.device).view(1, 1, seq)
     allowed = keys <= query_positions.unsqueeze(-1)  # [B, P, S]
-    windows = [adapter.sliding_window(x) for x in layers]
+    window_of = {x: adapter.sliding_window(x) for x in set(layers)}
+    windows = [window_of[x] for x in layers]
     if any(w is not None for w in windows):
         width = torch.tensor([w if w is not None else seq + 1 for w in windows], device=scores.device)
         allowed = allowed & (keys > (query_positions - width.view(-1, 1)).unsqueeze(-1))

@@ -42,28 +42,36 @@ def _submodules(model: nn.Module) -> list[nn.Module]:
     """Every module of ``model`` once (as ``model.modules()``), walked iteratively through ``_modules``:
     the recursive generators of ``modules()`` cost ~10x more, and this runs on every capture."""
     out, seen, pending = [], set(), [model]
+    pop, push, mark = pending.pop, pending.extend, seen.add
     while pending:
-        module = pending.pop()
-        if id(module) in seen:
+        module = pop()
+        if module is None or id(module) in seen:
             continue
-        seen.add(id(module))
+        mark(id(module))
         out.append(module)
-        pending.extend(child for child in module._modules.values() if child is not None)
+        push(module._modules.values())
     return out
 
 
 def _config_attn_state(modules: list[nn.Module]) -> list[tuple[object, object]]:
+    """``(config, its _attn_implementation_internal)`` for every config of ``modules`` and their sub-configs.
+
+    Read through each object's ``__dict__``: a model's config is a plain attribute, which skips
+    nn.Module's slow ``__getattr__`` miss on the many modules that have none, and transformers'
+    configs route every attribute read through a Python ``__getattribute__``.
+    """
     configs, seen = [], set()
-    # a model's config is a plain attribute (``__dict__``): reading it there skips nn.Module's slow
-    # ``__getattr__`` miss on the many modules that have none
     pending = [module.__dict__.get("config") for module in modules]
     while pending:
         config = pending.pop()
-        if config is None or id(config) in seen or not hasattr(config, "_attn_implementation_internal"):
+        if config is None or id(config) in seen:
             continue
         seen.add(id(config))
-        configs.append((config, config._attn_implementation_internal))
-        pending.extend(getattr(config, key, None) for key in getattr(config, "sub_configs", {}))
+        fields = vars(config)
+        if "_attn_implementation_internal" not in fields:
+            continue
+        configs.append((config, fields["_attn_implementation_internal"]))
+        pending.extend(fields.get(key) for key in getattr(type(config), "sub_configs", {}))
     return configs
 
 
@@ -105,7 +113,7 @@ def preserved_state(model: nn.Module, *, eager: bool = False, frozen: bool = Fal
         yield
     finally:
         for config, value in attn:
-            if config._attn_implementation_internal != value:
+            if vars(config).get("_attn_implementation_internal") != value:
                 config._attn_implementation_internal = value
         # only what changed is written back (nn.Module.__setattr__ is slow, and most blocks change nothing)
         for p, flag in zip(params, grads):

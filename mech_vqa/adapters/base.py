@@ -223,7 +223,11 @@ class ModelAdapter:
         return self._get(self.layers_path)
 
     def layer(self, index: int) -> nn.Module:
-        return self.layers[self.check_layer(index)]
+        layers = self.layers
+        n = len(layers)
+        if not -n <= index < n:
+            self.check_layer(index)  # its error
+        return layers[index]
 
     def attn(self, index: int) -> nn.Module:
         return self.layer(index).self_attn
@@ -339,8 +343,14 @@ class ModelAdapter:
             raise AdapterError(f"cannot read the epsilon of the final norm {type(norm).__name__}")
         if isinstance(norm, nn.LayerNorm):
             return {"kind": "layer", "weight": norm.weight, "bias": norm.bias, "eps": float(eps)}
-        return {"kind": "rms", "weight": _rms_gain(norm, float(eps)), "bias": getattr(norm, "bias", None),
-                "eps": float(eps)}
+        # Reading an RMS norm's gain runs the module: keep it while the same weight tensor is unmodified
+        # (its version counter moves with every in-place change)
+        key = (norm, norm.weight, norm.weight._version, float(eps))
+        cached = self.__dict__.get("_rms_params")
+        if cached is None or any(a is not b for a, b in zip(cached[0][:2], key[:2])) or cached[0][2:] != key[2:]:
+            cached = self._rms_params = (key, {"kind": "rms", "weight": _rms_gain(norm, float(eps)),
+                                               "bias": getattr(norm, "bias", None), "eps": float(eps)})
+        return dict(cached[1])
 
     # ------------------------------------------------------------------------ checks
     def check_layer(self, index: int) -> int:

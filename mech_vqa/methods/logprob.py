@@ -38,10 +38,14 @@ CHUNK_ELEMENTS = 1 << 19
 
 def check_token_ids(adapter: ModelAdapter, token_ids: torch.Tensor) -> torch.Tensor:
     """``token_ids`` as a long tensor, or an IndexError naming the vocabulary size."""
-    token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     vocab = adapter.vocab_size
-    bad = token_ids[(token_ids < 0) | (token_ids >= vocab)]
-    if bad.numel():
+    if isinstance(token_ids, (list, tuple)) and all(type(t) is int for t in token_ids):  # no tensor ops needed
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        token_ids = torch.tensor(token_ids, dtype=torch.long)
+    else:
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        bad = token_ids[(token_ids < 0) | (token_ids >= vocab)].tolist()
+    if bad:
         raise IndexError(
             f"target token id {int(bad[0])} is outside the vocabulary (0..{vocab - 1}); pass a Target "
             "whose token_id the model's tokenizer produced (e.g. inp.target())"

@@ -128,17 +128,16 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
     positions = torch.tensor([t.position for t in targets]) + offsets  # batch coordinates
     layers = range(adapter.n_layers)
     kv = list(layers) if kv_layers == "all" else sorted({adapter.check_layer(int(x)) for x in (kv_layers or [])})
+    # logits only at each row's t: the model's own log p(y | t) comes out of the same forward
     with target_trace(vqa, positions, kv) as cache:
-        vqa.forward(inp, logits_to_keep=1)
+        logits = vqa.forward(inp, logits_to_keep=positions.view(-1, 1).to(adapter.device)).logits[:, 0]
 
-    def stacked(name):  # [B, L, ...] at t
-        return torch.stack([cache[name, layer][:, 0] for layer in layers], dim=1)
+    def stacked(name):  # [B, L, ...] at t: each layer's capture is [B, 1, ...]
+        return torch.cat([cache[name, layer] for layer in layers], dim=1)
 
     final = cache["resid_post", adapter.n_layers - 1][:, 0]
     token_ids = torch.tensor([t.token_id for t in targets], device=adapter.device)
-    # The model's own log p(y | t), through its real final norm and unembedding.
-    model_logits = adapter.unembed(adapter.final_norm(final)).float()
-    model_logprob = model_logits.log_softmax(-1).gather(1, token_ids.view(-1, 1))[:, 0]
+    model_logprob = logits.float().log_softmax(-1).gather(1, token_ids.view(-1, 1))[:, 0]
     mask = inp.attention_mask.to(adapter.device)
     return TargetCapture(
         vqa=vqa, items=items, targets=targets, positions=positions, offsets=offsets, attention_mask=mask,
@@ -146,7 +145,7 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
         z=stacked("z"), q=stacked("q"), k=[cache["k", layer] if layer in kv else None for layer in layers],
         v=[cache["v", layer] if layer in kv else None for layer in layers], mlp_act=stacked("mlp_act"), final=final,
         model_logprob=model_logprob,
-        scorer=FrozenNormScorer(adapter, final, token_ids, chunk_elements=chunk_elements),
+        scorer=FrozenNormScorer(adapter, final, [t.token_id for t in targets], chunk_elements=chunk_elements),
     )
 
 
@@ -166,7 +165,9 @@ def head_vectors(capture: TargetCapture, out: torch.Tensor | None = None) -> tor
         W_O = adapter.W_O(layer)
         for start in range(0, n_heads, step):
             heads = slice(start, start + step)
-            out[:, layer, heads] += torch.einsum("bhe,hed->bhd", capture.z[:, layer, heads].float(), W_O[heads].float())
+            # [h, B, d] += [h, B, hd] @ [h, hd, d], in place in ``out``
+            out[:, layer, heads].transpose(0, 1).baddbmm_(capture.z[:, layer, heads].float().transpose(0, 1),
+                                                          W_O[heads].float())
     return out
 
 
@@ -225,15 +226,19 @@ def position_scores(capture: TargetCapture, layer: int, head: int, rows=None) ->
     if capture.k[layer] is None:
         raise ValueError(f"layer {layer}'s keys and values were not captured; capture with "
                          f"capture_target(..., kv_layers='all') or a list that includes {layer}")
-    rows = list(range(len(capture.items))) if rows is None else list(rows)
+    n_rows = len(capture.items)
+    rows = list(range(n_rows)) if rows is None else [int(r) for r in rows]
+    # every row: plain slices (a list index is a gather per tensor)
+    index = slice(None) if rows == list(range(n_rows)) else rows
+    scorer = capture.scorer if index == slice(None) else capture.scorer.select(rows)
     group = adapter.n_heads // adapter.n_kv_heads
-    query_positions = capture.positions[rows].view(-1, 1)
-    pattern = attention_rows(adapter, layer, capture.q[rows, layer].unsqueeze(1), capture.k[layer][rows],
-                              query_positions, capture.attention_mask[rows])
-    attention = pattern[:, head, 0]  # [b, S]: A_lj[t, :]
-    values = capture.v[layer][rows, :, head // group].float()  # [b, S, hd]
-    lp, lp_base = capture.scorer.select(rows).log_prob_in_basis(
-        capture.resid_pre[rows, layer], attention.unsqueeze(-1) * values, adapter.W_O(layer)[head])
+    query_positions = capture.positions[index].view(-1, 1)
+    pattern = attention_rows(adapter, layer, capture.q[index, layer].unsqueeze(1), capture.k[layer][index],
+                             query_positions, capture.attention_mask[index], heads=[head])
+    attention = pattern[:, 0, 0]  # [b, S]: A_lj[t, :]
+    values = capture.v[layer][index, :, head // group].float()  # [b, S, hd]
+    lp, lp_base = scorer.log_prob_in_basis(
+        capture.resid_pre[index, layer], attention.unsqueeze(-1) * values, adapter.W_O(layer)[head])
     return lp - lp_base.unsqueeze(1), attention
 
 
@@ -257,7 +262,8 @@ def position_increase(capture: TargetCapture, heads, *, progress: bool = False) 
         for pair in row_heads:
             wanted.setdefault(pair, []).append(row)
     computed = {}
-    for (layer, head), rows_for_head in tqdm(wanted.items(), desc="heads", disable=not progress, leave=False):
+    pending = tqdm(wanted.items(), desc="heads", leave=False) if progress else wanted.items()
+    for (layer, head), rows_for_head in pending:
         increase, attention = position_scores(capture, layer, head, rows_for_head)
         for i, row in enumerate(rows_for_head):
             computed[layer, head, row] = (increase[i], attention[i])
