@@ -7,7 +7,9 @@
 
 Only what is asked is recorded, optionally only at chosen positions and moved to CPU. The same
 context also applies :class:`~mech_vqa.interventions.Intervention` s (captures then see edited
-values). Hooks are removed and the model restored on exit, exceptions included.
+values). Hooks are removed on exit, exceptions included, and a capture of ``pattern`` (which switches
+to eager attention) puts the attention implementation, mode and ``requires_grad`` flags back
+(:func:`~mech_vqa.hooks.preserved_state`); no other capture touches them.
 
 Activation names and shapes (``P`` = chosen query positions, ``S`` = full sequence):
 
@@ -187,7 +189,10 @@ def trace(
 
     shape = (adapter.n_heads, adapter.n_kv_heads, adapter.head_dim)
     hooks = HookSet()
-    with preserved_state(model, eager="pattern" in wants):
+    # A capture changes nothing of the model but its hooks, and its attention implementation when it
+    # needs the weights: only then does it pay for the full state guard (a walk over every module and
+    # parameter), else the hooks' removal below is all there is to put back.
+    with preserved_state(model, eager=True) if "pattern" in wants else contextlib.nullcontext():
         try:
             register_interventions(hooks, adapter, interventions)
             for layer, layer_wants in plan.items():
