@@ -69,7 +69,9 @@ class ActivationCache:
         return self._store
 
     def __getitem__(self, key):
-        store = self.store
+        if isinstance(key, tuple) and key[1] in self.pending and key[0] in ("q", "k"):
+            _finish_rotations(self, [key[1]])  # only this layer: a method may read a single layer's
+        store = self._store if key in self._store else self.store
         if key not in store:
             raise KeyError(f"{key!r} was not captured; captured: {sorted(map(str, store))}")
         return store[key]
@@ -84,6 +86,28 @@ class ActivationCache:
         """``[n_layers, ...]``: the activation ``name`` of every captured layer, stacked."""
         layers = self.layers if layers is None else layers
         return torch.stack([self[name, layer] for layer in layers])
+
+
+class PerLayer(Sequence):
+    """``[layer]``: a name captured in some layers, read from the cache only when asked (None elsewhere)."""
+
+    def __init__(self, cache: ActivationCache, name: str, layers: Iterable[int], n_layers: int):
+        self.cache, self.name, self.layers, self.n_layers = cache, name, set(layers), n_layers
+
+    def __len__(self) -> int:
+        return self.n_layers
+
+    def __getitem__(self, layer):
+        if isinstance(layer, slice):
+            return [self[i] for i in range(self.n_layers)[layer]]
+        layer = range(self.n_layers)[layer]
+        return self.cache[self.name, layer] if layer in self.layers else None
+
+    def __add__(self, other) -> list:  # reads like the list it stands for
+        return list(self) + list(other)
+
+    def __radd__(self, other) -> list:
+        return list(other) + list(self)
 
 
 def _select(x: torch.Tensor, positions: torch.Tensor | None, dim: int = 1) -> torch.Tensor:
@@ -268,8 +292,12 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
         hooks.post(adapter.mlp(layer), lambda m, a, kw, out: keep(("mlp_out", layer), _select(out, positions)))
 
 
-def _finish_rotations(cache: ActivationCache) -> None:
-    jobs, cache.pending = cache.pending, {}
+def _finish_rotations(cache: ActivationCache, layers=None) -> None:
+    """Rotate the pending queries / keys of ``layers`` (default all), layers sharing angles together."""
+    if layers is None:
+        jobs, cache.pending = cache.pending, {}
+    else:
+        jobs = {layer: cache.pending.pop(layer) for layer in layers}
     groups: dict = {}
     for layer, job in jobs.items():  # layers given the same angle tensors (HF passes one pair to all)
         cos, sin = job[2]

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..capture import attention_rows
+from ..capture import ActivationCache, PerLayer, attention_rows
 from ..inputs import BatchedInput, PreparedInput, Target
 from ..results.mechanistic import Explanation, HeadIncrease, HeadPositions, LayerIncrease
 from .logprob import CHUNK_ELEMENTS, FrozenNormScorer, check_token_ids
@@ -49,6 +49,9 @@ class TargetCapture:
     ``mlp_act`` ``[B, L, d_mlp]`` are at each row's target position; ``k``/``v`` are per-layer lists of
     ``[B, S, KV, hd]`` (None for layers not kept, see ``kv_layers``); ``final`` ``[B, d]`` the last layer's output at ``t``. ``positions`` ``[B]`` are
     batch coordinates of ``t``; ``offsets`` ``[B]`` the left padding of each row.
+
+    Queries and keys stay in ``cache`` as recorded and are rotated when first read, one layer at a
+    time (:meth:`query`, ``k[layer]``): the top head's map needs one layer's, not all of them.
     """
 
     vqa: object
@@ -61,8 +64,8 @@ class TargetCapture:
     attn_out: torch.Tensor
     mlp_out: torch.Tensor
     z: torch.Tensor
-    q: torch.Tensor
-    k: list[torch.Tensor]
+    cache: ActivationCache
+    kv_layers: list[int]
     v: list[torch.Tensor]
     mlp_act: torch.Tensor
     final: torch.Tensor
@@ -72,6 +75,20 @@ class TargetCapture:
     @property
     def adapter(self):
         return self.vqa.adapter
+
+    def query(self, layer: int) -> torch.Tensor:
+        """``[B, H, hd]``: layer ``layer``'s rotated queries at ``t``."""
+        return self.cache["q", layer][:, 0]
+
+    @property
+    def q(self) -> torch.Tensor:
+        """``[B, L, H, hd]``: every layer's rotated queries at ``t``."""
+        return self.cache.stack("q").transpose(0, 1)[:, :, 0]
+
+    @property
+    def k(self) -> PerLayer:
+        """``k[layer]``: ``[B, S, KV, hd]`` rotated keys, or None where not kept."""
+        return PerLayer(self.cache, "k", self.kv_layers, self.adapter.n_layers)
 
     def meta(self, row: int) -> dict:
         """Metadata for row ``row``'s results (model id, prompt, target)."""
@@ -142,7 +159,7 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
     return TargetCapture(
         vqa=vqa, items=items, targets=targets, positions=positions, offsets=offsets, attention_mask=mask,
         resid_pre=stacked("resid_pre"), attn_out=stacked("attn_out"), mlp_out=stacked("mlp_out"),
-        z=stacked("z"), q=stacked("q"), k=[cache["k", layer] if layer in kv else None for layer in layers],
+        z=stacked("z"), cache=cache, kv_layers=kv,
         v=[cache["v", layer] if layer in kv else None for layer in layers], mlp_act=stacked("mlp_act"), final=final,
         model_logprob=model_logprob,
         scorer=FrozenNormScorer(adapter, final, [t.token_id for t in targets], chunk_elements=chunk_elements),
@@ -233,7 +250,7 @@ def position_scores(capture: TargetCapture, layer: int, head: int, rows=None) ->
     scorer = capture.scorer if index == slice(None) else capture.scorer.select(rows)
     group = adapter.n_heads // adapter.n_kv_heads
     query_positions = capture.positions[index].view(-1, 1)
-    pattern = attention_rows(adapter, layer, capture.q[index, layer].unsqueeze(1), capture.k[layer][index],
+    pattern = attention_rows(adapter, layer, capture.query(layer)[index].unsqueeze(1), capture.k[layer][index],
                              query_positions, capture.attention_mask[index], heads=[head])
     attention = pattern[:, 0, 0]  # [b, S]: A_lj[t, :]
     values = capture.v[layer][index, :, head // group].float()  # [b, S, hd]
