@@ -285,25 +285,38 @@ class ModelAdapter:
     def n_layers(self) -> int:
         return len(self.layers)
 
+    def _text_dims(self) -> dict:
+        """The text model's sizes, read once per text config (transformers routes every config
+        attribute read through Python; methods ask for these in inner loops)."""
+        config = self.text_config
+        cached = self.__dict__.get("_dims")
+        if cached is None or cached[0] is not config:
+            n_heads, d_model = config.num_attention_heads, config.hidden_size
+            dims = {"n_heads": n_heads, "d_model": d_model, "d_mlp": getattr(config, "intermediate_size", None),
+                    "n_kv_heads": getattr(config, "num_key_value_heads", None) or n_heads,
+                    "head_dim": getattr(config, "head_dim", None) or d_model // n_heads}
+            cached = self._dims = (config, dims)
+        return cached[1]
+
     @property
     def n_heads(self) -> int:
-        return self.text_config.num_attention_heads
+        return self._text_dims()["n_heads"]
 
     @property
     def n_kv_heads(self) -> int:
-        return getattr(self.text_config, "num_key_value_heads", None) or self.n_heads
+        return self._text_dims()["n_kv_heads"]
 
     @property
     def head_dim(self) -> int:
-        return getattr(self.text_config, "head_dim", None) or self.d_model // self.n_heads
+        return self._text_dims()["head_dim"]
 
     @property
     def d_model(self) -> int:
-        return self.text_config.hidden_size
+        return self._text_dims()["d_model"]
 
     @property
     def d_mlp(self) -> int:
-        return self.text_config.intermediate_size
+        return self._text_dims()["d_mlp"] or self.text_config.intermediate_size
 
     @property
     def vocab_size(self) -> int:

@@ -317,11 +317,18 @@ def _check_heads_argument(adapter, heads) -> None:
 
 def _head_sets(heads, head_results: list[HeadIncrease]) -> list[list[tuple[int, int]]]:
     """Resolve ``heads`` ("top", an int k, or explicit pairs) into one head set per row."""
-    if isinstance(heads, str):
-        return [result.top_heads(1) for result in head_results]
-    if isinstance(heads, int):
-        return [result.top_heads(heads) for result in head_results]
+    if isinstance(heads, (str, int)):
+        k = 1 if isinstance(heads, str) else heads
+        return [_top_heads(result.scores, k) for result in head_results]
     return [list(heads)] * len(head_results)
+
+
+def _top_heads(scores: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """``HeadIncrease.top_heads(k)`` (the same top-k) with the index arithmetic in Python: cheaper
+    than unravelling in tensors for the few heads asked."""
+    n_heads = scores.shape[1]
+    _, index = scores.flatten().float().topk(min(k, scores.numel()))
+    return [divmod(i, n_heads) for i in index.tolist()]
 
 
 def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top", k: int = 10,
