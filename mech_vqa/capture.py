@@ -114,7 +114,8 @@ def _select(x: torch.Tensor, positions: torch.Tensor | None, dim: int = 1) -> to
     """Pick ``positions`` ``[P]`` (shared) or ``[B, P]`` (per row) along ``dim``."""
     if positions is None:
         return x
-    positions = positions.to(x.device)
+    if positions.device != x.device:
+        positions = positions.to(x.device)
     if positions.dim() == 1:
         return x.index_select(dim, positions)
     shape = [1] * x.dim()
@@ -131,7 +132,7 @@ def _normalise_positions(positions) -> torch.Tensor | None:
         positions = positions.view(1)
     if positions.dim() > 2:
         raise ValueError(f"positions must be [P] or [batch, P], got shape {tuple(positions.shape)}")
-    if positions.dim() == 2 and bool((positions == positions[:1]).all()):
+    if positions.dim() == 2 and positions.shape[0] == 1 or (positions.dim() == 2 and bool((positions == positions[:1]).all())):
         positions = positions[0]  # every row the same (one row, say): one index_select instead of a gather
     return positions
 
@@ -205,7 +206,8 @@ def trace(
             value = value.cpu()
         store[key] = value
 
-    bounds = None if positions is None else (int(positions.max()), int(positions.min()))
+    flat = None if positions is None else positions.flatten().tolist()
+    bounds = None if positions is None else (max(flat), min(flat))
 
     def check_positions(seq: int) -> None:
         if bounds is not None and (bounds[0] >= seq or bounds[1] < -seq):
@@ -319,8 +321,8 @@ def _rotate(adapter: ModelAdapter, jobs: dict) -> None:
     qs = [jobs[layer][0] for layer in layers if jobs[layer][0] is not None]
     ks = [jobs[layer][1] for layer in layers if jobs[layer][1] is not None]
     # [B, n_layers * heads, P or S, hd]: the layers side by side as extra heads
-    q = torch.cat(qs, -1).unflatten(-1, (-1, head_dim)).transpose(1, 2) if qs else None
-    k = torch.cat(ks, -1).unflatten(-1, (-1, head_dim)).transpose(1, 2) if ks else None
+    q = (qs[0] if len(qs) == 1 else torch.cat(qs, -1)).unflatten(-1, (-1, head_dim)).transpose(1, 2) if qs else None
+    k = (ks[0] if len(ks) == 1 else torch.cat(ks, -1)).unflatten(-1, (-1, head_dim)).transpose(1, 2) if ks else None
     if q is not None and k is not None and positions is None:
         q_rot, k_rot = adapter.rotate_qk(first, q, k, (cos, sin))
     else:
@@ -372,7 +374,7 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
     scales = {x: adapter.attention_scaling(x) for x in set(layers)}
     scaling = scales[layers[0]] if len(scales) == 1 else torch.tensor(
         [scales[x] for x in layers], device=k.device).view(-1, 1, 1, 1)
-    scores = torch.einsum("bphd,bshd->bhps", q.float(), k) * scaling
+    scores = torch.matmul(q.float().transpose(1, 2), k.permute(0, 2, 3, 1)) * scaling  # [B, H, P, S]
     seq = k.shape[1]
     query_positions = query_positions.to(scores.device)
     if query_positions.dim() == 1:

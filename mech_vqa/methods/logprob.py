@@ -152,7 +152,7 @@ class FrozenNormScorer:
             self.mean = r.mean(-1, keepdim=True)  # [B, 1]
             variance = (r - self.mean).pow(2).mean(-1, keepdim=True)
         else:
-            self.mean = torch.zeros_like(r[:, :1])
+            self.mean = None  # an RMS norm does not centre
             variance = r.pow(2).mean(-1, keepdim=True)
         self.scale = torch.rsqrt(variance + params["eps"])  # [B, 1]: s, frozen
         self.gamma = params["weight"].detach().float()
@@ -168,7 +168,8 @@ class FrozenNormScorer:
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.targets.device)
         out = object.__new__(FrozenNormScorer)
         out.__dict__.update(self.__dict__)
-        out.targets, out.mean, out.scale = self.targets[rows], self.mean[rows], self.scale[rows]
+        out.targets, out.scale = self.targets[rows], self.scale[rows]
+        out.mean = None if self.mean is None else self.mean[rows]
         return out
 
     def frozen_norm(self, vectors: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
@@ -176,9 +177,11 @@ class FrozenNormScorer:
         ``overwrite`` computes it in place when ``vectors`` is float32 on the right device."""
         shape = (vectors.shape[0],) + (1,) * (vectors.dim() - 1)
         if overwrite and vectors.dtype == torch.float32 and vectors.device == self.gamma.device:
-            x = vectors.sub_(self.mean.view(shape)).mul_(self.scale.view(shape)).mul_(self.gamma)
+            x = vectors if self.mean is None else vectors.sub_(self.mean.view(shape))
+            x = x.mul_(self.scale.view(shape)).mul_(self.gamma)
             return x.add_(self.beta) if self.beta is not None else x
-        x = (vectors.float().to(self.gamma.device) - self.mean.view(shape)) * self.scale.view(shape) * self.gamma
+        x = vectors.float().to(self.gamma.device)
+        x = (x if self.mean is None else x - self.mean.view(shape)) * self.scale.view(shape) * self.gamma
         return x + self.beta if self.beta is not None else x
 
     # ------------------------------------------------------------------------ scoring

@@ -99,7 +99,8 @@ class TargetCapture:
 def _check_target(inp: PreparedInput, adapter, target: Target) -> Target:
     if not isinstance(target, Target):
         raise TypeError(f"target must be a mech_vqa Target (e.g. inp.target()), got {type(target).__name__}")
-    check_token_ids(adapter, [target.token_id])
+    if not isinstance(target.token_id, int) or not 0 <= target.token_id < adapter.vocab_size:
+        check_token_ids(adapter, [target.token_id])  # its error (or the id as a tensor / numpy int: fine)
     inp.check_position(target.position)
     return Target(target.token_id, target.position % inp.seq_len, target.token)
 
