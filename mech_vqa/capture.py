@@ -325,6 +325,13 @@ def _rotate(adapter: ModelAdapter, jobs: dict) -> None:
     k = (ks[0] if len(ks) == 1 else torch.cat(ks, -1)).unflatten(-1, (-1, head_dim)).transpose(1, 2) if ks else None
     if q is not None and k is not None and positions is None:
         q_rot, k_rot = adapter.rotate_qk(first, q, k, (cos, sin))
+    elif q is not None and k is not None and q.shape[1] == k.shape[1] and positions.dim() == 1:
+        # as many query as key heads (multi-head attention): the queries ride along as extra rows of the
+        # keys, each row with its own angles, so one call rotates both
+        rows = torch.cat([k, q], dim=2)
+        angles = (torch.cat([cos, _select(cos, positions)], dim=1), torch.cat([sin, _select(sin, positions)], dim=1))
+        both = adapter.rotate_qk(first, rows[:, :1], rows, angles)[1]
+        k_rot, q_rot = both[:, :, :k.shape[2]], both[:, :, k.shape[2]:]
     else:
         if q is not None:  # q sits at the chosen positions: its own angles
             angles = (cos, sin) if positions is None else (_select(cos, positions), _select(sin, positions))
