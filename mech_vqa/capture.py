@@ -56,9 +56,10 @@ class CaptureError(RuntimeError):
 class ActivationCache:
     """Captured activations keyed by ``(name, layer)`` (or ``name`` for model-level ones)."""
 
-    def __init__(self, names: Sequence[str], layers: Sequence[int]):
+    def __init__(self, names: Sequence[str], layers: Sequence[int], adapter: ModelAdapter | None = None):
         self.names = tuple(names)
         self.layers = tuple(layers)
+        self.adapter = adapter  # rotates pending queries / keys
         self._store: dict = {}
         self.pending: dict = {}  # work left for the first read (queries and keys still to rotate)
 
@@ -132,7 +133,7 @@ def _normalise_positions(positions) -> torch.Tensor | None:
         positions = positions.view(1)
     if positions.dim() > 2:
         raise ValueError(f"positions must be [P] or [batch, P], got shape {tuple(positions.shape)}")
-    if positions.dim() == 2 and positions.shape[0] == 1 or (positions.dim() == 2 and bool((positions == positions[:1]).all())):
+    if positions.dim() == 2 and (positions.shape[0] == 1 or bool((positions == positions[:1]).all())):
         positions = positions[0]  # every row the same (one row, say): one index_select instead of a gather
     return positions
 
@@ -193,8 +194,7 @@ def trace(
         layer_list = list(plan)
     else:
         layer_list = [adapter.check_layer(i) for i in (range(adapter.n_layers) if layers is None else layers)]
-    cache = ActivationCache(names, layer_list)
-    cache.adapter = adapter
+    cache = ActivationCache(names, layer_list, adapter)
     wants = set(names)
 
     store = cache._store

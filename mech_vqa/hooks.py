@@ -39,8 +39,8 @@ def attn_implementation(model: nn.Module) -> str | None:
 
 
 def _submodules(model: nn.Module) -> list[nn.Module]:
-    """Every module of ``model`` once (as ``model.modules()``), walked iteratively through ``_modules``:
-    the recursive generators of ``modules()`` cost ~10x more, and this runs on every capture."""
+    """Every module of ``model`` once (as ``model.modules()``), in one iterative pass over ``_modules``
+    (no nested generators): the guard runs on every guarded call."""
     out, seen, pending = [], set(), [model]
     pop, push, mark = pending.pop, pending.extend, seen.add
     while pending:
