@@ -24,10 +24,12 @@ the identical prompt with that target (``Target(token, last position)``), so bot
 same numbers; they are checked to agree before anything is timed. The notebook's ``.tolist()``
 conversions and plots are left out (they would only slow the reference down).
 
-Timing: each path's median over interleaved rounds (machine load hits both alike), on the tiny
-3-layer model (``tiny_llava(seed=1, kv_heads=None, layers=3)``, the tests' ``tiny_mha_vqa``) and on the
-mid-size model of ``common.py``, at the thread counts given (default 1 and 2). Also the captured
-forward ``explain`` needs against a plain one on the tiny model (set-up included).
+Timing: each path over interleaved rounds (machine load hits all alike): the median wall time, the
+median process CPU time (less disturbed by other processes on a shared machine) and the fastest
+wall time, on the tiny 3-layer model (``tiny_llava(seed=1, kv_heads=None, layers=3)``, the tests'
+``tiny_mha_vqa``) and on the mid-size model of ``common.py``, at the thread counts given (default 1
+and 2; the mid-size model gets a quarter of the rounds). Also, on the tiny model, the forward
+``explain`` runs with its capture set up and removed against a plain forward (target <= 1.3x).
 
     python benchmarks/reference_mechanism.py [--threads 1 2] [--repeats 31]
 """
