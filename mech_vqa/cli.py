@@ -54,7 +54,8 @@ def _summary(args) -> int:
 def _eval(args) -> int:
     from .organism.evaluate import main as evaluate_main
 
-    argv = ["--n", str(args.n), "--methods", args.methods] + (["--model", args.model] if args.model else [])
+    argv = ["--n", str(args.n), "--methods", args.methods, "--organism", args.organism]
+    argv += ["--model", args.model] if args.model else []
     return evaluate_main(argv) or 0
 
 
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="organism accuracy and localisation of every patch method")
     evaluate.add_argument("--n", type=int, default=100)
     evaluate.add_argument("--model", default=None, help="a saved organism folder (default: data/organism)")
+    evaluate.add_argument("--organism", default="scaffolded", choices=["scaffolded", "free"],
+                          help="shipped organism to score when no --model (default scaffolded; free: no attention "
+                               "scaffold)")
     evaluate.add_argument("--methods", default="all", help="comma-separated patch methods (default: all)")
     evaluate.set_defaults(func=_eval)
     return parser

@@ -45,6 +45,13 @@ from mech_vqa.organism.synthetic import ALL_FAMILIES, COPY_FAMILIES, FAMILIES, g
 
 HELDOUT_SEED = 777  # the in-training validation set; evaluate.py uses other seeds
 
+# The shipped organisms, each the extra arguments of ``python -m mech_vqa.organism.train --out DIR``
+# (``docs/organism.md``). "scaffolded" is the defaults; "free" trains with the answer losses only.
+RECIPES = {
+    "scaffolded": [],
+    "free": ["--attn-sup", "0", "--patch-size", "16"],
+}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,6 +119,28 @@ def attention_scaffold_loss(attentions, batch, items, args, image_token_id: int)
     on_image = attn[batch["input_ids"] == image_token_id].reshape(len(items), -1)  # row-major patches
     on_target = (on_image * cells).sum(-1)
     return -torch.log(on_target + 1e-6).mean()
+
+
+def loss_terms(args) -> list[str]:
+    """The terms of the training loss a run with ``args`` optimises, each named by what it supervises.
+
+    This is what ``main`` adds up (and what ``training_log.json`` records), so a recipe's terms can
+    be read off without training: the "free" recipe's list names no head, layer or attention pattern.
+    """
+    terms = ["cross-entropy of the answer word", "mean cross-entropy of the other answer tokens"]
+    if args.attn_sup > 0:
+        until = "all steps" if args.attn_sup_until is None else f"steps < {args.attn_sup_until}"
+        terms.append(f"attention scaffold (weight {args.attn_sup:g}, {until}): -log attention mass of text layer "
+                     f"{args.attn_sup_layer}, head {args.attn_sup_head} from the answer position on the answer "
+                     "object's patches")
+    return terms
+
+
+def recipe_args(name: str, out: str = "OUT") -> argparse.Namespace:
+    """The parsed arguments of recipe ``name`` of :data:`RECIPES` (for reading its loss terms)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown organism recipe {name!r}; choose one of {sorted(RECIPES)}")
+    return parse_args(["--out", out, *RECIPES[name]])
 
 
 def lr_lambda(args):
@@ -245,7 +274,7 @@ def write_final(model, processor, out: Path, args, step: int, elapsed: float, lo
     model.save_pretrained(out)
     processor.save_pretrained(out)
     with open(out / "training_log.json", "w") as f:
-        json.dump({"args": vars(args), "steps": step, "training_time_s": round(elapsed, 1), "log": log}, f, indent=1)
+        json.dump({"args": vars(args), "loss_terms": loss_terms(args), "steps": step, "training_time_s": round(elapsed, 1), "log": log}, f, indent=1)
     print(f"{step} steps in {elapsed / 60:.1f} min of training; model in {out}")
 
 
