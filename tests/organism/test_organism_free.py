@@ -65,3 +65,17 @@ def test_organism_by_name():
     assert model.config.vision_config.patch_size == json.loads(
         (ORGANISM_FREE_DIR / "config.json").read_text())["vision_config"]["patch_size"]
     assert VQAModel.organism("free").name == str(ORGANISM_FREE_DIR)
+
+
+def test_head_ablation_accuracy_leaves_no_hook():
+    from mech_vqa.organism import generate_items
+    from mech_vqa.organism.evaluate import head_ablation_accuracy
+
+    model, processor = load_organism(variant="free")
+    items = generate_items(20, seed=FRESH_SEED + 1)
+    hooks_before = {name: len(m._forward_pre_hooks) for name, m in model.named_modules()}
+    result = head_ablation_accuracy(model, processor, items)
+    cfg = model.config.text_config
+    assert len(result) == 1 + cfg.num_hidden_layers * cfg.num_attention_heads
+    assert result["clean"] == pytest.approx(evaluate(model, processor, items=items)["accuracy"], abs=1e-6)
+    assert {name: len(m._forward_pre_hooks) for name, m in model.named_modules()} == hooks_before
