@@ -53,11 +53,29 @@ class ImageGeometry:
                 f"to_grid expects {self.n_tokens} values (one per image token), got {values.shape[-1]}"
             )
         rows, cols = self.grid
-        first = self.view == 0
-        out = values.new_zeros((*values.shape[:-1], rows, cols))
-        rc = self.rowcol[first]
-        out[..., rc[:, 0], rc[:, 1]] = values[..., first]
-        return out
+        tokens, cells = self._grid_index()
+        if cells is None:  # the first view's tokens fill the grid in raster order (LLaVA-1.5): a reshape
+            return values.reshape(*values.shape[:-1], rows, cols).clone()
+        out = values.new_zeros((*values.shape[:-1], rows * cols))
+        out[..., cells] = values[..., tokens]
+        return out.view(*values.shape[:-1], rows, cols)
+
+    def _grid_index(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(first-view token indices, their flat grid cells)``, or ``(None, None)`` when those are
+        every token in raster order; once per geometry (and version of its tensors): each
+        explanation's maps are laid out with it."""
+        key = (self.view._version, self.rowcol._version, self.grid)
+        cached = self.__dict__.get("_grid_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        rows, cols = self.grid
+        tokens = (self.view == 0).nonzero().flatten()
+        cells = self.rowcol[tokens, 0] * cols + self.rowcol[tokens, 1]
+        raster = tokens.numel() == self.view.numel() == rows * cols and bool(
+            (cells == torch.arange(rows * cols)).all())
+        index = (None, None) if raster else (tokens, cells)
+        self.__dict__["_grid_cache"] = (key, index)
+        return index
 
     def cell_boxes(self) -> torch.Tensor:
         """``[rows, cols, 4]`` pixel box of every grid cell (first view)."""

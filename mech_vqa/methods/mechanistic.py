@@ -50,8 +50,9 @@ class TargetCapture:
     ``[B, S, KV, hd]`` (None for layers not kept, see ``kv_layers``); ``final`` ``[B, d]`` the last layer's output at ``t``. ``positions`` ``[B]`` are
     batch coordinates of ``t``; ``offsets`` ``[B]`` the left padding of each row.
 
-    Queries and keys stay in ``cache`` as recorded and are rotated when first read, one layer at a
-    time (:meth:`query`, ``k[layer]``): the top head's map needs one layer's, not all of them.
+    Queries, keys and values stay in ``cache`` as recorded (the attention input, where keys and values
+    are kept) and are projected and rotated when first read, one layer at a time (:meth:`query`,
+    ``k[layer]``, ``v[layer]``): the top head's map needs one layer's, not all of them.
     """
 
     vqa: object
@@ -66,7 +67,6 @@ class TargetCapture:
     z: torch.Tensor
     cache: ActivationCache
     kv_layers: list[int]
-    v: list[torch.Tensor]
     mlp_act: torch.Tensor | None
     final: torch.Tensor
     model_logprob: torch.Tensor
@@ -89,6 +89,11 @@ class TargetCapture:
     def k(self) -> PerLayer:
         """``k[layer]``: ``[B, S, KV, hd]`` rotated keys, or None where not kept."""
         return PerLayer(self.cache, "k", self.kv_layers, self.adapter.n_layers)
+
+    @property
+    def v(self) -> PerLayer:
+        """``v[layer]``: ``[B, S, KV, hd]`` values, or None where not kept."""
+        return PerLayer(self.cache, "v", self.kv_layers, self.adapter.n_layers)
 
     def meta(self, row: int) -> dict:
         """Metadata for row ``row``'s results (model id, prompt, target)."""
@@ -163,7 +168,7 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
         vqa=vqa, items=items, targets=targets, positions=positions, offsets=offsets, attention_mask=mask,
         resid_pre=stacked("resid_pre"), attn_out=stacked("attn_out"), mlp_out=stacked("mlp_out"),
         z=stacked("z"), cache=cache, kv_layers=kv,
-        v=[cache["v", layer] if layer in kv else None for layer in layers], mlp_act=stacked("mlp_act") if mlp_act else None,
+        mlp_act=stacked("mlp_act") if mlp_act else None,
         final=final,
         model_logprob=model_logprob,
         scorer=FrozenNormScorer(adapter, final, [t.token_id for t in targets], chunk_elements=chunk_elements),
