@@ -332,8 +332,9 @@ class _Projections:
         self.hidden, self.modules, self.want = hidden, modules, (want_q, want_k, want_v)
         self.versions = tuple(m.weight._version for m in modules)
 
-    def project(self, layer: int, positions, keep, shape) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``(raw q at positions or None, raw k or None)``; values are kept straight away."""
+    def project(self, layer: int, positions, keep, shape, *, all_queries: bool = False):
+        """``(raw q at positions or None, raw k or None)``; values are kept straight away.
+        ``all_queries``: q at every position."""
         if tuple(m.weight._version for m in self.modules) != self.versions:
             raise CaptureError(f"layer {layer}'s q/k/v projection weights changed after the forward; read "
                                "the captured q, k and v before editing the model's weights")
@@ -341,7 +342,9 @@ class _Projections:
         hidden = self.hidden
         if want_v:
             keep(("v", layer), F.linear(hidden, v_proj.weight, v_proj.bias).unflatten(-1, (shape[1], shape[2])))
-        q = _select(F.linear(hidden, q_proj.weight, q_proj.bias), positions) if want_q else None
+        q = F.linear(hidden, q_proj.weight, q_proj.bias) if want_q else None
+        if q is not None and not all_queries:
+            q = _select(q, positions)
         k = F.linear(hidden, k_proj.weight, k_proj.bias) if want_k else None
         return q, k
 
@@ -354,6 +357,11 @@ def _finish_rotations(cache: ActivationCache, layers=None) -> None:
         jobs = {layer: cache.pending.pop(layer) for layer in layers}
     for layer, job in list(jobs.items()):
         if isinstance(job[0], _Projections):
+            if len(jobs) == 1 and all(job[0].want[:2]):
+                # one layer read on its own: rotate its queries at every position together with the keys,
+                # as the model does, and keep the chosen rows (a rotation is per position: same values)
+                _rotate_layer(cache.adapter, layer, job)
+                return
             q, k = job[0].project(layer, job[3], job[4], job[5])
             if q is None and k is None:
                 del jobs[layer]  # values only: nothing to rotate
@@ -365,6 +373,16 @@ def _finish_rotations(cache: ActivationCache, layers=None) -> None:
         groups.setdefault((id(cos), id(sin)), {})[layer] = job
     for group in groups.values():
         _rotate(cache.adapter, group)
+
+
+def _rotate_layer(adapter: ModelAdapter, layer: int, job: tuple) -> None:
+    """Project and rotate one layer's queries and keys (a pending :class:`_Projections` job)."""
+    projections, _, (cos, sin), positions, keep, (n_heads, n_kv, head_dim) = job
+    q, k = projections.project(layer, positions, keep, job[5], all_queries=True)
+    q_rot, k_rot = adapter.rotate_qk(layer, q.unflatten(-1, (n_heads, head_dim)).transpose(1, 2),
+                                     k.unflatten(-1, (n_kv, head_dim)).transpose(1, 2), (cos, sin))
+    keep(("q", layer), _select(q_rot.transpose(1, 2), positions))
+    keep(("k", layer), k_rot.transpose(1, 2))
 
 
 def _rotate(adapter: ModelAdapter, jobs: dict) -> None:
