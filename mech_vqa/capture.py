@@ -455,7 +455,8 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
         heads = [adapter.check_head(int(h)) for h in heads]
         q = q[:, :, heads]
         k = k[:, :, [h // group for h in heads]].float()
-    scales = {x: adapter.attention_scaling(x) for x in set(layers)}
+    distinct = {layers[0]} if isinstance(layer, int) else set(layers)
+    scales = {x: adapter.attention_scaling(x) for x in distinct}
     scaling = scales[layers[0]] if len(scales) == 1 else torch.tensor(
         [scales[x] for x in layers], device=k.device).view(-1, 1, 1, 1)
     scores = torch.matmul(q.float().transpose(1, 2), k.permute(0, 2, 3, 1)) * scaling  # [B, H, P, S]
@@ -465,7 +466,7 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
         query_positions = query_positions.unsqueeze(0).expand(scores.shape[0], -1)
     keys = torch.arange(seq, device=scores.device).view(1, 1, seq)
     allowed = keys <= query_positions.unsqueeze(-1)  # [B, P, S]
-    window_of = {x: adapter.sliding_window(x) for x in set(layers)}
+    window_of = {x: adapter.sliding_window(x) for x in distinct}
     windows = [window_of[x] for x in layers]
     if any(w is not None for w in windows):
         width = torch.tensor([w if w is not None else seq + 1 for w in windows], device=scores.device)
