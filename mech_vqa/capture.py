@@ -149,11 +149,14 @@ def _layer_plan(adapter: ModelAdapter, names: Sequence[str], layers) -> dict[int
         chosen = {name: layers.get(name) for name in per_layer}
     else:
         chosen = dict.fromkeys(per_layer, layers)
-    everything = range(adapter.n_layers)
+    n_layers = adapter.n_layers
+    everything = range(n_layers)
     plan: dict[int, set] = {}
     for name, which in chosen.items():
         for layer in (everything if which is None else which):
-            plan.setdefault(adapter.check_layer(layer), set()).add(name)
+            if not -n_layers <= layer < n_layers:
+                adapter.check_layer(layer)  # its error
+            plan.setdefault(layer % n_layers, set()).add(name)
     return dict(sorted(plan.items()))
 
 
