@@ -14,8 +14,8 @@ log-probability of :mod:`mech_vqa.methods.logprob`:
   heads asked. The image part, laid on the patch grid by the adapter, is the patch heatmap.
 
 Everything comes from ONE forward that records, at ``t`` only, ``resid_pre``, ``attn_out``,
-``mlp_out``, ``z``, ``q``, ``mlp_act`` and the last ``resid_post``, plus ``k`` and ``v`` at all
-positions. Attention rows are recomputed from ``q`` and ``k`` (:func:`~mech_vqa.capture.attention_rows`),
+``mlp_out``, ``z``, ``q``, ``mlp_act`` (for neurons only) and the last ``resid_post``, plus ``k`` and
+``v`` at all positions (kept as the attention block's input and projected for the layers read). Attention rows are recomputed from ``q`` and ``k`` (:func:`~mech_vqa.capture.attention_rows`),
 so no eager attention and no second forward. The forward asks the model for the logits of the last
 position only (``logits_to_keep=1``): nothing here needs the others.
 
