@@ -54,6 +54,9 @@ class ResidualCheckpoint:
     """The clean run's residual stream entering each layer, plus each layer's call arguments."""
 
     def __init__(self, vqa, inp):
+        from .backends import require_hooks
+
+        require_hooks(vqa, "ablate / ResidualCheckpoint (it calls decoder layers directly)")
         self.vqa = vqa
         self.adapter = vqa.adapter
         self.inputs: list[torch.Tensor] = []

@@ -1,0 +1,204 @@
+"""The nnsight backend against the hooks backend: same captures, same edits, same method results.
+
+Every tiny layout, in process and through nnsight's offline simulation of a remote call
+(``remote="local"``); each nnsight model shares the hooks fixture's weights, so any difference is
+the engine's.
+"""
+
+import sys
+
+import pytest
+import torch
+
+from conftest import FAMILIES, QUESTION, ANSWER, assert_leaves_model_as_found, assert_same_state, hook_snapshot, \
+    model_state
+from mech_vqa import VQAModel
+from mech_vqa.backends import BackendNotSupported
+from mech_vqa.capture import NAMES
+from mech_vqa.interventions import Intervention
+
+pytest.importorskip("nnsight")
+
+from mech_vqa.backends import nnsight_backend  # noqa: E402 - after the skip
+
+ENGINES = {"nnsight": False, "nnsight-remote-local": "local"}
+_WRAPPED: dict = {}
+TOL = dict(rtol=0, atol=1e-5)
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request) -> VQAModel:
+    return request.getfixturevalue(FAMILIES[request.param])
+
+
+@pytest.fixture(params=list(ENGINES))
+def pair(request, family):
+    """``(hooks model, nnsight model)`` over the same weights."""
+    key = (family.name, request.param)
+    if key not in _WRAPPED:
+        _WRAPPED[key] = VQAModel(family.model, family.processor, name=family.name, backend="nnsight",
+                                 remote=ENGINES[request.param])
+    return family, _WRAPPED[key]
+
+
+@pytest.fixture
+def inp(family, image):
+    return family.prepare(image, QUESTION, ANSWER)
+
+
+def _edits(vqa, inp):
+    a, d = vqa.adapter, vqa.adapter.d_model
+    generator = torch.Generator().manual_seed(0)
+    last = a.n_layers - 1
+    return [Intervention("z", 0, heads=[1], positions=[2, inp.seq_len - 2]),
+            Intervention("attn_out", last, mode="mean", value=torch.randn(d, generator=generator)),
+            Intervention("resid_pre", last, mode="replace", value=torch.randn(d, generator=generator),
+                         positions=[inp.seq_len - 3]),
+            Intervention("mlp_out", 0, positions=[inp.seq_len - 1]),
+            Intervention("resid_post", 0, positions=[1]),
+            Intervention("z", last, mode="replace", value=torch.ones(a.head_dim), heads=[0, a.n_heads - 1])]
+
+
+def _assert_same_cache(reference, other):
+    assert set(reference.keys()) == set(other.keys())
+    for key in reference.keys():
+        assert reference[key].shape == other[key].shape, key
+        torch.testing.assert_close(other[key], reference[key], **TOL, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("positions", ["all", "shared", "per-row"])
+def test_captures_equal_hooks(pair, inp, positions):
+    hooks, nns = pair
+    names = [n for n in NAMES if n != "pattern"]  # pattern needs eager attention: tested on its own below
+    chosen = {"all": None, "shared": [1, inp.seq_len - 1], "per-row": [[inp.seq_len - 2, 0]]}[positions]
+    before, hook_ids = model_state(hooks.model), hook_snapshot(hooks.model)
+    with hooks.trace(names, positions=chosen) as expected:
+        reference = hooks.forward(inp)
+    with nns.trace(names, positions=chosen) as cache:
+        out = nns.forward(inp)
+    torch.testing.assert_close(out.logits, reference.logits, **TOL)
+    _assert_same_cache(expected, cache)
+    assert_same_state(before, model_state(hooks.model))
+    assert hook_snapshot(hooks.model) == hook_ids
+
+
+@torch.no_grad()
+def test_nested_traces_share_one_forward(pair, inp):
+    hooks, nns = pair
+    layers = [hooks.adapter.n_layers - 1]
+    for vqa in (hooks, nns):
+        with vqa.trace(["z", "resid_post"], positions=[[inp.seq_len - 1]]) as outer, \
+                vqa.trace(["k", "v"], layers=layers, to_cpu=True) as inner:
+            vqa.forward(inp, logits_to_keep=1)
+        if vqa is hooks:
+            expected = (outer, inner)
+    _assert_same_cache(expected[0], outer)
+    _assert_same_cache(expected[1], inner)
+
+
+@torch.no_grad()
+def test_interventions_equal_hooks(pair, inp):
+    hooks, nns = pair
+    edits = _edits(hooks, inp)
+    clean = hooks.logits(inp)
+    with hooks.trace(["z", "attn_out", "resid_pre", "resid_post"], interventions=edits) as expected:
+        reference = hooks.forward(inp)
+    with nns.trace(["z", "attn_out", "resid_pre", "resid_post"], interventions=edits) as cache:
+        out = nns.forward(inp)
+    assert (reference.logits - clean).abs().max() > 1e-3  # the edits did change the run
+    torch.testing.assert_close(out.logits, reference.logits, **TOL)
+    _assert_same_cache(expected, cache)  # captures see the edited values on both engines
+
+
+def test_explain_equals_hooks(pair, inp):
+    from mech_vqa.methods.mechanistic import explain
+
+    hooks, nns = pair
+    expected = explain(hooks, inp, heads=2, progress=False)
+    got, _ = assert_leaves_model_as_found(nns, inp, lambda x: explain(nns, x, heads=2, progress=False))
+    for field in ("attention", "mlp", "base"):
+        torch.testing.assert_close(getattr(got.layers, field), getattr(expected.layers, field), **TOL)
+    assert abs(got.layers.model_logprob - expected.layers.model_logprob) <= 1e-5
+    torch.testing.assert_close(got.heads.scores, expected.heads.scores, **TOL)
+    assert got.positions.heads == expected.positions.heads
+    torch.testing.assert_close(got.positions.scores, expected.positions.scores, **TOL)
+    torch.testing.assert_close(got.patch_map.scores, expected.patch_map.scores, **TOL)
+
+
+@torch.no_grad()
+def test_logit_lens_equals_hooks(pair, inp):
+    from mech_vqa.methods.logit_lens import logit_lens
+
+    hooks, nns = pair
+    expected = logit_lens(hooks, inp, word="red", k=3)
+    got = logit_lens(nns, inp, word="red", k=3)
+    assert torch.equal(got.top_ids, expected.top_ids)
+    torch.testing.assert_close(got.top_probs, expected.top_probs, **TOL)
+    torch.testing.assert_close(got.word_probs, expected.word_probs, **TOL)
+
+
+@torch.no_grad()
+def test_pattern_in_eager_mode(tiny_vqa, image):
+    inp = tiny_vqa.prepare(image, QUESTION, ANSWER)
+    nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
+    before = model_state(tiny_vqa.model)
+    for vqa in (tiny_vqa, nns):
+        with vqa.trace(["pattern"], positions=[inp.seq_len - 1]) as cache:
+            vqa.forward(inp)
+        if vqa is tiny_vqa:
+            expected = cache
+    _assert_same_cache(expected, cache)
+    assert_same_state(before, model_state(tiny_vqa.model))  # attention implementation put back
+
+
+def test_gradient_through_captures(tiny_vqa, image):
+    """detach=False keeps the in-process nnsight captures in the autograd graph, as hooks do."""
+    inp = tiny_vqa.prepare(image, QUESTION, ANSWER)
+    nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
+    grads = []
+    for vqa in (tiny_vqa, nns):
+        with vqa.trace(["resid_mid"], layers=[0], detach=False) as cache:
+            out = vqa.forward(inp)
+        (grad,) = torch.autograd.grad(out.logits[0, -1].logsumexp(-1), cache["resid_mid", 0])
+        grads.append(grad)
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], **TOL)
+
+
+def test_methods_outside_trace_refuse_clearly(tiny_vqa, image):
+    from mech_vqa.methods.ablation import ablate, head_ablations
+    from mech_vqa.methods.igos import igos
+    from mech_vqa.methods.relevancy import relevancy
+
+    inp = tiny_vqa.prepare(image, QUESTION, ANSWER)
+    nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
+    hook_ids, before = hook_snapshot(tiny_vqa.model), model_state(tiny_vqa.model)
+    with pytest.raises(BackendNotSupported, match=r"relevancy .* is not yet supported on the nnsight backend"):
+        relevancy(nns, inp, progress=False)
+    with pytest.raises(BackendNotSupported, match="ablate / ResidualCheckpoint .* nnsight backend"):
+        ablate(nns, inp, head_ablations(nns, layers=[0], heads=[0]))
+    with pytest.raises(BackendNotSupported, match="AnswerScorer .*igos.* nnsight backend"):
+        igos(nns, inp, tokens=[0], progress=False)
+    assert hook_snapshot(tiny_vqa.model) == hook_ids
+    assert_same_state(before, model_state(tiny_vqa.model))
+
+
+def test_nnsight_missing_or_out_of_range_is_one_clear_error(tiny_vqa, monkeypatch):
+    with pytest.raises(ImportError, match=r"nnsight 0\.7\.2 is installed .* pip install 'nnsight>=0\.8\.1,<0\.9'"):
+        nnsight_backend.check_nnsight_version("0.7.2")
+    with pytest.raises(ImportError, match=r"nnsight 0\.9\.0 is installed"):
+        nnsight_backend.check_nnsight_version("0.9.0")
+    nnsight_backend.check_nnsight_version("0.8.1")
+    monkeypatch.setitem(sys.modules, "nnsight", None)  # import nnsight -> ImportError
+    with pytest.raises(ImportError, match=r"needs the nnsight package.*pip install 'nnsight>=0\.8\.1,<0\.9'"):
+        VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
+
+
+def test_unknown_backend_and_untested_remote(tiny_vqa):
+    with pytest.raises(ValueError, match="unknown backend 'jax'"):
+        VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="jax")
+    with pytest.raises(BackendNotSupported, match="remote=True is not supported yet"):
+        VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote=True)
+    with pytest.raises(ValueError, match="the hooks backend takes no options"):
+        VQAModel(tiny_vqa.model, tiny_vqa.processor, remote="local")
