@@ -202,3 +202,18 @@ def test_unknown_backend_and_untested_remote(tiny_vqa):
         VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote=True)
     with pytest.raises(ValueError, match="the hooks backend takes no options"):
         VQAModel(tiny_vqa.model, tiny_vqa.processor, remote="local")
+
+
+@torch.no_grad()
+def test_other_trace_methods_equal_hooks(pair, inp):
+    """Raw attention, the causal map and FFN neurons also go through vqa.trace / vqa.forward only."""
+    from mech_vqa.methods.causal import causal_map
+    from mech_vqa.methods.neurons import neuron_increase
+    from mech_vqa.methods.raw_attention import raw_attention_map
+
+    hooks, nns = pair
+    torch.testing.assert_close(raw_attention_map(nns, inp).scores, raw_attention_map(hooks, inp).scores, **TOL)
+    torch.testing.assert_close(causal_map(nns, inp).scores, causal_map(hooks, inp).scores, **TOL)
+    got, expected = neuron_increase(nns, inp, k=3, progress=False), neuron_increase(hooks, inp, k=3, progress=False)
+    torch.testing.assert_close(got.scores, expected.scores, **TOL)
+    torch.testing.assert_close(got.coefficients, expected.coefficients, **TOL)
