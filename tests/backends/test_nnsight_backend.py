@@ -217,3 +217,39 @@ def test_other_trace_methods_equal_hooks(pair, inp):
     got, expected = neuron_increase(nns, inp, k=3, progress=False), neuron_increase(hooks, inp, k=3, progress=False)
     torch.testing.assert_close(got.scores, expected.scores, **TOL)
     torch.testing.assert_close(got.coefficients, expected.coefficients, **TOL)
+
+
+def test_cli_backend_option(tiny_vqa, tmp_path, capsys):
+    """``mech-vqa run explain --backend nnsight`` writes the hooks backend's rows; a task with a method
+    nnsight cannot run yet stops with one line naming it, before any row is written."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from mech_vqa.cli import main
+    from mech_vqa.dataset import read_results
+
+    tiny_vqa.model.save_pretrained(tmp_path / "model")
+    tiny_vqa.processor.save_pretrained(tmp_path / "model")
+    Image.fromarray((np.random.RandomState(0).rand(40, 48, 3) * 255).astype("uint8")).save(tmp_path / "0.png")
+    row = {"image": "0.png", "question": QUESTION, "answer": ANSWER, "box": [0, 0, 24, 20]}
+    (tmp_path / "data.jsonl").write_text(json.dumps(row) + "\n")
+    rows = {}
+    for backend in ("hooks", "nnsight"):
+        out = tmp_path / f"{backend}.jsonl"
+        assert main(["run", "explain", str(tmp_path / "data.jsonl"), "--out", str(out), "--model",
+                     str(tmp_path / "model"), "--device", "cpu", "--backend", backend, "--no-progress"]) == 0
+        (rows[backend],) = read_results(out)
+    assert rows["nnsight"]["status"] == "ok"
+    for key, value in rows["hooks"].items():
+        if key == "runtime_s":
+            continue
+        if isinstance(value, float):
+            assert abs(rows["nnsight"][key] - value) <= 1e-5, key
+        else:
+            assert rows["nnsight"][key] == value, key
+    assert main(["run", "ablate", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "a.jsonl"), "--model",
+                 str(tmp_path / "model"), "--device", "cpu", "--backend", "nnsight", "--no-progress"]) == 2
+    assert "ablate / ResidualCheckpoint" in capsys.readouterr().err
+    assert not (tmp_path / "a.jsonl").exists() or not read_results(tmp_path / "a.jsonl")
