@@ -95,9 +95,12 @@ DISCRETE_CHOICES = ("nodes", "explanation", "kinds", "top_ids", "top_neurons", "
                     "adjacency", "causal")
 # Quantities derived from a small difference, recorded (``derived_max_abs_diff``) but not failed: normalised
 # deletion / insertion curves and their AUCs divide by s(I) - s(B), which random weights make tiny; rank
-# correlations of nearly flat maps; token-selection gaps log p(I) - log p(B); iGOS's objective D - Ins + R.
+# correlations of nearly flat maps; token-selection gaps log p(I) - log p(B); iGOS's objective D - Ins + R;
+# knock-out drops log p(clean) - log p(knocked out) and their excess over random cells (a random model barely
+# reacts to a few zeroed tokens), and the head-claims rank correlation.
 # What they are computed from (raw probability curves, maps, log-probs, each term) is checked.
-ILL_CONDITIONED = re.compile(r"(auc$|\.correlations\.|\.(deletion|insertion)$|_curve$|\.gap$|\.objective$)")
+ILL_CONDITIONED = re.compile(r"(auc$|\.correlations\.|\.(deletion|insertion)$|_curve$|\.gap$|\.objective$"
+                             r"|\.(drop|random|excess)_[a-z]+@|\.spearman$|log_gap$)")
 SKIP_FIELDS = {"info", "timings", "runtime_s", "image", "params", "promoted", "str_tokens", "top_tokens"}
 
 
@@ -266,11 +269,12 @@ def answer_word_index(vqa, inp) -> int:
     return max(i for i, w in enumerate(words) if is_content_text(w))
 
 
-def small_igos(two_masks: bool) -> dict:
+def small_igos(two_masks: bool | None = None) -> dict:
     # noise_std=0: the noise is drawn by the device's own generator (CPU and CUDA streams differ for one
     # seed), so only the noiseless optimisation can be compared across devices. l1 = 0 and lr = 3 (as in
     # tests/methods/test_igos.py) keep a random model's small gradients from being clamped away: the mask moves.
-    return dict(mask_size=4, iterations=2, n_steps=3, noise_std=0.0, l1=0.0, lr=3.0, two_masks=two_masks)
+    config = dict(mask_size=4, iterations=2, n_steps=3, noise_std=0.0, l1=0.0, lr=3.0)
+    return config if two_masks is None else {**config, "two_masks": two_masks}
 
 
 # Each method: ``run(vqa, inp, choice) -> result``. ``choice`` holds what the CPU fp32 run fixed for all
@@ -291,7 +295,7 @@ METHODS = {
                                                                  step_fraction=0.1, progress=False),
     "head_ablation_sweep": lambda vqa, inp, c: ablate(vqa, inp, head_ablations(vqa), progress=False),
     "compare": lambda vqa, inp, c: compare(vqa, inp, tokens=[c["word"]], step_fraction=0.25, progress=False,
-                                           options={"igos": small_igos(False)}),
+                                           options={"igos": small_igos()}),  # igos+ / igos++ set the masks
 }
 
 

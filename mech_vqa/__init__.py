@@ -24,6 +24,7 @@ _EXPORTS = {
     ".model": ["VQAModel"],
     ".methods.ablation": ["ablate", "block_ablations", "head_ablations", "image_token_ablation"],
     ".methods.causal": ["causal_explanation", "causal_map"],
+    ".methods.head_claims": ["head_claims"],
     ".methods.igos": ["IGOSConfig", "igos"],
     ".methods.logit_lens": ["logit_lens"],
     ".methods.mechanistic": ["explain"],
@@ -32,6 +33,7 @@ _EXPORTS = {
     ".methods.relevancy": ["relevancy", "relevancy_map"],
     ".methods.token_selection": ["visually_relevant_tokens"],
     ".compare": ["compare"],
+    ".metrics.faithfulness": ["patch_faithfulness"],
     ".metrics.insertion_deletion": ["insertion_deletion"],
     ".results": ["PatchMap", "Result"],
 }

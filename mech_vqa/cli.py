@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     model_help = "hub id or local folder of a LLaVA model (default: the organism shipped in data/)"
+    from .methods import PATCH_METHODS
+
+    names = ", ".join(PATCH_METHODS)  # igos+ (one mask) and igos++ (two masks) are separate methods
 
     demo = sub.add_parser("demo", help="answer a question about a shipped image and write heatmaps + scores",
                           description="Answer a question about an image, then explain the answer with every "
@@ -177,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(demo, model_help)
     demo.add_argument("--image", default=None, help="an image file (default: the first evaluation item)")
     demo.add_argument("--question", default=None, help="the question (default: the item's)")
-    demo.add_argument("--methods", default=None, help="comma-separated patch methods (default: all)")
+    demo.add_argument("--methods", default=None, help=f"comma-separated patch methods (default: all): {names}")
     demo.add_argument("--view", type=int, default=0,
                       help="1: draw a tiled model's high-resolution tokens (LLaVA-NeXT / OneVision); default 0")
     demo.set_defaults(func=_demo)
@@ -240,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="number of fresh synthetic questions to score (default 100)")
     _model_options(evaluate, "a saved organism folder (default: data/organism); runs on the CPU in float32",
                    device=False)
-    evaluate.add_argument("--methods", default="all", help="comma-separated patch methods (default: all)")
+    evaluate.add_argument("--methods", default="all", help=f"comma-separated patch methods (default: all): {names}")
     evaluate.set_defaults(func=_eval)
     return parser
 

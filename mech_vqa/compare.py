@@ -12,17 +12,36 @@ method             map (each a :class:`~mech_vqa.results.PatchMap`)
 ``raw_attention``  attention of the predicting position to the image, mean over heads/layers
 ``relevancy``      Chefer et al. 2021 generic relevancy (LVLM-Interpret)
 ``causal``         CLEANN-style causal explanation set of the last layer's top head
-``igos++``         iGOS+ perturbation saliency (Xing et al. 2025)
+``igos+``          iGOS+ perturbation saliency, one mask (Xing et al. 2025's default)
+``igos++``         iGOS++ perturbation saliency, a deletion and an insertion mask (Khorram et al. 2021)
 =================  ========================================================================
 
-Maps of several tokens are averaged. Each map is scored by insertion / deletion AUC against the
-same baseline and tokens, by the pointing game and in-box share when a box is given, and by its
-runtime; maps are compared pairwise by Spearman correlation on the model's patch grid.
+Maps of several tokens are averaged. Each map is scored against the same baseline and tokens by:
+
+* insertion / deletion AUC (:mod:`mech_vqa.metrics.insertion_deletion`): tied cells in random
+  orders averaged (seeded); raw AUCs always; normalised AUCs only for items whose image-vs-baseline
+  gap reaches ``min_gap`` nats (otherwise ``auc_flag`` says why and the normalised columns are None);
+* the pointing game (expected hit over tied maxima; None for a constant map, with
+  ``pointing_uninformative`` saying so) and the in-box share, when a box is given;
+* patch faithfulness (:mod:`mech_vqa.metrics.faithfulness`): the answer's log-prob drop when the
+  map's top-k cells are knocked out (zeroed embeddings, blurred pixels), beside k random cells and
+  the box's cells (``drop_<mode>@<k>``; ``excess_<mode>@<k>`` = drop minus the random cells' drop);
+* its runtime.
+
+Maps are compared pairwise by Spearman correlation on the model's patch grid, and the heads the
+mechanistic ranking names are tested by ablation (:func:`~mech_vqa.methods.head_claims.head_claims`,
+``info["head_claims"]``).
+
+When no answer token passes the selection threshold, the answer's own content word with the largest
+gap is explained, never a word copied from the question
+(:func:`~mech_vqa.methods.token_selection.fallback_token`); ``info["selection_rule"]`` names the rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,10 +49,14 @@ from pathlib import Path
 import torch
 
 from .inputs import PreparedInput, Target
+from .metrics.correlation import spearman
+from .metrics.faithfulness import KNOCKOUT_FRACTIONS
+from .metrics.insertion_deletion import MIN_GAP
 from .results import PatchMap, Result
 from .results.base import load_bundle, save_bundle
+from .methods import PATCH_METHODS
 
-DEFAULT_METHODS = ("mechanistic", "logit_lens", "raw_attention", "relevancy", "causal", "igos++")
+DEFAULT_METHODS = PATCH_METHODS
 
 
 def _mean_maps(maps: list[PatchMap], method: str, info: dict | None = None) -> PatchMap:
@@ -89,30 +112,24 @@ def _causal(vqa, inp, targets, box, options):
     return _mean_maps(maps, "causal")
 
 
-def _igos(vqa, inp, targets, box, options):
+def _igos(vqa, inp, targets, box, options, *, two_masks: bool):
     from .methods.igos import igos
 
+    settings = dict(options.get("igos", {}))
+    if settings.pop("two_masks", two_masks) != two_masks:
+        raise ValueError("options {'igos': {'two_masks': ...}} contradicts the method name: 'igos+' is one mask, "
+                         "'igos++' two; choose the method instead of the option")
     indices = [int(t.position) + 1 - inp.prompt_length for t in targets]
     result = igos(vqa, inp, tokens=indices, baseline=options.get("baseline", "blur"), progress=False,
-                  evaluate=False, box=box, seed=options.get("seed", 0), **options.get("igos", {}))
+                  evaluate=False, box=box, seed=options.get("seed", 0), two_masks=two_masks, **settings)
     return result.to_patch_map()
 
 
 METHODS: dict[str, Callable] = {
     "mechanistic": _mechanistic, "logit_lens": _logit_lens, "raw_attention": _raw_attention,
-    "relevancy": _relevancy, "causal": _causal, "igos++": _igos,
+    "relevancy": _relevancy, "causal": _causal, "igos+": functools.partial(_igos, two_masks=False),
+    "igos++": functools.partial(_igos, two_masks=True),
 }
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two equally shaped maps (average ranks for ties)."""
-    import pandas as pd
-
-    ra = torch.tensor(pd.Series(a.flatten().double().numpy()).rank().to_numpy())
-    rb = torch.tensor(pd.Series(b.flatten().double().numpy()).rank().to_numpy())
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / denominator if denominator > 0 else float("nan")
 
 
 def _score_line(row: dict) -> str:
@@ -122,8 +139,10 @@ def _score_line(row: dict) -> str:
         value = row.get(key)
         if value is not None and value == value:
             parts.append(f"{name} {value:.2f}{arrow}")
-    if row.get("pointing_game") is not None:
-        parts.append("peak in box" if row["pointing_game"] else "peak outside box")
+    pointing = row.get("pointing_game")  # the share of tied peak cells in the box; None: constant map
+    if pointing is not None:
+        parts.append({1.0: "peak in box", 0.0: "peak outside box"}.get(float(pointing),
+                                                                      f"{pointing:.0%} of tied peaks in box"))
     return "  ".join(parts) or "not scored"
 
 
@@ -133,10 +152,15 @@ class Comparison(Result):
 
     Attributes:
         maps: name -> :class:`PatchMap`.
-        table: one dict per method: insertion_auc, deletion_auc, pointing_game, in_box_share, runtime_s.
+        table: one dict per method: insertion_auc / deletion_auc (normalised; None when the item is
+            flagged, ``auc_flag`` says why), insertion_auc_raw / deletion_auc_raw, log_gap,
+            tie_orders, pointing_game (None for a constant map), pointing_peaks,
+            pointing_uninformative, in_box_share (with a box), the patch-faithfulness columns
+            ``drop_<mode>@<k>`` / ``excess_<mode>@<k>`` / ``random_<mode>@<k>``, runtime_s.
         correlations: ``"a|b"`` -> Spearman correlation of the two maps on the patch grid.
-        selection: the token selection records (answer tokens, log-prob gaps, selected).
-        info: metadata (model, prompt, answer, selection rule).
+        selection: the token selection records (answer tokens, log-prob gaps, selected, in_question).
+        info: metadata (model, prompt, answer, selection rule, ``faithfulness`` settings and
+            ``head_claims``: one :meth:`HeadClaims.to_record` per explained token).
     """
 
     maps: dict = dataclasses.field(default_factory=dict)
@@ -151,9 +175,12 @@ class Comparison(Result):
         return pd.DataFrame(self.table)
 
     def topk(self, k: int = 10):
-        """Methods ranked by insertion AUC minus deletion AUC (best first)."""
+        """Methods ranked by insertion AUC minus deletion AUC, best first (normalised AUCs; the raw ones
+        when the item is flagged: the ranking is the same within an item, both share s(I) and s(B))."""
         frame = self.to_dataframe()
-        frame = frame.assign(ins_minus_del=frame["insertion_auc"] - frame["deletion_auc"])
+        normalised = frame["insertion_auc"].astype(float) - frame["deletion_auc"].astype(float)
+        raw = frame["insertion_auc_raw"].astype(float) - frame["deletion_auc_raw"].astype(float)
+        frame = frame.assign(ins_minus_del=normalised.where(normalised.notna(), raw))
         return frame.sort_values("ins_minus_del", ascending=False).head(k).reset_index(drop=True)
 
     def correlation_matrix(self):
@@ -250,11 +277,13 @@ def _common_grid(geometry, view: int) -> tuple[int, int]:
 def select_targets(vqa, inp: PreparedInput, *, tokens=None, baseline="blur", tau: float = 1.0):
     """``(targets, selection records, rule)``: the visually relevant answer tokens, or a fallback.
 
-    When no token passes the threshold, the content token with the largest log-prob gap is used
-    (as the Qwen2-VL port of iGOS++ does) and the rule says ``fallback``.
+    When no token passes the threshold, the answer's own content word (not copied from the
+    question) with the largest log-prob gap is used, and the rule says ``fallback: ...``
+    (:func:`~mech_vqa.methods.token_selection.fallback_token`). Each record carries ``in_question``.
     """
     from .methods.scoring import input_baseline
-    from .methods.token_selection import manual_selection, visually_relevant_tokens
+    from .methods.token_selection import (copied_from_question, fallback_token, manual_selection,
+                                          visually_relevant_tokens)
 
     if tokens is not None:
         selection = manual_selection(vqa, inp, list(tokens))
@@ -262,17 +291,35 @@ def select_targets(vqa, inp: PreparedInput, *, tokens=None, baseline="blur", tau
     else:
         selection = visually_relevant_tokens(vqa, inp, input_baseline(vqa, inp, baseline), tau=tau)
         rule = selection.rule
+    copied = copied_from_question(vqa.tokenizer, selection.token_ids.tolist(), inp.question)
     indices = selection.indices
     if not indices:
-        gaps = selection.gaps.masked_fill(~selection.content.bool(), float("-inf"))
-        indices = [int(gaps.argmax())]
-        rule = "fallback: largest gap"
-    return [inp.target(i) for i in indices], selection.records(), rule
+        index, rule = fallback_token(selection, copied)
+        indices = [index]
+    records = [{**record, "in_question": bool(flag)} for record, flag in zip(selection.records(), copied)]
+    return [inp.target(i) for i in indices], records, rule
+
+
+def _auc_columns(curves) -> dict:
+    kept = curves.kept
+    return {"insertion_auc": float(curves.insertion_auc) if kept else None,
+            "deletion_auc": float(curves.deletion_auc) if kept else None,
+            "insertion_auc_raw": float(curves.insertion_auc_raw), "deletion_auc_raw": float(curves.deletion_auc_raw),
+            "log_gap": float(curves.log_gap) if math.isfinite(curves.log_gap) else None,
+            "auc_flag": curves.flag, "tie_orders": int(curves.n_orders)}
+
+
+def _pointing_columns(patch_map: PatchMap, box) -> dict:
+    pointing = patch_map.pointing(box)
+    return {"pointing_game": pointing["pointing_game"], "pointing_peaks": pointing["peaks"],
+            "pointing_uninformative": pointing["reason"], "in_box_share": patch_map.in_box_share(box)}
 
 
 def compare(vqa, inp: PreparedInput, *, methods=None, tokens=None, box=None, baseline="blur", tau: float = 1.0,
             step_fraction: float = 0.02, progress: bool = True, options: dict | None = None,
-            view: int = 0) -> Comparison:
+            view: int = 0, n_orders: int = 4, seed: int = 0, min_gap: float = MIN_GAP,
+            faithfulness: bool = True, knockout_fractions=KNOCKOUT_FRACTIONS, n_random: int = 4,
+            head_claims: int | None = 10) -> Comparison:
     """Every method's map on the same answer tokens, scored (see the module docstring).
 
     Args:
@@ -283,9 +330,17 @@ def compare(vqa, inp: PreparedInput, *, methods=None, tokens=None, box=None, bas
         view: which image tokens the token-based maps show: 0 = the whole-image view's grid; 1 =
             LLaVA-NeXT / OneVision's high-resolution tokens painted over the image (iGOS's mask
             covers the image either way).
+        n_orders, seed: random orders of tied cells averaged by insertion / deletion and by the
+            knock-outs (seeded).
+        min_gap: nats of ``log s(I) - log s(B)`` below which normalised AUCs are withheld (flagged).
+        faithfulness: also knock out each map's top-k cells (``knockout_fractions`` of the grid and
+            the box's size; ``n_random`` random draws per k).
+        head_claims: test the top ``head_claims`` heads of the mechanistic ranking by zeroing each
+            (0 or None: skip).
     """
     from tqdm.auto import tqdm
 
+    from .metrics.faithfulness import patch_faithfulness
     from .metrics.insertion_deletion import insertion_deletion
 
     methods = list(methods or DEFAULT_METHODS)
@@ -304,22 +359,37 @@ def compare(vqa, inp: PreparedInput, *, methods=None, tokens=None, box=None, bas
         start = time.perf_counter()
         patch_map = METHODS[name](vqa, inp, targets, box, options)
         runtime = time.perf_counter() - start
-        maps[name] = patch_map
+        maps[name] = dataclasses.replace(patch_map, method=name) if patch_map.method != name else patch_map
         curves = insertion_deletion(vqa, inp, patch_map, tokens=indices, baseline=baseline,
-                                    step_fraction=step_fraction, progress=False)
-        row = {"method": name, "insertion_auc": float(curves.insertion_auc), "deletion_auc": float(curves.deletion_auc),
-               "runtime_s": runtime}
+                                    step_fraction=step_fraction, progress=False, n_orders=n_orders, seed=seed,
+                                    min_gap=min_gap)
+        row = {"method": name, **_auc_columns(curves), "runtime_s": runtime}
         if box is not None:
-            row.update(pointing_game=patch_map.pointing_game(box), in_box_share=patch_map.in_box_share(box))
+            row.update(_pointing_columns(patch_map, box))
         table.append(row)
+    info = {"model": vqa.name, "prompt": inp.prompt, "answer": inp.answer, "selection_rule": rule,
+            "targets": [t.to_dict() for t in targets], "tau": tau, "view": view, "min_gap": min_gap,
+            "tie_orders": n_orders, "seed": seed, "baseline": baseline if isinstance(baseline, str) else "tensor"}
+    if faithfulness:
+        knocked = patch_faithfulness(vqa, inp, maps, tokens=indices, box=box, fractions=knockout_fractions,
+                                     n_random=n_random, n_orders=n_orders, seed=seed, baseline=baseline)
+        references = knocked.reference_columns()
+        for row in table:
+            row.update({**knocked.columns(row["method"]), **references})
+        info["faithfulness"] = {"ks": knocked.ks, "labels": knocked.labels, "modes": knocked.modes,
+                                "clean_logprob": knocked.clean_logprob, "n_box": knocked.n_box,
+                                "box": knocked.columns("box") if "box" in knocked.methods else None,
+                                **{k: v for k, v in knocked.info.items() if k != "box"}}
+    if head_claims:
+        from .methods.head_claims import head_claims as test_heads
+
+        info["head_claims"] = [test_heads(vqa, inp, target, n=head_claims).to_record() for target in targets]
     grid = _common_grid(inp.geometry, view)
     on_grid = {name: m.resample(grid, mode="area") if m.grid != tuple(grid) else m.scores for name, m in maps.items()}
     names = list(maps)
     correlations = {f"{a}|{b}": spearman(on_grid[a], on_grid[b]) for i, a in enumerate(names) for b in names[i + 1:]}
-    info = {"model": vqa.name, "prompt": inp.prompt, "answer": inp.answer, "selection_rule": rule,
-            "targets": [t.to_dict() for t in targets], "tau": tau, "view": view,
-            "baseline": baseline if isinstance(baseline, str) else "tensor"}
     return Comparison(maps=maps, table=table, correlations=correlations, selection=selection, info=info)
 
 
-__all__ = ["Comparison", "DEFAULT_METHODS", "METHODS", "Target", "compare", "select_targets", "spearman"]
+__all__ = ["Comparison", "DEFAULT_METHODS", "METHODS", "Target", "compare", "select_targets",
+           "spearman"]

@@ -1,12 +1,21 @@
 """The dataset table: aggregate a results file written by :func:`mech_vqa.dataset.run_dataset`.
 
 Per task it reports what the rows hold: accuracy for every task; for ``ablate`` the mean head
-ablation grid, block effects and the object-vs-other patch ablation; for ``compare`` (over the
-items that have visually relevant tokens, as Xing et al. 2025 do) per-method means of insertion /
-deletion AUC, pointing game, in-box share and runtime, the mean Spearman
-correlation between methods, and accuracy split by whether each method's focus hits the box; for
-``explain`` the mean attention / MLP increase per layer, how often each head is the top head, and
-the pointing game and in-box share of the top head's map.
+ablation grid, block effects and the object-vs-other patch ablation; for ``compare``, per method:
+
+* normalised insertion / deletion AUC averaged over the items *kept* by the normalisation rule
+  (``log s(I) - log s(B) >= min_gap``; ``auc_kept`` / ``auc_flagged`` count them; items explained
+  through the fallback token are flagged as Xing et al. 2025 skip them), and the raw AUCs over
+  every item;
+* pointing game (expected hit over tied maxima) over the maps that point somewhere, with constant
+  maps counted apart (``pointing_uninformative``), in-box share and runtime;
+* accuracy split by focus, each item weighted by its pointing score (hit) and one minus it (miss);
+* patch faithfulness (``faithfulness`` table): mean answer log-prob drop when each map's top-k
+  cells are knocked out, beside random cells and the box's cells;
+* head claims (``head_claims`` table): per head ranked first by the log-prob increase, how often,
+  its mean increase, the mean change when it is zeroed and the flip rate; the mean Spearman
+  correlation of the two rankings is in the overview;
+* the mean Spearman correlation between methods' maps.
 
 :func:`write_tables` saves every table as CSV, as parquet when pyarrow is installed (the
 ``tables`` extra), and all of them in one strict-JSON ``summary.json`` (NaN written as null).
@@ -72,34 +81,111 @@ def summary_tables(rows: list[dict]) -> dict:
         tables["overview"]["pointing_game"] = _mean(r.get("pointing_game") for r in explained)
         tables["overview"]["in_box_share"] = _mean(r.get("in_box_share") for r in explained)
     compared = [r for r in ok if "methods" in r]
-    # Xing et al. skip items with no visually relevant token: their curves normalise by s(I) - s(B) ~ 0
-    compare = [r for r in compared if not str(r.get("selection_rule", "")).startswith("fallback")]
     if compared:
-        tables["overview"]["compared_with_S"] = len(compare)
-        tables["overview"]["no_relevant_token"] = len(compared) - len(compare)
-    if compare:
-        names = sorted({m for r in compare for m in r["methods"]})
-        records = []
-        for name in names:
-            entries = [r["methods"][name] for r in compare if name in r["methods"] and "error" not in r["methods"][name]]
-            hits = [r for r in compare if r["methods"].get(name, {}).get("pointing_game") is True]
-            misses = [r for r in compare if r["methods"].get(name, {}).get("pointing_game") is False]
-            records.append({
-                "method": name, "items": len(entries),
-                "insertion_auc": _mean(e.get("insertion_auc") for e in entries),
-                "deletion_auc": _mean(e.get("deletion_auc") for e in entries),
-                "pointing_game": _mean(e.get("pointing_game") for e in entries),
-                "in_box_share": _mean(e.get("in_box_share") for e in entries),
-                "runtime_s": _mean(e.get("runtime_s") for e in entries),
-                "acc_focus_hit": _mean(r.get("correct") for r in hits),
-                "acc_focus_miss": _mean(r.get("correct") for r in misses),
-            })
-        tables["methods"] = pd.DataFrame(records)
-        pairs = sorted({p for r in compare for p in r.get("correlations", {})})
+        with_s = [r for r in compared if not str(r.get("selection_rule", "")).startswith("fallback")]
+        tables["overview"]["compared"] = len(compared)
+        tables["overview"]["compared_with_S"] = len(with_s)
+        tables["overview"]["no_relevant_token"] = len(compared) - len(with_s)
+        # the flag is per item (s(I), s(B) are the same for every map), so one entry decides
+        tables["overview"]["auc_flagged_items"] = sum(not _kept(r, next(iter(r["methods"].values())))
+                                                      for r in compared if r["methods"])
+        tables["methods"] = _methods_table(compared)
+        faithfulness = _faithfulness_table(compared)
+        if faithfulness is not None:
+            tables["faithfulness"] = faithfulness
+        claims = [c for r in compared for c in (r.get("head_claims") or [])[:1]]
+        if claims:
+            tables["overview"]["head_claims_spearman"] = _mean(c.get("spearman") for c in claims)
+            tables["head_claims"] = _head_claims_table(claims)
+        pairs = sorted({p for r in compared for p in r.get("correlations", {})})
         tables["correlations"] = pd.DataFrame([
-            {"pair": pair, "mean_spearman": _mean(r.get("correlations", {}).get(pair) for r in compare)}
+            {"pair": pair, "mean_spearman": _mean(r.get("correlations", {}).get(pair) for r in compared)}
             for pair in pairs])
     return tables
+
+
+def _kept(row: dict, entry: dict) -> bool:
+    """Whether a method entry's normalised AUCs may be averaged (rows written before the flag existed
+    fall back to the selection rule: a fallback token was the one case of a negligible gap)."""
+    if "auc_flag" in entry:
+        return entry["auc_flag"] is None
+    return not str(row.get("selection_rule", "")).startswith("fallback")
+
+
+def _weighted_accuracy(pairs) -> float:
+    pairs = [(float(w), float(c)) for w, c in pairs if w is not None and c is not None]
+    total = sum(w for w, _ in pairs)
+    return sum(w * c for w, c in pairs) / total if total > 0 else float("nan")
+
+
+def _methods_table(compared: list[dict]):
+    import pandas as pd
+
+    names = sorted({m for r in compared for m in r["methods"]})
+    records = []
+    for name in names:
+        pairs = [(r, r["methods"][name]) for r in compared
+                 if name in r["methods"] and "error" not in r["methods"][name]]
+        entries = [e for _, e in pairs]
+        kept = [e for r, e in pairs if _kept(r, e)]
+        pointing = [(e.get("pointing_game"), r.get("correct")) for r, e in pairs if "pointing_game" in e]
+        informative = [(p, c) for p, c in pointing if p is not None]
+        records.append({
+            "method": name, "items": len(entries),
+            "insertion_auc": _mean(e.get("insertion_auc") for e in kept),
+            "deletion_auc": _mean(e.get("deletion_auc") for e in kept),
+            "auc_kept": len(kept), "auc_flagged": len(entries) - len(kept),
+            "insertion_auc_raw": _mean(e.get("insertion_auc_raw") for e in entries),
+            "deletion_auc_raw": _mean(e.get("deletion_auc_raw") for e in entries),
+            "pointing_game": _mean(p for p, _ in informative),
+            "pointing_uninformative": len(pointing) - len(informative),
+            "in_box_share": _mean(e.get("in_box_share") for e in entries),
+            "runtime_s": _mean(e.get("runtime_s") for e in entries),
+            "acc_focus_hit": _weighted_accuracy((p, c) for p, c in informative),
+            "acc_focus_miss": _weighted_accuracy((1 - p, c) for p, c in informative),
+        })
+    return pd.DataFrame(records)
+
+
+def _faithfulness_table(compared: list[dict]):
+    """Mean knock-out drops per method (and of random cells and the box) for every mode and k."""
+    import pandas as pd
+
+    # in the order the rows hold them: per mode, k growing, the box's size last
+    columns = list(dict.fromkeys(k for r in compared for e in r["methods"].values() for k in e
+                                 if k.startswith("drop_")))
+    if not columns:
+        return None
+    names = sorted({m for r in compared for m in r["methods"]})
+    records = []
+    for name in names:
+        entries = [r["methods"][name] for r in compared if name in r["methods"] and "error" not in r["methods"][name]]
+        records.append({"method": name, "items": len(entries),
+                        **{c: _mean(e.get(c) for e in entries) for c in columns}})
+    first = [next((e for e in r["methods"].values() if "error" not in e), {}) for r in compared]
+    records.append({"method": "random cells", "items": len(first),
+                    **{c: _mean(e.get(c.replace("drop_", "random_")) for e in first) for c in columns}})
+    boxes = [(r.get("faithfulness") or {}).get("box") for r in compared]
+    boxes = [b for b in boxes if b]
+    if boxes:
+        records.append({"method": "box", "items": len(boxes), **{c: _mean(b.get(c) for b in boxes) for c in columns}})
+    return pd.DataFrame(records)
+
+
+def _head_claims_table(claims: list[dict]):
+    """Per head ranked first by the increase: count, mean increase, mean change when zeroed, flip rate."""
+    import pandas as pd
+
+    grouped: dict[str, list[dict]] = {}
+    for claim in claims:
+        if claim.get("heads"):
+            grouped.setdefault(claim["heads"][0]["head"], []).append(claim["heads"][0])
+    return pd.DataFrame([
+        {"top_head": head, "items": len(entries), "mean_increase": _mean(e["increase"] for e in entries),
+         "mean_delta_when_zeroed": _mean(e["delta_logprob"] for e in entries),
+         "flip_rate": _mean(e["flipped"] for e in entries),
+         "mean_rank_needed": _mean(e["rank_needed"] for e in entries)}
+        for head, entries in sorted(grouped.items(), key=lambda item: -len(item[1]))])
 
 
 def summarize(results_path, figures: str | None = None, tables_dir: str | None = None) -> str:

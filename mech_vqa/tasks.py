@@ -126,7 +126,8 @@ def task_compare(vqa, *, image, question, answer, box, row, methods=None, option
     comparison = compare(vqa, inp, methods=methods, box=model_box, progress=False, options=options, view=view)
     out.update({"targets": comparison.info["targets"], "selection_rule": comparison.info["selection_rule"],
                 "methods": {r["method"]: {k: v for k, v in r.items() if k != "method"} for r in comparison.table},
-                "correlations": comparison.correlations})
+                "correlations": comparison.correlations,
+                "faithfulness": comparison.info.get("faithfulness"), "head_claims": comparison.info.get("head_claims")})
     return out
 
 

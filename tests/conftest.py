@@ -168,6 +168,22 @@ def organism_vqa() -> VQAModel:
     return VQAModel.organism()
 
 
+@pytest.fixture(scope="session")
+def organism_eval_items() -> list[dict]:
+    """The shipped evaluation split data/eval: rows with the image opened (RGB) under ``"picture"``."""
+    import json
+
+    from PIL import Image
+
+    from mech_vqa.organism import EVAL_DIR
+
+    rows = [json.loads(line) for line in (EVAL_DIR / "items.jsonl").read_text().splitlines() if line.strip()]
+    for row in rows:
+        with Image.open(EVAL_DIR / row["image"]) as handle:
+            row["picture"] = handle.convert("RGB")
+    return rows
+
+
 @contextlib.contextmanager
 def head_zeroed_by_hand(vqa, layer: int, head: int):
     """A plain PyTorch pre-hook on o_proj zeroing one head's slice: the reference for head ablation."""

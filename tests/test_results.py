@@ -16,7 +16,7 @@ def _patch_map():
 
 def test_patch_map_verbs(tmp_path):
     pm = _patch_map()
-    assert pm.pointing_game() is False  # the peak (cell 3,3) is outside the top-left box
+    assert pm.pointing_game() == 0.0  # the peak (cell 3,3) is outside the top-left box
     assert abs(pm.in_box_share() - (0 + 1 + 4 + 5) / sum(range(16))) < 1e-6
     top = pm.topk(3)
     assert list(zip(top.row, top.col)) == [(3, 3), (3, 2), (3, 1)] and list(top["rank"]) == [1, 2, 3]
@@ -24,7 +24,7 @@ def test_patch_map_verbs(tmp_path):
     assert len(frame) == 16 and frame.in_box.sum() == 4
     assert pm.resample((8, 8)).shape == (8, 8)
     constant = PatchMap(scores=torch.zeros(4, 4), image_size=[32, 32], box=[0, 0, 16, 16])
-    assert constant.pointing_game() is False and constant.in_box_share() == 0.0
+    assert constant.pointing_game() is None and constant.in_box_share() == 0.0
     fig, ax = pm.plot()
     assert ax.get_title().startswith("test")
 

@@ -17,13 +17,18 @@ punctuation (category ``P*``), or an English stop word (case-insensitive). The a
 LLaMA ids instead.
 
 An empty ``S`` is a valid outcome (``TokenSelection.empty``), not an exception, so batch runs can
-record and skip the sample; ``S`` can also be given by hand.
+record and skip the sample; ``S`` can also be given by hand. A caller that needs one token anyway
+(the method comparison) takes :func:`fallback_token`: the answer's *own* content word with the
+largest gap, never a word copied from the question (in "The color of the solid object is yellow"
+the blur hurts "solid", a word the model copies from the question, more than "yellow"; explaining
+"solid" would explain the copy, not the answer).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import unicodedata
 from collections.abc import Callable, Sequence
 
@@ -199,3 +204,51 @@ def visually_relevant_tokens(vqa, inp: PreparedInput, baseline: torch.Tensor, *,
     special = set(vqa.tokenizer.all_special_ids)
     return select_tokens(log_p[0], log_p[1], tokens, token_ids, tau=tau,
                          special=[int(i) in special for i in token_ids])
+
+
+def _words(text: str) -> list[tuple[int, int, str]]:
+    return [(m.start(), m.end(), m.group().lower()) for m in re.finditer(r"\w+", text)]
+
+
+def copied_from_question(tokenizer, answer_ids: Sequence[int], question: str) -> torch.Tensor:
+    """``[T]`` bool: every word the answer token is part of also occurs in the question.
+
+    Tokenizer-agnostic: each token's character span in the decoded answer comes from decoding the
+    growing prefix, and a word split over several tokens counts for each of them. Tokens touching
+    no word (punctuation, spaces) are not copied.
+    """
+    answer_ids = [int(i) for i in answer_ids]
+    question_words = {word for _, _, word in _words(question)}
+    ends = [len(tokenizer.decode(answer_ids[:i + 1], skip_special_tokens=True)) for i in range(len(answer_ids))]
+    text = tokenizer.decode(answer_ids, skip_special_tokens=True)
+    words = _words(text)
+    copied = []
+    for i, end in enumerate(ends):
+        start = ends[i - 1] if i else 0
+        touched = [word for w_start, w_end, word in words if w_start < end and w_end > start]
+        copied.append(bool(touched) and all(word in question_words for word in touched))
+    return torch.tensor(copied, dtype=torch.bool)
+
+
+def fallback_token(selection: TokenSelection, copied: torch.Tensor) -> tuple[int, str]:
+    """``(answer-token index, rule)`` to explain when ``S`` is empty; never a token copied from the question.
+
+    In order: the answer's own content token (not copied, not a stop word / punctuation / special)
+    with the largest gap; else its own printable token with the largest gap. An answer made only of
+    question words (or punctuation) has nothing of its own: a clear error asks for the tokens by hand.
+    """
+    copied = torch.as_tensor(copied, dtype=torch.bool)
+    if copied.numel() != len(selection.tokens):
+        raise ValueError(f"need one copied flag per answer token: {len(selection.tokens)} tokens, "
+                         f"{copied.numel()} flags")
+    gaps = selection.gaps.nan_to_num(nan=float("-inf"))
+    printable = torch.tensor([bool(t.strip()) and not is_punctuation(t.strip()) for t in selection.tokens],
+                             dtype=torch.bool)
+    for allowed, rule in ((selection.content.bool() & ~copied, "fallback: the answer's own content word, largest gap"),
+                          (printable & ~copied, "fallback: the answer's own token (no own content word), largest gap")):
+        if allowed.any():
+            candidates = allowed.nonzero().flatten()
+            return int(candidates[gaps[candidates].argmax()]), rule
+    raise ValueError(f"no visually relevant answer token, and every printable token of the answer {selection.tokens} "
+                     "is copied from the question, so there is no answer word of its own to explain; pass the "
+                     "answer-token indices to explain by hand (tokens=[...])")

@@ -7,7 +7,9 @@
 * for each ``methods[name]`` -- a callable ``(model, processor, item) -> 2-D tensor`` over the
   patch grid (rows x cols) -- two localisation scores against the answer object's box:
 
-  - ``pointing_game``: share of items whose peak cell's patch centre lies inside the box;
+  - ``pointing_game``: the expected hit over tied maxima (share of the peak cells whose patch
+    centre lies inside the box; 1 or 0 for a unique peak), averaged over the maps that have a
+    peak; constant maps point nowhere and are counted in ``uninformative`` instead;
   - ``inside_share``: sum of positive importance in cells whose centre is inside the box divided
     by the sum of all positive importance (0 when a map has no positive value), averaged.
 
@@ -53,8 +55,9 @@ def cells_in_box(box, rows: int, cols: int, patch: int) -> torch.Tensor:
     return PatchMap(scores=torch.zeros(rows, cols), image_size=[rows * patch, cols * patch], box=list(box)).inside_box()
 
 
-def localisation_scores(heatmap: torch.Tensor, box, patch: int) -> tuple[bool, float]:
-    """(peak inside the box, positive share inside the box) for one ``rows x cols`` map."""
+def localisation_scores(heatmap: torch.Tensor, box, patch: int) -> tuple[float | None, float]:
+    """(expected hit over tied peaks -- None for a constant map --, positive share inside the box)
+    for one ``rows x cols`` map."""
     heatmap = torch.as_tensor(heatmap, dtype=torch.float32).detach().cpu()
     rows, cols = heatmap.shape
     patch_map = PatchMap(scores=heatmap, image_size=[rows * patch, cols * patch], box=list(box))
@@ -99,9 +102,11 @@ def evaluate(model, processor, n: int = 500, seed: int = TEST_SEED, min_objects:
         if any(tuple(m.shape) != (rows, cols) for m in maps):
             raise ValueError(f"method {name!r} must return a {rows}x{cols} map over the patch grid")
         scores = [localisation_scores(m, it.box, patch) for m, it in zip(maps, items)]
+        pointing = [s[0] for s in scores if s[0] is not None]
         result["methods"][name] = {
-            "pointing_game": float(np.mean([s[0] for s in scores])),
+            "pointing_game": float(np.mean(pointing)) if pointing else None,
             "inside_share": float(np.mean([s[1] for s in scores])),
+            "uninformative": len(scores) - len(pointing),
         }
     return result
 
@@ -138,6 +143,8 @@ def library_method(name: str, **options) -> Callable:
     from mech_vqa.model import VQAModel
     from mech_vqa.tasks import answer_target
 
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
     wrapped: dict[int, VQAModel] = {}
 
     def method(model, processor, item: VQAItem) -> torch.Tensor:
@@ -167,7 +174,9 @@ def format_report(result: dict) -> str:
     lines += [f"  {k:<16} {v['accuracy']:.3f}  (n={v['n']})" for k, v in result["by_group"].items()]
     lines.append(f"chance localisation (box cell fraction): {result['chance']:.3f}")
     for name, s in result["methods"].items():
-        lines.append(f"  {name:<16} pointing {s['pointing_game']:.3f}  inside share {s['inside_share']:.3f}")
+        pointing = "  n/a" if s["pointing_game"] is None else f"{s['pointing_game']:.3f}"
+        lines.append(f"  {name:<16} pointing {pointing}  inside share {s['inside_share']:.3f}"
+                     f"  uninformative (constant) maps {s.get('uninformative', 0)}/{result['n']}")
     return "\n".join(lines)
 
 

@@ -7,12 +7,14 @@ them in a fresh process (by class name, from safetensors + JSON; no code is exec
 from .ablation import AblationResult
 from .attention import AnswerAttention, AttentionMass, CausalExplanation, PatchToText, RelevancyMaps
 from .base import Result, tensor_topk
+from .head_claims import HeadClaims
 from .igos import IGOSResult
 from .mechanistic import Explanation, HeadIncrease, HeadPositions, LayerIncrease, LogitLens, NeuronIncrease
 from .patch_map import PatchMap
 
 __all__ = [
-    "AblationResult", "AnswerAttention", "AttentionMass", "CausalExplanation", "Explanation", "HeadIncrease",
+    "AblationResult", "AnswerAttention", "AttentionMass", "CausalExplanation", "Explanation", "HeadClaims",
+    "HeadIncrease",
     "HeadPositions", "IGOSResult", "LayerIncrease", "LogitLens", "NeuronIncrease", "PatchMap", "PatchToText",
     "RelevancyMaps", "Result", "tensor_topk",
 ]

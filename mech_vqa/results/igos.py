@@ -68,10 +68,12 @@ class IGOSResult(Result):
         return [t["token"] for t in self.targets]
 
     def to_patch_map(self) -> PatchMap:
-        """The saliency as a :class:`PatchMap` (method ``"igos++"``) for comparisons and localisation."""
-        return PatchMap(scores=self.saliency, method="igos++", image_size=list(self.image_size), image=self.image,
+        """The saliency as a :class:`PatchMap` (method ``"igos+"`` or ``"igos++"``, as run) for comparisons
+        and localisation."""
+        return PatchMap(scores=self.saliency, method=self.method, image_size=list(self.image_size), image=self.image,
                         targets=list(self.targets), box=self.box,
                         info={**self.info, "variant": self.method, "params": self.params,
+                              "masks": 2 if self.mask_deletion is not None else 1,
                               "deletion_auc": self.deletion_auc, "insertion_auc": self.insertion_auc,
                               "unit": "saliency (1 - mask)",
                               **({"empty_reason": self.message or "no visually relevant answer token"}

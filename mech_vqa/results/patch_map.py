@@ -14,6 +14,9 @@ import torch.nn.functional as F
 
 from .base import Result, tensor_topk
 
+#: why a constant map gets no pointing score
+UNINFORMATIVE = "constant map: no cell scores above another, so it points nowhere (uninformative)"
+
 
 @dataclasses.dataclass
 class PatchMap(Result):
@@ -80,12 +83,41 @@ class PatchMap(Result):
         return [float(v) for v in box]
 
     # ---------------------------------------------------------------- localisation
-    def pointing_game(self, box=None) -> bool:
-        """True when the peak cell's centre lies inside the box (False for a constant map: no peak)."""
-        inside = self.inside_box(box)
+    @property
+    def uninformative(self) -> str | None:
+        """Why the map cannot point anywhere (a constant map: no cell beats another), else None."""
         if float(self.scores.max()) == float(self.scores.min()):
-            return False
-        return bool(inside.flatten()[self.scores.flatten().argmax()])
+            return UNINFORMATIVE
+        return None
+
+    def peak_cells(self) -> torch.Tensor:
+        """``[rows, cols]`` bool: the cells that share the map's maximum (exact ties, e.g. a clipped mask)."""
+        return self.scores == self.scores.max()
+
+    def pointing(self, box=None) -> dict:
+        """The pointing game with its evidence: ``{"pointing_game", "peaks", "peaks_in_box", "reason"}``.
+
+        ``pointing_game`` is the expected hit when one of the tied maxima is drawn uniformly at
+        random: ``peaks_in_box / peaks`` (1 or 0 when the peak is unique). A constant map has no
+        peak: ``pointing_game`` is None and ``reason`` says so; it is neither a hit nor a miss.
+        """
+        inside = self.inside_box(box)
+        reason = self.uninformative
+        if reason is not None:
+            return {"pointing_game": None, "peaks": int(self.scores.numel()), "peaks_in_box": None, "reason": reason}
+        peaks = self.peak_cells()
+        n_peaks, n_inside = int(peaks.sum()), int((peaks & inside).sum())
+        return {"pointing_game": n_inside / n_peaks, "peaks": n_peaks, "peaks_in_box": n_inside, "reason": None}
+
+    def pointing_game(self, box=None) -> float | None:
+        """Expected hit over tied maxima: the share of the peak cells whose centre lies inside the box.
+
+        A unique peak scores 1.0 (inside) or 0.0; ``k`` tied maxima of which ``j`` lie inside score
+        ``j / k`` (the argmax's first index would favour the top-left cell). A constant map has no
+        peak and returns None (:attr:`uninformative` gives the reason): tables count such maps
+        apart instead of scoring them as misses.
+        """
+        return self.pointing(box)["pointing_game"]
 
     def in_box_share(self, box=None) -> float:
         """Share of the positive importance that falls in cells inside the box (0 when none is positive)."""

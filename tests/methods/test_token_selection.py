@@ -8,6 +8,8 @@ import torch
 
 from mech_vqa.methods.scoring import AnswerScorer, input_baseline
 from mech_vqa.methods.token_selection import (
+    copied_from_question,
+    fallback_token,
     is_content_text,
     manual_selection,
     select_tokens,
@@ -105,3 +107,27 @@ def test_manual_selection_and_errors(tiny_vqa, prepared):
         manual_selection(tiny_vqa, prepared, [5])
     with pytest.raises(ValueError, match="no answer tokens"):
         AnswerScorer(tiny_vqa, tiny_vqa.prepare(prepared.image, "What is the color of the dog?", generate=False))
+
+
+def test_fallback_prefers_the_answers_own_content_word():
+    tokens = ["The", "color", "of", "the", "solid", "object", "is", "yellow"]
+    image = torch.zeros(8)
+    base = -torch.tensor([0.1, 0.2, 0.0, 0.1, 0.9, 0.3, 0.1, 0.6])        # no gap > tau; "solid" largest
+    selection = select_tokens(image, base, tokens, tau=1.0)
+    copied = torch.tensor([True, True, True, True, True, True, True, False])
+    assert selection.empty and fallback_token(selection, copied) == (
+        7, "fallback: the answer's own content word, largest gap")
+    # no own content word: its own printable token; nothing of its own: a clear error
+    own_stop = select_tokens(image, base, tokens[:7] + ["it"], tau=1.0)
+    assert fallback_token(own_stop, copied)[0] == 7 and "no own content word" in fallback_token(own_stop, copied)[1]
+    with pytest.raises(ValueError, match="copied from the question"):
+        fallback_token(selection, torch.ones(8, dtype=torch.bool))
+
+
+def test_copied_tokens_are_found_by_word(tiny_vqa):
+    tokenizer = tiny_vqa.tokenizer
+    ids = tokenizer("The dog is yellowish red.", add_special_tokens=False)["input_ids"]
+    copied = copied_from_question(tokenizer, ids, "What colour is the Dog?")
+    words = {tokenizer.decode(ids[: i + 1]).split()[-1].strip(".").lower() for i in range(len(ids)) if copied[i]}
+    assert words <= {"the", "dog", "is"} and copied.any()
+    assert not copied[-1]                                            # the final "." touches no word

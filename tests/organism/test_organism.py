@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mech_vqa.organism import ORGANISM_DIR, generate_items, load_organism
-from mech_vqa.organism.evaluate import cells_in_box, evaluate, localisation_scores, patch_grid
+from mech_vqa.organism.evaluate import cells_in_box, evaluate, format_report, localisation_scores, patch_grid
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +51,18 @@ def test_methods_are_scored(organism):
     def anti(model, processor, item):
         return 1.0 - oracle(model, processor, item)
 
+    def constant(model, processor, item):
+        return torch.ones(rows, cols)
+
     items = generate_items(10, seed=9)
-    result = evaluate(model, processor, items=items, methods={"oracle": oracle, "anti": anti})
-    assert result["methods"]["oracle"] == {"pointing_game": 1.0, "inside_share": 1.0}
-    assert result["methods"]["anti"] == {"pointing_game": 0.0, "inside_share": 0.0}
+    result = evaluate(model, processor, items=items, methods={"oracle": oracle, "anti": anti, "constant": constant})
+    assert result["methods"]["oracle"] == {"pointing_game": 1.0, "inside_share": 1.0, "uninformative": 0}
+    assert result["methods"]["anti"] == {"pointing_game": 0.0, "inside_share": 0.0, "uninformative": 0}
+    # a constant map points nowhere: counted apart, never a hit or a miss
+    assert result["methods"]["constant"]["pointing_game"] is None and result["methods"]["constant"]["uninformative"] == 10
+    assert "uninformative (constant) maps 10/10" in format_report(result)
     assert 0 < result["chance"] < 0.5
-    assert localisation_scores(torch.zeros(rows, cols), items[0].box, patch) == (False, 0.0)
+    assert localisation_scores(torch.zeros(rows, cols), items[0].box, patch) == (None, 0.0)
     with pytest.raises(ValueError, match="must return a 8x8 map"):
         evaluate(model, processor, items=items[:1], methods={"bad": lambda m, p, it: torch.zeros(rows + 1, cols)})
 

@@ -1,0 +1,85 @@
+"""The dataset summary: normalised means over kept items only, raw means over all, constant maps counted
+apart, accuracy weighted by the pointing score, knock-out and head-claim tables; end to end on rows of
+``mech-vqa run compare``."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mech_vqa.dataset import run_dataset
+from mech_vqa.summary import summarize, summary_tables
+
+
+def _entry(ins, dele, flag=None, pointing=1.0, drop=1.0):
+    return {"insertion_auc": None if flag else ins, "deletion_auc": None if flag else dele,
+            "insertion_auc_raw": ins / 2,
+            "deletion_auc_raw": dele / 2, "auc_flag": flag, "pointing_game": pointing, "in_box_share": 0.5,
+            "runtime_s": 0.1, "drop_zero@box": drop, "random_zero@box": 0.25}
+
+
+def _row(entries, correct=True, rule="gap", spearman=0.5, top="L2H0", delta=-2.0):
+    return {"status": "ok", "correct": correct, "selection_rule": rule, "methods": entries,
+            "correlations": {"a|b": 0.5}, "faithfulness": {"box": {"drop_zero@box": 3.0}},
+            "head_claims": [{"spearman": spearman, "heads": [
+                {"head": top, "increase": 1.5, "delta_logprob": delta, "flipped": delta < -1, "rank_needed": 1}]}]}
+
+
+def test_means_counts_and_weights():
+    flag = "the baseline keeps the answer: ... < min_gap = 1.0"
+    rows = [_row({"a": _entry(0.8, 0.2, pointing=1.0), "b": _entry(0.6, 0.4, pointing=None)}, correct=True),
+            _row({"a": _entry(0.6, 0.4, pointing=0.5), "b": _entry(0.5, 0.5, pointing=0.0)}, correct=False,
+                 top="L2H2", delta=0.0, spearman=-0.5),
+            _row({"a": _entry(5.0, -3.0, flag=flag, pointing=0.0), "b": _entry(4.0, 2.0, flag=flag)}, correct=True,
+                 rule="fallback: the answer's own content word, largest gap")]
+    tables = summary_tables(rows)
+    overview = tables["overview"].iloc[0]
+    assert (overview["compared"], overview["compared_with_S"], overview["auc_flagged_items"]) == (3, 2, 1)
+    assert overview["head_claims_spearman"] == pytest.approx(0.5 / 3)
+    methods = tables["methods"].set_index("method")
+    assert methods.loc["a", "insertion_auc"] == pytest.approx(0.7)          # the flagged 5.0 is left out
+    assert methods.loc["a", "insertion_auc_raw"] == pytest.approx((0.4 + 0.3 + 2.5) / 3)   # raw: every item
+    assert (methods.loc["a", "auc_kept"], methods.loc["a", "auc_flagged"]) == (2, 1)
+    assert methods.loc["a", "pointing_game"] == pytest.approx(0.5) and methods.loc["a", "pointing_uninformative"] == 0
+    assert methods.loc["b", "pointing_game"] == pytest.approx(0.5) and methods.loc["b", "pointing_uninformative"] == 1
+    # focus hit weighted by the pointing score: a's items (1.0, correct), (0.5, wrong), (0.0, correct)
+    assert methods.loc["a", "acc_focus_hit"] == pytest.approx(1.0 / 1.5)
+    assert methods.loc["a", "acc_focus_miss"] == pytest.approx((0.0 * 1 + 0.5 * 0 + 1.0 * 1) / 1.5)
+    faith = tables["faithfulness"].set_index("method")
+    assert faith.loc["random cells", "drop_zero@box"] == pytest.approx(0.25)
+    assert faith.loc["box", "drop_zero@box"] == pytest.approx(3.0) and faith.loc["a", "drop_zero@box"] == 1.0
+    heads = tables["head_claims"].set_index("top_head")
+    assert heads.loc["L2H0", "items"] == 2 and heads.loc["L2H2", "mean_delta_when_zeroed"] == 0.0
+    assert heads.loc["L2H0", "flip_rate"] == 1.0
+
+
+def test_rows_written_before_the_flag_fall_back_to_the_selection_rule():
+    old = {"insertion_auc": 3.0, "deletion_auc": 0.1, "pointing_game": True, "in_box_share": 0.5, "runtime_s": 0.1}
+    rows = [_row({"a": {**old, "insertion_auc": 0.9}}),
+            _row({"a": old}, rule="fallback: largest gap")]
+    methods = summary_tables(rows)["methods"].set_index("method")
+    assert methods.loc["a", "insertion_auc"] == pytest.approx(0.9) and methods.loc["a", "auc_flagged"] == 1
+
+
+def test_run_compare_then_summary(tiny_vqa, tmp_path):
+    rows = []
+    for i in range(2):
+        rng = np.random.RandomState(i)
+        Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8")).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "question": "What is the color of the dog?", "answer": "The dog is red.",
+                     "answer_word": "red", "box": [0, 0, 16, 16]})
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "r.jsonl"
+    counts = run_dataset(tiny_vqa, tmp_path / "data.jsonl", out, "compare", progress=False,
+                         methods=["raw_attention", "relevancy"])
+    assert counts["errors"] == 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    entry = written[0]["methods"]["raw_attention"]
+    assert {"insertion_auc_raw", "auc_flag", "pointing_peaks", "drop_zero@box", "excess_blur@10%"} <= set(entry)
+    assert written[0]["head_claims"][0]["heads"] and written[0]["faithfulness"]["box"]
+    text = summarize(out)
+    for table in ("## methods", "## faithfulness", "## head_claims", "pointing_uninformative", "auc_flagged"):
+        assert table in text
+    assert math.isfinite(summary_tables(written)["methods"]["insertion_auc_raw"].iloc[0])
