@@ -47,6 +47,17 @@ def main(repeats: int) -> None:
         print(f"  {vqa.backend!r}: largest difference from hooks (head / layer / position scores) {worst:.2e}")
         assert worst <= 1e-5
 
+    # What one remote call would send back today: every saved activation and the model output
+    # (heavy parts, e.g. the per-head projection, are still computed on the client).
+    from mech_vqa.methods.logit_lens import logit_lens
+    from mech_vqa.methods.mechanistic import head_increase
+
+    for name, run in (("explain(heads='top') (k, v of every layer)", lambda: explain(nns, inp, progress=False)),
+                      ("head_increase (no k, v)", lambda: head_increase(nns, inp)),
+                      ("logit_lens", lambda: logit_lens(nns, inp, k=5))):
+        run()
+        print(f"  saved by the trace, {name}: {nns.backend.last_saved_bytes / 1024:.0f} KiB")
+
     def captured_forward(vqa):
         def run():
             with torch.no_grad(), vqa.trace(CAPTURED, positions=[[inp.seq_len - 1]]):

@@ -121,13 +121,20 @@ class NNsightBackend(Backend):
 
         # the task must be given for an already-loaded model: nnsight's guess maps
         # *ForConditionalGeneration to text generation
-        self.envoy = TransformersModel(vqa.model, task="image-text-to-text", processor=vqa.processor,
-                                       tokenizer=vqa.processor.tokenizer)
+        # nnsight installs a controller as each module's instance ``forward`` and leaves it there for good;
+        # this backend puts it in place only while its own forward runs, so the model is as found
+        # between calls (for the hooks backend and anyone else holding it).
+        with _controllers_removed(vqa.model) as self._controllers:
+            self.envoy = TransformersModel(vqa.model, task="image-text-to-text", processor=vqa.processor,
+                                           tokenizer=vqa.processor.tokenizer)
         self.remote = remote
         if remote:
             self.nnsight.register(nnsight_ops)   # the server has torch and nnsight, not mech_vqa
         self._paths = {id(module): name for name, module in vqa.model.named_modules()}
         self._active: list[_Spec] = []
+        #: bytes of the tensors the last forward's trace saved (activations and model output): what a
+        #: remote call would send back
+        self.last_saved_bytes = 0
 
     def __repr__(self) -> str:
         return f"NNsightBackend(remote={self.remote!r})"
@@ -199,9 +206,11 @@ class NNsightBackend(Backend):
                     target.captures = (target.captures or []) + [((index, name), 0, None, 1, False)]
                     continue
                 for layer in spec.layers:
-                    if name in ("q", "k"):
+                    if name in ("q", "k") and not (name == "k" and "q" in spec.names):
+                        # rotary angles at the q rows only, unless k (every position) is asked too
                         pe = step("attn", layer, "pe")
-                        pe.captures = [(("pe", layer), 0, None, 1, False)]
+                        pe_positions = None if "k" in spec.names else spec.positions
+                        pe.captures = (pe.captures or []) + [((index, "pe", layer), 0, pe_positions, 1, False)]
                     positions = spec.positions if name not in ("k", "v") else None
                     element, dim = (1, 2) if name == "pattern" else (0, 1)
                     target = step("layer", layer, name)
@@ -213,9 +222,10 @@ class NNsightBackend(Backend):
         adapter = self.vqa.adapter
         steps = [(self._envoy(s.path), s.where, s.edits, s.per_head, s.captures or []) for s in self._steps()]
         wants_pattern = any("pattern" in spec.names for spec in self._active)
-        with preserved_state(self.vqa.model, eager=wants_pattern):
+        with preserved_state(self.vqa.model, eager=wants_pattern), _controllers_installed(self._controllers):
             saved, output = _run_trace(self.envoy, self.nnsight, nnsight_ops, steps, inputs, kwargs, self.remote,
                                        adapter.n_heads, adapter.head_dim)
+        self.last_saved_bytes = _nbytes(saved) + _nbytes(dict(output) if hasattr(output, "keys") else output)
         for index, spec in enumerate(self._active):
             self._fill(index, spec, saved)
         return output
@@ -252,7 +262,7 @@ class NNsightBackend(Backend):
         """Rotated ``q``/``k`` as :func:`mech_vqa.capture.trace` records them, from the raw projections."""
         adapter, positions = self.vqa.adapter, spec.positions
         wants = set(spec.names)
-        cos, sin = saved["pe", layer]
+        cos, sin = saved[index, "pe", layer]   # at the q rows when k is not asked, else at every position
         k = saved[index, "k", layer] if "k" in wants else saved.get((index, "k", layer))
         q = saved[index, "q", layer] if "q" in wants else None
         q = None if q is None else q.unflatten(-1, (adapter.n_heads, adapter.head_dim)).transpose(1, 2)
@@ -260,13 +270,56 @@ class NNsightBackend(Backend):
         if positions is None and q is not None and k is not None:
             q_rot, k_rot = adapter.rotate_qk(layer, q, k, (cos, sin))
         else:
-            q_rot = None if q is None else adapter.rotate_qk(
-                layer, q, q, (_select(cos, positions), _select(sin, positions)))[0]
+            q_angles = (_select(cos, positions), _select(sin, positions)) if k is not None else (cos, sin)
+            q_rot = None if q is None else adapter.rotate_qk(layer, q, q, q_angles)[0]
             k_rot = None if k is None else adapter.rotate_qk(layer, k, k, (cos, sin))[1]
         if q_rot is not None:
             keep(("q", layer), q_rot.transpose(1, 2))
         if k_rot is not None:
             keep(("k", layer), k_rot.transpose(1, 2))
+
+
+_ABSENT = object()
+_SLOTS_SET_BY_NNSIGHT = ("forward", "__nnsight__")
+
+
+@contextlib.contextmanager
+def _controllers_removed(model):
+    """Let nnsight wrap ``model`` inside the block, then put every module's ``__dict__`` slots back.
+
+    Yields a dict filled on exit: module -> (nnsight's slot values, the values found before).
+    """
+    found = {module: tuple(module.__dict__.get(slot, _ABSENT) for slot in _SLOTS_SET_BY_NNSIGHT)
+             for module in model.modules()}
+    controllers: dict = {}
+    try:
+        yield controllers
+    finally:
+        for module, before in found.items():
+            installed = tuple(module.__dict__.get(slot, _ABSENT) for slot in _SLOTS_SET_BY_NNSIGHT)
+            if installed != before:
+                controllers[module] = (installed, before)
+            _set_slots(module, before)
+
+
+@contextlib.contextmanager
+def _controllers_installed(controllers: dict):
+    """nnsight's controllers in place for the block, the modules' own slots back after it."""
+    try:
+        for module, (installed, _) in controllers.items():
+            _set_slots(module, installed)
+        yield
+    finally:
+        for module, (_, before) in controllers.items():
+            _set_slots(module, before)
+
+
+def _set_slots(module, values) -> None:
+    for slot, value in zip(_SLOTS_SET_BY_NNSIGHT, values):
+        if value is _ABSENT:
+            module.__dict__.pop(slot, None)
+        else:
+            module.__dict__[slot] = value
 
 
 def _run_trace(root, nnsight, ops, steps, inputs, kwargs, remote, n_heads, head_dim):
@@ -279,7 +332,9 @@ def _run_trace(root, nnsight, ops, steps, inputs, kwargs, remote, n_heads, head_
         saved = nnsight.save({})
         for envoy, where, edits, per_head, captures in steps:
             if where == "pe":
-                saved[captures[0][0]] = envoy.inputs[1]["position_embeddings"]
+                cos, sin = envoy.inputs[1]["position_embeddings"]
+                for key, _, positions, dim, _ in captures:
+                    saved[key] = (ops.select(cos, positions, dim), ops.select(sin, positions, dim))
                 continue
             value = envoy.input if where == "input" else envoy.output
             first = value[0] if isinstance(value, tuple) else value
@@ -298,3 +353,14 @@ def _run_trace(root, nnsight, ops, steps, inputs, kwargs, remote, n_heads, head_
                 saved[key] = ops.select(x, positions, dim)
         output = root.output.save()
     return saved, output
+
+
+def _nbytes(value) -> int:
+    """Bytes of every tensor in a (nested) dict / tuple / list."""
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0

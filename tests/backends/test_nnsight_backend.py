@@ -253,3 +253,24 @@ def test_cli_backend_option(tiny_vqa, tmp_path, capsys):
                  str(tmp_path / "model"), "--device", "cpu", "--backend", "nnsight", "--no-progress"]) == 2
     assert "ablate / ResidualCheckpoint" in capsys.readouterr().err
     assert not (tmp_path / "a.jsonl").exists() or not read_results(tmp_path / "a.jsonl")
+
+
+def _instance_slots(model) -> dict:
+    return {name: {slot: module.__dict__.get(slot) for slot in ("forward", "__nnsight__") if slot in module.__dict__}
+            for name, module in model.named_modules()}
+
+
+def test_nnsight_leaves_no_controller_on_the_model(tiny_mha_vqa, image):
+    """nnsight installs its controller as every module's instance ``forward`` for good; the backend
+    puts it there only during its own forwards, so a class-level patch still reaches the hooks backend."""
+    model = tiny_mha_vqa.model
+    found = _instance_slots(model)
+    nns = VQAModel(model, tiny_mha_vqa.processor, backend="nnsight")
+    assert _instance_slots(model) == found
+    inp = nns.prepare(image, QUESTION, ANSWER)
+    with nns.trace(["z"]) as cache:
+        nns.forward(inp)
+    assert cache["z", 0].shape[-2:] == (nns.adapter.n_heads, nns.adapter.head_dim)
+    with pytest.raises(IndexError, match="outside the sequence"), nns.trace(["resid_pre"], positions=[999]):
+        nns.forward(inp)
+    assert _instance_slots(model) == found
