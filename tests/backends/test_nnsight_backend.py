@@ -274,3 +274,22 @@ def test_nnsight_leaves_no_controller_on_the_model(tiny_mha_vqa, image):
     with pytest.raises(IndexError, match="outside the sequence"), nns.trace(["resid_pre"], positions=[999]):
         nns.forward(inp)
     assert _instance_slots(model) == found
+
+
+@pytest.mark.parametrize("name", ["gqa", "next"])
+def test_batched_explain_equals_hooks(request, name, image):
+    """Left-padded batches (per-row target positions) through one nnsight trace."""
+    from PIL import Image
+
+    from mech_vqa.methods.mechanistic import explain
+
+    hooks = request.getfixturevalue(FAMILIES[name])
+    nns = VQAModel(hooks.model, hooks.processor, name=hooks.name, backend="nnsight")
+    items = [hooks.prepare(image, QUESTION, ANSWER), hooks.prepare(Image.new("RGB", (40, 32), "red"), "Color?", "Red.")]
+    batch = hooks.batch(items)
+    assert int(batch.offsets.max()) > 0  # rows really are padded differently
+    expected, got = explain(hooks, batch, heads=1, progress=False), explain(nns, batch, heads=1, progress=False)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g.heads.scores, e.heads.scores, **TOL)
+        torch.testing.assert_close(g.layers.attention, e.layers.attention, **TOL)
+        torch.testing.assert_close(g.positions.scores, e.positions.scores, **TOL)
