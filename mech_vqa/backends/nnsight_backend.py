@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..capture import NAMES, ActivationCache, _normalise_positions, _select
+from ..capture import NAMES, ActivationCache, CaptureError, _normalise_positions, _select
 from ..hooks import preserved_state
 from ..interventions import Intervention
 from . import nnsight_ops
@@ -119,11 +119,10 @@ class NNsightBackend(Backend):
         self.nnsight = import_nnsight()
         from nnsight.modeling.transformers import TransformersModel
 
-        # the task must be given for an already-loaded model: nnsight's guess maps
-        # *ForConditionalGeneration to text generation
         # nnsight installs a controller as each module's instance ``forward`` and leaves it there for good;
         # this backend puts it in place only while its own forward runs, so the model is as found
-        # between calls (for the hooks backend and anyone else holding it).
+        # between calls (for the hooks backend and anyone else holding it). The task must be given for
+        # an already-loaded model: nnsight's guess maps *ForConditionalGeneration to text generation.
         with _controllers_removed(vqa.model) as self._controllers:
             self.envoy = TransformersModel(vqa.model, task="image-text-to-text", processor=vqa.processor,
                                            tokenizer=vqa.processor.tokenizer)
@@ -185,7 +184,7 @@ class NNsightBackend(Backend):
     def _steps(self) -> list[_Step]:
         steps: dict[tuple[str, str], _Step] = {}
 
-        def step(kind, layer, name) -> _Step:
+        def step(layer, name) -> _Step:
             module_kind, where, slot = _SLOTS[name]
             path = self._path(self._layer_module(module_kind, layer))
             if (path, where) not in steps:
@@ -196,7 +195,7 @@ class NNsightBackend(Backend):
         projector = self._path(adapter.projector)
         for index, spec in enumerate(self._active):
             for edit in spec.interventions:
-                target = step("layer", edit.layer, _EDIT_SLOTS[edit.site])
+                target = step(edit.layer, _EDIT_SLOTS[edit.site])
                 target.per_head = edit.site == "z"
                 target.edits = (target.edits or []) + [(edit.rows, edit.positions, edit.heads, edit.mode, edit.value)]
             for name in spec.names:
@@ -208,12 +207,12 @@ class NNsightBackend(Backend):
                 for layer in spec.layers:
                     if name in ("q", "k") and not (name == "k" and "q" in spec.names):
                         # rotary angles at the q rows only, unless k (every position) is asked too
-                        pe = step("attn", layer, "pe")
+                        pe = step(layer, "pe")
                         pe_positions = None if "k" in spec.names else spec.positions
                         pe.captures = (pe.captures or []) + [((index, "pe", layer), 0, pe_positions, 1, False)]
                     positions = spec.positions if name not in ("k", "v") else None
                     element, dim = (1, 2) if name == "pattern" else (0, 1)
-                    target = step("layer", layer, name)
+                    target = step(layer, name)
                     target.captures = (target.captures or []) + [
                         ((index, name, layer), element, positions, dim, name == "resid_pre")]
         return sorted(steps.values(), key=lambda s: s.order)
@@ -249,6 +248,10 @@ class NNsightBackend(Backend):
                 if name in ("q", "k"):
                     continue
                 raw = saved[index, name, layer]
+                if raw is None:  # the attention returned no weights, even in eager mode
+                    raise CaptureError(
+                        f"layer {layer} returned no attention weights even in eager mode; this model cannot "
+                        "give attention patterns (capture 'q' and 'k' and use attention_rows instead)")
                 if name == "z":
                     raw = raw.unflatten(-1, (n_heads, head_dim))
                 elif name == "v":
@@ -350,7 +353,7 @@ def _run_trace(root, nnsight, ops, steps, inputs, kwargs, remote, n_heads, head_
                 x = first if element == 0 else value[element]
                 if check:
                     ops.check_positions(x.shape[1], positions)
-                saved[key] = ops.select(x, positions, dim)
+                saved[key] = None if x is None else ops.select(x, positions, dim)
         output = root.output.save()
     return saved, output
 

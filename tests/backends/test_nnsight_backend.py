@@ -293,3 +293,20 @@ def test_batched_explain_equals_hooks(request, name, image):
         torch.testing.assert_close(g.heads.scores, e.heads.scores, **TOL)
         torch.testing.assert_close(g.layers.attention, e.layers.attention, **TOL)
         torch.testing.assert_close(g.positions.scores, e.positions.scores, **TOL)
+
+
+def test_pattern_from_a_model_that_cannot_give_it(tiny_vqa, image, monkeypatch):
+    from mech_vqa.capture import CaptureError
+
+    inp = tiny_vqa.prepare(image, QUESTION, ANSWER)
+    attn = tiny_vqa.adapter.attn(0)
+    original = type(attn).forward
+
+    def no_weights(self, *args, **kwargs):
+        out, _ = original(self, *args, **kwargs)
+        return out, None
+
+    monkeypatch.setattr(type(attn), "forward", no_weights)  # before wrapping: nnsight keeps the forward it finds
+    nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
+    with pytest.raises(CaptureError, match="layer 0 returned no attention weights"), nns.trace(["pattern"]):
+        nns.forward(inp)
