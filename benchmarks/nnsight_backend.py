@@ -3,7 +3,8 @@
 Target: nnsight backend, in process, ``explain(heads='top')`` <= 1.25x the hooks backend. Also
 printed: one plain captured forward on each engine, and the same ``explain`` through nnsight's
 offline simulation of a remote call (``remote="local"``: the trace is serialised and deserialised
-as for NDIF; no target, it shows what the serialisation costs). Both nnsight models share the hooks
+as for NDIF; no target, it shows what the serialisation costs), and a head-ablation sweep (no
+target: nnsight runs whole forwards where hooks resume from the ablated layer). The nnsight models share the hooks
 model's weights, and the scores are checked equal before timing.
 
 Times are interleaved medians (machine load hits every path alike); ``--threads N`` sets torch's
@@ -79,6 +80,22 @@ def main(repeats: int) -> None:
     print(f"forward+capture: nnsight / hooks = {capture_ratio:.2f}x")
     print(f"explain: nnsight / hooks = {ratio:.2f}x (target <= {TARGET}x) {'OK' if ratio <= TARGET else 'MISSED'}")
     print(f"explain: nnsight remote='local' / hooks = {local_ratio:.2f}x (no target)")
+
+    # ablate: the hooks backend resumes from the ablated layer (ResidualCheckpoint); nnsight runs
+    # whole forwards of the batch. The last two layers' heads, one batch of 16.
+    from mech_vqa.methods.ablation import ablate, head_ablations
+
+    last = hooks.adapter.n_layers
+    ablations = head_ablations(hooks, layers=[last - 2, last - 1])
+    sweep = {name: (lambda vqa=vqa: ablate(vqa, inp, ablations, batch_size=16, progress=False))
+             for name, vqa in (("ablate hooks", hooks), ("ablate nnsight", nns))}
+    deltas = [run().delta for run in sweep.values()]
+    assert float((deltas[0] - deltas[1]).abs().max()) <= 1e-5
+    times = interleaved_medians(sweep, repeats=3, warmup=0)
+    for name, seconds in times.items():
+        print(f"  {name:34s} {seconds * 1e3:8.1f} ms")
+    print(f"ablate ({len(ablations)} heads, last two layers): nnsight / hooks = "
+          f"{times['ablate nnsight'] / times['ablate hooks']:.2f}x (no target; whole forwards on nnsight)")
 
 
 if __name__ == "__main__":

@@ -103,3 +103,40 @@ class ResidualCheckpoint:
                 hooks.remove()
         final = self.adapter.final_norm(hidden[:, positions])
         return self.adapter.unembed(final).float().log_softmax(-1)
+
+
+class FullForwardRuns:
+    """:class:`ResidualCheckpoint`'s interface by whole forwards through ``vqa.trace`` / ``vqa.forward``.
+
+    For backends other than hooks (nnsight), where calling decoder layers directly would bypass the
+    backend: every run recomputes the vision tower and the layers before the edits, so a sweep costs
+    more, but its log-probabilities are those of the same forward.
+    """
+
+    def __init__(self, vqa, inp):
+        self.vqa = vqa
+        self.adapter = vqa.adapter
+        self.one = inp.model_inputs(vqa.device, vqa.adapter.vision_dtype())
+        with torch.no_grad():
+            self.clean_logits = vqa.forward(self.one).logits.float()  # [1, S, vocab]
+
+    @torch.no_grad()
+    def run_from(self, layer: int, batch: int, positions: Sequence[int] | torch.Tensor,
+                 interventions: Sequence[Intervention] = ()) -> torch.Tensor:
+        """Log-probabilities ``[batch, P, vocab]`` (fp32) at ``positions``; interventions at layers ``>= layer``."""
+        layer = self.adapter.check_layer(layer)
+        early = [edit.layer for edit in interventions if self.adapter.check_layer(edit.layer) < layer]
+        if early:
+            raise ValueError(f"interventions at layers {sorted(set(early))} precede the resume layer {layer}")
+        positions = torch.as_tensor(positions, dtype=torch.long, device=self.clean_logits.device)
+        inputs = {k: v.repeat(batch, *[1] * (v.dim() - 1)) if torch.is_tensor(v) else v for k, v in self.one.items()}
+        with self.vqa.trace((), interventions=interventions):
+            logits = self.vqa.forward(inputs).logits[:, positions]
+        return logits.float().log_softmax(-1)
+
+
+def checkpoint_for(vqa, inp):
+    """A :class:`ResidualCheckpoint` on the hooks backend, :class:`FullForwardRuns` on any other."""
+    if getattr(getattr(vqa, "backend", None), "name", "hooks") == "hooks":
+        return ResidualCheckpoint(vqa, inp)
+    return FullForwardRuns(vqa, inp)

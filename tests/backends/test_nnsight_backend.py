@@ -167,9 +167,9 @@ def test_gradient_through_captures(tiny_vqa, image):
 
 
 def test_methods_outside_trace_refuse_clearly(tiny_vqa, image):
-    from mech_vqa.methods.ablation import ablate, head_ablations
     from mech_vqa.methods.igos import igos
     from mech_vqa.methods.relevancy import relevancy
+    from mech_vqa.runner import ResidualCheckpoint
 
     inp = tiny_vqa.prepare(image, QUESTION, ANSWER)
     nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
@@ -177,7 +177,7 @@ def test_methods_outside_trace_refuse_clearly(tiny_vqa, image):
     with pytest.raises(BackendNotSupported, match=r"relevancy .* is not yet supported on the nnsight backend"):
         relevancy(nns, inp, progress=False)
     with pytest.raises(BackendNotSupported, match="ablate / ResidualCheckpoint .* nnsight backend"):
-        ablate(nns, inp, head_ablations(nns, layers=[0], heads=[0]))
+        ResidualCheckpoint(nns, inp)  # ablate itself runs whole forwards there (test_ablate_equals_hooks)
     with pytest.raises(BackendNotSupported, match="AnswerScorer .*igos.* nnsight backend"):
         igos(nns, inp, tokens=[0], progress=False)
     assert hook_snapshot(tiny_vqa.model) == hook_ids
@@ -249,10 +249,10 @@ def test_cli_backend_option(tiny_vqa, tmp_path, capsys):
             assert abs(rows["nnsight"][key] - value) <= 1e-5, key
         else:
             assert rows["nnsight"][key] == value, key
-    assert main(["run", "ablate", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "a.jsonl"), "--model",
+    assert main(["run", "compare", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "c.jsonl"), "--model",
                  str(tmp_path / "model"), "--device", "cpu", "--backend", "nnsight", "--no-progress"]) == 2
-    assert "ablate / ResidualCheckpoint" in capsys.readouterr().err
-    assert not (tmp_path / "a.jsonl").exists() or not read_results(tmp_path / "a.jsonl")
+    assert "not yet supported on the nnsight backend" in capsys.readouterr().err
+    assert not (tmp_path / "c.jsonl").exists() or not read_results(tmp_path / "c.jsonl")
 
 
 def _instance_slots(model) -> dict:
@@ -310,3 +310,21 @@ def test_pattern_from_a_model_that_cannot_give_it(tiny_vqa, image, monkeypatch):
     nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
     with pytest.raises(CaptureError, match="layer 0 returned no attention weights"), nns.trace(["pattern"]):
         nns.forward(inp)
+
+
+@torch.no_grad()
+def test_ablate_equals_hooks(pair, inp):
+    """Head, block and image-token sweeps: whole forwards through nnsight vs the hooks backend's resumed layers."""
+    from mech_vqa.methods.ablation import ablate, block_ablations, head_ablations, image_token_ablation
+
+    hooks, nns = pair
+    last = hooks.adapter.n_layers - 1
+    image_positions = inp.geometry.positions[:3]
+    ablations = (head_ablations(hooks, layers=[0, last]) + block_ablations(hooks, layers=[last])
+                 + [image_token_ablation(hooks, inp, image_positions)])
+    expected = ablate(hooks, inp, ablations, batch_size=4, progress=False)
+    got = ablate(nns, inp, ablations, batch_size=4, progress=False)
+    assert expected.delta.abs().max() > 1e-4
+    torch.testing.assert_close(got.delta, expected.delta, **TOL)
+    torch.testing.assert_close(got.clean_logprob, expected.clean_logprob, **TOL)
+    assert torch.equal(got.ablated_argmax, expected.ablated_argmax)
