@@ -15,6 +15,7 @@ position, since the kept rows attend to all of them.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -130,9 +131,13 @@ class FullForwardRuns:
             raise ValueError(f"interventions at layers {sorted(set(early))} precede the resume layer {layer}")
         positions = torch.as_tensor(positions, dtype=torch.long, device=self.clean_logits.device)
         inputs = {k: v.repeat(batch, *[1] * (v.dim() - 1)) if torch.is_tensor(v) else v for k, v in self.one.items()}
+        # the unembedding at the asked rows only (HF takes an index tensor): [batch, S, vocab] would be
+        # most of a sweep's memory and time
+        keep = {"logits_to_keep": positions} if "logits_to_keep" in inspect.signature(
+            self.vqa.model.forward).parameters else {}
         with self.vqa.trace((), interventions=interventions):
-            logits = self.vqa.forward(inputs).logits[:, positions]
-        return logits.float().log_softmax(-1)
+            logits = self.vqa.forward(inputs, **keep).logits
+        return (logits if keep else logits[:, positions]).float().log_softmax(-1)
 
 
 def checkpoint_for(vqa, inp):
