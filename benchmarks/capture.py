@@ -1,6 +1,8 @@
 """Cost of capture: a plain forward against a forward recording what the mechanistic methods need.
 
 Target (issue 2): capture at the target position <= 1.1x a plain forward on the mid-size model.
+"capture@t" is the trace ``explain`` runs its forward in (:func:`~mech_vqa.methods.mechanistic.target_trace`:
+everything at t, keys and values of every layer everywhere), set up and removed on every call.
 Also prints the cost of capturing the same names at every position, for reference.
 """
 
@@ -13,6 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, interleaved_medians, midsize_input, midsize_vqa  # noqa: E402
+
+from mech_vqa.methods.mechanistic import target_trace  # noqa: E402
 
 MECHANISTIC = ["resid_pre", "attn_out", "mlp_out", "z", "q", "k", "v", "mlp_act"]
 
@@ -31,9 +35,8 @@ def main() -> None:
 
     @torch.no_grad()
     def captured():
-        with vqa.trace(MECHANISTIC, positions=[t]):
-            with vqa.trace(["resid_post"], layers=[last], positions=[t]):
-                vqa.forward(inp)
+        with target_trace(vqa, torch.tensor([t]), list(range(last + 1))):
+            vqa.forward(inp)
 
     @torch.no_grad()
     def captured_all_positions():

@@ -7,7 +7,9 @@
 
 Only what is asked is recorded, optionally only at chosen positions and moved to CPU. The same
 context also applies :class:`~mech_vqa.interventions.Intervention` s (captures then see edited
-values). Hooks are removed and the model restored on exit, exceptions included.
+values). Hooks are removed on exit, exceptions included, and a capture of ``pattern`` (which switches
+to eager attention) puts the attention implementation, mode and ``requires_grad`` flags back
+(:func:`~mech_vqa.hooks.preserved_state`); no other capture touches them.
 
 Activation names and shapes (``P`` = chosen query positions, ``S`` = full sequence):
 
@@ -33,7 +35,7 @@ name               where                            shape
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -54,15 +56,26 @@ class CaptureError(RuntimeError):
 class ActivationCache:
     """Captured activations keyed by ``(name, layer)`` (or ``name`` for model-level ones)."""
 
-    def __init__(self, names: Sequence[str], layers: Sequence[int]):
+    def __init__(self, names: Sequence[str], layers: Sequence[int], adapter: ModelAdapter | None = None):
         self.names = tuple(names)
         self.layers = tuple(layers)
-        self.store: dict = {}
+        self.adapter = adapter  # rotates pending queries / keys
+        self._store: dict = {}
+        self.pending: dict = {}  # work left for the first read (queries and keys still to rotate)
+
+    @property
+    def store(self) -> dict:
+        if self.pending:
+            _finish_rotations(self)
+        return self._store
 
     def __getitem__(self, key):
-        if key not in self.store:
-            raise KeyError(f"{key!r} was not captured; captured: {sorted(map(str, self.store))}")
-        return self.store[key]
+        if isinstance(key, tuple) and key[1] in self.pending and key[0] in ("q", "k"):
+            _finish_rotations(self, [key[1]])  # only this layer: a method may read a single layer's
+        store = self._store if key in self._store else self.store
+        if key not in store:
+            raise KeyError(f"{key!r} was not captured; captured: {sorted(map(str, store))}")
+        return store[key]
 
     def __contains__(self, key) -> bool:
         return key in self.store
@@ -76,11 +89,34 @@ class ActivationCache:
         return torch.stack([self[name, layer] for layer in layers])
 
 
+class PerLayer(Sequence):
+    """``[layer]``: a name captured in some layers, read from the cache only when asked (None elsewhere)."""
+
+    def __init__(self, cache: ActivationCache, name: str, layers: Iterable[int], n_layers: int):
+        self.cache, self.name, self.layers, self.n_layers = cache, name, set(layers), n_layers
+
+    def __len__(self) -> int:
+        return self.n_layers
+
+    def __getitem__(self, layer):
+        if isinstance(layer, slice):
+            return [self[i] for i in range(self.n_layers)[layer]]
+        layer = range(self.n_layers)[layer]
+        return self.cache[self.name, layer] if layer in self.layers else None
+
+    def __add__(self, other) -> list:  # reads like the list it stands for
+        return list(self) + list(other)
+
+    def __radd__(self, other) -> list:
+        return list(other) + list(self)
+
+
 def _select(x: torch.Tensor, positions: torch.Tensor | None, dim: int = 1) -> torch.Tensor:
     """Pick ``positions`` ``[P]`` (shared) or ``[B, P]`` (per row) along ``dim``."""
     if positions is None:
         return x
-    positions = positions.to(x.device)
+    if positions.device != x.device:
+        positions = positions.to(x.device)
     if positions.dim() == 1:
         return x.index_select(dim, positions)
     shape = [1] * x.dim()
@@ -97,7 +133,27 @@ def _normalise_positions(positions) -> torch.Tensor | None:
         positions = positions.view(1)
     if positions.dim() > 2:
         raise ValueError(f"positions must be [P] or [batch, P], got shape {tuple(positions.shape)}")
+    if positions.dim() == 2 and (positions.shape[0] == 1 or bool((positions == positions[:1]).all())):
+        positions = positions[0]  # every row the same (one row, say): one index_select instead of a gather
     return positions
+
+
+def _layer_plan(adapter: ModelAdapter, names: Sequence[str], layers) -> dict[int, set]:
+    """``{layer: names recorded there}`` from ``layers`` (all, a list, or ``{name: layers}``)."""
+    per_layer = [n for n in names if n in LAYER_NAMES]
+    if isinstance(layers, Mapping):
+        extra = [name for name in layers if name not in per_layer]
+        if extra:
+            raise ValueError(f"layers names {extra}, which are not captured per layer here; names: {per_layer}")
+        chosen = {name: layers.get(name) for name in per_layer}
+    else:
+        chosen = dict.fromkeys(per_layer, layers)
+    everything = range(adapter.n_layers)
+    plan: dict[int, set] = {}
+    for name, which in chosen.items():
+        for layer in (everything if which is None else which):
+            plan.setdefault(adapter.check_layer(layer), set()).add(name)
+    return dict(sorted(plan.items()))
 
 
 @contextlib.contextmanager
@@ -106,7 +162,7 @@ def trace(
     adapter: ModelAdapter | None = None,
     names: Sequence[str] = (),
     *,
-    layers: Iterable[int] | None = None,
+    layers: Iterable[int] | Mapping[str, Iterable[int]] | None = None,
     positions=None,
     to_cpu: bool = False,
     detach: bool = True,
@@ -117,7 +173,8 @@ def trace(
     Args:
         model: an unmodified HF model the adapter handles.
         names: activations to record.
-        layers: decoder layers to record (default all).
+        layers: decoder layers to record (default all), or ``{name: layers}`` per name (names
+            left out: all layers), e.g. ``{"resid_post": [-1]}``.
         positions: query positions to keep, ``[P]`` or ``[B, P]``; ``None`` keeps all.
         to_cpu: move captured tensors to CPU as they are recorded.
         detach: detach captured tensors (set False to keep them in the autograd graph).
@@ -127,28 +184,46 @@ def trace(
     unknown = [n for n in names if n not in NAMES]
     if unknown:
         raise ValueError(f"unknown activation names {unknown}; choose from {NAMES}")
-    layer_list = [adapter.check_layer(i) for i in (range(adapter.n_layers) if layers is None else layers)]
+    if layers is not None and not isinstance(layers, Mapping):
+        layers = list(layers)  # read twice below
+    plan = _layer_plan(adapter, names, layers)
     positions = _normalise_positions(positions)
-    cache = ActivationCache(names, layer_list)
+    if positions is not None:
+        positions = positions.to(adapter.device)
+    if isinstance(layers, Mapping):
+        layer_list = list(plan)
+    else:
+        layer_list = [adapter.check_layer(i) for i in (range(adapter.n_layers) if layers is None else layers)]
+    cache = ActivationCache(names, layer_list, adapter)
     wants = set(names)
 
+    store = cache._store
+
     def keep(key, value: torch.Tensor) -> None:
-        if detach:
+        if detach and value.requires_grad:  # (under no_grad nothing needs detaching: skip the op)
             value = value.detach()
         if to_cpu:
             value = value.cpu()
-        cache.store[key] = value
+        store[key] = value
+
+    flat = None if positions is None else positions.flatten().tolist()
+    bounds = None if positions is None else (max(flat), min(flat))
 
     def check_positions(seq: int) -> None:
-        if positions is not None and (positions.max() >= seq or positions.min() < -seq):
-            raise IndexError(f"capture position {int(positions.max())} is outside the sequence of length {seq}")
+        if bounds is not None and (bounds[0] >= seq or bounds[1] < -seq):
+            raise IndexError(f"capture position {bounds[0]} is outside the sequence of length {seq}")
 
+    shape = (adapter.n_heads, adapter.n_kv_heads, adapter.head_dim)
     hooks = HookSet()
-    with preserved_state(model, eager="pattern" in wants):
+    # A capture changes nothing of the model but its hooks, and its attention implementation when it
+    # needs the weights: only then does it pay for the full state guard (a walk over every module and
+    # parameter), else the hooks' removal below is all there is to put back.
+    with preserved_state(model, eager=True) if "pattern" in wants else contextlib.nullcontext():
         try:
             register_interventions(hooks, adapter, interventions)
-            for layer in layer_list:
-                _register_layer(hooks, adapter, layer, wants, keep, positions, check_positions)
+            for layer, layer_wants in plan.items():
+                _register_layer(hooks, adapter, layer, layer_wants, keep, positions, check_positions, shape,
+                                cache.pending if detach else None)
             if "vision_features" in wants:
                 hooks.pre(adapter.projector, lambda m, a, kw: keep("vision_features", a[0] if a else next(iter(kw.values()))))
             if "projector_out" in wants:
@@ -158,8 +233,13 @@ def trace(
             hooks.remove()
 
 
-def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: set, keep, positions, check_positions):
-    n_heads, n_kv, head_dim = adapter.n_heads, adapter.n_kv_heads, adapter.head_dim
+def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: set, keep, positions, check_positions,
+                    shape: tuple[int, int, int], pending: dict | None):
+    """One hook per module and kind at most, each doing everything asked of that module.
+
+    ``pending``: where raw queries / keys wait to be rotated at the first read of the cache, all
+    layers sharing the same angles in one call (None: rotate in the hook, inside the graph)."""
+    n_heads, n_kv, head_dim = shape
     decoder = adapter.layer(layer)
 
     def hidden_of(args, kwargs):
@@ -177,52 +257,100 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
     if "resid_post" in wants:
         hooks.post(decoder, lambda m, a, kw, out: keep(
             ("resid_post", layer), _select(out[0] if isinstance(out, tuple) else out, positions)))
-    if "attn_out" in wants or "pattern" in wants:
+    want_q, want_k = "q" in wants, "k" in wants
+    raw = {}
+    if want_q:  # queries only at the chosen positions: selected before rotating
+        hooks.post(adapter.q_proj(layer), lambda m, a, kw, out: raw.__setitem__("q", _select(out, positions)))
+    if want_k:
+        hooks.post(adapter.k_proj(layer), lambda m, a, kw, out: raw.__setitem__("k", out))
+    if want_q or want_k or "attn_out" in wants or "pattern" in wants:
+        want_out, want_pattern = "attn_out" in wants, "pattern" in wants
+
         def attn_post(module, args, kwargs, out):
-            if "attn_out" in wants:
+            if want_out:
                 keep(("attn_out", layer), _select(out[0], positions))
-            if "pattern" in wants:
+            if want_pattern:
                 if out[1] is None:
                     raise CaptureError(
                         f"layer {layer} returned no attention weights even in eager mode; this model cannot "
                         "give attention patterns (capture 'q' and 'k' and use attention_rows instead)"
                     )
                 keep(("pattern", layer), _select(out[1], positions, dim=2))
+            if want_q or want_k:
+                job = (raw.pop("q", None), raw.pop("k", None), kwargs["position_embeddings"], positions, keep, shape)
+                if pending is None:
+                    _rotate(adapter, {layer: job})
+                else:
+                    pending[layer] = job
         hooks.post(adapter.attn(layer), attn_post)
     if "z" in wants:
-        def z_pre(module, args, kwargs):
-            z = args[0]
-            keep(("z", layer), _select(z, positions).unflatten(-1, (n_heads, head_dim)))
-        hooks.pre(adapter.o_proj(layer), z_pre)
+        hooks.pre(adapter.o_proj(layer), lambda m, a, kw: keep(
+            ("z", layer), _select(a[0], positions).unflatten(-1, (n_heads, head_dim))))
     if "v" in wants:
         hooks.post(adapter.v_proj(layer), lambda m, a, kw, out: keep(("v", layer), out.unflatten(-1, (n_kv, head_dim))))
-    if "q" in wants or "k" in wants:
-        raw = {}
-        hooks.post(adapter.q_proj(layer), lambda m, a, kw, out: raw.__setitem__("q", out))
-        hooks.post(adapter.k_proj(layer), lambda m, a, kw, out: raw.__setitem__("k", out))
-
-        def qk_post(module, args, kwargs, out):
-            q = _select(raw.pop("q"), positions).unflatten(-1, (n_heads, head_dim)).transpose(1, 2)
-            k = raw.pop("k").unflatten(-1, (n_kv, head_dim)).transpose(1, 2)
-            cos, sin = kwargs["position_embeddings"]
-            if positions is None:
-                q_rot, k_rot = adapter.rotate_qk(layer, q, k, (cos, sin))
-            else:  # q and k sit at different positions: rotate each with its own angles
-                q_rot = adapter.rotate_qk(layer, q, q, (_select(cos, positions), _select(sin, positions)))[0]
-                k_rot = adapter.rotate_qk(layer, k, k, (cos, sin))[1] if "k" in wants else None
-            if "q" in wants:
-                keep(("q", layer), q_rot.transpose(1, 2))
-            if "k" in wants:
-                keep(("k", layer), k_rot.transpose(1, 2))
-        hooks.post(adapter.attn(layer), qk_post)
     if "mlp_act" in wants:
         hooks.pre(adapter.down_proj(layer), lambda m, a, kw: keep(("mlp_act", layer), _select(a[0], positions)))
     if "mlp_out" in wants:
         hooks.post(adapter.mlp(layer), lambda m, a, kw, out: keep(("mlp_out", layer), _select(out, positions)))
 
 
+def _finish_rotations(cache: ActivationCache, layers=None) -> None:
+    """Rotate the pending queries / keys of ``layers`` (default all), layers sharing angles together."""
+    if layers is None:
+        jobs, cache.pending = cache.pending, {}
+    else:
+        jobs = {layer: cache.pending.pop(layer) for layer in layers}
+    groups: dict = {}
+    for layer, job in jobs.items():  # layers given the same angle tensors (HF passes one pair to all)
+        cos, sin = job[2]
+        groups.setdefault((id(cos), id(sin)), {})[layer] = job
+    for group in groups.values():
+        _rotate(cache.adapter, group)
+
+
+def _rotate(adapter: ModelAdapter, jobs: dict) -> None:
+    """Rotate recorded raw queries (at the chosen positions) and keys (everywhere) of several layers
+    that share their angles, with the model's own rotary function, all layers in one call.
+
+    ``jobs``: ``{layer: (raw q or None, raw k or None, (cos, sin), positions, keep, shape)}``.
+    Only what was asked is rotated (an unused slot gets one head of the other: a negligible row).
+    """
+    layers = list(jobs)
+    _, _, (cos, sin), positions, keep, (n_heads, n_kv, head_dim) = jobs[layers[0]]
+    first = layers[0]
+    qs = [jobs[layer][0] for layer in layers if jobs[layer][0] is not None]
+    ks = [jobs[layer][1] for layer in layers if jobs[layer][1] is not None]
+    # [B, n_layers * heads, P or S, hd]: the layers side by side as extra heads
+    q = (qs[0] if len(qs) == 1 else torch.cat(qs, -1)).unflatten(-1, (-1, head_dim)).transpose(1, 2) if qs else None
+    k = (ks[0] if len(ks) == 1 else torch.cat(ks, -1)).unflatten(-1, (-1, head_dim)).transpose(1, 2) if ks else None
+    if q is not None and k is not None and positions is None:
+        q_rot, k_rot = adapter.rotate_qk(first, q, k, (cos, sin))
+    elif q is not None and k is not None and q.shape[1] == k.shape[1] and positions.dim() == 1:
+        # as many query as key heads (multi-head attention): the queries ride along as extra rows of the
+        # keys, each row with its own angles, so one call rotates both
+        rows = torch.cat([k, q], dim=2)
+        angles = (torch.cat([cos, _select(cos, positions)], dim=1), torch.cat([sin, _select(sin, positions)], dim=1))
+        both = adapter.rotate_qk(first, rows[:, :1], rows, angles)[1]
+        k_rot, q_rot = both[:, :, :k.shape[2]], both[:, :, k.shape[2]:]
+    else:
+        if q is not None:  # q sits at the chosen positions: its own angles
+            angles = (cos, sin) if positions is None else (_select(cos, positions), _select(sin, positions))
+            q_rot = adapter.rotate_qk(first, q, q[:, :1], angles)[0]
+        if k is not None:
+            k_rot = adapter.rotate_qk(first, k[:, :1], k, (cos, sin))[1]
+    q_layers = [layer for layer in layers if jobs[layer][0] is not None]
+    k_layers = [layer for layer in layers if jobs[layer][1] is not None]
+    if q is not None:
+        for layer, part in zip(q_layers, q_rot.transpose(1, 2).split(n_heads, dim=2)):
+            jobs[layer][4](("q", layer), part)
+    if k is not None:
+        for layer, part in zip(k_layers, k_rot.transpose(1, 2).split(n_kv, dim=2)):
+            jobs[layer][4](("k", layer), part)
+
+
 def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.Tensor, k: torch.Tensor,
-                   query_positions: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   query_positions: torch.Tensor, key_mask: torch.Tensor | None = None,
+                   heads: Sequence[int] | None = None) -> torch.Tensor:
     """Attention weights at chosen query rows, recomputed from captured rotated ``q`` and ``k``.
 
     Exact for causal softmax attention (what eager attention computes), without eager mode:
@@ -236,23 +364,32 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
         k: ``[B, S, n_kv_heads, head_dim]`` captured ``k``.
         query_positions: ``[P]`` or ``[B, P]`` sequence positions of the rows of ``q``.
         key_mask: ``[B, S]`` attention mask (1 = real token); None = all real.
+        heads: only these query heads (default all): each reads its own key head.
 
-    Returns: ``[B, n_heads, P, S]`` float32.
+    Returns: ``[B, n_heads or len(heads), P, S]`` float32.
     """
     layers = [layer] * q.shape[0] if isinstance(layer, int) else [int(x) for x in layer]
     if len(layers) != q.shape[0]:
         raise ValueError(f"attention_rows got {len(layers)} layers for {q.shape[0]} batch rows")
     group = adapter.n_heads // adapter.n_kv_heads
-    k = k.float().repeat_interleave(group, dim=2)  # [B, S, H, hd]
-    scaling = torch.tensor([adapter.attention_scaling(x) for x in layers], device=k.device).view(-1, 1, 1, 1)
-    scores = torch.einsum("bphd,bshd->bhps", q.float(), k) * scaling
+    if heads is None:
+        k = k.float().repeat_interleave(group, dim=2)  # [B, S, H, hd]
+    else:
+        heads = [adapter.check_head(int(h)) for h in heads]
+        q = q[:, :, heads]
+        k = k[:, :, [h // group for h in heads]].float()
+    scales = {x: adapter.attention_scaling(x) for x in set(layers)}
+    scaling = scales[layers[0]] if len(scales) == 1 else torch.tensor(
+        [scales[x] for x in layers], device=k.device).view(-1, 1, 1, 1)
+    scores = torch.matmul(q.float().transpose(1, 2), k.permute(0, 2, 3, 1)) * scaling  # [B, H, P, S]
     seq = k.shape[1]
     query_positions = query_positions.to(scores.device)
     if query_positions.dim() == 1:
         query_positions = query_positions.unsqueeze(0).expand(scores.shape[0], -1)
     keys = torch.arange(seq, device=scores.device).view(1, 1, seq)
     allowed = keys <= query_positions.unsqueeze(-1)  # [B, P, S]
-    windows = [adapter.sliding_window(x) for x in layers]
+    window_of = {x: adapter.sliding_window(x) for x in set(layers)}
+    windows = [window_of[x] for x in layers]
     if any(w is not None for w in windows):
         width = torch.tensor([w if w is not None else seq + 1 for w in windows], device=scores.device)
         allowed = allowed & (keys > (query_positions - width.view(-1, 1)).unsqueeze(-1))

@@ -38,16 +38,40 @@ def attn_implementation(model: nn.Module) -> str | None:
     return getattr(model.config, "_attn_implementation", None)
 
 
-def _config_attn_state(model: nn.Module) -> list[tuple[object, object]]:
+def _submodules(model: nn.Module) -> list[nn.Module]:
+    """Every module of ``model`` once (as ``model.modules()``), in one iterative pass over ``_modules``
+    (no nested generators): the guard runs on every guarded call."""
+    out, seen, pending = [], set(), [model]
+    pop, push, mark = pending.pop, pending.extend, seen.add
+    while pending:
+        module = pop()
+        if module is None or id(module) in seen:
+            continue
+        mark(id(module))
+        out.append(module)
+        push(module._modules.values())
+    return out
+
+
+def _config_attn_state(modules: list[nn.Module]) -> list[tuple[object, object]]:
+    """``(config, its _attn_implementation_internal)`` for every config of ``modules`` and their sub-configs.
+
+    Read through each object's ``__dict__``: a model's config is a plain attribute, which skips
+    nn.Module's slow ``__getattr__`` miss on the many modules that have none, and transformers'
+    configs route every attribute read through a Python ``__getattribute__``.
+    """
     configs, seen = [], set()
-    pending = [getattr(module, "config", None) for module in model.modules()]
+    pending = [module.__dict__.get("config") for module in modules]
     while pending:
         config = pending.pop()
-        if config is None or id(config) in seen or not hasattr(config, "_attn_implementation_internal"):
+        if config is None or id(config) in seen:
             continue
         seen.add(id(config))
-        configs.append((config, config._attn_implementation_internal))
-        pending.extend(getattr(config, key, None) for key in getattr(config, "sub_configs", {}))
+        fields = vars(config)
+        if "_attn_implementation_internal" not in fields:
+            continue
+        configs.append((config, fields["_attn_implementation_internal"]))
+        pending.extend(fields.get(key) for key in getattr(type(config), "sub_configs", {}))
     return configs
 
 
@@ -69,9 +93,11 @@ def preserved_state(model: nn.Module, *, eager: bool = False, frozen: bool = Fal
         frozen: set ``requires_grad=False`` on every parameter for the block (gradient methods
             then differentiate only with respect to their own inputs).
     """
-    training = {m: m.training for m in model.modules()}
-    grads = {p: p.requires_grad for p in model.parameters()}
-    attn = _config_attn_state(model)
+    modules = _submodules(model)
+    training = [m.training for m in modules]
+    params = [p for m in modules for p in m._parameters.values() if p is not None]
+    grads = [p.requires_grad for p in params]
+    attn = _config_attn_state(modules)
     try:
         if eager and attn_implementation(model) != "eager":
             try:
@@ -82,13 +108,17 @@ def preserved_state(model: nn.Module, *, eager: bool = False, frozen: bool = Fal
                     "weights need it. Load the model with attn_implementation='eager'."
                 ) from err
         if frozen:
-            for p in grads:
+            for p in params:
                 p.requires_grad_(False)
         yield
     finally:
         for config, value in attn:
-            config._attn_implementation_internal = value
-        for p, flag in grads.items():
-            p.requires_grad_(flag)
-        for m, flag in training.items():
-            m.training = flag
+            if vars(config).get("_attn_implementation_internal") != value:
+                config._attn_implementation_internal = value
+        # only what changed is written back (nn.Module.__setattr__ is slow, and most blocks change nothing)
+        for p, flag in zip(params, grads):
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+        for m, flag in zip(modules, training):
+            if m.training != flag:
+                m.training = flag

@@ -125,6 +125,16 @@ class PreparedInput:
 
     def display_image(self) -> np.ndarray:
         """The preprocessed image the model saw, de-normalised to ``[H, W, 3]`` floats in [0, 1]."""
+        # every result of an explanation carries it: de-normalise once per pixel tensor (and version)
+        key = (id(self.pixel_values), self.pixel_values._version, self.image_mean, self.image_std)
+        cached = self.__dict__.get("_display")
+        if cached is not None and cached[0] == key and cached[1] is self.pixel_values:
+            return cached[2].copy()
+        image = self._denormalised()
+        self.__dict__["_display"] = (key, self.pixel_values, image)
+        return image.copy()
+
+    def _denormalised(self) -> np.ndarray:
         pixel = self.pixel_values[0].detach().float().cpu()
         if pixel.dim() == 4:  # several views (tiles): the first is the whole image
             pixel = pixel[0]

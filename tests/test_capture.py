@@ -111,3 +111,15 @@ def test_pattern_from_a_model_that_cannot_give_it(tiny_vqa, prepared, monkeypatc
     with pytest.raises(CaptureError, match="cannot give attention patterns"):
         with tiny_vqa.trace(["pattern"]):
             tiny_vqa.forward(prepared)
+
+
+def test_queries_at_positions_equal_the_full_capture_with_multi_head_attention(tiny_mha_vqa, prepared):
+    """Multi-head attention rotates the chosen queries as extra rows of the keys (one call): the same
+    values as rotating everything."""
+    with torch.no_grad(), tiny_mha_vqa.trace(["q", "k"], positions=[5, 20]) as chosen:
+        tiny_mha_vqa.forward(prepared)
+    with torch.no_grad(), tiny_mha_vqa.trace(["q", "k"]) as full:
+        tiny_mha_vqa.forward(prepared)
+    for layer in range(tiny_mha_vqa.adapter.n_layers):
+        torch.testing.assert_close(chosen["q", layer], full["q", layer][:, [5, 20]], rtol=0, atol=0)
+        torch.testing.assert_close(chosen["k", layer], full["k", layer], rtol=0, atol=0)

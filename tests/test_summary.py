@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mech_vqa.dataset import run_dataset
+from mech_vqa.dataset import read_results, run_dataset
 from mech_vqa.summary import summarize, summary_tables
 
 
@@ -75,7 +75,7 @@ def test_run_compare_then_summary(tiny_vqa, tmp_path):
     counts = run_dataset(tiny_vqa, tmp_path / "data.jsonl", out, "compare", progress=False,
                          methods=["raw_attention", "relevancy"])
     assert counts["errors"] == 0
-    written = [json.loads(line) for line in out.read_text().splitlines()]
+    written = read_results(out)  # the rows, less the header line
     entry = written[0]["methods"]["raw_attention"]
     assert {"insertion_auc_raw", "auc_flag", "pointing_peaks", "drop_zero@box", "excess_blur@10%"} <= set(entry)
     assert written[0]["head_claims"][0]["heads"] and written[0]["faithfulness"]["box"]

@@ -207,7 +207,15 @@ class ModelAdapter:
         raise NotImplementedError
 
     def _get(self, path: str) -> nn.Module:
-        return self.model.get_submodule(path)
+        # Straight through the ``_modules`` dicts: ``get_submodule``'s hasattr/getattr go through
+        # nn.Module's slow ``__getattr__`` at every step, and captures look modules up per layer.
+        module = self.model
+        for name in path.split("."):
+            child = module._modules.get(name)
+            if child is None:
+                return self.model.get_submodule(path)  # its own lookup, and its error
+            module = child
+        return module
 
     # ------------------------------------------------------------------------- modules
     @property
@@ -215,7 +223,11 @@ class ModelAdapter:
         return self._get(self.layers_path)
 
     def layer(self, index: int) -> nn.Module:
-        return self.layers[self.check_layer(index)]
+        layers = self.layers
+        n = len(layers)
+        if not -n <= index < n:
+            self.check_layer(index)  # its error
+        return layers[index]
 
     def attn(self, index: int) -> nn.Module:
         return self.layer(index).self_attn
@@ -261,31 +273,50 @@ class ModelAdapter:
     # ---------------------------------------------------------------------- dimensions
     @property
     def text_config(self):
-        return self.model.config.get_text_config()
+        config = self.model.config
+        key = (config, config.__dict__.get("text_config"))
+        cached = self.__dict__.get("_text_config")
+        if cached is None or cached[0] is not key[0] or cached[1] is not key[1]:
+            # get_text_config is slow and read per layer by captures: once per config object
+            cached = self._text_config = (*key, config.get_text_config())
+        return cached[2]
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
 
+    def _text_dims(self) -> dict:
+        """The text model's sizes, read once per text config (transformers routes every config
+        attribute read through Python; methods ask for these in inner loops)."""
+        config = self.text_config
+        cached = self.__dict__.get("_dims")
+        if cached is None or cached[0] is not config:
+            n_heads, d_model = config.num_attention_heads, config.hidden_size
+            dims = {"n_heads": n_heads, "d_model": d_model, "d_mlp": getattr(config, "intermediate_size", None),
+                    "n_kv_heads": getattr(config, "num_key_value_heads", None) or n_heads,
+                    "head_dim": getattr(config, "head_dim", None) or d_model // n_heads}
+            cached = self._dims = (config, dims)
+        return cached[1]
+
     @property
     def n_heads(self) -> int:
-        return self.text_config.num_attention_heads
+        return self._text_dims()["n_heads"]
 
     @property
     def n_kv_heads(self) -> int:
-        return getattr(self.text_config, "num_key_value_heads", None) or self.n_heads
+        return self._text_dims()["n_kv_heads"]
 
     @property
     def head_dim(self) -> int:
-        return getattr(self.text_config, "head_dim", None) or self.d_model // self.n_heads
+        return self._text_dims()["head_dim"]
 
     @property
     def d_model(self) -> int:
-        return self.text_config.hidden_size
+        return self._text_dims()["d_model"]
 
     @property
     def d_mlp(self) -> int:
-        return self.text_config.intermediate_size
+        return self._text_dims()["d_mlp"] or self.text_config.intermediate_size
 
     @property
     def vocab_size(self) -> int:
@@ -325,8 +356,14 @@ class ModelAdapter:
             raise AdapterError(f"cannot read the epsilon of the final norm {type(norm).__name__}")
         if isinstance(norm, nn.LayerNorm):
             return {"kind": "layer", "weight": norm.weight, "bias": norm.bias, "eps": float(eps)}
-        return {"kind": "rms", "weight": _rms_gain(norm, float(eps)), "bias": getattr(norm, "bias", None),
-                "eps": float(eps)}
+        # Reading an RMS norm's gain runs the module: keep it while the same weight tensor is unmodified
+        # (its version counter moves with every in-place change)
+        key = (norm, norm.weight, norm.weight._version, float(eps))
+        cached = self.__dict__.get("_rms_params")
+        if cached is None or any(a is not b for a, b in zip(cached[0][:2], key[:2])) or cached[0][2:] != key[2:]:
+            cached = self._rms_params = (key, {"kind": "rms", "weight": _rms_gain(norm, float(eps)),
+                                               "bias": getattr(norm, "bias", None), "eps": float(eps)})
+        return dict(cached[1])
 
     # ------------------------------------------------------------------------ checks
     def check_layer(self, index: int) -> int:

@@ -38,10 +38,14 @@ CHUNK_ELEMENTS = 1 << 19
 
 def check_token_ids(adapter: ModelAdapter, token_ids: torch.Tensor) -> torch.Tensor:
     """``token_ids`` as a long tensor, or an IndexError naming the vocabulary size."""
-    token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     vocab = adapter.vocab_size
-    bad = token_ids[(token_ids < 0) | (token_ids >= vocab)]
-    if bad.numel():
+    if isinstance(token_ids, (list, tuple)) and all(type(t) is int for t in token_ids):  # no tensor ops needed
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        token_ids = torch.tensor(token_ids, dtype=torch.long)
+    else:
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        bad = token_ids[(token_ids < 0) | (token_ids >= vocab)].tolist()
+    if bad:
         raise IndexError(
             f"target token id {int(bad[0])} is outside the vocabulary (0..{vocab - 1}); pass a Target "
             "whose token_id the model's tokenizer produced (e.g. inp.target())"
@@ -148,7 +152,7 @@ class FrozenNormScorer:
             self.mean = r.mean(-1, keepdim=True)  # [B, 1]
             variance = (r - self.mean).pow(2).mean(-1, keepdim=True)
         else:
-            self.mean = torch.zeros_like(r[:, :1])
+            self.mean = None  # an RMS norm does not centre
             variance = r.pow(2).mean(-1, keepdim=True)
         self.scale = torch.rsqrt(variance + params["eps"])  # [B, 1]: s, frozen
         self.gamma = params["weight"].detach().float()
@@ -164,7 +168,8 @@ class FrozenNormScorer:
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.targets.device)
         out = object.__new__(FrozenNormScorer)
         out.__dict__.update(self.__dict__)
-        out.targets, out.mean, out.scale = self.targets[rows], self.mean[rows], self.scale[rows]
+        out.targets, out.scale = self.targets[rows], self.scale[rows]
+        out.mean = None if self.mean is None else self.mean[rows]
         return out
 
     def frozen_norm(self, vectors: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
@@ -172,9 +177,11 @@ class FrozenNormScorer:
         ``overwrite`` computes it in place when ``vectors`` is float32 on the right device."""
         shape = (vectors.shape[0],) + (1,) * (vectors.dim() - 1)
         if overwrite and vectors.dtype == torch.float32 and vectors.device == self.gamma.device:
-            x = vectors.sub_(self.mean.view(shape)).mul_(self.scale.view(shape)).mul_(self.gamma)
+            x = vectors if self.mean is None else vectors.sub_(self.mean.view(shape))
+            x = x.mul_(self.scale.view(shape)).mul_(self.gamma)
             return x.add_(self.beta) if self.beta is not None else x
-        x = (vectors.float().to(self.gamma.device) - self.mean.view(shape)) * self.scale.view(shape) * self.gamma
+        x = vectors.float().to(self.gamma.device)
+        x = (x if self.mean is None else x - self.mean.view(shape)) * self.scale.view(shape) * self.gamma
         return x + self.beta if self.beta is not None else x
 
     # ------------------------------------------------------------------------ scoring
@@ -189,6 +196,10 @@ class FrozenNormScorer:
         W_U, b_U = unembed.weight, getattr(unembed, "bias", None)
         batch, vocab = self.batch_size, W_U.shape[0]
         chunk = _chunk_size(self.adapter, batch * n_vectors, self.chunk_elements)
+        if chunk >= vocab:  # the whole vocabulary in one block: a plain log-softmax, no running sums
+            logits = chunk_logits(W_U.float(), None if b_U is None else b_U.float())
+            target = logits.gather(-1, self.targets.view(batch, 1, 1).expand(-1, n_vectors, 1))[..., 0]
+            return target - logits.logsumexp(-1)
         lse = torch.full((batch, n_vectors), float("-inf"), device=W_U.device)
         target = torch.zeros((batch, n_vectors), device=W_U.device)
         for start in range(0, vocab, chunk):

@@ -25,13 +25,12 @@ Entry point: :func:`explain` ("explain this answer token"); :func:`capture_targe
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from ..capture import attention_rows
+from ..capture import ActivationCache, PerLayer, attention_rows
 from ..inputs import BatchedInput, PreparedInput, Target, check_box
 from ..results.mechanistic import Explanation, HeadIncrease, HeadPositions, LayerIncrease
 from .logprob import CHUNK_ELEMENTS, FrozenNormScorer, check_token_ids
@@ -50,6 +49,9 @@ class TargetCapture:
     ``mlp_act`` ``[B, L, d_mlp]`` are at each row's target position; ``k``/``v`` are per-layer lists of
     ``[B, S, KV, hd]`` (None for layers not kept, see ``kv_layers``); ``final`` ``[B, d]`` the last layer's output at ``t``. ``positions`` ``[B]`` are
     batch coordinates of ``t``; ``offsets`` ``[B]`` the left padding of each row.
+
+    Queries and keys stay in ``cache`` as recorded and are rotated when first read, one layer at a
+    time (:meth:`query`, ``k[layer]``): the top head's map needs one layer's, not all of them.
     """
 
     vqa: object
@@ -62,8 +64,8 @@ class TargetCapture:
     attn_out: torch.Tensor
     mlp_out: torch.Tensor
     z: torch.Tensor
-    q: torch.Tensor
-    k: list[torch.Tensor]
+    cache: ActivationCache
+    kv_layers: list[int]
     v: list[torch.Tensor]
     mlp_act: torch.Tensor
     final: torch.Tensor
@@ -74,6 +76,20 @@ class TargetCapture:
     def adapter(self):
         return self.vqa.adapter
 
+    def query(self, layer: int) -> torch.Tensor:
+        """``[B, H, hd]``: layer ``layer``'s rotated queries at ``t``."""
+        return self.cache["q", layer][:, 0]
+
+    @property
+    def q(self) -> torch.Tensor:
+        """``[B, L, H, hd]``: every layer's rotated queries at ``t``."""
+        return self.cache.stack("q").transpose(0, 1)[:, :, 0]
+
+    @property
+    def k(self) -> PerLayer:
+        """``k[layer]``: ``[B, S, KV, hd]`` rotated keys, or None where not kept."""
+        return PerLayer(self.cache, "k", self.kv_layers, self.adapter.n_layers)
+
     def meta(self, row: int) -> dict:
         """Metadata for row ``row``'s results (model id, prompt, target)."""
         return {"model": self.vqa.name, "prompt": self.items[row].prompt, "target": self.targets[row].to_dict(),
@@ -83,7 +99,8 @@ class TargetCapture:
 def _check_target(inp: PreparedInput, adapter, target: Target) -> Target:
     if not isinstance(target, Target):
         raise TypeError(f"target must be a mech_vqa Target (e.g. inp.target()), got {type(target).__name__}")
-    check_token_ids(adapter, [target.token_id])
+    if not isinstance(target.token_id, int) or not 0 <= target.token_id < adapter.vocab_size:
+        check_token_ids(adapter, [target.token_id])  # its error (or the id as a tensor / numpy int: fine)
     inp.check_position(target.position)
     return Target(target.token_id, target.position % inp.seq_len, target.token)
 
@@ -104,6 +121,15 @@ def _targets(vqa, inp, target) -> tuple[list[PreparedInput], list[Target], torch
     return items, [_check_target(i, vqa.adapter, t) for i, t in zip(items, targets)], offsets
 
 
+def target_trace(vqa, positions: torch.Tensor, kv_layers: list[int]):
+    """The trace :func:`capture_target` runs its forward in: everything in ``CAPTURED`` at ``positions``
+    ``[B]`` (one per row) in every layer but ``resid_post`` (last layer only), keys and values at every
+    position in ``kv_layers``. One trace: one set-up, at most one hook per module and kind."""
+    names = list(CAPTURED) + (["k", "v"] if kv_layers else [])
+    layers = {"resid_post": [vqa.adapter.n_layers - 1]} | ({"k": kv_layers, "v": kv_layers} if kv_layers else {})
+    return vqa.trace(names, layers=layers, positions=positions.view(-1, 1))
+
+
 @torch.no_grad()
 def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_layers="all",
                    chunk_elements: int = CHUNK_ELEMENTS) -> TargetCapture:
@@ -120,26 +146,24 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
     positions = torch.tensor([t.position for t in targets]) + offsets  # batch coordinates
     layers = range(adapter.n_layers)
     kv = list(layers) if kv_layers == "all" else sorted({adapter.check_layer(int(x)) for x in (kv_layers or [])})
-    with vqa.trace(CAPTURED, positions=positions.view(-1, 1)) as cache, \
-            (vqa.trace(["k", "v"], layers=kv, positions=positions.view(-1, 1)) if kv else nullcontext()) as kv_cache:
-        vqa.forward(inp, logits_to_keep=1)
+    # logits only at each row's t: the model's own log p(y | t) comes out of the same forward
+    with target_trace(vqa, positions, kv) as cache:
+        logits = vqa.forward(inp, logits_to_keep=positions.view(-1, 1).to(adapter.device)).logits[:, 0]
 
-    def stacked(name):  # [B, L, ...] at t
-        return torch.stack([cache[name, layer][:, 0] for layer in layers], dim=1)
+    def stacked(name):  # [B, L, ...] at t: each layer's capture is [B, 1, ...]
+        return torch.cat([cache[name, layer] for layer in layers], dim=1)
 
     final = cache["resid_post", adapter.n_layers - 1][:, 0]
     token_ids = torch.tensor([t.token_id for t in targets], device=adapter.device)
-    # The model's own log p(y | t), through its real final norm and unembedding.
-    model_logits = adapter.unembed(adapter.final_norm(final)).float()
-    model_logprob = model_logits.log_softmax(-1).gather(1, token_ids.view(-1, 1))[:, 0]
+    model_logprob = logits.float().log_softmax(-1).gather(1, token_ids.view(-1, 1))[:, 0]
     mask = inp.attention_mask.to(adapter.device)
     return TargetCapture(
         vqa=vqa, items=items, targets=targets, positions=positions, offsets=offsets, attention_mask=mask,
         resid_pre=stacked("resid_pre"), attn_out=stacked("attn_out"), mlp_out=stacked("mlp_out"),
-        z=stacked("z"), q=stacked("q"), k=[kv_cache["k", layer] if layer in kv else None for layer in layers],
-        v=[kv_cache["v", layer] if layer in kv else None for layer in layers], mlp_act=stacked("mlp_act"), final=final,
+        z=stacked("z"), cache=cache, kv_layers=kv,
+        v=[cache["v", layer] if layer in kv else None for layer in layers], mlp_act=stacked("mlp_act"), final=final,
         model_logprob=model_logprob,
-        scorer=FrozenNormScorer(adapter, final, token_ids, chunk_elements=chunk_elements),
+        scorer=FrozenNormScorer(adapter, final, [t.token_id for t in targets], chunk_elements=chunk_elements),
     )
 
 
@@ -159,7 +183,9 @@ def head_vectors(capture: TargetCapture, out: torch.Tensor | None = None) -> tor
         W_O = adapter.W_O(layer)
         for start in range(0, n_heads, step):
             heads = slice(start, start + step)
-            out[:, layer, heads] += torch.einsum("bhe,hed->bhd", capture.z[:, layer, heads].float(), W_O[heads].float())
+            # [h, B, d] += [h, B, hd] @ [h, hd, d], in place in ``out``
+            out[:, layer, heads].transpose(0, 1).baddbmm_(capture.z[:, layer, heads].float().transpose(0, 1),
+                                                          W_O[heads].float())
     return out
 
 
@@ -218,15 +244,19 @@ def position_scores(capture: TargetCapture, layer: int, head: int, rows=None) ->
     if capture.k[layer] is None:
         raise ValueError(f"layer {layer}'s keys and values were not captured; capture with "
                          f"capture_target(..., kv_layers='all') or a list that includes {layer}")
-    rows = list(range(len(capture.items))) if rows is None else list(rows)
+    n_rows = len(capture.items)
+    rows = list(range(n_rows)) if rows is None else [int(r) for r in rows]
+    # every row: plain slices (a list index is a gather per tensor)
+    index = slice(None) if rows == list(range(n_rows)) else rows
+    scorer = capture.scorer if index == slice(None) else capture.scorer.select(rows)
     group = adapter.n_heads // adapter.n_kv_heads
-    query_positions = capture.positions[rows].view(-1, 1)
-    pattern = attention_rows(adapter, layer, capture.q[rows, layer].unsqueeze(1), capture.k[layer][rows],
-                              query_positions, capture.attention_mask[rows])
-    attention = pattern[:, head, 0]  # [b, S]: A_lj[t, :]
-    values = capture.v[layer][rows, :, head // group].float()  # [b, S, hd]
-    lp, lp_base = capture.scorer.select(rows).log_prob_in_basis(
-        capture.resid_pre[rows, layer], attention.unsqueeze(-1) * values, adapter.W_O(layer)[head])
+    query_positions = capture.positions[index].view(-1, 1)
+    pattern = attention_rows(adapter, layer, capture.query(layer)[index].unsqueeze(1), capture.k[layer][index],
+                             query_positions, capture.attention_mask[index], heads=[head])
+    attention = pattern[:, 0, 0]  # [b, S]: A_lj[t, :]
+    values = capture.v[layer][index, :, head // group].float()  # [b, S, hd]
+    lp, lp_base = scorer.log_prob_in_basis(
+        capture.resid_pre[index, layer], attention.unsqueeze(-1) * values, adapter.W_O(layer)[head])
     return lp - lp_base.unsqueeze(1), attention
 
 
@@ -250,7 +280,8 @@ def position_increase(capture: TargetCapture, heads, *, progress: bool = False) 
         for pair in row_heads:
             wanted.setdefault(pair, []).append(row)
     computed = {}
-    for (layer, head), rows_for_head in tqdm(wanted.items(), desc="heads", disable=not progress, leave=False):
+    pending = tqdm(wanted.items(), desc="heads", leave=False) if progress else wanted.items()
+    for (layer, head), rows_for_head in pending:
         increase, attention = position_scores(capture, layer, head, rows_for_head)
         for i, row in enumerate(rows_for_head):
             computed[layer, head, row] = (increase[i], attention[i])
@@ -287,11 +318,18 @@ def _check_heads_argument(adapter, heads) -> None:
 
 def _head_sets(heads, head_results: list[HeadIncrease]) -> list[list[tuple[int, int]]]:
     """Resolve ``heads`` ("top", an int k, or explicit pairs) into one head set per row."""
-    if isinstance(heads, str):
-        return [result.top_heads(1) for result in head_results]
-    if isinstance(heads, int):
-        return [result.top_heads(heads) for result in head_results]
+    if isinstance(heads, (str, int)):
+        k = 1 if isinstance(heads, str) else heads
+        return [_top_heads(result.scores, k) for result in head_results]
     return [list(heads)] * len(head_results)
+
+
+def _top_heads(scores: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """``HeadIncrease.top_heads(k)`` (the same top-k) with the index arithmetic in Python: cheaper
+    than unravelling in tensors for the few heads asked."""
+    n_heads = scores.shape[1]
+    _, index = scores.flatten().float().topk(min(k, scores.numel()))
+    return [divmod(i, n_heads) for i in index.tolist()]
 
 
 def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top", k: int = 10,

@@ -337,3 +337,19 @@ def test_keys_and_values_are_kept_only_where_position_maps_need_them(tiny_vqa, p
                                rtol=0, atol=0)
     with pytest.raises(ValueError, match="layer 0's keys and values were not captured"):
         position_increase(one, [(0, 1)])
+
+
+def test_explain_equals_the_llava_mechanism_notebooks_algorithm(tiny_mha_vqa, image):
+    """benchmarks/reference_mechanism.py (the published algorithm: per-layer heads through the frozen
+    norm and unembedding in one product, log-softmax, the top head's positions in one product) and
+    explain give the same layer, head and position increases on the same prompt and target."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from reference_mechanism import ReferenceMechanism, check_same, prompt_and_target
+
+    reference = ReferenceMechanism(tiny_mha_vqa)
+    inp, target = prompt_and_target(tiny_mha_vqa, reference, image)
+    diffs = check_same(tiny_mha_vqa, reference, inp, target)  # raises when they disagree
+    assert max(diffs.values()) < 1e-5
