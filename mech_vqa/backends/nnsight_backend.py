@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..capture import NAMES, ActivationCache, CaptureError, _normalise_positions, _select
+from ..capture import NAMES, ActivationCache, CaptureError, _layer_plan, _normalise_positions, _select
 from ..hooks import preserved_state
 from ..interventions import Intervention
 from . import nnsight_ops
@@ -79,7 +79,7 @@ class _Spec:
     """One active ``vqa.trace`` block."""
 
     names: tuple[str, ...]
-    layers: list[int]
+    plan: dict[int, set]       # {layer: per-layer names recorded there}
     positions: torch.Tensor | None
     to_cpu: bool
     detach: bool
@@ -162,19 +162,26 @@ class NNsightBackend(Backend):
 
     # ----------------------------------------------------------------------------- trace
     @contextlib.contextmanager
-    def trace(self, names: Sequence[str] = (), *, layers: Iterable[int] | None = None, positions=None,
-              to_cpu: bool = False, detach: bool = True, interventions: Sequence[Intervention] = ()):
+    def trace(self, names: Sequence[str] = (), *, layers: Iterable[int] | Mapping[str, Iterable[int]] | None = None,
+              positions=None, to_cpu: bool = False, detach: bool = True,
+              interventions: Sequence[Intervention] = ()):
         adapter = self.vqa.adapter
         unknown = [n for n in names if n not in NAMES]
         if unknown:
             raise ValueError(f"unknown activation names {unknown}; choose from {NAMES}")
-        layer_list = [adapter.check_layer(i) for i in (range(adapter.n_layers) if layers is None else layers)]
+        if layers is not None and not isinstance(layers, Mapping):
+            layers = list(layers)
+        plan = _layer_plan(adapter, names, layers)  # the hooks backend's reading of ``layers``
+        if isinstance(layers, Mapping):
+            layer_list = list(plan)
+        else:
+            layer_list = [adapter.check_layer(i) for i in (range(adapter.n_layers) if layers is None else layers)]
         for edit in interventions:
             adapter.check_layer(edit.layer)
             for head in edit.heads or ():
                 adapter.check_head(head)
-        spec = _Spec(tuple(names), layer_list, _normalise_positions(positions), to_cpu, detach,
-                     tuple(interventions), ActivationCache(names, layer_list))
+        spec = _Spec(tuple(names), plan, _normalise_positions(positions), to_cpu, detach,
+                     tuple(interventions), ActivationCache(names, layer_list, adapter))
         self._active.append(spec)
         try:
             yield spec.cache
@@ -204,11 +211,13 @@ class NNsightBackend(Backend):
                     target = steps.setdefault((projector, where), _Step(-2 if where == "input" else -1, projector, where))
                     target.captures = (target.captures or []) + [((index, name), 0, None, 1, False)]
                     continue
-                for layer in spec.layers:
-                    if name in ("q", "k") and not (name == "k" and "q" in spec.names):
+                for layer, layer_names in spec.plan.items():
+                    if name not in layer_names:
+                        continue
+                    if name in ("q", "k") and not (name == "k" and "q" in layer_names):
                         # rotary angles at the q rows only, unless k (every position) is asked too
                         pe = step(layer, "pe")
-                        pe_positions = None if "k" in spec.names else spec.positions
+                        pe_positions = None if "k" in layer_names else spec.positions
                         pe.captures = (pe.captures or []) + [((index, "pe", layer), 0, pe_positions, 1, False)]
                     positions = spec.positions if name not in ("k", "v") else None
                     element, dim = (1, 2) if name == "pattern" else (0, 1)
@@ -244,8 +253,8 @@ class NNsightBackend(Backend):
             if name in ("vision_features", "projector_out"):
                 keep(name, saved[index, name])
                 continue
-            for layer in spec.layers:
-                if name in ("q", "k"):
+            for layer, layer_names in spec.plan.items():
+                if name in ("q", "k") or name not in layer_names:
                     continue
                 raw = saved[index, name, layer]
                 if raw is None:  # the attention returned no weights, even in eager mode
@@ -257,16 +266,15 @@ class NNsightBackend(Backend):
                 elif name == "v":
                     raw = raw.unflatten(-1, (n_kv, head_dim))
                 keep((name, layer), raw)
-            if name == "q" or (name == "k" and "q" not in spec.names):
-                for layer in spec.layers:
-                    self._fill_qk(index, spec, saved, layer, keep)
+        for layer, layer_names in spec.plan.items():
+            if "q" in layer_names or "k" in layer_names:
+                self._fill_qk(index, spec, saved, layer, layer_names, keep)
 
-    def _fill_qk(self, index, spec, saved, layer, keep) -> None:
+    def _fill_qk(self, index, spec, saved, layer, wants, keep) -> None:
         """Rotated ``q``/``k`` as :func:`mech_vqa.capture.trace` records them, from the raw projections."""
         adapter, positions = self.vqa.adapter, spec.positions
-        wants = set(spec.names)
         cos, sin = saved[index, "pe", layer]   # at the q rows when k is not asked, else at every position
-        k = saved[index, "k", layer] if "k" in wants else saved.get((index, "k", layer))
+        k = saved[index, "k", layer] if "k" in wants else None
         q = saved[index, "q", layer] if "q" in wants else None
         q = None if q is None else q.unflatten(-1, (adapter.n_heads, adapter.head_dim)).transpose(1, 2)
         k = None if k is None else k.unflatten(-1, (adapter.n_kv_heads, adapter.head_dim)).transpose(1, 2)
