@@ -38,6 +38,7 @@ import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .adapters import ModelAdapter, get_adapter
@@ -70,7 +71,7 @@ class ActivationCache:
         return self._store
 
     def __getitem__(self, key):
-        if isinstance(key, tuple) and key[1] in self.pending and key[0] in ("q", "k"):
+        if isinstance(key, tuple) and key[1] in self.pending and key[0] in ("q", "k", "v"):
             _finish_rotations(self, [key[1]])  # only this layer: a method may read a single layer's
         store = self._store if key in self._store else self.store
         if key not in store:
@@ -148,11 +149,14 @@ def _layer_plan(adapter: ModelAdapter, names: Sequence[str], layers) -> dict[int
         chosen = {name: layers.get(name) for name in per_layer}
     else:
         chosen = dict.fromkeys(per_layer, layers)
-    everything = range(adapter.n_layers)
+    n_layers = adapter.n_layers
+    everything = range(n_layers)
     plan: dict[int, set] = {}
     for name, which in chosen.items():
         for layer in (everything if which is None else which):
-            plan.setdefault(adapter.check_layer(layer), set()).add(name)
+            if not -n_layers <= layer < n_layers:
+                adapter.check_layer(layer)  # its error
+            plan.setdefault(layer % n_layers, set()).add(name)
     return dict(sorted(plan.items()))
 
 
@@ -223,7 +227,7 @@ def trace(
             register_interventions(hooks, adapter, interventions)
             for layer, layer_wants in plan.items():
                 _register_layer(hooks, adapter, layer, layer_wants, keep, positions, check_positions, shape,
-                                cache.pending if detach else None)
+                                cache.pending if detach else None, project_later=detach and not to_cpu)
             if "vision_features" in wants:
                 hooks.pre(adapter.projector, lambda m, a, kw: keep("vision_features", a[0] if a else next(iter(kw.values()))))
             if "projector_out" in wants:
@@ -234,13 +238,16 @@ def trace(
 
 
 def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: set, keep, positions, check_positions,
-                    shape: tuple[int, int, int], pending: dict | None):
+                    shape: tuple[int, int, int], pending: dict | None, project_later: bool = False):
     """One hook per module and kind at most, each doing everything asked of that module.
 
     ``pending``: where raw queries / keys wait to be rotated at the first read of the cache, all
-    layers sharing the same angles in one call (None: rotate in the hook, inside the graph)."""
+    layers sharing the same angles in one call (None: rotate in the hook, inside the graph).
+    ``project_later``: q, k and v of layers that keep keys or values may be projected at that read
+    from the attention block's input (kept on its device until then)."""
     n_heads, n_kv, head_dim = shape
     decoder = adapter.layer(layer)
+    attn = adapter.attn(layer)
 
     def hidden_of(args, kwargs):
         return args[0] if args else kwargs["hidden_states"]
@@ -257,13 +264,21 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
     if "resid_post" in wants:
         hooks.post(decoder, lambda m, a, kw, out: keep(
             ("resid_post", layer), _select(out[0] if isinstance(out, tuple) else out, positions)))
-    want_q, want_k = "q" in wants, "k" in wants
+    want_q, want_k, want_v = "q" in wants, "k" in wants, "v" in wants
+    # Where keys or values are kept at every position, the attention block's input is too: q, k and v
+    # are then computed from it when first read (the projection the model ran, on the same tensor),
+    # which spares three hooks per layer and projects only the layers a method reads.
+    projections = _plain_projections(adapter, layer) if project_later and (want_k or want_v) else None
     raw = {}
-    if want_q:  # queries only at the chosen positions: selected before rotating
-        hooks.post(adapter.q_proj(layer), lambda m, a, kw, out: raw.__setitem__("q", _select(out, positions)))
-    if want_k:
-        hooks.post(adapter.k_proj(layer), lambda m, a, kw, out: raw.__setitem__("k", out))
-    if want_q or want_k or "attn_out" in wants or "pattern" in wants:
+    if projections is None:
+        if want_q:  # queries only at the chosen positions: selected before rotating
+            hooks.post(adapter.q_proj(layer), lambda m, a, kw, out: raw.__setitem__("q", _select(out, positions)))
+        if want_k:
+            hooks.post(adapter.k_proj(layer), lambda m, a, kw, out: raw.__setitem__("k", out))
+        if want_v:
+            hooks.post(adapter.v_proj(layer),
+                       lambda m, a, kw, out: keep(("v", layer), out.unflatten(-1, (n_kv, head_dim))))
+    if want_q or want_k or want_v or "attn_out" in wants or "pattern" in wants:
         want_out, want_pattern = "attn_out" in wants, "pattern" in wants
 
         def attn_post(module, args, kwargs, out):
@@ -276,22 +291,65 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
                         "give attention patterns (capture 'q' and 'k' and use attention_rows instead)"
                     )
                 keep(("pattern", layer), _select(out[1], positions, dim=2))
-            if want_q or want_k:
+            if projections is not None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                if hidden.requires_grad:
+                    hidden = hidden.detach()
+                pending[layer] = (_Projections(hidden, projections, want_q, want_k, want_v),
+                                  None, kwargs["position_embeddings"], positions, keep, shape)
+            elif want_q or want_k:
                 job = (raw.pop("q", None), raw.pop("k", None), kwargs["position_embeddings"], positions, keep, shape)
                 if pending is None:
                     _rotate(adapter, {layer: job})
                 else:
                     pending[layer] = job
-        hooks.post(adapter.attn(layer), attn_post)
+        hooks.post(attn, attn_post)
     if "z" in wants:
         hooks.pre(adapter.o_proj(layer), lambda m, a, kw: keep(
             ("z", layer), _select(a[0], positions).unflatten(-1, (n_heads, head_dim))))
-    if "v" in wants:
-        hooks.post(adapter.v_proj(layer), lambda m, a, kw, out: keep(("v", layer), out.unflatten(-1, (n_kv, head_dim))))
     if "mlp_act" in wants:
         hooks.pre(adapter.down_proj(layer), lambda m, a, kw: keep(("mlp_act", layer), _select(a[0], positions)))
     if "mlp_out" in wants:
         hooks.post(adapter.mlp(layer), lambda m, a, kw, out: keep(("mlp_out", layer), _select(out, positions)))
+
+
+def _plain_projections(adapter: ModelAdapter, layer: int) -> tuple[nn.Module, nn.Module, nn.Module] | None:
+    """Layer ``layer``'s query, key and value projections when recomputing them from the attention
+    input gives exactly what the forward produced: plain ``nn.Linear`` s with no hooks (a subclass,
+    a quantised or adapter-wrapped layer, or a hook that edits the output: None, captured by hooks)."""
+    modules = (adapter.q_proj(layer), adapter.k_proj(layer), adapter.v_proj(layer))
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return None
+    for module in modules:
+        if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+            return None
+    return modules
+
+
+class _Projections:
+    """A layer's attention input, kept so its queries, keys and values are projected at the first read."""
+
+    __slots__ = ("hidden", "modules", "versions", "want")
+
+    def __init__(self, hidden: torch.Tensor, modules, want_q: bool, want_k: bool, want_v: bool):
+        self.hidden, self.modules, self.want = hidden, modules, (want_q, want_k, want_v)
+        self.versions = tuple(m.weight._version for m in modules)
+
+    def project(self, layer: int, positions, keep, shape, *, all_queries: bool = False):
+        """``(raw q at positions or None, raw k or None)``; values are kept straight away.
+        ``all_queries``: q at every position."""
+        if tuple(m.weight._version for m in self.modules) != self.versions:
+            raise CaptureError(f"layer {layer}'s q/k/v projection weights changed after the forward; read "
+                               "the captured q, k and v before editing the model's weights")
+        (q_proj, k_proj, v_proj), (want_q, want_k, want_v) = self.modules, self.want
+        hidden = self.hidden
+        if want_v:
+            keep(("v", layer), F.linear(hidden, v_proj.weight, v_proj.bias).unflatten(-1, (shape[1], shape[2])))
+        q = F.linear(hidden, q_proj.weight, q_proj.bias) if want_q else None
+        if q is not None and not all_queries:
+            q = _select(q, positions)
+        k = F.linear(hidden, k_proj.weight, k_proj.bias) if want_k else None
+        return q, k
 
 
 def _finish_rotations(cache: ActivationCache, layers=None) -> None:
@@ -300,12 +358,34 @@ def _finish_rotations(cache: ActivationCache, layers=None) -> None:
         jobs, cache.pending = cache.pending, {}
     else:
         jobs = {layer: cache.pending.pop(layer) for layer in layers}
+    for layer, job in list(jobs.items()):
+        if isinstance(job[0], _Projections):
+            if len(jobs) == 1 and all(job[0].want[:2]):
+                # one layer read on its own: rotate its queries at every position together with the keys,
+                # as the model does, and keep the chosen rows (a rotation is per position: same values)
+                _rotate_layer(cache.adapter, layer, job)
+                return
+            q, k = job[0].project(layer, job[3], job[4], job[5])
+            if q is None and k is None:
+                del jobs[layer]  # values only: nothing to rotate
+            else:
+                jobs[layer] = (q, k, *job[2:])
     groups: dict = {}
     for layer, job in jobs.items():  # layers given the same angle tensors (HF passes one pair to all)
         cos, sin = job[2]
         groups.setdefault((id(cos), id(sin)), {})[layer] = job
     for group in groups.values():
         _rotate(cache.adapter, group)
+
+
+def _rotate_layer(adapter: ModelAdapter, layer: int, job: tuple) -> None:
+    """Project and rotate one layer's queries and keys (a pending :class:`_Projections` job)."""
+    projections, _, (cos, sin), positions, keep, (n_heads, n_kv, head_dim) = job
+    q, k = projections.project(layer, positions, keep, job[5], all_queries=True)
+    q_rot, k_rot = adapter.rotate_qk(layer, q.unflatten(-1, (n_heads, head_dim)).transpose(1, 2),
+                                     k.unflatten(-1, (n_kv, head_dim)).transpose(1, 2), (cos, sin))
+    keep(("q", layer), _select(q_rot.transpose(1, 2), positions))
+    keep(("k", layer), k_rot.transpose(1, 2))
 
 
 def _rotate(adapter: ModelAdapter, jobs: dict) -> None:
@@ -378,7 +458,8 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
         heads = [adapter.check_head(int(h)) for h in heads]
         q = q[:, :, heads]
         k = k[:, :, [h // group for h in heads]].float()
-    scales = {x: adapter.attention_scaling(x) for x in set(layers)}
+    distinct = {layers[0]} if isinstance(layer, int) else set(layers)
+    scales = {x: adapter.attention_scaling(x) for x in distinct}
     scaling = scales[layers[0]] if len(scales) == 1 else torch.tensor(
         [scales[x] for x in layers], device=k.device).view(-1, 1, 1, 1)
     scores = torch.matmul(q.float().transpose(1, 2), k.permute(0, 2, 3, 1)) * scaling  # [B, H, P, S]
@@ -388,7 +469,7 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
         query_positions = query_positions.unsqueeze(0).expand(scores.shape[0], -1)
     keys = torch.arange(seq, device=scores.device).view(1, 1, seq)
     allowed = keys <= query_positions.unsqueeze(-1)  # [B, P, S]
-    window_of = {x: adapter.sliding_window(x) for x in set(layers)}
+    window_of = {x: adapter.sliding_window(x) for x in distinct}
     windows = [window_of[x] for x in layers]
     if any(w is not None for w in windows):
         width = torch.tensor([w if w is not None else seq + 1 for w in windows], device=scores.device)

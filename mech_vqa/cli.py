@@ -137,7 +137,7 @@ def _summary(args) -> int:
 def _eval(args) -> int:
     from .organism.evaluate import main as evaluate_main
 
-    argv = ["--n", str(args.n), "--methods", args.methods, "--threads", str(args.threads)]
+    argv = ["--n", str(args.n), "--methods", args.methods, "--threads", str(args.threads), "--organism", args.organism]
     argv += ["--model", args.model] if args.model else []
     return evaluate_main(argv) or 0
 
@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="number of fresh synthetic questions to score (default 100)")
     _model_options(evaluate, "a saved organism folder (default: data/organism); runs on the CPU in float32",
                    device=False)
+    evaluate.add_argument("--organism", default="scaffolded", choices=["scaffolded", "free"],
+                          help="shipped organism to score when no --model (default scaffolded: trained with an "
+                               "attention scaffold on layer 2, head 0; free: trained without it)")
     evaluate.add_argument("--methods", default="all", help=f"comma-separated patch methods (default: all): {names}")
     evaluate.set_defaults(func=_eval)
     return parser

@@ -113,11 +113,15 @@ class VQAModel:
         return cls(model.eval(), processor, name=str(name_or_path), backend=backend, remote=remote)
 
     @classmethod
-    def organism(cls, **kwargs) -> VQAModel:
-        """The model organism shipped in ``data/organism`` (see :mod:`mech_vqa.organism`)."""
-        from .organism import ORGANISM_DIR
+    def organism(cls, variant: str = "scaffolded", **kwargs) -> VQAModel:
+        """A model organism shipped in ``data/`` (see :mod:`mech_vqa.organism`).
 
-        return cls.from_pretrained(str(ORGANISM_DIR), **kwargs)
+        ``"scaffolded"`` (default, ``data/organism``): trained with an attention scaffold on text
+        layer 2, head 0; ``"free"`` (``data/organism_free``): the control, trained without one.
+        """
+        from .organism import organism_dir
+
+        return cls.from_pretrained(str(organism_dir(variant)), **kwargs)
 
     # ------------------------------------------------------------------------ inputs
     @property

@@ -123,3 +123,29 @@ def test_queries_at_positions_equal_the_full_capture_with_multi_head_attention(t
     for layer in range(tiny_mha_vqa.adapter.n_layers):
         torch.testing.assert_close(chosen["q", layer], full["q", layer][:, [5, 20]], rtol=0, atol=0)
         torch.testing.assert_close(chosen["k", layer], full["k", layer], rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_projected_at_read_equals_captured_by_hooks(any_vqa, inp):
+    """Where keys or values are kept, q/k/v are projected from the attention input at the first read
+    (all layers together, or one layer on its own); ``to_cpu`` records them with hooks in the forward.
+    Both give the same bits, and editing the projection weights before the read is one clear error."""
+    positions = [inp.seq_len - 1]
+    with any_vqa.trace(["q", "k", "v"], positions=positions, to_cpu=True) as hooked:
+        any_vqa.forward(inp)
+    with any_vqa.trace(["q", "k", "v"], positions=positions) as every_layer:
+        any_vqa.forward(inp)
+    every_layer.keys()  # everything at once
+    for layer in range(any_vqa.adapter.n_layers):
+        with any_vqa.trace(["q", "k", "v"], positions=positions) as one_layer:
+            any_vqa.forward(inp)
+        for name in ("k", "v", "q"):  # keys first: the one-layer path
+            expected = hooked[name, layer]
+            torch.testing.assert_close(one_layer[name, layer].cpu(), expected, rtol=0, atol=0)
+            torch.testing.assert_close(every_layer[name, layer].cpu(), expected, rtol=0, atol=0)
+    with any_vqa.trace(["k"]) as edited:
+        any_vqa.forward(inp)
+    weight = any_vqa.adapter.k_proj(0).weight
+    weight.add_(0.0)  # an in-place edit (same values, new version)
+    with pytest.raises(CaptureError, match="weights changed after the forward"):
+        edited["k", 0]

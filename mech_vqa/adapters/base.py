@@ -53,11 +53,29 @@ class ImageGeometry:
                 f"to_grid expects {self.n_tokens} values (one per image token), got {values.shape[-1]}"
             )
         rows, cols = self.grid
-        first = self.view == 0
-        out = values.new_zeros((*values.shape[:-1], rows, cols))
-        rc = self.rowcol[first]
-        out[..., rc[:, 0], rc[:, 1]] = values[..., first]
-        return out
+        tokens, cells = self._grid_index()
+        if cells is None:  # the first view's tokens fill the grid in raster order (LLaVA-1.5): a reshape
+            return values.reshape(*values.shape[:-1], rows, cols).clone()
+        out = values.new_zeros((*values.shape[:-1], rows * cols))
+        out[..., cells] = values[..., tokens]
+        return out.view(*values.shape[:-1], rows, cols)
+
+    def _grid_index(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(first-view token indices, their flat grid cells)``, or ``(None, None)`` when those are
+        every token in raster order; once per geometry (and version of its tensors): each
+        explanation's maps are laid out with it."""
+        key = (self.view._version, self.rowcol._version, self.grid)
+        cached = self.__dict__.get("_grid_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        rows, cols = self.grid
+        tokens = (self.view == 0).nonzero().flatten()
+        cells = self.rowcol[tokens, 0] * cols + self.rowcol[tokens, 1]
+        raster = tokens.numel() == self.view.numel() == rows * cols and bool(
+            (cells == torch.arange(rows * cols)).all())
+        index = (None, None) if raster else (tokens, cells)
+        self.__dict__["_grid_cache"] = (key, index)
+        return index
 
     def cell_boxes(self) -> torch.Tensor:
         """``[rows, cols, 4]`` pixel box of every grid cell (first view)."""
@@ -180,6 +198,10 @@ def _corners(mode: str) -> dict:
     return {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
 
 
+#: module paths split once (captures resolve modules per layer on every call)
+_PATH_PARTS: dict[str, tuple[str, ...]] = {}
+
+
 class AdapterError(ValueError):
     """A model the adapters cannot handle, or an input that does not match the model."""
 
@@ -210,7 +232,10 @@ class ModelAdapter:
         # Straight through the ``_modules`` dicts: ``get_submodule``'s hasattr/getattr go through
         # nn.Module's slow ``__getattr__`` at every step, and captures look modules up per layer.
         module = self.model
-        for name in path.split("."):
+        names = _PATH_PARTS.get(path)
+        if names is None:
+            names = _PATH_PARTS[path] = tuple(path.split("."))
+        for name in names:
             child = module._modules.get(name)
             if child is None:
                 return self.model.get_submodule(path)  # its own lookup, and its error
@@ -224,10 +249,12 @@ class ModelAdapter:
 
     def layer(self, index: int) -> nn.Module:
         layers = self.layers
-        n = len(layers)
+        modules = layers._modules  # ModuleList keys its children "0", "1", ...: skips its Python indexing
+        n = len(modules)
         if not -n <= index < n:
             self.check_layer(index)  # its error
-        return layers[index]
+        module = modules.get(str(index % n))
+        return layers[index] if module is None else module
 
     def attn(self, index: int) -> nn.Module:
         return self.layer(index).self_attn
@@ -274,7 +301,8 @@ class ModelAdapter:
     @property
     def text_config(self):
         config = self.model.config
-        key = (config, config.__dict__.get("text_config"))
+        # the config's own __dict__, past transformers' Python __getattribute__ (read many times per call)
+        key = (config, object.__getattribute__(config, "__dict__").get("text_config"))
         cached = self.__dict__.get("_text_config")
         if cached is None or cached[0] is not key[0] or cached[1] is not key[1]:
             # get_text_config is slow and read per layer by captures: once per config object
@@ -283,7 +311,7 @@ class ModelAdapter:
 
     @property
     def n_layers(self) -> int:
-        return len(self.layers)
+        return len(self.layers._modules)
 
     def _text_dims(self) -> dict:
         """The text model's sizes, read once per text config (transformers routes every config
@@ -294,7 +322,9 @@ class ModelAdapter:
             n_heads, d_model = config.num_attention_heads, config.hidden_size
             dims = {"n_heads": n_heads, "d_model": d_model, "d_mlp": getattr(config, "intermediate_size", None),
                     "n_kv_heads": getattr(config, "num_key_value_heads", None) or n_heads,
-                    "head_dim": getattr(config, "head_dim", None) or d_model // n_heads}
+                    "head_dim": getattr(config, "head_dim", None) or d_model // n_heads,
+                    "sliding_window": getattr(config, "sliding_window", None),
+                    "layer_types": getattr(config, "layer_types", None)}
             cached = self._dims = (config, dims)
         return cached[1]
 
@@ -367,7 +397,7 @@ class ModelAdapter:
 
     # ------------------------------------------------------------------------ checks
     def check_layer(self, index: int) -> int:
-        n = len(self._get(self.layers_path))
+        n = len(self._get(self.layers_path)._modules)
         if not -n <= index < n:
             raise IndexError(f"layer {index} is out of range: the model has {n} layers (0..{n - 1})")
         return index % n
@@ -391,9 +421,8 @@ class ModelAdapter:
         HF's rule: a layer slides when ``config.layer_types`` names it ``"sliding_attention"``, or,
         for configs without ``layer_types`` (Mistral), whenever ``config.sliding_window`` is set.
         """
-        config = self.text_config
-        window = getattr(config, "sliding_window", None)
-        types = getattr(config, "layer_types", None)
+        dims = self._text_dims()
+        window, types = dims["sliding_window"], dims["layer_types"]
         if types is not None:
             return int(window) if window is not None and types[self.check_layer(layer)] == "sliding_attention" else None
         return int(window) if window is not None else None

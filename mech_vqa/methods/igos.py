@@ -62,7 +62,7 @@ from ..inputs import PreparedInput, check_box, check_pixels
 from ..metrics.insertion_deletion import from_raw, insertion_deletion_curves, mean_probability
 from ..results.igos import IGOSResult
 from .scoring import AnswerScorer, input_baseline
-from .token_selection import TokenSelection, check_tau, manual_selection, visually_relevant_tokens
+from .token_selection import TokenSelection, check_tau, resolve_selection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,12 +302,7 @@ def igos(vqa, inp: PreparedInput, *, tokens: TokenSelection | Sequence[int] | No
 
     with preserved_state(vqa.model, frozen=True):
         vqa.model.eval()
-        if tokens is None:
-            selection = visually_relevant_tokens(vqa, inp, base, tau=tau)
-        elif isinstance(tokens, TokenSelection):
-            selection = tokens
-        else:
-            selection = manual_selection(vqa, inp, tokens, baseline=base)
+        selection = resolve_selection(vqa, inp, tokens, base, tau=tau, gaps_for_manual=True)
         timings["selection"] = time.perf_counter() - start
         targets = [inp.target(i).to_dict() for i in selection.indices]
         if selection.empty:

@@ -14,8 +14,8 @@ log-probability of :mod:`mech_vqa.methods.logprob`:
   heads asked. The image part, laid on the patch grid by the adapter, is the patch heatmap.
 
 Everything comes from ONE forward that records, at ``t`` only, ``resid_pre``, ``attn_out``,
-``mlp_out``, ``z``, ``q``, ``mlp_act`` and the last ``resid_post``, plus ``k`` and ``v`` at all
-positions. Attention rows are recomputed from ``q`` and ``k`` (:func:`~mech_vqa.capture.attention_rows`),
+``mlp_out``, ``z``, ``q``, ``mlp_act`` (for neurons only) and the last ``resid_post``, plus ``k`` and
+``v`` at all positions (kept as the attention block's input and projected for the layers read). Attention rows are recomputed from ``q`` and ``k`` (:func:`~mech_vqa.capture.attention_rows`),
 so no eager attention and no second forward. The forward asks the model for the logits of the last
 position only (``logits_to_keep=1``): nothing here needs the others.
 
@@ -50,8 +50,9 @@ class TargetCapture:
     ``[B, S, KV, hd]`` (None for layers not kept, see ``kv_layers``); ``final`` ``[B, d]`` the last layer's output at ``t``. ``positions`` ``[B]`` are
     batch coordinates of ``t``; ``offsets`` ``[B]`` the left padding of each row.
 
-    Queries and keys stay in ``cache`` as recorded and are rotated when first read, one layer at a
-    time (:meth:`query`, ``k[layer]``): the top head's map needs one layer's, not all of them.
+    Queries, keys and values stay in ``cache`` as recorded (the attention input, where keys and values
+    are kept) and are projected and rotated when first read, one layer at a time (:meth:`query`,
+    ``k[layer]``, ``v[layer]``): the top head's map needs one layer's, not all of them.
     """
 
     vqa: object
@@ -66,8 +67,7 @@ class TargetCapture:
     z: torch.Tensor
     cache: ActivationCache
     kv_layers: list[int]
-    v: list[torch.Tensor]
-    mlp_act: torch.Tensor
+    mlp_act: torch.Tensor | None
     final: torch.Tensor
     model_logprob: torch.Tensor
     scorer: FrozenNormScorer
@@ -89,6 +89,11 @@ class TargetCapture:
     def k(self) -> PerLayer:
         """``k[layer]``: ``[B, S, KV, hd]`` rotated keys, or None where not kept."""
         return PerLayer(self.cache, "k", self.kv_layers, self.adapter.n_layers)
+
+    @property
+    def v(self) -> PerLayer:
+        """``v[layer]``: ``[B, S, KV, hd]`` values, or None where not kept."""
+        return PerLayer(self.cache, "v", self.kv_layers, self.adapter.n_layers)
 
     def meta(self, row: int) -> dict:
         """Metadata for row ``row``'s results (model id, prompt, target)."""
@@ -121,17 +126,18 @@ def _targets(vqa, inp, target) -> tuple[list[PreparedInput], list[Target], torch
     return items, [_check_target(i, vqa.adapter, t) for i, t in zip(items, targets)], offsets
 
 
-def target_trace(vqa, positions: torch.Tensor, kv_layers: list[int]):
+def target_trace(vqa, positions: torch.Tensor, kv_layers: list[int], mlp_act: bool = True):
     """The trace :func:`capture_target` runs its forward in: everything in ``CAPTURED`` at ``positions``
     ``[B]`` (one per row) in every layer but ``resid_post`` (last layer only), keys and values at every
-    position in ``kv_layers``. One trace: one set-up, at most one hook per module and kind."""
-    names = list(CAPTURED) + (["k", "v"] if kv_layers else [])
+    position in ``kv_layers``; ``mlp_act`` (what the neuron attribution reads) only if asked. One
+    trace: one set-up, at most one hook per module and kind."""
+    names = [n for n in CAPTURED if mlp_act or n != "mlp_act"] + (["k", "v"] if kv_layers else [])
     layers = {"resid_post": [vqa.adapter.n_layers - 1]} | ({"k": kv_layers, "v": kv_layers} if kv_layers else {})
     return vqa.trace(names, layers=layers, positions=positions.view(-1, 1))
 
 
 @torch.no_grad()
-def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_layers="all",
+def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_layers="all", mlp_act: bool = True,
                    chunk_elements: int = CHUNK_ELEMENTS) -> TargetCapture:
     """One forward recording everything the attributions need at each row's target position.
 
@@ -139,7 +145,8 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
     token), or for a :class:`BatchedInput` a list with one per row (positions in the row's own
     coordinates). ``kv_layers``: layers whose keys and values are kept at every position, which
     only position-level maps need (``"all"``, a list, or None): at LLaVA-1.5-7B's size they are
-    ~10 MB per layer, so head- and layer-level attributions keep none.
+    ~10 MB per layer, so head- and layer-level attributions keep none. ``mlp_act``: also record the
+    MLP's hidden activations at ``t`` (the neuron attribution's input; else ``mlp_act`` is None).
     """
     adapter = vqa.adapter
     items, targets, offsets = _targets(vqa, inp, target)
@@ -147,7 +154,7 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
     layers = range(adapter.n_layers)
     kv = list(layers) if kv_layers == "all" else sorted({adapter.check_layer(int(x)) for x in (kv_layers or [])})
     # logits only at each row's t: the model's own log p(y | t) comes out of the same forward
-    with target_trace(vqa, positions, kv) as cache:
+    with target_trace(vqa, positions, kv, mlp_act=mlp_act) as cache:
         logits = vqa.forward(inp, logits_to_keep=positions.view(-1, 1).to(adapter.device)).logits[:, 0]
 
     def stacked(name):  # [B, L, ...] at t: each layer's capture is [B, 1, ...]
@@ -161,7 +168,8 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
         vqa=vqa, items=items, targets=targets, positions=positions, offsets=offsets, attention_mask=mask,
         resid_pre=stacked("resid_pre"), attn_out=stacked("attn_out"), mlp_out=stacked("mlp_out"),
         z=stacked("z"), cache=cache, kv_layers=kv,
-        v=[cache["v", layer] if layer in kv else None for layer in layers], mlp_act=stacked("mlp_act"), final=final,
+        mlp_act=stacked("mlp_act") if mlp_act else None,
+        final=final,
         model_logprob=model_logprob,
         scorer=FrozenNormScorer(adapter, final, [t.token_id for t in targets], chunk_elements=chunk_elements),
     )
@@ -361,7 +369,8 @@ def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top",
         if item_box is not None:
             check_box(item_box, item.geometry.image_size)
     kv_layers = sorted({int(layer) for layer, _ in heads}) if isinstance(heads, (list, tuple)) else "all"
-    capture = capture_target(vqa, inp, target, kv_layers=kv_layers, chunk_elements=chunk_elements)
+    capture = capture_target(vqa, inp, target, kv_layers=kv_layers, mlp_act=neurons is not False,
+                             chunk_elements=chunk_elements)
     layer_results, head_results = layer_and_head_increase(capture)
     positions = position_increase(capture, _head_sets(heads, head_results), progress=progress)
     neuron_results = [None] * len(positions)

@@ -30,6 +30,8 @@ def neuron_increase_from_capture(capture, layers=None, *, k: int = 10, n_tokens:
                                  progress: bool = True) -> list[NeuronIncrease]:
     """Neuron increases of ``layers`` (default all) for every row of a :class:`TargetCapture`."""
     adapter = capture.adapter
+    if capture.mlp_act is None:
+        raise ValueError("this capture has no MLP activations; capture with capture_target(..., mlp_act=True)")
     layers = list(range(adapter.n_layers)) if layers is None else [adapter.check_layer(int(l)) for l in layers]
     if not layers:
         raise ValueError("no layers given for the neuron attribution; pass None for all layers")

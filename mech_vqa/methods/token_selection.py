@@ -151,6 +151,20 @@ def select_tokens(log_p_image: torch.Tensor, log_p_baseline: torch.Tensor, token
     return TokenSelection(list(tokens), token_ids, log_p_image, log_p_baseline, content, selected, tau, rule)
 
 
+def resolve_selection(vqa, inp: PreparedInput, tokens, baseline: torch.Tensor, *, tau: float = 1.0,
+                      score_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      gaps_for_manual: bool = False) -> TokenSelection:
+    """``S`` as the perturbation methods and metrics accept it: None = the visually relevant tokens
+    against ``baseline`` (threshold ``tau``), a :class:`TokenSelection` as given, or answer-token
+    indices (:func:`manual_selection`; with ``gaps_for_manual`` their gaps against ``baseline`` are
+    scored too, at the cost of one more forward)."""
+    if tokens is None:
+        return visually_relevant_tokens(vqa, inp, baseline, tau=tau, score_fn=score_fn)
+    if isinstance(tokens, TokenSelection):
+        return tokens
+    return manual_selection(vqa, inp, tokens, baseline=baseline if gaps_for_manual else None, score_fn=score_fn)
+
+
 def manual_selection(vqa, inp: PreparedInput, indices: Sequence[int], baseline: torch.Tensor | None = None,
                      score_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TokenSelection:
     """``S`` given by hand as answer-token indices. With ``baseline`` pixels, the log-probabilities

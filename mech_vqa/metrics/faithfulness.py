@@ -179,7 +179,7 @@ def patch_faithfulness(vqa, inp, maps, *, tokens=None, box=None, fractions: Sequ
     """
     from ..methods.ablation import image_token_ablation
     from ..methods.scoring import AnswerScorer, input_baseline
-    from ..methods.token_selection import TokenSelection, manual_selection, visually_relevant_tokens
+    from ..methods.token_selection import resolve_selection
     from ..results.patch_map import PatchMap
 
     unknown = [m for m in modes if m not in MODES]
@@ -233,12 +233,7 @@ def patch_faithfulness(vqa, inp, maps, *, tokens=None, box=None, fractions: Sequ
 
     with preserved_state(vqa.model):
         vqa.model.eval()
-        if tokens is None:
-            selection = visually_relevant_tokens(vqa, inp, base, tau=tau)
-        elif isinstance(tokens, TokenSelection):
-            selection = tokens
-        else:
-            selection = manual_selection(vqa, inp, tokens)
+        selection = resolve_selection(vqa, inp, tokens, base, tau=tau)
         if selection.empty:
             raise ValueError(f"{selection.message}; pass the answer-token indices to explain (tokens=[...])")
         scorer = AnswerScorer(vqa, inp, selection.indices)

@@ -332,7 +332,7 @@ def insertion_deletion(vqa, inp, saliency, *, tokens=None, baseline="blur", tau:
     ``info["message"]`` says why.
     """
     from ..methods.scoring import AnswerScorer, input_baseline
-    from ..methods.token_selection import TokenSelection, manual_selection, visually_relevant_tokens
+    from ..methods.token_selection import resolve_selection
 
     scores = as_map(saliency)
     check_map_shape(scores, inp.geometry)
@@ -343,12 +343,7 @@ def insertion_deletion(vqa, inp, saliency, *, tokens=None, baseline="blur", tau:
             "seed": seed}
     with preserved_state(vqa.model):
         vqa.model.eval()  # no dropout in the scores; the mode is put back on exit
-        if tokens is None:
-            selection = visually_relevant_tokens(vqa, inp, base, tau=tau, score_fn=score_fn)
-        elif isinstance(tokens, TokenSelection):
-            selection = tokens
-        else:
-            selection = manual_selection(vqa, inp, tokens)
+        selection = resolve_selection(vqa, inp, tokens, base, tau=tau, score_fn=score_fn)
         info["selection_rule"] = selection.rule
         if selection.empty:
             nan = torch.full((1,), math.nan)

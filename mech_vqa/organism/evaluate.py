@@ -133,6 +133,39 @@ def answer_attention(layer: int = 2, head: int = 0) -> Callable:
     return method
 
 
+@torch.no_grad()
+def head_ablation_accuracy(model, processor, items: list[VQAItem]) -> dict[str, float]:
+    """Answer accuracy on ``items`` with each text-model head zero-ablated in turn.
+
+    Keys: ``"clean"`` and ``"L{layer}H{head}"`` (that head's output before ``o_proj`` set to zero at
+    every position). Which heads the answer needs shows whether a retrieval head emerged.
+    """
+    from mech_vqa.adapters import get_adapter
+    from mech_vqa.hooks import HookSet
+    from mech_vqa.interventions import register_interventions, zero_head
+    from mech_vqa.organism.model import encode
+
+    model.eval()
+    adapter = get_adapter(model)
+    batch = encode(processor, items, with_answer=False)
+    gold = torch.tensor(processor.tokenizer.convert_tokens_to_ids([it.answer_word.lower() for it in items]))
+
+    def accuracy(interventions) -> float:
+        hooks = HookSet()
+        try:
+            register_interventions(hooks, adapter, interventions)
+            predicted = model(**batch).logits[:, -1].argmax(-1)
+        finally:
+            hooks.remove()
+        return float((predicted == gold).float().mean())
+
+    result = {"clean": accuracy([])}
+    for layer in range(adapter.n_layers):
+        for head in range(adapter.n_heads):
+            result[f"L{layer}H{head}"] = accuracy([zero_head(layer, head)])
+    return result
+
+
 def library_method(name: str, **options) -> Callable:
     """A method of :data:`mech_vqa.compare.METHODS` as an evaluation method.
 
@@ -186,6 +219,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=TEST_SEED)
     p.add_argument("--min-objects", type=int, default=2)
     p.add_argument("--model", default=None, help="directory with a saved model (default: the shipped organism)")
+    p.add_argument("--organism", default="scaffolded", choices=["scaffolded", "free"],
+                   help="which shipped organism when no --model: 'scaffolded' (data/organism, default) or 'free' "
+                        "(data/organism_free, trained without the attention scaffold)")
     p.add_argument("--generate", action="store_true", help="also score full greedy answers")
     p.add_argument("--json", action="store_true", help="print the raw result as JSON")
     p.add_argument("--methods", nargs="?", const="all", default=None,
@@ -202,14 +238,16 @@ def main(argv=None):
         return
     torch.set_num_threads(args.threads)
 
-    model, processor = load_organism(args.model)
+    model, processor = load_organism(args.model, variant=args.organism)
     items = load_eval_split(EVAL_DIR) if args.eval_split else None
     methods = None
     if args.methods:
         from mech_vqa.compare import DEFAULT_METHODS
 
         names = list(DEFAULT_METHODS) if args.methods == "all" else args.methods.split(",")
-        methods = {"random": random_map, "attention L2H0 (scaffolded)": answer_attention(2, 0)}
+        scaffolded = args.model is None and args.organism == "scaffolded"
+        methods = {"random": random_map,
+                   f"attention L2H0 ({'scaffolded' if scaffolded else 'not scaffolded'})": answer_attention(2, 0)}
         methods.update({name: library_method(name) for name in names})
     result = evaluate(model, processor, n=args.n, seed=args.seed, min_objects=args.min_objects, items=items,
                       generate=args.generate, methods=methods)

@@ -19,6 +19,12 @@ attended only to the image. Two aids, both on by default:
   object's patches. With it two objects are learned in ~500 steps and four by ~1k. That head is
   therefore a planted retrieval head, a known circuit component of the organism.
 
+The control organism ("free" in ``RECIPES``) drops the scaffold: its loss is the answer
+cross-entropy alone (``loss_terms`` lists a run's terms). Trained that way the vision tower lost the
+fill pattern (a linear probe on its patch features fell from ~0.8 at initialisation to chance within
+400 steps while colour was learned), so the free recipe keeps the tower at its random
+initialisation (``--vision-lr-scale 0``); the projector and text model are trained.
+
 Why it is reproducible and resumable: the batch of step ``s`` is drawn from
 ``numpy.random.default_rng([seed, s])`` given the level, so no data-stream state needs saving;
 every ``--ckpt-every`` steps ``DIR/checkpoint.pt`` stores model, optimizer, scheduler, torch RNG
@@ -45,6 +51,14 @@ from mech_vqa.organism.synthetic import ALL_FAMILIES, COPY_FAMILIES, FAMILIES, g
 
 HELDOUT_SEED = 777  # the in-training validation set; evaluate.py uses other seeds
 
+# The shipped organisms, each the extra arguments of ``python -m mech_vqa.organism.train --out DIR``
+# (``docs/organism.md``). "scaffolded" is the defaults; "free" trains with the answer losses only
+# and keeps the vision tower at its random initialisation (see ``--vision-lr-scale``).
+RECIPES = {
+    "scaffolded": [],
+    "free": ["--attn-sup", "0", "--vision-lr-scale", "0", "--eval-every", "100", "--ckpt-every", "100"],
+}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,6 +79,10 @@ def parse_args(argv=None):
     p.add_argument("--attn-sup-layer", type=int, default=2)
     p.add_argument("--attn-sup-head", type=int, default=0)
     p.add_argument("--attn-sup-until", type=int, default=None, help="scaffold only before this step")
+    p.add_argument("--vision-lr-scale", type=float, default=1.0,
+                   help="learning rate of the vision tower relative to --lr; 0 keeps it at its random init. "
+                        "Trained by the answer loss alone, the tower's features lose the fill pattern within a "
+                        "few hundred steps (a linear probe falls from ~0.8 to chance) while colour is learned")
     p.add_argument("--max-objects", type=int, default=4, help="most objects per training image")
     p.add_argument("--start-level", type=int, default=1, help="curriculum: objects per image at the start")
     p.add_argument("--advance-at", type=float, default=0.9, help="curriculum: accuracy to add an object")
@@ -114,6 +132,58 @@ def attention_scaffold_loss(attentions, batch, items, args, image_token_id: int)
     return -torch.log(on_target + 1e-6).mean()
 
 
+def loss_terms(args) -> list[str]:
+    """The terms of the training loss a run with ``args`` optimises, each named by what it supervises.
+
+    This is what ``main`` adds up (and what ``training_log.json`` records), so a recipe's terms can
+    be read off without training: the "free" recipe's list names no head, layer or attention pattern.
+    """
+    terms = ["cross-entropy of the answer word", "mean cross-entropy of the other answer tokens"]
+    if args.attn_sup > 0:
+        until = "all steps" if args.attn_sup_until is None else f"steps < {args.attn_sup_until}"
+        terms.append(f"attention scaffold (weight {args.attn_sup:g}, {until}): -log attention mass of text layer "
+                     f"{args.attn_sup_layer}, head {args.attn_sup_head} from the answer position on the answer "
+                     "object's patches")
+    return terms
+
+
+def recipe_args(name: str, out: str = "OUT") -> argparse.Namespace:
+    """The parsed arguments of recipe ``name`` of :data:`RECIPES` (for reading its loss terms)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown organism recipe {name!r}; choose one of {sorted(RECIPES)}")
+    return parse_args(["--out", out, *RECIPES[name]])
+
+
+def parameter_groups(model, args) -> list[dict]:
+    """AdamW groups: weight decay on matrices (not embeddings); the vision tower at ``--vision-lr-scale``.
+
+    With the default scale of 1 the groups are exactly the two of the original recipe, so its runs
+    reproduce; with scale 0 the tower is frozen (no gradient is computed for it at all).
+    """
+    def decays(name, param):
+        return param.ndim >= 2 and "embed" not in name
+
+    named = list(model.named_parameters())
+    if args.vision_lr_scale == 1.0:
+        return [{"params": [p for n, p in named if decays(n, p)], "weight_decay": args.weight_decay},
+                {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+    from mech_vqa.adapters import get_adapter
+
+    tower = get_adapter(model).vision_tower
+    vision = {id(p) for p in tower.parameters()}
+    if args.vision_lr_scale == 0.0:
+        for p in tower.parameters():
+            p.requires_grad_(False)
+    groups = []
+    for in_vision, scale in ((False, 1.0), (True, args.vision_lr_scale)):
+        if scale == 0.0:
+            continue
+        chosen = [(n, p) for n, p in named if (id(p) in vision) == in_vision]
+        groups += [{"params": [p for n, p in chosen if decays(n, p)], "weight_decay": args.weight_decay, "lr": args.lr * scale},
+                   {"params": [p for n, p in chosen if not decays(n, p)], "weight_decay": 0.0, "lr": args.lr * scale}]
+    return groups
+
+
 def lr_lambda(args):
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` at ``--steps``."""
     def f(step: int) -> float:
@@ -149,12 +219,7 @@ def main(argv=None):
     if args.attn_sup > 0:
         model.set_attn_implementation("eager")  # sdpa returns no attention weights
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.98),
-    )
+    optimizer = torch.optim.AdamW(parameter_groups(model, args), lr=args.lr, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     step, level, elapsed, log, recent, done = 0, args.start_level, 0.0, [], [], False
     ckpt_path = out / "checkpoint.pt"
@@ -245,7 +310,7 @@ def write_final(model, processor, out: Path, args, step: int, elapsed: float, lo
     model.save_pretrained(out)
     processor.save_pretrained(out)
     with open(out / "training_log.json", "w") as f:
-        json.dump({"args": vars(args), "steps": step, "training_time_s": round(elapsed, 1), "log": log}, f, indent=1)
+        json.dump({"args": vars(args), "loss_terms": loss_terms(args), "steps": step, "training_time_s": round(elapsed, 1), "log": log}, f, indent=1)
     print(f"{step} steps in {elapsed / 60:.1f} min of training; model in {out}")
 
 

@@ -66,3 +66,15 @@ def test_neurons_save_load_errors_and_state(tiny_vqa, prepared, tmp_path):
         neuron_increase(tiny_vqa, prepared, layers=[])
     assert_same_state(before, model_state(tiny_vqa.model))
     assert hook_snapshot(tiny_vqa.model) == hooks
+
+
+def test_capture_without_mlp_activations_is_one_clear_error(tiny_vqa, prepared):
+    """``explain`` without neurons skips the MLP activations; asking a neuron attribution of such a
+    capture names the fix instead of failing inside the scoring."""
+    from mech_vqa.methods.mechanistic import capture_target
+    from mech_vqa.methods.neurons import neuron_increase_from_capture
+
+    capture = capture_target(tiny_vqa, prepared, kv_layers=None, mlp_act=False)
+    assert capture.mlp_act is None
+    with pytest.raises(ValueError, match="mlp_act=True"):
+        neuron_increase_from_capture(capture, progress=False)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -34,3 +35,18 @@ def test_train_resume_is_exact(tmp_path):
     assert [e["step"] for e in log["log"]] == [2, 4] and log["steps"] == 4
     model, processor = load_organism(split)
     assert model.config.text_config.num_key_value_heads == 1
+
+
+def test_loss_terms_name_the_scaffold_only_in_the_scaffolded_recipe():
+    from mech_vqa.organism.train import RECIPES, loss_terms, recipe_args
+
+    def mentions_attention(terms):
+        return [t for t in terms if any(word in t.lower() for word in ("attention", "head", "layer"))]
+
+    assert set(RECIPES) == {"scaffolded", "free"}
+    free, scaffolded = loss_terms(recipe_args("free")), loss_terms(recipe_args("scaffolded"))
+    assert free and not mentions_attention(free)
+    assert mentions_attention(scaffolded) == [scaffolded[-1]] and "layer 2, head 0" in scaffolded[-1]
+    assert scaffolded[:-1] == free  # the same answer losses, plus the scaffold
+    with pytest.raises(ValueError, match="unknown organism recipe 'bogus'"):
+        recipe_args("bogus")
