@@ -73,9 +73,10 @@ def _load(args):
     from .model import VQAModel
 
     device, dtype = _settings(args)
+    backend = getattr(args, "backend", "hooks")
     if args.model in (None, "organism"):
-        return VQAModel.organism(dtype=dtype, device=device)
-    return VQAModel.from_pretrained(args.model, dtype=dtype, device=device)
+        return VQAModel.organism(dtype=dtype, device=device, backend=backend)
+    return VQAModel.from_pretrained(args.model, dtype=dtype, device=device, backend=backend)
 
 
 def _demo(args) -> int:
@@ -149,6 +150,10 @@ def _model_options(parser, model_help: str, device: bool = True) -> None:
         parser.add_argument("--dtype", default="auto", choices=DTYPES,
                             help="weights' dtype (default auto: float16 on a GPU, float32 on the CPU; a 7B model "
                                  "needs ~14 GB in float16); scores are computed in float32 either way")
+        parser.add_argument("--backend", default="hooks", choices=("hooks", "nnsight"),
+                            help="engine for captures and interventions (default hooks, the fastest in-process; "
+                                 "nnsight: same results through nnsight 0.8, where relevancy, ablate and the "
+                                 "AnswerScorer methods stop with a clear error)")
     parser.add_argument("--threads", type=_positive_int, default=default_threads(),
                         help=f"CPU threads for torch (default {default_threads()}: OMP_NUM_THREADS when set, else "
                              "half the usable cores). More threads than free cores make torch's threads wait "
@@ -250,7 +255,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (OSError, ValueError) as err:  # DatasetError, ModelLoadError, bad inputs: one line, no traceback
+    # DatasetError, ModelLoadError, bad inputs, a method the chosen --backend cannot run (BackendNotSupported,
+    # a NotImplementedError): one line, no traceback
+    except (OSError, ValueError, NotImplementedError) as err:
         print(f"mech-vqa: error: {err}", file=sys.stderr)
         return 2
 

@@ -5,6 +5,9 @@
     inp = vqa.prepare(image, "What is the color of the dog?")   # greedy answer, teacher-forced
     with vqa.trace(["z"], positions=[inp.target().position]) as cache:
         vqa.forward(inp)
+
+``backend="nnsight"`` runs ``trace`` / ``forward`` through nnsight instead of plain hooks (see
+:mod:`mech_vqa.backends`); methods built on them run unchanged on either.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from torch import nn
 
 from .adapters import ModelAdapter, get_adapter
-from .capture import trace
+from .backends import Backend, make_backend
 from .inputs import BatchedInput, PreparedInput, collate, prepare
 
 
@@ -60,19 +63,27 @@ def _load_error(source: str, err: Exception) -> ModelLoadError:
 
 
 class VQAModel:
-    """A HF LLaVA-family model with its processor and adapter. The model is never modified."""
+    """A HF LLaVA-family model with its processor and adapter. The model is never modified.
 
-    def __init__(self, model: nn.Module, processor, name: str | None = None):
+    ``backend``: ``"hooks"`` (default, plain PyTorch hooks in this process) or ``"nnsight"``
+    (nnsight 0.8; ``remote="local"`` runs each forward through nnsight's offline simulation of a
+    remote call). Methods that cannot run on the chosen backend raise
+    :class:`~mech_vqa.backends.BackendNotSupported`.
+    """
+
+    def __init__(self, model: nn.Module, processor, name: str | None = None, *, backend: str | Backend = "hooks",
+                 remote: bool | str = False):
         self.model = model
         self.processor = processor
         self.adapter: ModelAdapter = get_adapter(model)
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.backend: Backend = make_backend(backend, self, **({"remote": remote} if remote else {}))
 
     # ----------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None, attn_implementation: str | None = None,
-                        **kwargs) -> VQAModel:
+                        backend: str = "hooks", remote: bool | str = False, **kwargs) -> VQAModel:
         """Load a model and processor by hub id or local folder (``from_pretrained`` of both).
 
         A missing folder, a folder without ``config.json`` and weights that do not read (a truncated
@@ -99,7 +110,7 @@ class VQAModel:
             raise _load_error(source, err) from err
         if device is not None:
             model = model.to(device)
-        return cls(model.eval(), processor, name=str(name_or_path))
+        return cls(model.eval(), processor, name=str(name_or_path), backend=backend, remote=remote)
 
     @classmethod
     def organism(cls, variant: str = "scaffolded", **kwargs) -> VQAModel:
@@ -151,15 +162,15 @@ class VQAModel:
             inputs = inp.model_inputs(self.device, self.adapter.vision_dtype())
         else:
             inputs = inp
-        return self.model(**inputs, use_cache=False, **kwargs)
+        return self.backend.forward(inputs, use_cache=False, **kwargs)
 
     @torch.no_grad()
     def logits(self, inp: PreparedInput | BatchedInput | dict) -> torch.Tensor:
         return self.forward(inp).logits
 
     def trace(self, names: Sequence[str] = (), **kwargs):
-        """:func:`mech_vqa.capture.trace` on this model (context manager)."""
-        return trace(self.model, self.adapter, names, **kwargs)
+        """:func:`mech_vqa.capture.trace` on this model (context manager), run by the backend."""
+        return self.backend.trace(names, **kwargs)
 
     def to_str_tokens(self, ids) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens([int(i) for i in torch.as_tensor(ids).flatten()])

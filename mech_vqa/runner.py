@@ -15,6 +15,7 @@ position, since the kept rows attend to all of them.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -54,6 +55,9 @@ class ResidualCheckpoint:
     """The clean run's residual stream entering each layer, plus each layer's call arguments."""
 
     def __init__(self, vqa, inp):
+        from .backends import require_hooks
+
+        require_hooks(vqa, "ablate / ResidualCheckpoint (it calls decoder layers directly)")
         self.vqa = vqa
         self.adapter = vqa.adapter
         self.inputs: list[torch.Tensor] = []
@@ -100,3 +104,44 @@ class ResidualCheckpoint:
                 hooks.remove()
         final = self.adapter.final_norm(hidden[:, positions])
         return self.adapter.unembed(final).float().log_softmax(-1)
+
+
+class FullForwardRuns:
+    """:class:`ResidualCheckpoint`'s interface by whole forwards through ``vqa.trace`` / ``vqa.forward``.
+
+    For backends other than hooks (nnsight), where calling decoder layers directly would bypass the
+    backend: every run recomputes the vision tower and the layers before the edits, so a sweep costs
+    more, but its log-probabilities are those of the same forward.
+    """
+
+    def __init__(self, vqa, inp):
+        self.vqa = vqa
+        self.adapter = vqa.adapter
+        self.one = inp.model_inputs(vqa.device, vqa.adapter.vision_dtype())
+        with torch.no_grad():
+            self.clean_logits = vqa.forward(self.one).logits.float()  # [1, S, vocab]
+
+    @torch.no_grad()
+    def run_from(self, layer: int, batch: int, positions: Sequence[int] | torch.Tensor,
+                 interventions: Sequence[Intervention] = ()) -> torch.Tensor:
+        """Log-probabilities ``[batch, P, vocab]`` (fp32) at ``positions``; interventions at layers ``>= layer``."""
+        layer = self.adapter.check_layer(layer)
+        early = [edit.layer for edit in interventions if self.adapter.check_layer(edit.layer) < layer]
+        if early:
+            raise ValueError(f"interventions at layers {sorted(set(early))} precede the resume layer {layer}")
+        positions = torch.as_tensor(positions, dtype=torch.long, device=self.clean_logits.device)
+        inputs = {k: v.repeat(batch, *[1] * (v.dim() - 1)) if torch.is_tensor(v) else v for k, v in self.one.items()}
+        # the unembedding at the asked rows only (HF takes an index tensor): [batch, S, vocab] would be
+        # most of a sweep's memory and time
+        keep = {"logits_to_keep": positions} if "logits_to_keep" in inspect.signature(
+            self.vqa.model.forward).parameters else {}
+        with self.vqa.trace((), interventions=interventions):
+            logits = self.vqa.forward(inputs, **keep).logits
+        return (logits if keep else logits[:, positions]).float().log_softmax(-1)
+
+
+def checkpoint_for(vqa, inp):
+    """A :class:`ResidualCheckpoint` on the hooks backend, :class:`FullForwardRuns` on any other."""
+    if getattr(getattr(vqa, "backend", None), "name", "hooks") == "hooks":
+        return ResidualCheckpoint(vqa, inp)
+    return FullForwardRuns(vqa, inp)

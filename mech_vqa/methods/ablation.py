@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..interventions import Intervention
 from ..results.ablation import AblationResult
-from ..runner import ResidualCheckpoint
+from ..runner import checkpoint_for
 
 MODES = ("zero", "mean", "resample")
 
@@ -160,7 +160,7 @@ def ablate(vqa, inp, ablations: Sequence[Ablation], *, targets=None, batch_size:
     start = time.perf_counter()
     positions = torch.tensor([t.position for t in targets])
     token_ids = torch.tensor([t.token_id for t in targets])
-    checkpoint = ResidualCheckpoint(vqa, inp)
+    checkpoint = checkpoint_for(vqa, inp)  # whole forwards on backends other than hooks
     clean = checkpoint.clean_logits[0, positions].log_softmax(-1)
     clean_lp = clean.gather(-1, token_ids[:, None].to(clean.device))[:, 0].cpu()
     clean_argmax = clean.argmax(-1).cpu()

@@ -95,6 +95,9 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
     """
     from tqdm.auto import tqdm
 
+    from ..backends import require_hooks
+
+    require_hooks(vqa, "relevancy (autograd through its own attention hooks)")
     inp = check_single_input(inp)
     targets = resolve_targets(inp, targets)
     adapter, model, geometry = vqa.adapter, vqa.model, inp.geometry

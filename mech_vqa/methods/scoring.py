@@ -144,6 +144,9 @@ class AnswerScorer:
     """
 
     def __init__(self, vqa, inp: PreparedInput, answer_indices: Sequence[int] | None = None):
+        from ..backends import require_hooks
+
+        require_hooks(vqa, "AnswerScorer (igos, visually_relevant_tokens, insertion_deletion, patch_faithfulness)")
         n_answer = int(inp.answer_positions.numel())
         if n_answer == 0:
             raise ValueError("this input has no answer tokens to score; prepare it with an answer "

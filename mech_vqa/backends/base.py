@@ -1,0 +1,66 @@
+"""The backend interface and the default backend, plain hooks in this process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+
+from ..capture import ActivationCache, trace
+from ..interventions import Intervention
+
+
+class BackendNotSupported(NotImplementedError):
+    """A method that the chosen backend cannot run (yet); the message names the method and the fix."""
+
+
+class Backend:
+    """Runs forwards of one :class:`~mech_vqa.model.VQAModel` and records / edits activations.
+
+    ``trace(...)`` is a context manager yielding an :class:`~mech_vqa.capture.ActivationCache` that
+    is filled by the ``forward(...)`` calls made inside it (nested traces all see the same forward);
+    names, shapes and :class:`~mech_vqa.interventions.Intervention` semantics are those of
+    :func:`mech_vqa.capture.trace` for every backend.
+    """
+
+    name = "base"
+
+    def __init__(self, vqa):
+        self.vqa = vqa
+
+    def trace(self, names: Sequence[str] = (), *, layers: Iterable[int] | None = None, positions=None,
+              to_cpu: bool = False, detach: bool = True,
+              interventions: Sequence[Intervention] = ()) -> AbstractContextManager[ActivationCache]:
+        raise NotImplementedError
+
+    def forward(self, inputs: dict, **kwargs):
+        """The HF forward on model inputs (a dict of tensors); returns the HF output."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class HooksBackend(Backend):
+    """Plain PyTorch forward hooks (:func:`mech_vqa.capture.trace`), the fastest in-process engine."""
+
+    name = "hooks"
+
+    def trace(self, names=(), **kwargs):
+        return trace(self.vqa.model, self.vqa.adapter, names, **kwargs)
+
+    def forward(self, inputs: dict, **kwargs):
+        return self.vqa.model(**inputs, **kwargs)
+
+
+def require_hooks(vqa, method: str) -> None:
+    """Raise :class:`BackendNotSupported` unless ``vqa`` runs on the hooks backend.
+
+    For methods that register their own hooks or call the model's modules directly: on another
+    backend they would silently run on plain hooks while the model claims that backend.
+    """
+    backend = getattr(vqa, "backend", None)
+    name = getattr(backend, "name", "hooks")
+    if name != "hooks":
+        raise BackendNotSupported(
+            f"{method} is not yet supported on the {name} backend (it runs its own hooks / module calls "
+            "outside vqa.trace); load the model with backend='hooks' for it")

@@ -1,0 +1,377 @@
+"""The nnsight backend: captures and interventions as one nnsight trace per forward.
+
+The only module of mech_vqa that imports nnsight (lazily, when this backend is chosen: importing
+nnsight patches ``torch.Tensor.backward`` and adds ``.save`` to every object). The adapter stays
+the only source of module paths: each place it names is resolved to the envoy with the same path
+(``model.named_modules()``), so any family the adapter handles runs here unchanged.
+
+``vqa.trace(...)`` records what is asked (names, layers, positions, interventions); ``vqa.forward``
+then runs ONE ``TransformersModel.trace`` that visits the places in execution order, applies the
+edits (torch-only code in :mod:`~mech_vqa.backends.nnsight_ops`, shipped by value to a remote
+side), and ``.save()`` s the selected activations and the model output. What runs next to the model
+in nnsight's sense is only the position selection: everything else (unflattening heads, rotating
+``q``/``k``, scores) is done on the client from what comes back.
+
+``remote="local"`` runs every forward through nnsight's local simulation of a remote call (the
+trace is serialised as for NDIF, modules not installed on a server are hidden) without network.
+Remote NDIF execution (``remote=True``) is not supported yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..capture import NAMES, ActivationCache, CaptureError, _layer_plan, _normalise_positions, _select
+from ..hooks import preserved_state
+from ..interventions import Intervention
+from . import nnsight_ops
+from .base import Backend, BackendNotSupported
+
+#: the nnsight versions this backend is tested with (also the pin in pyproject.toml)
+SUPPORTED_NNSIGHT = (">=0.8.1", "<0.9")
+PIP_HINT = "pip install 'nnsight>=0.8.1,<0.9'"
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def check_nnsight_version(version: str) -> None:
+    """One clear error for an nnsight outside :data:`SUPPORTED_NNSIGHT`."""
+    parsed = _version_tuple(version)
+    if not (0, 8, 1) <= parsed < (0, 9):
+        raise ImportError(f"nnsight {version} is installed but the nnsight backend supports nnsight "
+                          f"{','.join(SUPPORTED_NNSIGHT)} only (its tracing API changes between minor "
+                          f"versions); {PIP_HINT}")
+
+
+def import_nnsight():
+    """nnsight, checked against the supported range, or one clear error naming the pip command."""
+    try:
+        import nnsight
+    except ImportError as err:
+        raise ImportError(f"the nnsight backend needs the nnsight package, which is not installed: {PIP_HINT} "
+                          "(or use backend='hooks')") from err
+    check_nnsight_version(getattr(nnsight, "__version__", "0"))
+    return nnsight
+
+
+# Where each name is read, per decoder layer, in the order a forward reaches them (nnsight waits for
+# each place in turn, so one trace must visit them in execution order). ``element`` picks an item of a
+# tuple output (attention returns (output, weights)); ``pe`` is the attention's rotary (cos, sin).
+_SLOTS = {"resid_pre": ("layer", "input", 0), "pe": ("attn", "pe", 1), "q": ("q_proj", "output", 2),
+          "k": ("k_proj", "output", 3), "v": ("v_proj", "output", 4), "z": ("o_proj", "input", 5),
+          "attn_out": ("attn", "output", 6), "pattern": ("attn", "output", 6),
+          "resid_mid": ("post_attention_layernorm", "input", 7), "mlp_act": ("down_proj", "input", 8),
+          "mlp_out": ("mlp", "output", 9), "resid_post": ("layer", "output", 10)}
+_PER_LAYER = 11
+_EDIT_SLOTS = {"z": "z", "attn_out": "attn_out", "mlp_out": "mlp_out", "resid_pre": "resid_pre",
+               "resid_post": "resid_post"}
+
+
+@dataclass
+class _Spec:
+    """One active ``vqa.trace`` block."""
+
+    names: tuple[str, ...]
+    plan: dict[int, set]       # {layer: per-layer names recorded there}
+    positions: torch.Tensor | None
+    to_cpu: bool
+    detach: bool
+    interventions: tuple[Intervention, ...]
+    cache: ActivationCache
+
+
+@dataclass
+class _Step:
+    """One place visited inside the trace: read (and maybe replace) an input or output."""
+
+    order: int
+    path: str
+    where: str                 # "input", "output" or "pe"
+    per_head: bool = False
+    edits: list | None = None
+    captures: list | None = None   # (key, element, positions, dim, check_positions)
+
+
+class NNsightBackend(Backend):
+    """Captures and interventions through nnsight 0.8 (``TransformersModel`` around the loaded model).
+
+    Args:
+        vqa: the :class:`~mech_vqa.model.VQAModel` (its model is wrapped, never modified).
+        remote: False (trace in this process) or ``"local"`` (nnsight's offline simulation of a
+            remote call: serialised, user modules hidden, run here).
+    """
+
+    name = "nnsight"
+
+    def __init__(self, vqa, remote: bool | str = False):
+        if remote not in (False, "local"):
+            raise BackendNotSupported(
+                f"remote={remote!r} is not supported yet: remote NDIF execution is untested here; use "
+                "remote=False (in process) or remote='local' (nnsight's offline simulation of a remote call)")
+        super().__init__(vqa)
+        self.nnsight = import_nnsight()
+        from nnsight.modeling.transformers import TransformersModel
+
+        # nnsight installs a controller as each module's instance ``forward`` and leaves it there for good;
+        # this backend puts it in place only while its own forward runs, so the model is as found
+        # between calls (for the hooks backend and anyone else holding it). The task must be given for
+        # an already-loaded model: nnsight's guess maps *ForConditionalGeneration to text generation.
+        with _controllers_removed(vqa.model) as self._controllers:
+            self.envoy = TransformersModel(vqa.model, task="image-text-to-text", processor=vqa.processor,
+                                           tokenizer=vqa.processor.tokenizer)
+        self.remote = remote
+        if remote:
+            self.nnsight.register(nnsight_ops)   # the server has torch and nnsight, not mech_vqa
+        self._paths = {id(module): name for name, module in vqa.model.named_modules()}
+        self._active: list[_Spec] = []
+        #: bytes of the tensors the last forward's trace saved (activations and model output): what a
+        #: remote call would send back
+        self.last_saved_bytes = 0
+
+    def __repr__(self) -> str:
+        return f"NNsightBackend(remote={self.remote!r})"
+
+    # ---------------------------------------------------------------------------- places
+    def _path(self, module) -> str:
+        try:
+            return self._paths[id(module)]
+        except KeyError:
+            raise BackendNotSupported(f"the adapter names a module ({type(module).__name__}) that is not part of "
+                                      "the wrapped model; rebuild the VQAModel after changing the model") from None
+
+    def _envoy(self, path: str):
+        envoy = self.envoy
+        for part in path.split("."):
+            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+        return envoy
+
+    def _layer_module(self, kind: str, layer: int):
+        adapter = self.vqa.adapter
+        getters = {"layer": adapter.layer, "attn": adapter.attn, "q_proj": adapter.q_proj, "k_proj": adapter.k_proj,
+                   "v_proj": adapter.v_proj, "o_proj": adapter.o_proj, "mlp": adapter.mlp,
+                   "down_proj": adapter.down_proj,
+                   "post_attention_layernorm": lambda i: adapter.layer(i).post_attention_layernorm}
+        return getters[kind](layer)
+
+    # ----------------------------------------------------------------------------- trace
+    @contextlib.contextmanager
+    def trace(self, names: Sequence[str] = (), *, layers: Iterable[int] | Mapping[str, Iterable[int]] | None = None,
+              positions=None, to_cpu: bool = False, detach: bool = True,
+              interventions: Sequence[Intervention] = ()):
+        adapter = self.vqa.adapter
+        unknown = [n for n in names if n not in NAMES]
+        if unknown:
+            raise ValueError(f"unknown activation names {unknown}; choose from {NAMES}")
+        if layers is not None and not isinstance(layers, Mapping):
+            layers = list(layers)
+        plan = _layer_plan(adapter, names, layers)  # the hooks backend's reading of ``layers``
+        if isinstance(layers, Mapping):
+            layer_list = list(plan)
+        else:
+            layer_list = [adapter.check_layer(i) for i in (range(adapter.n_layers) if layers is None else layers)]
+        for edit in interventions:
+            adapter.check_layer(edit.layer)
+            for head in edit.heads or ():
+                adapter.check_head(head)
+        spec = _Spec(tuple(names), plan, _normalise_positions(positions), to_cpu, detach,
+                     tuple(interventions), ActivationCache(names, layer_list, adapter))
+        self._active.append(spec)
+        try:
+            yield spec.cache
+        finally:
+            self._active.remove(spec)
+
+    def _steps(self) -> list[_Step]:
+        steps: dict[tuple[str, str], _Step] = {}
+
+        def step(layer, name) -> _Step:
+            module_kind, where, slot = _SLOTS[name]
+            path = self._path(self._layer_module(module_kind, layer))
+            if (path, where) not in steps:
+                steps[path, where] = _Step(layer * _PER_LAYER + slot, path, where)
+            return steps[path, where]
+
+        adapter = self.vqa.adapter
+        projector = self._path(adapter.projector)
+        for index, spec in enumerate(self._active):
+            for edit in spec.interventions:
+                target = step(edit.layer, _EDIT_SLOTS[edit.site])
+                target.per_head = edit.site == "z"
+                target.edits = (target.edits or []) + [(edit.rows, edit.positions, edit.heads, edit.mode, edit.value)]
+            for name in spec.names:
+                if name in ("vision_features", "projector_out"):
+                    where = "input" if name == "vision_features" else "output"
+                    target = steps.setdefault((projector, where), _Step(-2 if where == "input" else -1, projector, where))
+                    target.captures = (target.captures or []) + [((index, name), 0, None, 1, False)]
+                    continue
+                for layer, layer_names in spec.plan.items():
+                    if name not in layer_names:
+                        continue
+                    if name in ("q", "k") and not (name == "k" and "q" in layer_names):
+                        # rotary angles at the q rows only, unless k (every position) is asked too
+                        pe = step(layer, "pe")
+                        pe_positions = None if "k" in layer_names else spec.positions
+                        pe.captures = (pe.captures or []) + [((index, "pe", layer), 0, pe_positions, 1, False)]
+                    positions = spec.positions if name not in ("k", "v") else None
+                    element, dim = (1, 2) if name == "pattern" else (0, 1)
+                    target = step(layer, name)
+                    target.captures = (target.captures or []) + [
+                        ((index, name, layer), element, positions, dim, name == "resid_pre")]
+        return sorted(steps.values(), key=lambda s: s.order)
+
+    def forward(self, inputs: dict, **kwargs):
+        adapter = self.vqa.adapter
+        steps = [(self._envoy(s.path), s.where, s.edits, s.per_head, s.captures or []) for s in self._steps()]
+        wants_pattern = any("pattern" in spec.names for spec in self._active)
+        with preserved_state(self.vqa.model, eager=wants_pattern), _controllers_installed(self._controllers):
+            saved, output = _run_trace(self.envoy, self.nnsight, nnsight_ops, steps, inputs, kwargs, self.remote,
+                                       adapter.n_heads, adapter.head_dim)
+        self.last_saved_bytes = _nbytes(saved) + _nbytes(dict(output) if hasattr(output, "keys") else output)
+        for index, spec in enumerate(self._active):
+            self._fill(index, spec, saved)
+        return output
+
+    def _fill(self, index: int, spec: _Spec, saved: dict) -> None:
+        adapter = self.vqa.adapter
+        n_heads, n_kv, head_dim = adapter.n_heads, adapter.n_kv_heads, adapter.head_dim
+
+        def keep(key, value):
+            if spec.detach:
+                value = value.detach()
+            if spec.to_cpu:
+                value = value.cpu()
+            spec.cache.store[key] = value
+
+        for name in spec.names:
+            if name in ("vision_features", "projector_out"):
+                keep(name, saved[index, name])
+                continue
+            for layer, layer_names in spec.plan.items():
+                if name in ("q", "k") or name not in layer_names:
+                    continue
+                raw = saved[index, name, layer]
+                if raw is None:  # the attention returned no weights, even in eager mode
+                    raise CaptureError(
+                        f"layer {layer} returned no attention weights even in eager mode; this model cannot "
+                        "give attention patterns (capture 'q' and 'k' and use attention_rows instead)")
+                if name == "z":
+                    raw = raw.unflatten(-1, (n_heads, head_dim))
+                elif name == "v":
+                    raw = raw.unflatten(-1, (n_kv, head_dim))
+                keep((name, layer), raw)
+        for layer, layer_names in spec.plan.items():
+            if "q" in layer_names or "k" in layer_names:
+                self._fill_qk(index, spec, saved, layer, layer_names, keep)
+
+    def _fill_qk(self, index, spec, saved, layer, wants, keep) -> None:
+        """Rotated ``q``/``k`` as :func:`mech_vqa.capture.trace` records them, from the raw projections."""
+        adapter, positions = self.vqa.adapter, spec.positions
+        cos, sin = saved[index, "pe", layer]   # at the q rows when k is not asked, else at every position
+        k = saved[index, "k", layer] if "k" in wants else None
+        q = saved[index, "q", layer] if "q" in wants else None
+        q = None if q is None else q.unflatten(-1, (adapter.n_heads, adapter.head_dim)).transpose(1, 2)
+        k = None if k is None else k.unflatten(-1, (adapter.n_kv_heads, adapter.head_dim)).transpose(1, 2)
+        if positions is None and q is not None and k is not None:
+            q_rot, k_rot = adapter.rotate_qk(layer, q, k, (cos, sin))
+        else:
+            q_angles = (_select(cos, positions), _select(sin, positions)) if k is not None else (cos, sin)
+            q_rot = None if q is None else adapter.rotate_qk(layer, q, q, q_angles)[0]
+            k_rot = None if k is None else adapter.rotate_qk(layer, k, k, (cos, sin))[1]
+        if q_rot is not None:
+            keep(("q", layer), q_rot.transpose(1, 2))
+        if k_rot is not None:
+            keep(("k", layer), k_rot.transpose(1, 2))
+
+
+_ABSENT = object()
+_SLOTS_SET_BY_NNSIGHT = ("forward", "__nnsight__")
+
+
+@contextlib.contextmanager
+def _controllers_removed(model):
+    """Let nnsight wrap ``model`` inside the block, then put every module's ``__dict__`` slots back.
+
+    Yields a dict filled on exit: module -> (nnsight's slot values, the values found before).
+    """
+    found = {module: tuple(module.__dict__.get(slot, _ABSENT) for slot in _SLOTS_SET_BY_NNSIGHT)
+             for module in model.modules()}
+    controllers: dict = {}
+    try:
+        yield controllers
+    finally:
+        for module, before in found.items():
+            installed = tuple(module.__dict__.get(slot, _ABSENT) for slot in _SLOTS_SET_BY_NNSIGHT)
+            if installed != before:
+                controllers[module] = (installed, before)
+            _set_slots(module, before)
+
+
+@contextlib.contextmanager
+def _controllers_installed(controllers: dict):
+    """nnsight's controllers in place for the block, the modules' own slots back after it."""
+    try:
+        for module, (installed, _) in controllers.items():
+            _set_slots(module, installed)
+        yield
+    finally:
+        for module, (_, before) in controllers.items():
+            _set_slots(module, before)
+
+
+def _set_slots(module, values) -> None:
+    for slot, value in zip(_SLOTS_SET_BY_NNSIGHT, values):
+        if value is _ABSENT:
+            module.__dict__.pop(slot, None)
+        else:
+            module.__dict__[slot] = value
+
+
+def _run_trace(root, nnsight, ops, steps, inputs, kwargs, remote, n_heads, head_dim):
+    """One nnsight trace visiting ``steps`` in order; returns ``(saved tensors, model output)``.
+
+    Module-level and free of ``self`` so that a remote trace serialises only the envoys, the steps
+    and the torch-only ``ops`` module, not the client's objects.
+    """
+    with root.trace(**inputs, **kwargs, remote=remote):
+        saved = nnsight.save({})
+        for envoy, where, edits, per_head, captures in steps:
+            if where == "pe":
+                cos, sin = envoy.inputs[1]["position_embeddings"]
+                for key, _, positions, dim, _ in captures:
+                    saved[key] = (ops.select(cos, positions, dim), ops.select(sin, positions, dim))
+                continue
+            value = envoy.input if where == "input" else envoy.output
+            first = value[0] if isinstance(value, tuple) else value
+            if edits:
+                first = ops.apply_edits(first, edits, n_heads, head_dim, per_head)
+                if where == "input":
+                    envoy.input = first
+                elif isinstance(value, tuple):
+                    envoy.output = (first, *value[1:])
+                else:
+                    envoy.output = first
+            for key, element, positions, dim, check in captures:
+                x = first if element == 0 else value[element]
+                if check:
+                    ops.check_positions(x.shape[1], positions)
+                saved[key] = None if x is None else ops.select(x, positions, dim)
+        output = root.output.save()
+    return saved, output
+
+
+def _nbytes(value) -> int:
+    """Bytes of every tensor in a (nested) dict / tuple / list."""
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
