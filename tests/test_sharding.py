@@ -176,3 +176,26 @@ def test_merge_reports_missing_shards_and_duplicates(tmp_path):
 def test_merge_of_nothing_is_a_clear_error(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "none.shard-*-of-*.jsonl"), "--out", str(tmp_path / "m.jsonl")]) == 2
     assert "no shard file matches" in capsys.readouterr().err
+
+
+def _numbers_close(a, b, tol=1e-5) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_numbers_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_numbers_close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
+    return a == b
+
+
+def test_shards_run_on_the_nnsight_backend_and_merge_to_the_hooks_rows(tmp_path):
+    pytest.importorskip("nnsight")
+    args = ["run", "explain", str(EVAL_ITEMS), "--limit", "4", "--no-progress", "--threads", "1"]
+    for i in (0, 1):
+        assert main([*args, "--out", str(tmp_path / "n.jsonl"), "--backend", "nnsight", "--shard", f"{i}/2"]) == 0
+    assert main([*args, "--out", str(tmp_path / "hooks" / "h.jsonl")]) == 0
+    report = merge_shards(tmp_path / "n.shard-*-of-2.jsonl", tmp_path / "merged.jsonl")
+    assert report["complete"] and report["items"] == 4
+    merged, hooks = _comparable(read_results(tmp_path / "merged.jsonl")), _comparable(
+        read_results(tmp_path / "hooks" / "h.jsonl"))
+    assert merged.keys() == hooks.keys() and all(_numbers_close(merged[k], hooks[k]) for k in merged)
