@@ -18,18 +18,20 @@ IMAGE_TOKEN = "<image>"
 PROMPT_WORDS = ("user", "assistant", ":", "?", ".", ",")
 
 
-def word_level_tokenizer(words: Iterable[str]):
+def word_level_tokenizer(words: Iterable[str], special_tokens: Iterable[str] = ()):
     """A fast word-level tokenizer over ``words`` plus the special and prompt tokens.
 
     Text is lower-cased and split on whitespace and punctuation (so ``words`` are lower case);
     ``<image>`` is an added special token so the processor can expand it. Unknown words map to
-    ``<unk>``.
+    ``<unk>``. ``special_tokens``: more tokens matched whole before splitting (Qwen-VL's
+    ``<|image_pad|>`` and its delimiters).
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
-    for word in (*SPECIAL_TOKENS, *PROMPT_WORDS, *words):
+    special_tokens = tuple(special_tokens)
+    for word in (*SPECIAL_TOKENS, *special_tokens, *PROMPT_WORDS, *words):
         if word not in vocab:
             vocab[word] = len(vocab)
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -45,6 +47,8 @@ def word_level_tokenizer(words: Iterable[str]):
         extra_special_tokens={"image_token": IMAGE_TOKEN},
         padding_side="left",
     )
+    if special_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
     return tokenizer
 
 
@@ -280,4 +284,125 @@ def tiny_llava_onevision(seed: int = 0, *, grid_pinpoints=((32, 32), (32, 64), (
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlavaOnevisionForConditionalGeneration(config)
+    return model.eval(), processor
+
+
+# ---------------------------------------------------------------------------------- Qwen-VL
+QWEN_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+#: the tiny Qwen-VL prompt: Qwen's chat template (image part as ``<|vision_start|><|image_pad|><|vision_end|>``)
+#: minus the system turn and the role markers a word-level vocabulary does not have
+QWEN_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }} :{% for part in message['content'] %}"
+                      "{% if part['type'] == 'image' %} <|vision_start|><|image_pad|><|vision_end|>"
+                      "{% elif part['type'] == 'text' %} {{ part['text'] }}{% endif %}{% endfor %}{% endfor %}"
+                      "{% if add_generation_prompt %} assistant :{% endif %}")
+
+QWEN_FAMILIES = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}
+
+
+def qwen_vl_processor(tokenizer, *, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2,
+                      min_pixels: int | None = None, max_pixels: int | None = None, image_mean=None,
+                      image_std=None, family: str = "qwen2_vl"):
+    """An image-only Qwen-VL processor (transformers' own class, its PIL image processor).
+
+    transformers' constructor wants a video processor, which needs torchvision; images need none,
+    so the processor is built without it (the video path is refused by the adapter anyway). The
+    chat template is the tiny prompt :data:`QWEN_TEMPLATE` (a real checkpoint brings its own).
+    """
+    import transformers
+    from transformers.processing_utils import ProcessorMixin
+
+    name = QWEN_FAMILIES[family]
+    base = getattr(transformers, f"{name}Processor")
+    factor = patch_size * merge_size
+    image_processor = _image_processor_class("Qwen2VLImageProcessor")(
+        patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size,
+        size={"shortest_edge": min_pixels or 4 * factor * factor, "longest_edge": max_pixels or 1280 * factor * factor},
+        image_mean=list(image_mean or (0.48145466, 0.4578275, 0.40821073)),
+        image_std=list(image_std or (0.26862954, 0.26130258, 0.27577711)),
+    )
+
+    class ImageOnlyQwenVLProcessor(base):
+        def __init__(self, image_processor=None, tokenizer=None, video_processor=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            self.vision_start_token, self.vision_end_token = "<|vision_start|>", "<|vision_end|>"
+            self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
+            self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
+            self.video_processor = None
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+        @classmethod
+        def get_attributes(cls):
+            return ["image_processor", "tokenizer"]
+
+    ImageOnlyQwenVLProcessor.__name__ = f"ImageOnly{name}Processor"
+    processor = ImageOnlyQwenVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                         chat_template=QWEN_CHAT_TEMPLATE)
+    return processor
+
+
+def qwen_vl_config(tokenizer, family: str = "qwen2_vl", *, patch_size: int = 8, merge_size: int = 2,
+                   vision_hidden: int = 32, vision_layers: int = 2, vision_heads: int = 2, hidden: int = 64,
+                   layers: int = 2, heads: int = 4, kv_heads: int | None = 2, intermediate: int | None = None,
+                   mrope_section=(2, 3, 3), max_positions: int = 512, window_size: int | None = None,
+                   fullatt_block_indexes=(1,), deepstack_visual_indexes=(0,)):
+    """A tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL config (``family``) for ``tokenizer``.
+
+    ``mrope_section`` splits the rotary frequencies (``head_dim / 2`` of them) among the temporal,
+    height and width axes. Qwen2.5-VL: ``window_size`` (pixels, default two merged tokens across)
+    and the full-attention blocks; Qwen3-VL: the ViT layers whose features DeepStack adds after the
+    first decoder layers.
+    """
+    import transformers
+
+    name = QWEN_FAMILIES[family]
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    head_dim = hidden // heads
+    if 2 * sum(mrope_section) != head_dim:
+        raise ValueError(f"mrope_section {mrope_section} must cover head_dim / 2 = {head_dim // 2} frequencies")
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": list(mrope_section)}, tie_word_embeddings=False)
+    vision = dict(depth=vision_layers, num_heads=vision_heads, patch_size=patch_size, spatial_merge_size=merge_size,
+                  temporal_patch_size=2, in_channels=3)
+    if family == "qwen2_vl":
+        vision.update(embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2)
+    elif family == "qwen2_5_vl":
+        vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
+                      window_size=window_size or 2 * patch_size * merge_size,
+                      fullatt_block_indexes=list(fullatt_block_indexes))
+    else:
+        text.update(head_dim=head_dim, attention_bias=False)
+        vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
+                      num_position_embeddings=64, deepstack_visual_indexes=list(deepstack_visual_indexes))
+    config_class = getattr(transformers, f"{name}Config")
+    text_class = getattr(transformers, f"{name}TextConfig")
+    vision_class = getattr(transformers, f"{name}VisionConfig", None) or getattr(
+        transformers.models, family).__dict__[f"configuration_{family}"].__dict__[f"{name}VisionConfig"]
+    config = config_class(text_config=text_class(**text).to_dict(), vision_config=vision_class(**vision).to_dict(),
+                          image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                          vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                          tie_word_embeddings=False)
+    return config
+
+
+def tiny_qwen_vl(seed: int = 0, family: str = "qwen2_vl", **sizes):
+    """A tiny random Qwen-VL of ``family`` (``"qwen2_vl"``, ``"qwen2_5_vl"``, ``"qwen3_vl"``) with its
+    processor: 8 px patches (16 px per token after the 2 x 2 merge), 2 text layers, M-RoPE."""
+    import transformers
+
+    tokenizer = word_level_tokenizer(TINY_WORDS, special_tokens=QWEN_SPECIAL_TOKENS)
+    patch_size = sizes.get("patch_size", 8)
+    merge_size = sizes.get("merge_size", 2)
+    processor = qwen_vl_processor(tokenizer, patch_size=patch_size, merge_size=merge_size,
+                                  min_pixels=sizes.pop("min_pixels", None), max_pixels=sizes.pop("max_pixels", None),
+                                  family=family)
+    config = qwen_vl_config(tokenizer, family, **sizes)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = getattr(transformers, f"{QWEN_FAMILIES[family]}ForConditionalGeneration")(config)
     return model.eval(), processor

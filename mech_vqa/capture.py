@@ -228,13 +228,29 @@ def trace(
             for layer, layer_wants in plan.items():
                 _register_layer(hooks, adapter, layer, layer_wants, keep, positions, check_positions, shape,
                                 cache.pending if detach else None, project_later=detach and not to_cpu)
-            if "vision_features" in wants:
-                hooks.pre(adapter.projector, lambda m, a, kw: keep("vision_features", a[0] if a else next(iter(kw.values()))))
-            if "projector_out" in wants:
-                hooks.post(adapter.projector, lambda m, a, kw, out: keep("projector_out", out))
+            vision_wants = [name for name in MODEL_NAMES if name in wants]
+            if vision_wants and _whole_vision(adapter):
+                # the projector is a whole vision module (Qwen-VL): both read from its output, as the adapter says
+                def vision_post(module, args, kwargs, out):
+                    grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+                    for name, value in adapter.vision_outputs(out, grid).items():
+                        if name in vision_wants:
+                            keep(name, value)
+                hooks.post(adapter.projector, vision_post)
+            else:
+                if "vision_features" in wants:
+                    hooks.pre(adapter.projector,
+                              lambda m, a, kw: keep("vision_features", a[0] if a else next(iter(kw.values()))))
+                if "projector_out" in wants:
+                    hooks.post(adapter.projector, lambda m, a, kw, out: keep("projector_out", out))
             yield cache
         finally:
             hooks.remove()
+
+
+def _whole_vision(adapter: ModelAdapter) -> bool:
+    """Whether the adapter's ``projector`` is its whole vision module, read through ``vision_outputs``."""
+    return adapter.projector is adapter.vision_tower
 
 
 def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: set, keep, positions, check_positions,

@@ -37,7 +37,8 @@ class Target:
 class PreparedInput:
     """Model inputs for one (image, question, answer) with positions labelled.
 
-    ``input_ids``/``attention_mask`` are ``[1, S]``, ``pixel_values`` ``[1, 3, H, W]``.
+    ``input_ids``/``attention_mask`` are ``[1, S]``, ``pixel_values`` ``[1, 3, H, W]`` (LLaVA-NeXT:
+    ``[1, n_views, 3, H, W]``; Qwen-VL: the processor's flattened patches ``[1, n_patches, C T P P]``).
     ``answer_positions`` are the sequence indices of the answer tokens (teacher-forced);
     ``prompt_length`` is the index of the first answer token.
     """
@@ -136,6 +137,8 @@ class PreparedInput:
 
     def _denormalised(self) -> np.ndarray:
         pixel = self.pixel_values[0].detach().float().cpu()
+        if pixel.dim() == 2 and self.geometry.patch_layout is not None:  # flattened patches (Qwen-VL)
+            pixel = self.geometry.unpatchify(pixel)
         if pixel.dim() == 4:  # several views (tiles): the first is the whole image
             pixel = pixel[0]
         mean = torch.tensor(self.image_mean).view(3, 1, 1)
@@ -214,6 +217,7 @@ def prepare(processor, adapter: ModelAdapter, image, question: str, answer: str 
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question must be a non-empty string")
     image = check_image(image)
+    adapter.check_image_size(*image.size, getattr(processor, "image_processor", None))
     tokenizer = processor.tokenizer
     prompt = build_prompt(processor, question)
     if getattr(processor, "image_token", "<image>") not in prompt:
@@ -239,7 +243,9 @@ def prepare(processor, adapter: ModelAdapter, image, question: str, answer: str 
         enc = prompt_enc
     input_ids = torch.as_tensor(enc["input_ids"])
     ids = input_ids[0].tolist()
-    geometry = adapter.image_geometry(input_ids[0], enc["pixel_values"], enc.get("image_sizes"))
+    # the image's layout: LLaVA-NeXT's original size, Qwen-VL's patch grid
+    layout = enc.get("image_sizes") if "image_grid_thw" not in enc else enc["image_grid_thw"]
+    geometry = adapter.image_geometry(input_ids[0], enc["pixel_values"], layout)
 
     question_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
     start = _find_subsequence(prompt_ids, question_ids)
@@ -253,7 +259,7 @@ def prepare(processor, adapter: ModelAdapter, image, question: str, answer: str 
     return PreparedInput(
         input_ids=input_ids,
         attention_mask=torch.as_tensor(enc["attention_mask"]),
-        pixel_values=enc["pixel_values"],
+        pixel_values=adapter.prepared_pixels(enc),
         str_tokens=tokenizer.convert_ids_to_tokens(ids),
         prompt=prompt,
         question=question,
@@ -313,11 +319,17 @@ def collate(items: list[PreparedInput], pad_token_id: int) -> BatchedInput:
         ids[row, offsets[row]:] = item.input_ids[0]
         mask[row, offsets[row]:] = item.attention_mask[0]
     pixels = [item.pixel_values for item in items]
-    if pixels[0].dim() == 5:  # tiled images: pad every row to the most views (the model reads image_sizes)
+    if pixels[0].dim() == 3:  # flattened patches (Qwen-VL): one list of every row's patches, split by the grids
+        pixels = [torch.cat([p.reshape(-1, p.shape[-1]) for p in pixels]).unsqueeze(0)]
+    elif pixels[0].dim() == 5:  # tiled images: pad every row to the most views (the model reads image_sizes)
         most = max(p.shape[1] for p in pixels)
         pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
     extra = {}
     for key, value in items[0].extra.items():
         if torch.is_tensor(value):
-            extra[key] = torch.cat([item.extra[key] for item in items])
+            rows = [item.extra[key] for item in items]
+            if all(r.dim() == 2 and r.shape[1] == item.seq_len for r, item in zip(rows, items)):
+                # per-token (Qwen-VL's mm_token_type_ids): left-padded like the ids, padding is text (0)
+                rows = [torch.nn.functional.pad(r, (length - r.shape[1], 0)) for r in rows]
+            extra[key] = torch.cat(rows)
     return BatchedInput(items, ids, mask, torch.cat(pixels), offsets, extra)

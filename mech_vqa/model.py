@@ -145,7 +145,7 @@ class VQAModel:
     def generate(self, image, question: str, max_new_tokens: int = 16) -> str:
         """Greedy answer text (no sampling)."""
         inp = prepare(self.processor, self.adapter, image, question, None)
-        out = self.model.generate(**inp.model_inputs(self.device, self.adapter.vision_dtype()),
+        out = self.model.generate(**self.adapter.model_inputs(inp.model_inputs(self.device, self.adapter.vision_dtype())),
                                   max_new_tokens=max_new_tokens, do_sample=False)
         new = out[0, inp.seq_len:]
         return self.tokenizer.decode(new, skip_special_tokens=True).strip()
@@ -162,7 +162,7 @@ class VQAModel:
             inputs = inp.model_inputs(self.device, self.adapter.vision_dtype())
         else:
             inputs = inp
-        return self.backend.forward(inputs, use_cache=False, **kwargs)
+        return self.backend.forward(self.adapter.model_inputs(inputs), use_cache=False, **kwargs)
 
     @torch.no_grad()
     def logits(self, inp: PreparedInput | BatchedInput | dict) -> torch.Tensor:
@@ -178,4 +178,4 @@ class VQAModel:
     def __repr__(self) -> str:
         a = self.adapter
         return (f"VQAModel({self.name!r}, {type(self.model).__name__}, layers={a.n_layers}, heads={a.n_heads}, "
-                f"kv_heads={a.n_kv_heads}, d_model={a.d_model}, grid={a.patch_grid})")
+                f"kv_heads={a.n_kv_heads}, d_model={a.d_model}, grid={a.patch_grid or 'per image'})")

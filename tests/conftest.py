@@ -95,6 +95,25 @@ def tiny_onevision_vqa() -> VQAModel:
     return _warmed_up(VQAModel(model, processor, name="tiny-llava-onevision"))
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen2vl_vqa() -> VQAModel:
+    """Tiny Qwen2-VL: 8 px patches merged 2 x 2 (16 px per token), dynamic resolution, M-RoPE sections
+    (2, 3, 3) of the 8 rotary frequencies, grouped-query attention with q/k/v biases."""
+    from mech_vqa.build import tiny_qwen_vl
+
+    model, processor = tiny_qwen_vl(seed=8, family="qwen2_vl")
+    return _warmed_up(VQAModel(model, processor, name="tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25vl_vqa() -> VQAModel:
+    """Tiny Qwen2.5-VL: as Qwen2-VL, its ViT windowed (32 px windows) in block 0 and full in block 1."""
+    from mech_vqa.build import tiny_qwen_vl
+
+    model, processor = tiny_qwen_vl(seed=9, family="qwen2_5_vl")
+    return _warmed_up(VQAModel(model, processor, name="tiny-qwen2.5-vl"))
+
+
 @pytest.fixture(params=["next", "onevision"])
 def tiled_vqa(request) -> VQAModel:
     """The adapters whose images come as several views (tiles)."""
@@ -102,13 +121,14 @@ def tiled_vqa(request) -> VQAModel:
 
 
 FAMILIES = {"gqa": "tiny_vqa", "mha": "tiny_mha_vqa", "mistral": "tiny_mistral_vqa", "qwen2": "tiny_qwen2_vqa",
-            "gemma": "tiny_gemma_vqa", "next": "tiny_next_vqa", "onevision": "tiny_onevision_vqa"}
+            "gemma": "tiny_gemma_vqa", "next": "tiny_next_vqa", "onevision": "tiny_onevision_vqa",
+            "qwen2vl": "tiny_qwen2vl_vqa", "qwen25vl": "tiny_qwen25vl_vqa"}
 
 
 @pytest.fixture(params=list(FAMILIES))
 def any_vqa(request) -> VQAModel:
     """Each layout the adapters support: Llama GQA / MHA, Mistral and Qwen2 with sliding windows, Gemma,
-    LLaVA-NeXT and LLaVA-OneVision tiles."""
+    LLaVA-NeXT and LLaVA-OneVision tiles, Qwen2-VL and Qwen2.5-VL (dynamic resolution, M-RoPE)."""
     return request.getfixturevalue(FAMILIES[request.param])
 
 
@@ -203,9 +223,18 @@ def head_zeroed_by_hand(vqa, layer: int, head: int):
 
 def first_view_positions(vqa, inp) -> torch.Tensor:
     """Sequence positions of the first view's image tokens, read from the input ids alone: the first
-    ``rows x cols`` image tokens, row-major (CLS dropped; LLaVA-NeXT / OneVision tiles come after)."""
+    ``rows x cols`` image tokens, row-major (CLS dropped; LLaVA-NeXT / OneVision tiles come after;
+    Qwen-VL's grid depends on the image: every image token)."""
+    found = (inp.input_ids[0] == vqa.adapter.image_token_id).nonzero().flatten()
+    if vqa.adapter.patch_grid is None:
+        return found
     rows, cols = vqa.adapter.patch_grid
-    return (inp.input_ids[0] == vqa.adapter.image_token_id).nonzero().flatten()[: rows * cols]
+    return found[: rows * cols]
+
+
+def image_grid(vqa, inp) -> tuple[int, int]:
+    """The first view's token grid: the adapter's fixed one, or (Qwen-VL) the image's."""
+    return vqa.adapter.patch_grid or inp.geometry.grid
 
 
 def assert_leaves_model_as_found(vqa, prepared, run):

@@ -29,6 +29,9 @@ class ImageGeometry:
         view_boxes: ``[n_views, 4]`` the box ``(x0, y0, x1, y1)``, in the first view's pixels, that
             each view of ``pixel_values`` shows (a tile of a padded high-resolution canvas may
             reach beyond the image); None when ``pixel_values`` holds one view only.
+        patch_layout: for models fed flattened patches (Qwen-VL), ``{"patch", "merge", "temporal",
+            "channels"}`` of the processor's flattening (:func:`~mech_vqa.adapters.qwen_vl.patchify`);
+            None when ``pixel_values`` are images.
 
     With several views, every token's ``rowcol`` is on its own view's grid and its ``boxes`` are in
     the first view's pixels, so maps of any view can be drawn over the first view's image.
@@ -41,6 +44,7 @@ class ImageGeometry:
     image_size: tuple[int, int]
     view: torch.Tensor
     view_boxes: torch.Tensor | None = None
+    patch_layout: dict | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -99,8 +103,29 @@ class ImageGeometry:
             raise ValueError(f"paint expects {self.n_tokens} values (one per image token), got {values.shape[-1]}")
         return paint_view(values, self.boxes, self.view, view, self.image_size, size)
 
+    def patchify(self, image: torch.Tensor) -> torch.Tensor:
+        """``[..., C, H, W]`` over the model's image -> the processor's flattened patches (``patch_layout``)."""
+        from .qwen_vl import patchify
+
+        layout = self.patch_layout
+        return patchify(image, layout["patch"], layout["merge"], layout["temporal"])
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """Flattened patches ``[..., n_patches, C T P P]`` -> the image ``[..., C, H, W]`` (first frame)."""
+        from .qwen_vl import unpatchify
+
+        layout = self.patch_layout
+        grid = (self.image_size[0] // layout["patch"], self.image_size[1] // layout["patch"])
+        return unpatchify(patches, grid, layout["patch"], layout["merge"], layout["temporal"], layout["channels"])
+
     def mask_to_pixels(self, masks: torch.Tensor, pixel_shape, mode: str = "bilinear") -> torch.Tensor:
-        """:func:`mask_to_pixels` with this geometry's views (masks laid over the first view's image)."""
+        """:func:`mask_to_pixels` with this geometry's views (masks laid over the first view's image).
+
+        With a ``patch_layout`` (pixel rows ``[n_patches, C T P P]``) the masks are upsampled over the
+        image and flattened exactly as the processor flattens pixels: ``[N, n_patches, C T P P]``."""
+        if self.patch_layout is not None and len(pixel_shape) == 2:
+            return self.patchify(mask_to_pixels(masks, (1, *self.image_size), mode)
+                                 .expand(-1, self.patch_layout["channels"], -1, -1))
         return mask_to_pixels(masks, pixel_shape, mode, view_boxes=self.view_boxes, frame_size=self.image_size)
 
 
@@ -219,6 +244,9 @@ class ModelAdapter:
     vision_tower_path: str
     projector_path: str
     embed_path: str
+
+    #: why relevancy cannot propagate through this family's vision tower, or None when it can
+    vision_relevancy_refusal: str | None = None
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -426,6 +454,29 @@ class ModelAdapter:
         if types is not None:
             return int(window) if window is not None and types[self.check_layer(layer)] == "sliding_attention" else None
         return int(window) if window is not None else None
+
+    # ------------------------------------------------------------------------ inputs
+    def prepared_pixels(self, encoding: dict) -> torch.Tensor:
+        """``PreparedInput.pixel_values`` (one row) from the processor's output."""
+        return encoding["pixel_values"]
+
+    def model_inputs(self, inputs: dict) -> dict:
+        """The model's keyword arguments from the library's batched form (rows of pixel values, one per
+        sequence); LLaVA takes them as they are."""
+        return inputs
+
+    def check_image_size(self, width: int, height: int, image_processor=None) -> None:
+        """One clear error for an image the model cannot see (any size is fine for fixed-size towers)."""
+
+    def vision_outputs(self, output, grid_thw=None) -> dict | None:
+        """``{"projector_out", "vision_features"}`` from the output of ``projector`` when it is a whole
+        vision module (Qwen-VL); None: the projector's own input and output are those (LLaVA)."""
+        return None
+
+    def deepstack_layers(self) -> list[int]:
+        """Decoder layers after which the model adds vision features to the residual stream outside the
+        layer modules (Qwen3-VL's DeepStack); empty for most families."""
+        return []
 
     # ------------------------------------------------------------------------ geometry
     @property

@@ -101,6 +101,9 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
     inp = check_single_input(inp)
     targets = resolve_targets(inp, targets)
     adapter, model, geometry = vqa.adapter, vqa.model, inp.geometry
+    if vision and adapter.vision_relevancy_refusal:
+        raise NotImplementedError(f"vision-tower relevancy is not available for {type(model).__name__}: "
+                                  f"{adapter.vision_relevancy_refusal}; use vision=False (the LLM stage)")
     if vision and int(geometry.view.max()) > 0:
         raise NotImplementedError("vision-tower relevancy supports one image view (LLaVA-1.5 style); use vision=False")
     llm_modules = [adapter.attn(layer) for layer in range(adapter.n_layers)]

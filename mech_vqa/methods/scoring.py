@@ -96,7 +96,9 @@ def baseline_image(image, kind: str = "blur", *, kernel_size: int | None = None,
 def preprocess_image(processor, image) -> torch.Tensor:
     """``pixel_values`` of ``image`` through the processor's image processor (as ``prepare`` does)."""
     image = check_image(image)
-    return processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    # a processor that returns one flat list of patches (Qwen-VL) gets the row dimension prepare gives it
+    return pixels.unsqueeze(0) if pixels.dim() == 2 else pixels
 
 
 def baseline_pixels(processor, image, kind: str | torch.Tensor = "blur", *, like: torch.Tensor | None = None,
@@ -174,8 +176,8 @@ class AnswerScorer:
         ids = self.input_ids.to(self.device).expand(n, -1)
         extra = {k: (v.to(self.device).expand(n, *v.shape[1:]) if torch.is_tensor(v) else v)
                  for k, v in self.inp.extra.items()}
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "pixel_values": pixels.to(self.device, self.dtype), **extra}
+        return self.vqa.adapter.model_inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                              "pixel_values": pixels.to(self.device, self.dtype), **extra})
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.n_tokens == 0:
@@ -209,10 +211,10 @@ class AnswerScorer:
         for row in pixels.split(1):
             n = self.inp.input_ids.shape[1]
             ids = self.inp.input_ids.to(self.device)
-            out = self.vqa.model(input_ids=ids, attention_mask=torch.ones(1, n, dtype=torch.long, device=self.device),
-                                 pixel_values=row.to(self.device, self.dtype), use_cache=False,
-                                 **{k: v.to(self.device) if torch.is_tensor(v) else v
-                                    for k, v in self.inp.extra.items()})
+            inputs = {"input_ids": ids, "attention_mask": torch.ones(1, n, dtype=torch.long, device=self.device),
+                      "pixel_values": row.to(self.device, self.dtype),
+                      **{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.inp.extra.items()}}
+            out = self.vqa.model(**self.vqa.adapter.model_inputs(inputs), use_cache=False)
             log_probs = out.logits.float().log_softmax(-1)[0]                   # [S, V]
             rows.append(log_probs[self.predicting.to(log_probs.device), self.token_ids.to(log_probs.device)])
         return torch.stack(rows)

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import assert_same_state, first_view_positions, hook_snapshot, model_state
+from conftest import assert_same_state, first_view_positions, hook_snapshot, image_grid, model_state
 from mech_vqa import VQAModel
 from mech_vqa.methods.logit_lens import logit_lens
 from mech_vqa.results import PatchMap, Result
@@ -27,7 +27,7 @@ def test_last_layer_equals_model_logits(any_vqa, inp):
     torch.testing.assert_close(lens.word_probs[-1], log_probs[:, red].exp(), rtol=1e-4, atol=1e-6)
     assert lens.top_tokens[-1][0] == any_vqa.to_str_tokens(top.indices[0])
     # the word map of the last layer, on the grid (row-major image tokens)
-    rows, cols = any_vqa.adapter.patch_grid
+    rows, cols = image_grid(any_vqa, inp)
     word_map = lens.patch_map(layer=-1)
     assert isinstance(word_map, PatchMap)
     torch.testing.assert_close(word_map.scores, log_probs[:, red].exp().view(rows, cols), rtol=1e-4, atol=1e-6)

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import assert_same_state, first_view_positions, hook_snapshot, model_state
+from conftest import assert_same_state, first_view_positions, hook_snapshot, image_grid, model_state
 from mech_vqa import VQAModel
 from mech_vqa.inputs import Target
 from mech_vqa.methods.logprob import FrozenNormScorer
@@ -85,7 +85,7 @@ def test_increases_equal_hand_computation(any_vqa, inp, chunk_elements):
     # the frozen norm reproduces the model's own log-prob at the real last-layer output
     assert result.layers.model_logprob == pytest.approx(final, abs=2e-5)
     # image map: sum of the two heads' increases at the image positions, row-major on the grid
-    rows, cols = any_vqa.adapter.patch_grid
+    rows, cols = image_grid(any_vqa, inp)
     expected_map = positions[:, first_view_positions(any_vqa, inp)].sum(0).view(rows, cols)
     torch.testing.assert_close(result.patch_map.scores, expected_map, **tol)
     assert result.target == target.to_dict()

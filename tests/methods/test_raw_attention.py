@@ -4,7 +4,7 @@ import matplotlib
 import pytest
 import torch
 
-from conftest import ANSWER, QUESTION, assert_leaves_model_as_found, first_view_positions
+from conftest import ANSWER, QUESTION, assert_leaves_model_as_found, first_view_positions, image_grid
 from mech_vqa.methods.raw_attention import answer_attention, attention_mass, patch_to_text, raw_attention_map
 from mech_vqa.results import PatchMap, Result
 from mech_vqa.results.attention import AnswerAttention, AttentionMass, PatchToText
@@ -17,13 +17,13 @@ def eager_attentions(vqa, inp) -> torch.Tensor:
     model = copy.deepcopy(vqa.model)
     model.set_attn_implementation("eager")
     with torch.no_grad():
-        out = model(**inp.model_inputs(), output_attentions=True, use_cache=False)
+        out = model(**vqa.adapter.model_inputs(inp.model_inputs()), output_attentions=True, use_cache=False)
     return torch.stack([a[0] for a in out.attentions]).float()
 
 
 def image_cells(vqa, inp):
     """The first view's image-token positions and their (row, col), from the input ids (row-major)."""
-    cols = vqa.model.config.vision_config.image_size // vqa.model.config.vision_config.patch_size
+    cols = image_grid(vqa, inp)[1]
     positions = first_view_positions(vqa, inp)
     index = torch.arange(positions.numel())
     return positions, index // cols, index % cols

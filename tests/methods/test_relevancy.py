@@ -4,7 +4,8 @@ import matplotlib
 import pytest
 import torch
 
-from conftest import ANSWER, QUESTION, assert_leaves_model_as_found, assert_same_state, first_view_positions, model_state
+from conftest import (ANSWER, QUESTION, assert_leaves_model_as_found, assert_same_state, first_view_positions, image_grid,
+                      model_state)
 from mech_vqa import VQAModel
 from mech_vqa.build import tiny_llava
 from mech_vqa.methods.relevancy import relevancy, relevancy_map, vision_layers_used
@@ -26,8 +27,9 @@ def reference_relevancy(vqa, inp, answer_index: int, row_normalize: bool = False
         p.requires_grad_(False)
     vision_probs = []
     handles = [layer.self_attn.register_forward_hook(lambda m, a, out: vision_probs.append(out[1]))
-               for layer in model.model.vision_tower.encoder.layers]
-    inputs = inp.model_inputs()
+               for layer in (model.model.vision_tower.encoder.layers if not vqa.adapter.vision_relevancy_refusal
+                             else [])]
+    inputs = vqa.adapter.model_inputs(inp.model_inputs())
     inputs["pixel_values"] = inputs["pixel_values"].clone().requires_grad_(True)
     out = model(**inputs, output_attentions=True, use_cache=False)
     for h in handles:
@@ -47,7 +49,7 @@ def reference_relevancy(vqa, inp, answer_index: int, row_normalize: bool = False
     if row_normalize:
         off = row - torch.eye(seq)[position]
         row = off / off.sum() + torch.eye(seq)[position]
-    if inp.pixel_values.dim() == 5:  # tiled (LLaVA-NeXT): no vision stage
+    if inp.pixel_values.dim() == 5 or vqa.adapter.vision_relevancy_refusal:  # tiles, Qwen-VL: no vision stage
         return row.detach(), None
     image = (inp.input_ids[0] == model.config.image_token_id).nonzero().flatten()
     n_tokens = vision_probs[0].shape[-1]
@@ -77,13 +79,18 @@ def test_relevancy_equals_step_by_step_recomputation(any_vqa, any_prepared, row_
     if tiled:
         with pytest.raises(NotImplementedError, match="one image view"):
             relevancy(any_vqa, any_prepared, [0], vision=True, progress=False)
+    if any_vqa.adapter.vision_relevancy_refusal:  # Qwen-VL: its ViT gives no attention probabilities
+        with pytest.raises(NotImplementedError, match="return no attention probabilities"):
+            relevancy(any_vqa, any_prepared, [0], vision=True, progress=False)
+        tiled = True
     result = relevancy(any_vqa, any_prepared, [0, 3], vision=not tiled, row_normalize=row_normalize, progress=False)
     assert isinstance(result, RelevancyMaps)
     for column, answer_index in enumerate([0, 3]):
         row, vision_row = reference_relevancy(any_vqa, any_prepared, answer_index, row_normalize)
         torch.testing.assert_close(result.rows[column], row, rtol=1e-5, atol=1e-7)
         image = first_view_positions(any_vqa, any_prepared)
-        torch.testing.assert_close(result.llm[column], grid(row[image]), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(result.llm[column], row[image].view(image_grid(any_vqa, any_prepared)),
+                                   rtol=1e-5, atol=1e-7)
         if not tiled:
             torch.testing.assert_close(result.vision[column], grid(vision_row), rtol=1e-5, atol=1e-7)
     # the relevancy is not just the identity: gradients did reach the image tokens
