@@ -299,27 +299,18 @@ QWEN_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] }} :{% fo
 QWEN_FAMILIES = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}
 
 
-def qwen_vl_processor(tokenizer, *, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2,
-                      min_pixels: int | None = None, max_pixels: int | None = None, image_mean=None,
-                      image_std=None, family: str = "qwen2_vl"):
-    """An image-only Qwen-VL processor (transformers' own class, its PIL image processor).
+def _image_only_qwen_processor_class(family: str):
+    """transformers' Qwen-VL processor class of ``family`` without its video processor.
 
-    transformers' constructor wants a video processor, which needs torchvision; images need none,
-    so the processor is built without it (the video path is refused by the adapter anyway). The
-    chat template is the tiny prompt :data:`QWEN_TEMPLATE` (a real checkpoint brings its own).
+    transformers' constructor wants a video processor, which needs torchvision; images need none, so
+    this subclass leaves it out (the video path is refused by the adapter anyway). It is saved under
+    the real class's name, so a checkpoint written from it reloads with plain transformers.
     """
     import transformers
     from transformers.processing_utils import ProcessorMixin
 
     name = QWEN_FAMILIES[family]
     base = getattr(transformers, f"{name}Processor")
-    factor = patch_size * merge_size
-    image_processor = _image_processor_class("Qwen2VLImageProcessor")(
-        patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size,
-        size={"shortest_edge": min_pixels or 4 * factor * factor, "longest_edge": max_pixels or 1280 * factor * factor},
-        image_mean=list(image_mean or (0.48145466, 0.4578275, 0.40821073)),
-        image_std=list(image_std or (0.26862954, 0.26130258, 0.27577711)),
-    )
 
     class ImageOnlyQwenVLProcessor(base):
         def __init__(self, image_processor=None, tokenizer=None, video_processor=None, chat_template=None, **kwargs):
@@ -336,10 +327,46 @@ def qwen_vl_processor(tokenizer, *, patch_size: int = 14, merge_size: int = 2, t
         def get_attributes(cls):
             return ["image_processor", "tokenizer"]
 
-    ImageOnlyQwenVLProcessor.__name__ = f"ImageOnly{name}Processor"
-    processor = ImageOnlyQwenVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                         chat_template=QWEN_CHAT_TEMPLATE)
-    return processor
+    ImageOnlyQwenVLProcessor.__name__ = f"{name}Processor"  # saved as the real class: AutoProcessor reloads it
+    return ImageOnlyQwenVLProcessor
+
+
+def qwen_vl_processor(tokenizer, *, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2,
+                      min_pixels: int | None = None, max_pixels: int | None = None, image_mean=None,
+                      image_std=None, family: str = "qwen2_vl"):
+    """An image-only Qwen-VL processor (transformers' own class, its PIL image processor, no video
+    processor) with the tiny chat template :data:`QWEN_CHAT_TEMPLATE` (a real checkpoint brings its own).
+    ``min_pixels`` / ``max_pixels``: the resize budget (default 4 and 1280 tokens' worth)."""
+    factor = patch_size * merge_size
+    image_processor = _image_processor_class("Qwen2VLImageProcessor")(
+        patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size,
+        size={"shortest_edge": min_pixels or 4 * factor * factor, "longest_edge": max_pixels or 1280 * factor * factor},
+        image_mean=list(image_mean or (0.48145466, 0.4578275, 0.40821073)),
+        image_std=list(image_std or (0.26862954, 0.26130258, 0.27577711)),
+    )
+    return _image_only_qwen_processor_class(family)(image_processor=image_processor, tokenizer=tokenizer,
+                                                    chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def image_only_processor(source: str):
+    """A saved Qwen-VL processor reloaded without its video processor (when torchvision, which the video
+    processor needs, is not installed), or None for other families."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    family = getattr(AutoConfig.from_pretrained(source), "model_type", None)
+    if family not in QWEN_FAMILIES:
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    image_processor = _image_processor_class("Qwen2VLImageProcessor").from_pretrained(source)
+    template = Path(source) / "chat_template.jinja"
+    chat_template = template.read_text() if template.is_file() else getattr(tokenizer, "chat_template", None)
+    if chat_template is None and (Path(source) / "chat_template.json").is_file():
+        chat_template = json.loads((Path(source) / "chat_template.json").read_text()).get("chat_template")
+    return _image_only_qwen_processor_class(family)(image_processor=image_processor, tokenizer=tokenizer,
+                                                    chat_template=chat_template)
 
 
 def qwen_vl_config(tokenizer, family: str = "qwen2_vl", *, patch_size: int = 8, merge_size: int = 2,

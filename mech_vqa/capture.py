@@ -27,6 +27,9 @@ name               where                            shape
 ``v``              values (all positions)           ``[B, S, n_kv_heads, head_dim]``
 ``pattern``        attention weights (eager)        ``[B, n_heads, P, S]``
 ``mlp_act``        input of down_proj               ``[B, P, d_mlp]``
+``deepstack``      added after layer l outside it   ``[B, P, d_model]`` (Qwen3-VL's DeepStack; zeros
+                   (``resid_pre[l+1] = resid_post[l]    for other families and layers)
+                   + deepstack[l]``)
 ``vision_features``  projector input (per image)    ``[n_images, n_patches, d_vision]``
 ``projector_out``  projector output                 ``[n_images, n_patches, d_model]``
 =================  ===============================  =========================================
@@ -45,7 +48,8 @@ from .adapters import ModelAdapter, get_adapter
 from .hooks import HookSet, preserved_state
 from .interventions import Intervention, register_interventions
 
-LAYER_NAMES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "mlp_act")
+LAYER_NAMES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "mlp_act",
+               "deepstack")
 MODEL_NAMES = ("vision_features", "projector_out")
 NAMES = LAYER_NAMES + MODEL_NAMES
 
@@ -228,6 +232,9 @@ def trace(
             for layer, layer_wants in plan.items():
                 _register_layer(hooks, adapter, layer, layer_wants, keep, positions, check_positions, shape,
                                 cache.pending if detach else None, project_later=detach and not to_cpu)
+            if "deepstack" in wants:
+                _register_deepstack(hooks, adapter, [layer for layer, w in plan.items() if "deepstack" in w],
+                                    keep, positions)
             vision_wants = [name for name in MODEL_NAMES if name in wants]
             if vision_wants and _whole_vision(adapter):
                 # the projector is a whole vision module (Qwen-VL): both read from its output, as the adapter says
@@ -246,6 +253,21 @@ def trace(
             yield cache
         finally:
             hooks.remove()
+
+
+def _register_deepstack(hooks: HookSet, adapter: ModelAdapter, layers: list[int], keep, positions) -> None:
+    """Record what the text model adds to the residual stream after each of ``layers`` outside the layer
+    modules (Qwen3-VL's DeepStack; zeros where nothing is added), read from the text model's own call."""
+    def record(module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds", args[0] if args else None)
+        if embeds is None:
+            raise CaptureError("the text model was called without inputs_embeds; cannot capture 'deepstack'")
+        added = adapter.deepstack_additions(kwargs, embeds)
+        for layer in layers:
+            value = added.get(layer)
+            keep(("deepstack", layer), _select(value if value is not None else torch.zeros_like(embeds), positions))
+
+    hooks.pre(adapter.text_model, record)
 
 
 def _whole_vision(adapter: ModelAdapter) -> bool:
@@ -288,9 +310,11 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
     raw = {}
     if projections is None:
         if want_q:  # queries only at the chosen positions: selected before rotating
-            hooks.post(adapter.q_proj(layer), lambda m, a, kw, out: raw.__setitem__("q", _select(out, positions)))
+            hooks.post(adapter.q_proj(layer), lambda m, a, kw, out: raw.__setitem__(
+                "q", adapter.normalise_qk(layer, q=_select(out, positions))[0]))
         if want_k:
-            hooks.post(adapter.k_proj(layer), lambda m, a, kw, out: raw.__setitem__("k", out))
+            hooks.post(adapter.k_proj(layer), lambda m, a, kw, out: raw.__setitem__(
+                "k", adapter.normalise_qk(layer, k=out)[1]))
         if want_v:
             hooks.post(adapter.v_proj(layer),
                        lambda m, a, kw, out: keep(("v", layer), out.unflatten(-1, (n_kv, head_dim))))
@@ -311,7 +335,7 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
                 hidden = args[0] if args else kwargs["hidden_states"]
                 if hidden.requires_grad:
                     hidden = hidden.detach()
-                pending[layer] = (_Projections(hidden, projections, want_q, want_k, want_v),
+                pending[layer] = (_Projections(hidden, projections, want_q, want_k, want_v, adapter),
                                   None, kwargs["position_embeddings"], positions, keep, shape)
             elif want_q or want_k:
                 job = (raw.pop("q", None), raw.pop("k", None), kwargs["position_embeddings"], positions, keep, shape)
@@ -345,10 +369,11 @@ def _plain_projections(adapter: ModelAdapter, layer: int) -> tuple[nn.Module, nn
 class _Projections:
     """A layer's attention input, kept so its queries, keys and values are projected at the first read."""
 
-    __slots__ = ("hidden", "modules", "versions", "want")
+    __slots__ = ("adapter", "hidden", "modules", "versions", "want")
 
-    def __init__(self, hidden: torch.Tensor, modules, want_q: bool, want_k: bool, want_v: bool):
+    def __init__(self, hidden: torch.Tensor, modules, want_q: bool, want_k: bool, want_v: bool, adapter=None):
         self.hidden, self.modules, self.want = hidden, modules, (want_q, want_k, want_v)
+        self.adapter = adapter
         self.versions = tuple(m.weight._version for m in modules)
 
     def project(self, layer: int, positions, keep, shape, *, all_queries: bool = False):
@@ -365,7 +390,7 @@ class _Projections:
         if q is not None and not all_queries:
             q = _select(q, positions)
         k = F.linear(hidden, k_proj.weight, k_proj.bias) if want_k else None
-        return q, k
+        return self.adapter.normalise_qk(layer, q, k)
 
 
 def _finish_rotations(cache: ActivationCache, layers=None) -> None:

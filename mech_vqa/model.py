@@ -99,7 +99,14 @@ class VQAModel:
             model_kwargs["attn_implementation"] = attn_implementation
         try:
             model = AutoModelForImageTextToText.from_pretrained(source, **model_kwargs)
-            processor = AutoProcessor.from_pretrained(source)
+            try:
+                processor = AutoProcessor.from_pretrained(source)
+            except OSError as err:
+                # Qwen-VL processors insist on a video processor, which needs torchvision; images need none
+                from .build import image_only_processor
+
+                if "video processor" not in str(err) or (processor := image_only_processor(source)) is None:
+                    raise
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             if type(err).__name__ == "AdapterError" or isinstance(err, ModelLoadError):
                 raise

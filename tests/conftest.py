@@ -114,6 +114,20 @@ def tiny_qwen25vl_vqa() -> VQAModel:
     return _warmed_up(VQAModel(model, processor, name="tiny-qwen2.5-vl"))
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen3vl_vqa() -> VQAModel:
+    """Tiny Qwen3-VL: interleaved M-RoPE, QK-norm (weights randomised so that it matters) and DeepStack
+    (features of ViT block 0 added after decoder layer 0)."""
+    from mech_vqa.build import tiny_qwen_vl
+
+    model, processor = tiny_qwen_vl(seed=10, family="qwen3_vl")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "q_norm" in name or "k_norm" in name:  # initialised at 1: make the norms' gains matter
+                parameter.normal_(1, 0.5)
+    return _warmed_up(VQAModel(model, processor, name="tiny-qwen3-vl"))
+
+
 @pytest.fixture(params=["next", "onevision"])
 def tiled_vqa(request) -> VQAModel:
     """The adapters whose images come as several views (tiles)."""
@@ -122,13 +136,14 @@ def tiled_vqa(request) -> VQAModel:
 
 FAMILIES = {"gqa": "tiny_vqa", "mha": "tiny_mha_vqa", "mistral": "tiny_mistral_vqa", "qwen2": "tiny_qwen2_vqa",
             "gemma": "tiny_gemma_vqa", "next": "tiny_next_vqa", "onevision": "tiny_onevision_vqa",
-            "qwen2vl": "tiny_qwen2vl_vqa", "qwen25vl": "tiny_qwen25vl_vqa"}
+            "qwen2vl": "tiny_qwen2vl_vqa", "qwen25vl": "tiny_qwen25vl_vqa", "qwen3vl": "tiny_qwen3vl_vqa"}
 
 
 @pytest.fixture(params=list(FAMILIES))
 def any_vqa(request) -> VQAModel:
     """Each layout the adapters support: Llama GQA / MHA, Mistral and Qwen2 with sliding windows, Gemma,
-    LLaVA-NeXT and LLaVA-OneVision tiles, Qwen2-VL and Qwen2.5-VL (dynamic resolution, M-RoPE)."""
+    LLaVA-NeXT and LLaVA-OneVision tiles, Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dynamic resolution, M-RoPE,
+    QK-norm and DeepStack)."""
     return request.getfixturevalue(FAMILIES[request.param])
 
 

@@ -478,6 +478,21 @@ class ModelAdapter:
         layer modules (Qwen3-VL's DeepStack); empty for most families."""
         return []
 
+    def deepstack_additions(self, text_kwargs: dict, embeds: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``{layer: [B, S, d]}`` what the text model, called with ``text_kwargs``, adds to the residual
+        after ``layer`` outside the layer modules; empty for most families."""
+        return {}
+
+    @property
+    def text_model(self) -> nn.Module:
+        """The module that runs the decoder layers (the parent of ``layers``)."""
+        return self._get(self.layers_path.rsplit(".", 1)[0])
+
+    def normalise_qk(self, layer: int, q: torch.Tensor | None = None, k: torch.Tensor | None = None):
+        """Raw projections ``[B, S, heads * hd]`` -> what the layer rotates (QK-norm where the model has
+        one); ``(q, k)``, None passed through."""
+        return q, k
+
     # ------------------------------------------------------------------------ geometry
     @property
     def image_token_id(self) -> int:

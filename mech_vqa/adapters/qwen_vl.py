@@ -255,7 +255,29 @@ class QwenVLAdapter(LlavaAdapter):
         position_ids = out.get("position_ids")
         if torch.is_tensor(position_ids) and position_ids.dim() == 2:
             del out["position_ids"]
+        self._check_inputs(out)
         return out
+
+    def _check_inputs(self, inputs: dict) -> None:
+        """One clear error, before any forward, for videos and for grids that do not match the prompt."""
+        if inputs.get("pixel_values_videos") is not None or inputs.get("video_grid_thw") is not None:
+            raise AdapterError("the inputs hold a video (pixel_values_videos / video_grid_thw): mech_vqa explains "
+                               "images; pass one image per prompt")
+        ids, grid, pixels = inputs.get("input_ids"), inputs.get("image_grid_thw"), inputs.get("pixel_values")
+        if not (torch.is_tensor(ids) and torch.is_tensor(grid)):
+            return
+        if grid.shape[0] != ids.shape[0]:
+            raise AdapterError(f"image_grid_thw has {grid.shape[0]} rows for {ids.shape[0]} sequences; one image per "
+                               "prompt is supported (build inputs with VQAModel.prepare / VQAModel.batch)")
+        tokens = (ids == self.image_token_id).sum(-1).cpu()
+        expected = grid.prod(-1).cpu() // self.merge_size ** 2
+        if not torch.equal(tokens, expected):
+            raise AdapterError(f"the prompts hold {tokens.tolist()} image tokens but image_grid_thw {grid.tolist()} "
+                               f"gives {expected.tolist()} merged tokens; pass the processor's image_grid_thw with "
+                               "its input_ids (VQAModel.prepare) rather than editing either")
+        if torch.is_tensor(pixels) and pixels.shape[0] != int(grid.prod(-1).sum()):
+            raise AdapterError(f"pixel_values hold {pixels.shape[0]} patches but image_grid_thw {grid.tolist()} says "
+                               f"{int(grid.prod(-1).sum())}; pass the processor's pixel_values and image_grid_thw together")
 
     # ------------------------------------------------------------------------ captures
     def vision_outputs(self, output, grid_thw=None) -> dict:
@@ -301,6 +323,32 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     CLASSES = ("Qwen3VLForConditionalGeneration",)
 
+    vision_relevancy_refusal = (
+        "its ViT attention modules return no attention probabilities (only their output), and DeepStack feeds "
+        "features of several ViT layers to the first decoder layers, so Chefer's rule has no single path to follow")
+
     def deepstack_layers(self) -> list[int]:
         return list(range(len(getattr(self.vision_config, "deepstack_visual_indexes", ()) or ())))
+
+    def deepstack_additions(self, text_kwargs: dict, embeds: torch.Tensor) -> dict[int, torch.Tensor]:
+        # the text model's own rule (Qwen3VLTextModel._deepstack_process): after layer l, the l-th
+        # DeepStack feature is added at the visual positions, in the residual's dtype
+        features, mask = text_kwargs.get("deepstack_visual_embeds"), text_kwargs.get("visual_pos_masks")
+        if features is None or mask is None:
+            return {}
+        out = {}
+        for layer, feature in enumerate(features):
+            added = torch.zeros_like(embeds)
+            added[mask.to(embeds.device)] = feature.to(embeds.device, embeds.dtype)
+            out[layer] = added
+        return out
+
+    def normalise_qk(self, layer: int, q: torch.Tensor | None = None, k: torch.Tensor | None = None):
+        # QK-norm: an RMS norm over each head's vector, before the rotation (the layer's own modules)
+        attn = self.attn(layer)
+        if q is not None:
+            q = attn.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+        if k is not None:
+            k = attn.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+        return q, k
 

@@ -69,7 +69,7 @@ from .token_selection import TokenSelection, check_tau, resolve_selection
 class IGOSConfig:
     """Hyperparameters; the defaults are the authors' README command (iGOS+, 5 iterations)."""
 
-    mask_size: int | tuple[int, int] = 32
+    mask_size: int | tuple[int, int] = 32   #: square on a non-square image: n along the shorter side
     iterations: int = 5
     n_steps: int = 10            #: N, interpolation points per integral
     l1: float = 1.0
@@ -288,10 +288,17 @@ def igos(vqa, inp: PreparedInput, *, tokens: TokenSelection | Sequence[int] | No
         box = check_box(box, inp.geometry.image_size)
     check_pixels(inp.pixel_values)  # perturbed pixels never pass through model_inputs' check
     height, width = (int(v) for v in inp.geometry.image_size)
+    rows, cols = config.mask_size
+    if rows == cols and height != width:
+        # a square mask_size on a non-square image (Qwen-VL's dynamic resolution): n cells along the shorter
+        # side and the image's proportions along the longer, so cells stay square (as insertion/deletion wants)
+        short, long_side = sorted((height, width))
+        n_long = max(1, round(rows * long_side / short))
+        config = dataclasses.replace(config, mask_size=(rows, n_long) if height < width else (n_long, rows))
     if config.mask_size[0] > height or config.mask_size[1] > width:  # cells below one pixel change nothing more
         raise ValueError(f"mask_size {tuple(config.mask_size)} is finer than the {height} x {width} pixels of the "
                          f"image the model saw; use at most {height} x {width} (the model's patch grid is "
-                         f"{vqa.adapter.patch_grid[0]} x {vqa.adapter.patch_grid[1]}; the default is 32)")
+                         f"{inp.geometry.grid[0]} x {inp.geometry.grid[1]}; the default is 32)")
     timings, start = {}, time.perf_counter()
     base = input_baseline(vqa, inp, baseline).to(vqa.device)
     image = inp.pixel_values.float().to(vqa.device)

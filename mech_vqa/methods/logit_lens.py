@@ -3,7 +3,8 @@
 nostalgebraist 2020 ("interpreting GPT: the logit lens"), applied to LLaVA's visual tokens as in
 Yu & Ananiadou 2024 (arXiv 2411.10950) and Neo et al. 2024 ("Towards Interpreting Visual Information
 Processing in Vision-Language Models"). For each image position ``p`` and stage ``s`` -- the
-projector output (= input of layer 0) and the output of every decoder layer -- the residual
+projector output (= input of layer 0) and the output of every decoder layer (plus, for Qwen3-VL,
+the DeepStack features the text model adds after the first layers) -- the residual
 ``r_sp`` ``[d]`` is read through the final norm, applied per position (NOT frozen, unlike the
 attribution scorer), and the unembedding::
 
@@ -59,9 +60,16 @@ def logit_lens(vqa, inp: PreparedInput, word: str | int | None = None, *, k: int
     if not chosen.any():
         raise ValueError(f"no image token belongs to view {view} (views: {sorted(set(geometry.view.tolist()))})")
     positions = geometry.positions[chosen]
-    with vqa.trace(["resid_pre", "resid_post"], positions=positions) as cache:
+    deepstack = set(adapter.deepstack_layers())
+    names = ["resid_pre", "resid_post"] + (["deepstack"] if deepstack else [])
+    layers = {"resid_pre": [0], **({"deepstack": sorted(deepstack)} if deepstack else {})}
+    with vqa.trace(names, positions=positions, layers=layers) as cache:
         vqa.forward(inp, logits_to_keep=1)
-    stages = [cache["resid_pre", 0][0]] + [cache["resid_post", layer][0] for layer in range(adapter.n_layers)]
+    # after layer l the residual is the layer's output plus what DeepStack adds there (Qwen3-VL), which is
+    # what layer l + 1 reads
+    stages = [cache["resid_pre", 0][0]] + [
+        cache["resid_post", layer][0] + (cache["deepstack", layer][0] if layer in deepstack else 0)
+        for layer in range(adapter.n_layers)]
     resid = torch.stack(stages)  # [L + 1, n_patches, d]
     n_stages, n_patches, _ = resid.shape
     sweep = vocab_sweep(adapter, normalise(adapter, resid).flatten(0, 1), k=min(k, adapter.vocab_size),

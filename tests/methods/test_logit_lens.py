@@ -36,9 +36,13 @@ def test_last_layer_equals_model_logits(any_vqa, inp):
 @torch.no_grad()
 def test_every_stage_equals_hand_norm(any_vqa, inp):
     a, model = any_vqa.adapter, any_vqa.model
-    with any_vqa.trace(["projector_out", "resid_post"]) as c:
+    with any_vqa.trace(["projector_out", "resid_pre", "resid_post"]) as c:
         any_vqa.forward(inp)
-    stages = [c["projector_out"][0]] + [c["resid_post", l][0, first_view_positions(any_vqa, inp)] for l in range(a.n_layers)]
+    # after layer l: what layer l + 1 reads (Qwen3-VL's DeepStack adds to a layer's output before that), and
+    # the last layer's output
+    image = first_view_positions(any_vqa, inp)
+    stages = ([c["projector_out"][0]] + [c["resid_pre", l][0, image] for l in range(1, a.n_layers)]
+              + [c["resid_post", a.n_layers - 1][0, image]])
     lens = logit_lens(any_vqa, inp, word="dog", k=3)
     assert lens.top_ids.shape == (a.n_layers + 1, len(first_view_positions(any_vqa, inp)), 3)
     dog = any_vqa.tokenizer.convert_tokens_to_ids("dog")
