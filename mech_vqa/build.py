@@ -433,3 +433,68 @@ def tiny_qwen_vl(seed: int = 0, family: str = "qwen2_vl", **sizes):
         torch.manual_seed(seed)
         model = getattr(transformers, f"{QWEN_FAMILIES[family]}ForConditionalGeneration")(config)
     return model.eval(), processor
+
+
+#: published sizes of released Qwen-VL checkpoints (their config.json / preprocessor_config.json), for
+#: weightless real-scale models: geometry and memory checks without a download
+QWEN_REFERENCE = {
+    "Qwen/Qwen2-VL-2B-Instruct": dict(
+        family="qwen2_vl",
+        text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                  vocab_size=151936, tie_word_embeddings=True),
+        vision=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=1536, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2),
+        processor=dict(patch_size=14, merge_size=2, min_pixels=3136, max_pixels=12845056)),
+    "Qwen/Qwen2.5-VL-7B-Instruct": dict(
+        family="qwen2_5_vl",
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=128000,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                  vocab_size=152064, tie_word_embeddings=False),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                    fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu"),
+        processor=dict(patch_size=14, merge_size=2, min_pixels=3136, max_pixels=12845056)),
+    "Qwen/Qwen3-VL-8B-Instruct": dict(
+        family="qwen3_vl",
+        text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, max_position_embeddings=262144,
+                  rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                   "mrope_interleaved": True},
+                  vocab_size=151936, attention_bias=False, tie_word_embeddings=False),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh"),
+        processor=dict(patch_size=16, merge_size=2, min_pixels=65536, max_pixels=16777216,
+                       image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))),
+}
+
+
+def qwen_vl_reference(name: str, *, device: str = "meta"):
+    """``(model, processor)`` of a released Qwen-VL checkpoint's architecture (:data:`QWEN_REFERENCE`),
+    weightless on ``device="meta"``, with its image processor's settings and a local word-level tokenizer
+    (special-token ids are the local ones; every size and the geometry are the checkpoint's)."""
+    import transformers
+
+    if name not in QWEN_REFERENCE:
+        raise ValueError(f"unknown reference {name!r}; choose one of {sorted(QWEN_REFERENCE)}")
+    spec = QWEN_REFERENCE[name]
+    family = spec["family"]
+    tokenizer = word_level_tokenizer(TINY_WORDS, special_tokens=QWEN_SPECIAL_TOKENS)
+    processor = qwen_vl_processor(tokenizer, family=family, **spec["processor"])
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    prefix = QWEN_FAMILIES[family]
+    text_class = getattr(transformers, f"{prefix}TextConfig")
+    vision_class = getattr(getattr(transformers.models, family), f"configuration_{family}").__dict__[
+        f"{prefix}VisionConfig"]
+    config = getattr(transformers, f"{prefix}Config")(
+        text_config=text_class(**spec["text"], pad_token_id=tokenizer.pad_token_id).to_dict(),
+        vision_config=vision_class(**spec["vision"]).to_dict(),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=spec["text"]["tie_word_embeddings"])
+    with torch.device(device):
+        model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
+    return model.eval(), processor
