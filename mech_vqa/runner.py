@@ -64,13 +64,24 @@ class ResidualCheckpoint:
         self.calls: list[dict] = []
         hooks = HookSet()
 
+        #: what the text model adds after a layer outside the layer modules (Qwen3-VL's DeepStack), per layer
+        self.added: dict[int, torch.Tensor] = {}
+
         def record(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             self.inputs.append(hidden.detach())
             self.calls.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
 
+        def record_added(module, args, kwargs):
+            embeds = kwargs.get("inputs_embeds", args[0] if args else None)
+            if embeds is not None:
+                self.added = {layer: value.detach()
+                              for layer, value in self.adapter.deepstack_additions(kwargs, embeds).items()}
+
         with torch.no_grad(), preserved_state(vqa.model):
             try:
+                if self.adapter.deepstack_layers():
+                    hooks.pre(self.adapter.text_model, record_added)
                 for layer in range(self.adapter.n_layers):
                     hooks.pre(self.adapter.layer(layer), record)
                 self.clean_logits = vqa.forward(inp).logits.float()  # [1, S, vocab]
@@ -100,6 +111,8 @@ class ResidualCheckpoint:
                 for index in range(layer, self.adapter.n_layers):
                     out = self.adapter.layer(index)(hidden, **self.calls[index])
                     hidden = out[0] if isinstance(out, tuple) else out
+                    if index in self.added:  # as the text model does after this layer (zeros off the image)
+                        hidden = hidden + self.added[index]
             finally:
                 hooks.remove()
         final = self.adapter.final_norm(hidden[:, positions])

@@ -365,3 +365,23 @@ def test_logit_lens_reads_the_residual_after_deepstack(tiny_qwen3vl_vqa, monkeyp
     monkeypatch.setattr(type(vqa.adapter), "deepstack_layers", lambda self: [])
     with pytest.raises(AssertionError):
         torch.testing.assert_close(logit_lens(vqa, inp, "dog").word_probs[1], expected, rtol=1e-4, atol=1e-6)
+
+
+@torch.no_grad()
+def test_resumed_runs_add_deepstack(tiny_qwen3vl_vqa):
+    """Ablation sweeps resume from a decoder layer (ResidualCheckpoint): on Qwen3-VL they must add DeepStack
+    after the layers where the model does, or they differ from whole forwards (mutation: drop it)."""
+    from mech_vqa import Intervention
+    from mech_vqa.runner import FullForwardRuns, ResidualCheckpoint
+
+    vqa = tiny_qwen3vl_vqa
+    inp = vqa.prepare(gradient_image(48, 40), QUESTION, ANSWER)
+    edits = [Intervention("mlp_out", 0)]
+    positions = [inp.target(3).position, inp.target(0).position]
+    full = FullForwardRuns(vqa, inp).run_from(0, 2, positions, edits)
+    checkpoint = ResidualCheckpoint(vqa, inp)
+    assert sorted(checkpoint.added) == [0]
+    torch.testing.assert_close(checkpoint.run_from(0, 2, positions, edits), full, rtol=1e-5, atol=1e-5)
+    checkpoint.added = {}
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(checkpoint.run_from(0, 2, positions, edits), full, rtol=1e-5, atol=1e-5)

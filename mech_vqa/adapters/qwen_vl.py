@@ -284,8 +284,10 @@ class QwenVLAdapter(LlavaAdapter):
         """``{"projector_out": [1, n_tokens, d_model], "vision_features": [1, n_patches, d_vision]}`` from
         the visual module's output: the merged tokens in prompt order, and the last ViT block's output in
         the processor's patch order."""
-        features = output.last_hidden_state
-        return {"projector_out": output.pooler_output.unsqueeze(0), "vision_features": features.unsqueeze(0)}
+        features, merged = output.last_hidden_state, output.pooler_output
+        if isinstance(merged, (tuple, list)):  # get_image_features splits the same object per image afterwards
+            merged = torch.cat(list(merged))
+        return {"projector_out": merged.unsqueeze(0), "vision_features": features.unsqueeze(0)}
 
     def deepstack_layers(self) -> list[int]:
         """Decoder layers after which DeepStack adds ViT features (none before Qwen3-VL)."""

@@ -200,14 +200,23 @@ class NNsightBackend(Backend):
 
         adapter = self.vqa.adapter
         projector = self._path(adapter.projector)
+        whole_vision = adapter.projector is adapter.vision_tower
         for index, spec in enumerate(self._active):
             for edit in spec.interventions:
                 target = step(edit.layer, _EDIT_SLOTS[edit.site])
                 target.per_head = edit.site == "z"
                 target.edits = (target.edits or []) + [(edit.rows, edit.positions, edit.heads, edit.mode, edit.value)]
             for name in spec.names:
+                if name == "deepstack":   # the text model's call arguments say what it adds after each layer
+                    if adapter.deepstack_layers():
+                        text = self._path(adapter.text_model)
+                        target = steps.setdefault((text, "deepstack"), _Step(-0.5, text, "deepstack"))
+                        target.captures = (target.captures or []) + [((index, "deepstack_kwargs"), 0, None, 1, False)]
+                    continue
                 if name in ("vision_features", "projector_out"):
-                    where = "input" if name == "vision_features" else "output"
+                    # a whole vision module (Qwen-VL): both come from its output, read by the adapter
+                    where = "input" if name == "vision_features" and not whole_vision else "output"
+                    name = name if not whole_vision else "vision_output"
                     target = steps.setdefault((projector, where), _Step(-2 if where == "input" else -1, projector, where))
                     target.captures = (target.captures or []) + [((index, name), 0, None, 1, False)]
                     continue
@@ -228,6 +237,8 @@ class NNsightBackend(Backend):
 
     def forward(self, inputs: dict, **kwargs):
         adapter = self.vqa.adapter
+        self._grid = inputs.get("image_grid_thw")   # Qwen2.5-VL's window order needs it to read ViT features
+        self._shape = tuple(inputs["input_ids"].shape)
         steps = [(self._envoy(s.path), s.where, s.edits, s.per_head, s.captures or []) for s in self._steps()]
         wants_pattern = any("pattern" in spec.names for spec in self._active)
         with preserved_state(self.vqa.model, eager=wants_pattern), _controllers_installed(self._controllers):
@@ -250,8 +261,22 @@ class NNsightBackend(Backend):
             spec.cache.store[key] = value
 
         for name in spec.names:
+            if name == "deepstack":   # zeros where nothing is added (every layer of other families)
+                zeros = torch.zeros(*self._shape, adapter.d_model, dtype=adapter.dtype, device=adapter.device)
+                added = {}
+                if (index, "deepstack_kwargs") in saved:
+                    features, mask = saved[index, "deepstack_kwargs"]
+                    added = adapter.deepstack_additions({"deepstack_visual_embeds": features,
+                                                         "visual_pos_masks": mask}, zeros)
+                for layer, layer_names in spec.plan.items():
+                    if name in layer_names:
+                        keep((name, layer), _select(added.get(layer, zeros), spec.positions))
+                continue
             if name in ("vision_features", "projector_out"):
-                keep(name, saved[index, name])
+                if (index, "vision_output") in saved:   # a whole vision module's output (Qwen-VL)
+                    keep(name, adapter.vision_outputs(saved[index, "vision_output"], self._grid)[name])
+                else:
+                    keep(name, saved[index, name])
                 continue
             for layer, layer_names in spec.plan.items():
                 if name in ("q", "k") or name not in layer_names:
@@ -276,6 +301,7 @@ class NNsightBackend(Backend):
         cos, sin = saved[index, "pe", layer]   # at the q rows when k is not asked, else at every position
         k = saved[index, "k", layer] if "k" in wants else None
         q = saved[index, "q", layer] if "q" in wants else None
+        q, k = adapter.normalise_qk(layer, q, k)   # QK-norm (Qwen3-VL) sits between projection and rotation
         q = None if q is None else q.unflatten(-1, (adapter.n_heads, adapter.head_dim)).transpose(1, 2)
         k = None if k is None else k.unflatten(-1, (adapter.n_kv_heads, adapter.head_dim)).transpose(1, 2)
         if positions is None and q is not None and k is not None:
@@ -342,6 +368,11 @@ def _run_trace(root, nnsight, ops, steps, inputs, kwargs, remote, n_heads, head_
     with root.trace(**inputs, **kwargs, remote=remote):
         saved = nnsight.save({})
         for envoy, where, edits, per_head, captures in steps:
+            if where == "deepstack":   # the text model's DeepStack arguments (Qwen3-VL)
+                call = envoy.inputs[1]
+                for key, _, _, _, _ in captures:
+                    saved[key] = (call["deepstack_visual_embeds"], call["visual_pos_masks"])
+                continue
             if where == "pe":
                 cos, sin = envoy.inputs[1]["position_embeddings"]
                 for key, _, positions, dim, _ in captures:
