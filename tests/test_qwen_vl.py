@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ANSWER, QUESTION, FAMILIES, assert_same_state, hook_snapshot, model_state
+from conftest import ANSWER, FAMILIES, QUESTION, assert_same_state, hook_snapshot, model_state
 from mech_vqa import AdapterError, compare, explain
 from mech_vqa.adapters.qwen_vl import patchify
 
@@ -211,7 +211,6 @@ def test_masks_are_laid_on_the_image_then_flattened(qwen_vqa, image):
 def test_every_method_and_batched_equals_single(qwen_vqa, image):
     vqa = qwen_vqa
     inp = vqa.prepare(image, QUESTION, ANSWER)
-    height, width = inp.geometry.image_size
     result = compare(vqa, inp, tokens=[3], progress=False, box=[0, 0, 16, 16],
                      options={"igos": {"iterations": 1, "n_steps": 2, "mask_size": 4}})
     assert {row["method"] for row in result.table} == {"mechanistic", "logit_lens", "raw_attention", "relevancy",
