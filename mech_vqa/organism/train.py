@@ -56,7 +56,8 @@ HELDOUT_SEED = 777  # the in-training validation set; evaluate.py uses other see
 # and keeps the vision tower at its random initialisation (see ``--vision-lr-scale``).
 RECIPES = {
     "scaffolded": [],
-    "free": ["--attn-sup", "0", "--vision-lr-scale", "0", "--eval-every", "100", "--ckpt-every", "100"],
+    "free": ["--attn-sup", "0", "--vision-lr-scale", "0", "--eval-every", "100", "--ckpt-every", "100",
+             "--steps", "7000", "--target", "0.99"],
 }
 
 
@@ -230,7 +231,10 @@ def main(argv=None):
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         step, level, elapsed = int(state["step"]), int(state["level"]), float(state["elapsed_s"])
-        log, recent, done = list(state["log"]), list(state["recent"]), bool(state["done"])
+        log, recent = list(state["log"]), list(state["recent"])
+        # "done" is re-judged under this run's --target: a run stopped early by a lower target
+        # continues exactly as an uninterrupted run with the higher one would (the stop changes no state)
+        done = bool(state["done"]) and bool(log) and reached_target(log[-1], args)
         print(f"resumed from {ckpt_path} at step {step}")
 
     heldout = generate_items(args.eval_n, seed=HELDOUT_SEED, min_objects=2, max_objects=4,
@@ -291,8 +295,7 @@ def main(argv=None):
             losses, family_hits = [], {}
             log.append(entry)
             bar.write(json.dumps(entry))
-            if args.target is not None and level == args.max_objects and entry["heldout"]["all"] >= args.target:
-                done = True
+            done = reached_target(entry, args)
         if step % args.ckpt_every == 0 or step == stop or done:
             save_checkpoint()
     bar.close()
@@ -300,6 +303,11 @@ def main(argv=None):
     if step >= args.steps or done:
         write_final(model, processor, out, args, step, elapsed, log)
     return model, processor
+
+
+def reached_target(entry: dict, args) -> bool:
+    """Whether a log entry ends the run: the held-out accuracy reached ``--target`` at the top level."""
+    return args.target is not None and entry["level"] == args.max_objects and entry["heldout"]["all"] >= args.target
 
 
 def write_final(model, processor, out: Path, args, step: int, elapsed: float, log: list):

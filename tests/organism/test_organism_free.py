@@ -9,7 +9,7 @@ from mech_vqa.organism import ORGANISM_DIR, ORGANISM_FREE_DIR, ORGANISMS, load_o
 from mech_vqa.organism.evaluate import evaluate
 
 FRESH_SEED = 20261201  # neither a training seed ([0, step]), the validation seed (777) nor evaluate's (4242)
-ACCURACY_FLOOR = 0.80  # measured 0.875 on these 200 questions (2 objects 0.97); well above chance, below the 95 % target
+TARGET = 0.95  # the control organism's accuracy target on 2-4 objects; measured 0.990 on these 200 questions
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +24,12 @@ def fresh_result():
     return result
 
 
-def test_plain_transformers_load_and_retrieval_above_chance(fresh_result):
+def test_plain_transformers_load_and_the_95_percent_target(fresh_result):
     # chance (uniform over the objects present) is about 0.36 on 2-4 objects; before retrieval
     # emerged the training runs sat at 0.3-0.45
-    assert fresh_result["accuracy"] >= ACCURACY_FLOOR, fresh_result
-    assert fresh_result["by_group"]["objects=2"]["accuracy"] >= 0.85, fresh_result
-
-
-@pytest.mark.xfail(strict=True, reason="the shipped free organism is below the 95 % target on 2-4 objects "
-                                       "(docs/organism.md, 'The control organism'); strict: passes -> update")
-def test_meets_the_95_percent_target(fresh_result):
-    assert fresh_result["accuracy"] >= 0.95, fresh_result
+    assert fresh_result["accuracy"] >= TARGET, fresh_result
+    for count in (2, 3, 4):
+        assert fresh_result["by_group"][f"objects={count}"]["accuracy"] >= 0.9, fresh_result
 
 
 def test_free_checkpoint_was_trained_without_attention_loss():

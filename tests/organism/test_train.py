@@ -37,6 +37,22 @@ def test_train_resume_is_exact(tmp_path):
     assert model.config.text_config.num_key_value_heads == 1
 
 
+def test_a_higher_target_resumes_a_run_stopped_by_a_lower_one(tmp_path):
+    """--target stops a run without changing its state, so rerunning with a higher target continues
+    to exactly the weights of an uninterrupted run with that target; the same target stays stopped."""
+    one_level = [*TINY, "--max-objects", "1"]
+    full, early = tmp_path / "full", tmp_path / "early"
+    main(["--out", str(full), "--steps", "4", "--target", "2.0", *one_level])  # never reached: 4 steps
+    main(["--out", str(early), "--steps", "4", "--target", "0.0", *one_level])  # reached at the first evaluation
+    assert json.loads((early / "training_log.json").read_text())["steps"] == 2
+    main(["--out", str(early), "--steps", "4", "--target", "0.0", *one_level])
+    assert torch.load(early / "checkpoint.pt", weights_only=True)["step"] == 2
+    main(["--out", str(early), "--steps", "4", "--target", "2.0", *one_level])
+    a, b = load_file(full / "model.safetensors"), load_file(early / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((early / "training_log.json").read_text())["steps"] == 4
+
+
 def test_loss_terms_name_the_scaffold_only_in_the_scaffolded_recipe():
     from mech_vqa.organism.train import RECIPES, loss_terms, recipe_args
 
