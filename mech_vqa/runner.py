@@ -11,6 +11,13 @@ Both here and in the perturbation scorer (:class:`~mech_vqa.methods.scoring.Answ
 few rows of the last layer's output are ever read, so :func:`last_mlp_only_at` runs the last
 layer's MLP (most of a layer's arithmetic) at those rows alone; its attention still runs at every
 position, since the kept rows attend to all of them.
+
+When an intervention touches only the last rows (the answer rows), every earlier row is the clean
+run's at every layer: :class:`AnswerRowRunner` keeps the clean run's keys and values as well (a KV
+cache) and :meth:`AnswerRowRunner.run_rows` recomputes only those rows, batched over
+interventions, with optional attention-edge edits (the attention knockout's). Ablation uses it for
+``where="answer"``; any method that edits only the answer rows (patching at the answer position)
+can call ``AnswerRowRunner(vqa, inp).run_rows(layer, batch, positions, interventions)``.
 """
 
 from __future__ import annotations

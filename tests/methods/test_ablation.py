@@ -133,6 +133,12 @@ def test_answer_row_path_bad_input(tiny_vqa, prepared):
         ablate(tiny_vqa, prepared, [image_edit], progress=False, where="answer")
     with pytest.raises(ValueError, match="unknown where"):
         ablate(tiny_vqa, prepared, head_ablations(tiny_vqa), progress=False, where="everywhere")
+    from mech_vqa import VQAModel
+    from mech_vqa.backends import BackendNotSupported
+
+    nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
+    with pytest.raises(BackendNotSupported, match="AnswerRowRunner .* nnsight backend"):
+        ablate(nns, prepared, head_ablations(tiny_vqa), progress=False, where="answer")
     hooks, state = hook_snapshot(tiny_vqa.model), model_state(tiny_vqa.model)
     ablate(tiny_vqa, prepared, head_ablations(tiny_vqa), progress=False, where="answer")
     assert hook_snapshot(tiny_vqa.model) == hooks
