@@ -56,7 +56,10 @@ def knocked_by_hand(vqa, inp, source, target, layers, targets):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds for the knockout study")
+    parser.add_argument("--sweep-repeats", type=int, default=2,
+                        help="interleaved rounds for the head sweeps (the full-sequence one takes ~32 forwards)")
+    parser.add_argument("--only", choices=("study", "sweep"), help="run one of the two benchmarks")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     header("attention knockout and answer-row ablation")
@@ -66,7 +69,13 @@ def main() -> None:
     print(f"model: {vqa}\nsequence length {inp.seq_len}, question tokens {inp.question_positions.numel()}, "
           f"answer tokens {inp.answer_positions.numel()}")
 
-    # ---------------------------------------------------------------- knockout study
+    if args.only != "sweep":
+        knockout_study(vqa, inp, targets, args.repeats)
+    if args.only != "study":
+        answer_row_sweep(vqa, inp, args.sweep_repeats)
+
+
+def knockout_study(vqa, inp, targets, repeats: int) -> None:
     study = knockout(vqa, inp, progress=False)
     n_knockouts = study.relative_change.numel()
 
@@ -75,7 +84,7 @@ def main() -> None:
             vqa.forward(inp)
 
     times = interleaved_medians({"study": lambda: knockout(vqa, inp, progress=False), "forward": plain},
-                                repeats=args.repeats, warmup=1)
+                                repeats=repeats, warmup=1)
     per_window = times["study"] / n_knockouts / times["forward"]
     # the reference: one eager forward per knockout, a subset timed and extrapolated
     subset = [(p, w) for p in range(len(study.pairs)) for w in range(0, len(study.windows), 3)]
@@ -95,7 +104,9 @@ def main() -> None:
     print(f"RESULT knockout_cost_per_window={per_window:.3f} of a plain forward (target <= 0.6); "
           f"{reference / times['study']:.1f}x faster than one forward per knockout")
 
-    # ---------------------------------------------------------- answer-row head sweep
+
+
+def answer_row_sweep(vqa, inp, repeats: int) -> None:
     ablations = head_ablations(vqa)
     rows = [t.position for t in inp.answer_targets()]
     restricted = [dataclasses.replace(a, interventions=tuple(dataclasses.replace(e, positions=rows)
@@ -106,7 +117,7 @@ def main() -> None:
     times = interleaved_medians({
         "answer": lambda: ablate(vqa, inp, ablations, batch_size=64, progress=False, where="answer"),
         "full": lambda: ablate(vqa, inp, ablations, batch_size=16, progress=False),
-    }, repeats=args.repeats, warmup=1)
+    }, repeats=repeats, warmup=0)
     print(f"head sweep, all {len(ablations)} heads, {len(rows)} answer rows: answer-row path {times['answer']:.3f} s, "
           f"full-sequence path {times['full']:.3f} s; answer-row vs the full path restricted to the answer rows: "
           f"max |difference| {error:.1e}")
