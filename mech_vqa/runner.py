@@ -58,10 +58,24 @@ def last_mlp_only_at(hooks: HookSet, adapter, rows: torch.Tensor) -> None:
     hooks.post(mlp, scatter_back)
 
 
+def _clean_logits(vqa, inp, rows) -> torch.Tensor:
+    """``[1, S, vocab]`` fp32 logits of the clean forward; with ``rows``, only those are computed
+    (HF's ``logits_to_keep``) and the others are NaN."""
+    if rows is None or "logits_to_keep" not in inspect.signature(vqa.model.forward).parameters:
+        return vqa.forward(inp).logits.float()
+    rows = torch.as_tensor(rows, dtype=torch.long).flatten() % inp.seq_len
+    kept = vqa.forward(inp, logits_to_keep=rows.to(vqa.device)).logits.float()        # [1, len(rows), vocab]
+    logits = kept.new_full((1, inp.seq_len, kept.shape[-1]), float("nan"))
+    logits[:, rows.to(kept.device)] = kept
+    return logits
+
+
 class ResidualCheckpoint:
     """The clean run's residual stream entering each layer, plus each layer's call arguments."""
 
-    def __init__(self, vqa, inp):
+    def __init__(self, vqa, inp, rows: Sequence[int] | torch.Tensor | None = None):
+        """``rows``: the only positions whose clean logits are wanted (``clean_logits`` is NaN
+        elsewhere): the clean run then unembeds those rows alone, not the whole sequence."""
         from .backends import require_hooks
 
         require_hooks(vqa, "ablate / ResidualCheckpoint (it calls decoder layers directly)")
@@ -80,7 +94,7 @@ class ResidualCheckpoint:
             try:
                 for layer in range(self.adapter.n_layers):
                     hooks.pre(self.adapter.layer(layer), record)
-                self.clean_logits = vqa.forward(inp).logits.float()  # [1, S, vocab]
+                self.clean_logits = _clean_logits(vqa, inp, rows)  # [1, S, vocab]
             finally:
                 hooks.remove()
         if len(self.inputs) != self.adapter.n_layers:
@@ -147,10 +161,11 @@ class FullForwardRuns:
         return (logits if keep else logits[:, positions]).float().log_softmax(-1)
 
 
-def checkpoint_for(vqa, inp):
-    """A :class:`ResidualCheckpoint` on the hooks backend, :class:`FullForwardRuns` on any other."""
+def checkpoint_for(vqa, inp, rows=None):
+    """A :class:`ResidualCheckpoint` on the hooks backend (clean logits at ``rows`` only, when
+    given), :class:`FullForwardRuns` on any other."""
     if getattr(getattr(vqa, "backend", None), "name", "hooks") == "hooks":
-        return ResidualCheckpoint(vqa, inp)
+        return ResidualCheckpoint(vqa, inp, rows)
     return FullForwardRuns(vqa, inp)
 
 
@@ -240,7 +255,8 @@ class AnswerRowRunner(ResidualCheckpoint):
     Hooks backend only (it calls decoder layers directly).
     """
 
-    def __init__(self, vqa, inp):
+    def __init__(self, vqa, inp, rows: Sequence[int] | torch.Tensor | None = None):
+        """``rows``: as for :class:`ResidualCheckpoint` (clean logits computed there only)."""
         from .backends import require_hooks
 
         require_hooks(vqa, "AnswerRowRunner (it calls decoder layers directly)")
@@ -257,7 +273,7 @@ class AnswerRowRunner(ResidualCheckpoint):
         try:
             for layer, recorder in enumerate(self.recorders):
                 hooks.pre(adapter.attn(layer), keep_keys_values(recorder))
-            super().__init__(vqa, inp)
+            super().__init__(vqa, inp, rows)
         finally:
             hooks.remove()
         missing = [layer for layer, r in enumerate(self.recorders) if r.keys is None]

@@ -182,10 +182,10 @@ def ablate(vqa, inp, ablations: Sequence[Ablation], *, targets=None, batch_size:
     positions = torch.tensor([t.position for t in targets])
     token_ids = torch.tensor([t.token_id for t in targets])
     if where == "answer":
-        checkpoint = AnswerRowRunner(vqa, inp)
+        checkpoint = AnswerRowRunner(vqa, inp, positions)
         run = checkpoint.run_rows
     else:
-        checkpoint = checkpoint_for(vqa, inp)  # whole forwards on backends other than hooks
+        checkpoint = checkpoint_for(vqa, inp, positions)  # whole forwards on backends other than hooks
         run = checkpoint.run_from
     clean = checkpoint.clean_logits[0, positions].log_softmax(-1)
     clean_lp = clean.gather(-1, token_ids[:, None].to(clean.device))[:, 0].cpu()

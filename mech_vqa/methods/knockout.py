@@ -162,7 +162,7 @@ def knockout(vqa, inp, pairs: Sequence = DEFAULT_PAIRS, *, window: int | None = 
             groups[_label(group)] = positions
     labels = [(_label(s), _label(t)) for s, t in pairs]
 
-    runner = AnswerRowRunner(vqa, inp)
+    runner = AnswerRowRunner(vqa, inp, rows)
     device = runner.inputs[0].device
     clean = runner.clean_logits[0, rows].log_softmax(-1)
     clean_logprob = clean.gather(-1, token_ids[:, None].to(clean.device))[:, 0].sum().cpu()
