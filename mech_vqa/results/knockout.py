@@ -101,7 +101,8 @@ class KnockoutResult(Result):
         from ..plotting import PALETTE, heatmap, new_axes
 
         centred = self.info.get("windows") == "centred"
-        xlabel = (f"layer (window of {self.info.get('window')} layers centred on it)" if centred
+        size = self.info.get("window")
+        xlabel = (f"layer (window of {size} layer{'' if size == 1 else 's'} centred on it)" if centred
                   else "first layer of the window")
         if self.per_head:
             index = self._pair_index(0 if pair is None else pair)
