@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--sweep-repeats", type=int, default=2,
                         help="interleaved rounds for the head sweeps (the full-sequence one takes ~32 forwards)")
     parser.add_argument("--only", choices=("study", "sweep"), help="run one of the two benchmarks")
+    parser.add_argument("--targets", choices=("one", "all", "both"), default="both",
+                        help="the head sweep's targets: the last answer token, every answer token, or both")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     header("attention knockout and answer-row ablation")
@@ -72,7 +74,7 @@ def main() -> None:
     if args.only != "sweep":
         knockout_study(vqa, inp, targets, args.repeats)
     if args.only != "study":
-        answer_row_sweep(vqa, inp, args.sweep_repeats)
+        answer_row_sweep(vqa, inp, args.sweep_repeats, args.targets)
 
 
 def knockout_study(vqa, inp, targets, repeats: int) -> None:
@@ -106,13 +108,15 @@ def knockout_study(vqa, inp, targets, repeats: int) -> None:
 
 
 
-def answer_row_sweep(vqa, inp, repeats: int) -> None:
+def answer_row_sweep(vqa, inp, repeats: int, which: str = "both") -> None:
     """``ablate`` over every head, answer rows only vs full sequence: with the answer's last token as
     the one target (the ``ablate`` task measures one token, the answer word) and with every answer
     token as targets (``ablate``'s default). Whole calls, the clean run included in both."""
     ablations = head_ablations(vqa)
-    for label, targets in (("one target (the last answer token)", [inp.answer_targets()[-1]]),
-                           (f"all {inp.answer_positions.numel()} answer tokens", inp.answer_targets())):
+    settings = {"one": ("one target (the last answer token)", [inp.answer_targets()[-1]]),
+                "all": (f"all {inp.answer_positions.numel()} answer tokens", inp.answer_targets())}
+    for key in (("one", "all") if which == "both" else (which,)):
+        label, targets = settings[key]
         rows = [t.position for t in targets]
         restricted = [dataclasses.replace(a, interventions=tuple(dataclasses.replace(e, positions=rows)
                                                                  for e in a.interventions)) for a in ablations]

@@ -167,3 +167,15 @@ def test_organism_image_reaches_the_answer_in_the_scaffolded_layer(organism_vqa,
         assert change[2] < -0.5, (row["question"], change)
         others = torch.cat([change[:2], change[3:]])
         assert others.abs().max() < 0.1 and change[2] < others.min() - 0.4, (row["question"], change)
+
+
+def test_eager_float_masks_give_the_sdpa_numbers(tiny_mistral_vqa, image):
+    """Eager attention gets HF's additive float mask (here with a sliding window), SDPA a bool one or
+    none: the knockout edits either form and both give the same numbers."""
+    inp = tiny_mistral_vqa.prepare(image, QUESTION, ANSWER)
+    pairs = [("image", "question"), ("image", "last"), ("question", "last")]
+    sdpa = knockout(tiny_mistral_vqa, inp, pairs, windows=[(0, 1), (1, 2), (0, 2)], progress=False)
+    with preserved_state(tiny_mistral_vqa.model, eager=True):
+        eager = knockout(tiny_mistral_vqa, inp, pairs, windows=[(0, 1), (1, 2), (0, 2)], progress=False)
+    torch.testing.assert_close(eager.knocked_logprob, sdpa.knocked_logprob, rtol=0, atol=1e-5)
+    assert sdpa.relative_change.abs().max() > 1e-3
