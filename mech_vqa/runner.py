@@ -260,6 +260,11 @@ class AnswerRowRunner(ResidualCheckpoint):
         from .backends import require_hooks
 
         require_hooks(vqa, "AnswerRowRunner (it calls decoder layers directly)")
+        config = vqa.model.config
+        self.attn_implementation = getattr(getattr(config, "text_config", config), "_attn_implementation", None)
+        if self.attn_implementation not in ("eager", "sdpa"):
+            raise ValueError(f"the answer-row path needs 'sdpa' or 'eager' attention (it passes explicit masks), not "
+                             f"{self.attn_implementation!r}; load the model with attn_implementation='sdpa'")
         adapter = vqa.adapter
         self.cache_keyword = _cache_keyword(adapter.layer(0))
         self.recorders = [_RecordKeysValues() for _ in range(adapter.n_layers)]
@@ -281,8 +286,6 @@ class AnswerRowRunner(ResidualCheckpoint):
             raise RuntimeError(f"the attention of layers {missing} did not pass keys/values through its cache "
                                "argument; this model family is not supported by the answer-row path")
         self.seq_len = self.inputs[0].shape[1]
-        self.attn_implementation = vqa.model.config.text_config._attn_implementation \
-            if hasattr(vqa.model.config, "text_config") else vqa.model.config._attn_implementation
 
     # ------------------------------------------------------------------ per-layer arguments
     def allowed(self, layer: int, first: int, last: int) -> torch.Tensor:
