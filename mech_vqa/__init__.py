@@ -26,6 +26,7 @@ _EXPORTS = {
     ".methods.causal": ["causal_explanation", "causal_map"],
     ".methods.head_claims": ["head_claims"],
     ".methods.igos": ["IGOSConfig", "igos"],
+    ".methods.knockout": ["knockout"],
     ".methods.logit_lens": ["logit_lens"],
     ".methods.mechanistic": ["explain"],
     ".methods.neurons": ["neuron_increase"],

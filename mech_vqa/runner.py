@@ -11,6 +11,13 @@ Both here and in the perturbation scorer (:class:`~mech_vqa.methods.scoring.Answ
 few rows of the last layer's output are ever read, so :func:`last_mlp_only_at` runs the last
 layer's MLP (most of a layer's arithmetic) at those rows alone; its attention still runs at every
 position, since the kept rows attend to all of them.
+
+When an intervention touches only the last rows (the answer rows), every earlier row is the clean
+run's at every layer: :class:`AnswerRowRunner` keeps the clean run's keys and values as well (a KV
+cache) and :meth:`AnswerRowRunner.run_rows` recomputes only those rows, batched over
+interventions, with optional attention-edge edits (the attention knockout's). Ablation uses it for
+``where="answer"``; any method that edits only the answer rows (patching at the answer position)
+can call ``AnswerRowRunner(vqa, inp).run_rows(layer, batch, positions, interventions)``.
 """
 
 from __future__ import annotations
@@ -51,10 +58,24 @@ def last_mlp_only_at(hooks: HookSet, adapter, rows: torch.Tensor) -> None:
     hooks.post(mlp, scatter_back)
 
 
+def _clean_logits(vqa, inp, rows) -> torch.Tensor:
+    """``[1, S, vocab]`` fp32 logits of the clean forward; with ``rows``, only those are computed
+    (HF's ``logits_to_keep``) and the others are NaN."""
+    if rows is None or "logits_to_keep" not in inspect.signature(vqa.model.forward).parameters:
+        return vqa.forward(inp).logits.float()
+    rows = torch.as_tensor(rows, dtype=torch.long).flatten() % inp.seq_len
+    kept = vqa.forward(inp, logits_to_keep=rows.to(vqa.device)).logits.float()        # [1, len(rows), vocab]
+    logits = kept.new_full((1, inp.seq_len, kept.shape[-1]), float("nan"))
+    logits[:, rows.to(kept.device)] = kept
+    return logits
+
+
 class ResidualCheckpoint:
     """The clean run's residual stream entering each layer, plus each layer's call arguments."""
 
-    def __init__(self, vqa, inp):
+    def __init__(self, vqa, inp, rows: Sequence[int] | torch.Tensor | None = None):
+        """``rows``: the only positions whose clean logits are wanted (``clean_logits`` is NaN
+        elsewhere): the clean run then unembeds those rows alone, not the whole sequence."""
         from .backends import require_hooks
 
         require_hooks(vqa, "ablate / ResidualCheckpoint (it calls decoder layers directly)")
@@ -84,7 +105,7 @@ class ResidualCheckpoint:
                     hooks.pre(self.adapter.text_model, record_added)
                 for layer in range(self.adapter.n_layers):
                     hooks.pre(self.adapter.layer(layer), record)
-                self.clean_logits = vqa.forward(inp).logits.float()  # [1, S, vocab]
+                self.clean_logits = _clean_logits(vqa, inp, rows)  # [1, S, vocab]
             finally:
                 hooks.remove()
         if len(self.inputs) != self.adapter.n_layers:
@@ -153,8 +174,223 @@ class FullForwardRuns:
         return (logits if keep else logits[:, positions]).float().log_softmax(-1)
 
 
-def checkpoint_for(vqa, inp):
-    """A :class:`ResidualCheckpoint` on the hooks backend, :class:`FullForwardRuns` on any other."""
+def checkpoint_for(vqa, inp, rows=None):
+    """A :class:`ResidualCheckpoint` on the hooks backend (clean logits at ``rows`` only, when
+    given), :class:`FullForwardRuns` on any other."""
     if getattr(getattr(vqa, "backend", None), "name", "hooks") == "hooks":
-        return ResidualCheckpoint(vqa, inp)
+        return ResidualCheckpoint(vqa, inp, rows)
     return FullForwardRuns(vqa, inp)
+
+
+# ----------------------------------------------------------------------------- answer rows only
+class _RecordKeysValues:
+    """Stands in for HF's cache object in one attention call of the clean run: keeps the keys and
+    values (after rotary embedding, before any GQA repeat) and hands them back unchanged."""
+
+    def __init__(self):
+        self.keys = self.values = None
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        self.keys, self.values = key_states.detach(), value_states.detach()
+        return key_states, value_states
+
+
+class _PrefixKeysValues:
+    """Stands in for HF's cache object when rows ``first..`` are recomputed: puts the clean run's
+    keys and values of rows ``< first`` in front of the new rows', for every batch row. Nothing is
+    stored, so one prefix serves any number of runs."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values  # [1, kv_heads, first, head_dim]
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        batch = key_states.shape[0]
+        keys = torch.cat([self.keys.expand(batch, -1, -1, -1).to(key_states), key_states], dim=-2)
+        values = torch.cat([self.values.expand(batch, -1, -1, -1).to(value_states), value_states], dim=-2)
+        return keys, values
+
+
+def _cache_keyword(layer_module) -> str:
+    """The name under which a decoder layer takes its KV cache (``cache`` from transformers 5.x on)."""
+    parameters = inspect.signature(layer_module.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _rows_edit(edit: Intervention, first: int, count: int, seq_len: int) -> Intervention:
+    """``edit`` expressed on the recomputed rows ``first .. first + count - 1`` only.
+
+    Positions are shifted; an edit of all positions edits every recomputed row (and a value that
+    holds one row per sequence position, as ``resample`` writes, is cut to those rows). An edit at a
+    row that is not recomputed cannot be honoured and is an error.
+    """
+    import dataclasses
+
+    if edit.positions is not None:
+        absolute = [p % seq_len for p in edit.positions]
+        outside = sorted(p for p in absolute if not first <= p < first + count)
+        if outside:
+            raise ValueError(
+                f"intervention at {edit.site} L{edit.layer} edits positions {outside}, outside the recomputed rows "
+                f"{first}..{first + count - 1}; the answer-row path keeps every earlier row clean, so use the "
+                "full-sequence path (where='full') for edits before the answer")
+        return dataclasses.replace(edit, positions=tuple(p - first for p in absolute))
+    value = edit.value
+    per_position_dims = 3 if edit.site == "z" else 2
+    if value is not None and value.dim() == per_position_dims and value.shape[0] == seq_len:
+        value = value[first:first + count]
+    return dataclasses.replace(edit, value=value)
+
+
+class AnswerRowRunner(ResidualCheckpoint):
+    """Recompute only the last rows of the sequence, reusing the clean run for every earlier row.
+
+    In a causal decoder, row ``i`` at layer ``l`` depends on rows ``<= i`` only. An intervention that
+    touches only rows ``first..`` (an edit at the answer rows, an attention edit of those rows' queries)
+    leaves every earlier row's residual stream, keys and values exactly as in the clean run. So one
+    clean forward records, per decoder layer, the residual entering it, its call arguments and the
+    keys and values of every position (a KV cache); :meth:`run_rows` then runs only rows
+    ``first..last`` through layers ``layer..`` for a batch of interventions, with the clean keys and
+    values of rows ``< first`` put in front of theirs. The arithmetic per run is that of a
+    ``last - first + 1``-token decoding step, not of a forward.
+
+    What it computes differs in meaning from :meth:`ResidualCheckpoint.run_from` with an edit of
+    all positions: there every position from the edited layer on sees the edit, and later layers'
+    keys and values at every position change; here only rows ``first..last`` are edited and every
+    earlier position keeps its clean keys and values at every layer. The two agree exactly when the
+    edit touches rows ``>= first`` only (a test checks this on every tiny layout).
+
+    Attention edits: ``blocked(layer, first, last)`` may return a bool tensor
+    ``[batch, 1 or n_heads, last - first + 1, last + 1]`` (query rows x key positions); a True entry
+    removes that edge: its pre-softmax score becomes ``-inf``, so its attention weight is exactly
+    zero and the row's softmax renormalises over the remaining edges (the attention knockout of
+    Geva et al. 2023 / Zhang et al. 2025). A query row left with no edge at all is an error.
+
+    Hooks backend only (it calls decoder layers directly).
+    """
+
+    def __init__(self, vqa, inp, rows: Sequence[int] | torch.Tensor | None = None):
+        """``rows``: as for :class:`ResidualCheckpoint` (clean logits computed there only)."""
+        from .backends import require_hooks
+
+        require_hooks(vqa, "AnswerRowRunner (it calls decoder layers directly)")
+        config = vqa.model.config
+        self.attn_implementation = getattr(getattr(config, "text_config", config), "_attn_implementation", None)
+        if self.attn_implementation not in ("eager", "sdpa"):
+            raise ValueError(f"the answer-row path needs 'sdpa' or 'eager' attention (it passes explicit masks), not "
+                             f"{self.attn_implementation!r}; load the model with attn_implementation='sdpa'")
+        adapter = vqa.adapter
+        self.cache_keyword = _cache_keyword(adapter.layer(0))
+        self.recorders = [_RecordKeysValues() for _ in range(adapter.n_layers)]
+        hooks = HookSet()
+
+        def keep_keys_values(recorder):
+            def hook(module, args, kwargs):
+                return args, {**kwargs, self.cache_keyword: recorder}
+            return hook
+
+        try:
+            for layer, recorder in enumerate(self.recorders):
+                hooks.pre(adapter.attn(layer), keep_keys_values(recorder))
+            super().__init__(vqa, inp, rows)
+        finally:
+            hooks.remove()
+        missing = [layer for layer, r in enumerate(self.recorders) if r.keys is None]
+        if missing:
+            raise RuntimeError(f"the attention of layers {missing} did not pass keys/values through its cache "
+                               "argument; this model family is not supported by the answer-row path")
+        self.seq_len = self.inputs[0].shape[1]
+
+    # ------------------------------------------------------------------ per-layer arguments
+    def allowed(self, layer: int, first: int, last: int) -> torch.Tensor:
+        """Bool ``[1, 1, last - first + 1, last + 1]``: which keys each recomputed row may attend to in
+        the clean run (causal, and the sliding window where the layer has one)."""
+        mask = self.calls[layer].get("attention_mask")
+        if mask is None:  # SDPA's pure causal case: HF passes no mask and lets the kernel mask
+            rows = torch.arange(first, last + 1, device=self.inputs[0].device)
+            keys = torch.arange(last + 1, device=rows.device)
+            return (keys[None, :] <= rows[:, None])[None, None]
+        mask = mask[..., first:last + 1, :last + 1]
+        if mask.dtype == torch.bool:
+            return mask
+        return mask > torch.finfo(mask.dtype).min / 2  # additive float mask: 0 allowed, dtype min blocked
+
+    def _layer_kwargs(self, layer: int, first: int, last: int, blocked) -> dict:
+        kwargs = dict(self.calls[layer])
+        rows = slice(first, last + 1)
+        for key, value in list(kwargs.items()):
+            if key in ("position_ids", "cache_position") and torch.is_tensor(value):
+                kwargs[key] = value[..., rows]
+            elif key == "position_embeddings" and value is not None:
+                kwargs[key] = tuple(part[:, rows] for part in value)
+            elif key in ("attention_mask", self.cache_keyword, "hidden_states"):
+                continue
+            elif torch.is_tensor(value) and self.seq_len in value.shape:
+                raise NotImplementedError(f"decoder layer argument {key!r} {tuple(value.shape)} depends on the "
+                                          "sequence; the answer-row path does not know how to cut it")
+        mask = self.calls[layer].get("attention_mask")
+        edit = blocked(layer, first, last) if blocked is not None else None
+        if edit is not None:
+            allowed = self.allowed(layer, first, last) & ~edit
+            empty = ~allowed.any(-1)
+            if empty.any():
+                where = empty.nonzero()[0].tolist()
+                raise ValueError(
+                    f"the attention edit leaves query position {first + where[2]} at layer {layer} with no key to "
+                    "attend to (every allowed edge blocked); keep at least one source position per row, e.g. do "
+                    "not block a token's edge to itself when it attends to nothing else")
+        if mask is None or mask.dtype == torch.bool or self.attn_implementation != "eager":
+            mask = self.allowed(layer, first, last) if edit is None else allowed  # bool: True = attend
+        else:
+            mask = mask[..., rows, :last + 1]
+            if edit is not None:
+                mask = mask.masked_fill(edit, float("-inf")) if mask.shape == edit.shape else \
+                    torch.where(edit, torch.tensor(float("-inf"), dtype=mask.dtype, device=mask.device), mask)
+        kwargs["attention_mask"] = mask
+        recorder = self.recorders[layer]
+        kwargs[self.cache_keyword] = (_PrefixKeysValues(recorder.keys[..., :first, :], recorder.values[..., :first, :])
+                                      if first > 0 else None)
+        return kwargs
+
+    @torch.no_grad()
+    def run_rows(self, layer: int, batch: int, positions: Sequence[int] | torch.Tensor,
+                 interventions: Sequence[Intervention] = (), *, first: int | None = None,
+                 blocked=None) -> torch.Tensor:
+        """Log-probabilities ``[batch, P, vocab]`` (fp32) at ``positions``, recomputing rows ``first..``.
+
+        Args:
+            layer: first decoder layer to run (edits and attention edits at layers ``>= layer`` only).
+            batch: batch rows (interventions pick theirs through ``rows``).
+            positions: the rows to unembed (absolute sequence positions).
+            interventions: as for :meth:`ResidualCheckpoint.run_from`; an edit of all positions edits
+                the recomputed rows only, an explicit position before ``first`` is an error.
+            first: first recomputed row (default: the first of ``positions``); rows after the last of
+                ``positions`` are never computed (nothing before them can read them).
+            blocked: ``blocked(layer, first, last) -> bool [batch, 1|n_heads, R, last + 1] | None``,
+                attention edges to remove (see the class docstring).
+        """
+        layer = self.adapter.check_layer(layer)
+        early = [edit.layer for edit in interventions if self.adapter.check_layer(edit.layer) < layer]
+        if early:
+            raise ValueError(f"interventions at layers {sorted(set(early))} precede the resume layer {layer}")
+        positions = torch.as_tensor(positions, dtype=torch.long, device=self.inputs[0].device).flatten() % self.seq_len
+        last = int(positions.max())
+        first = int(positions.min()) if first is None else int(first)
+        if not 0 <= first <= int(positions.min()):
+            raise ValueError(f"first recomputed row {first} must lie in 0..{int(positions.min())} (the first "
+                             "unembedded position)")
+        count = last + 1 - first
+        edits = [_rows_edit(edit, first, count, self.seq_len) for edit in interventions]
+        hidden = self.inputs[layer][:, first:last + 1].expand(batch, -1, -1).clone()
+        local = positions - first
+        hooks = HookSet()
+        with preserved_state(self.vqa.model):
+            try:
+                last_mlp_only_at(hooks, self.adapter, local)
+                register_interventions(hooks, self.adapter, edits)
+                for index in range(layer, self.adapter.n_layers):
+                    out = self.adapter.layer(index)(hidden, **self._layer_kwargs(index, first, last, blocked))
+                    hidden = out[0] if isinstance(out, tuple) else out
+            finally:
+                hooks.remove()
+        final = self.adapter.final_norm(hidden[:, local])
+        return self.adapter.unembed(final).float().log_softmax(-1)

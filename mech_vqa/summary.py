@@ -1,7 +1,9 @@
 """The dataset table: aggregate a results file written by :func:`mech_vqa.dataset.run_dataset`.
 
 Per task it reports what the rows hold: accuracy for every task; for ``ablate`` the mean head
-ablation grid, block effects and the object-vs-other patch ablation; for ``compare``, per method:
+ablation grid, block effects and the object-vs-other patch ablation; for ``knockout`` the mean
+relative change of the answer's probability per blocked pair and window (``knockout`` table and
+figure); for ``compare``, per method:
 
 * normalised insertion / deletion AUC averaged over the items *kept* by the normalisation rule
   (``log s(I) - log s(B) >= min_gap``; ``auc_kept`` / ``auc_flagged`` count them; items explained
@@ -67,6 +69,9 @@ def summary_tables(rows: list[dict]) -> dict:
         tables["image_ablation"] = _ablation_table(ablate, "image_ablations")
         tables["blocks"] = _ablation_table(ablate, "blocks")
         tables["head_delta"] = np.nanmean(np.array([r["head_delta"] for r in ablate], dtype=float), axis=0)
+    knocked = [r for r in ok if "knockout" in r]
+    if knocked:
+        tables["knockout"] = _knockout_table(knocked)
     explained = [r for r in ok if "layer_attn_increase" in r]
     if explained:
         attn = np.array([r["layer_attn_increase"] for r in explained], dtype=float)
@@ -102,6 +107,23 @@ def summary_tables(rows: list[dict]) -> dict:
             {"pair": pair, "mean_spearman": _mean(r.get("correlations", {}).get(pair) for r in compared)}
             for pair in pairs])
     return tables
+
+
+def _knockout_table(rows: list[dict]):
+    """Mean relative change of the answer's probability per (pair, window) over the knockout rows."""
+    import pandas as pd
+
+    records = {}
+    for row in rows:
+        study = row["knockout"]
+        for p, pair in enumerate(study["pairs"]):
+            for w, (window, layer) in enumerate(zip(study["windows"], study["layers"])):
+                key = (pair, layer, tuple(window))
+                records.setdefault(key, []).append(study["relative_change"][p][w])
+    return pd.DataFrame([
+        {"pair": pair, "layer": layer, "window_start": window[0], "window_stop": window[1],
+         "mean_relative_change": _mean(values), "items": len(values)}
+        for (pair, layer, window), values in records.items()])
 
 
 def _kept(row: dict, entry: dict) -> bool:
@@ -260,8 +282,9 @@ _METRICS = (("insertion_auc", "insertion AUC (higher is better)"), ("deletion_au
 
 
 def save_figures(tables: dict, folder: Path) -> list[Path]:
-    """``head_ablation.png`` (ablate results), ``layers.png`` (explain results) and ``methods.png``
-    (compare results) in ``folder``; nothing (and no folder) when the tables hold none of them."""
+    """``head_ablation.png`` (ablate results), ``layers.png`` (explain results), ``knockout.png``
+    (knockout results) and ``methods.png`` (compare results) in ``folder``; nothing (and no folder)
+    when the tables hold none of them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,7 +293,7 @@ def save_figures(tables: dict, folder: Path) -> list[Path]:
 
     from .plotting import PALETTE, heatmap
 
-    if not any(name in tables for name in ("head_delta", "methods", "layers")):
+    if not any(name in tables for name in ("head_delta", "methods", "layers", "knockout")):
         return []
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -297,6 +320,22 @@ def save_figures(tables: dict, folder: Path) -> list[Path]:
                                + (f" ({items} items)" if items else ""),
                          cbar_label="mean change of answer log-prob (nats)")
         written.append(folder / "head_ablation.png")
+        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    if "knockout" in tables:
+        frame = tables["knockout"]
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        for index, (pair, group) in enumerate(frame.groupby("pair", sort=False)):
+            group = group.sort_values("layer")
+            ax.plot(group["layer"], 100 * group["mean_relative_change"], marker="o", markersize=3,
+                    color=PALETTE[index % len(PALETTE)], linestyle=("-", "--", "-.", ":")[index % 4], label=pair)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_xticks(sorted(frame["layer"].unique()))
+        ax.set_xlabel("layer (window centred on it)", fontsize=8)
+        ax.set_ylabel("mean relative change of the\nanswer's probability (%)", fontsize=8)
+        ax.legend(fontsize=7, title="blocked edges", title_fontsize=7)
+        ax.set_title(f"attention knockout ({int(frame['items'].max())} items)", fontsize=9)
+        written.append(folder / "knockout.png")
         fig.savefig(written[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)
     if "methods" in tables:

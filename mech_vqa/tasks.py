@@ -30,6 +30,11 @@ TASK_HELP = {
                "the answer-word token. Columns: prediction, correct, answer, target, clean_logprob, top_heads "
                "(5 most harmful heads: ablation, delta_logprob, flipped), head_delta (layers x heads), "
                "heads_flipping, blocks, image_ablations (object / other patches, with a box)."),
+    "knockout": ("attention knockout (Zhang et al. 2025) on the answer-word token: the relative change of its "
+                 "probability when the edges image -> question, image -> last and question -> last are blocked in "
+                 "a window of layers centred on each layer. Columns: prediction, correct, answer, target, "
+                 "clean_prob, knockout {pairs, windows, layers, window, relative_change (pairs x windows)}, "
+                 "strongest {pair: {window, relative_change}}."),
 }
 
 
@@ -131,4 +136,24 @@ def task_compare(vqa, *, image, question, answer, box, row, methods=None, option
     return out
 
 
-TASKS = {"answer": task_answer, "explain": task_explain, "compare": task_compare, "ablate": task_ablate}
+def task_knockout(vqa, *, image, question, answer, box, row, window: int | None = None):
+    """Attention knockout of the default group pairs in the paper's centred windows, on the answer word."""
+    from .methods.knockout import knockout
+
+    inp, out = answer_item(vqa, image, question, answer, row)
+    target = inp.target(answer_target(inp, row))
+    result = knockout(vqa, inp, window=window, targets=[target], progress=False)
+    names = result.pair_names()
+    out.update({
+        "target": target.to_dict(), "clean_prob": float(result.clean_logprob.exp()),
+        "knockout": {"pairs": names, "windows": result.windows, "layers": result.anchors,
+                     "window": result.info["window"], "relative_change": result.relative_change.tolist()},
+        "strongest": {name: {"window": list(result.strongest_window(p)),
+                             "relative_change": float(result.relative_change[p].min())}
+                      for p, name in enumerate(names)},
+    })
+    return out
+
+
+TASKS = {"answer": task_answer, "explain": task_explain, "compare": task_compare, "ablate": task_ablate,
+         "knockout": task_knockout}

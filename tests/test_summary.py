@@ -83,3 +83,24 @@ def test_run_compare_then_summary(tiny_vqa, tmp_path):
     for table in ("## methods", "## faithfulness", "## head_claims", "pointing_uninformative", "auc_flagged"):
         assert table in text
     assert math.isfinite(summary_tables(written)["methods"]["insertion_auc_raw"].iloc[0])
+
+
+def test_run_knockout_then_summary(organism_vqa, tmp_path):
+    """``mech-vqa run knockout`` rows on the organism's eval items, then the knockout table and figure."""
+    from mech_vqa.organism import EVAL_DIR
+    from mech_vqa.summary import save_figures
+
+    lines = (EVAL_DIR / "items.jsonl").read_text().splitlines()[:2]
+    rows = [dict(json.loads(line), image=str(EVAL_DIR / json.loads(line)["image"])) for line in lines]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "k.jsonl"
+    assert run_dataset(organism_vqa, tmp_path / "data.jsonl", out, "knockout", progress=False)["errors"] == 0
+    written = read_results(out)
+    study = written[0]["knockout"]
+    assert study["pairs"] == ["image ↛ question", "image ↛ last", "question ↛ last"]
+    assert np.array(study["relative_change"]).shape == (3, organism_vqa.adapter.n_layers)
+    assert written[0]["strongest"]["image ↛ last"]["window"] == [2, 3]
+    table = summary_tables(written)["knockout"]
+    assert len(table) == 3 * organism_vqa.adapter.n_layers and (table["items"] == 2).all()
+    assert "## knockout" in summarize(out)
+    assert [p.name for p in save_figures(summary_tables(written), tmp_path / "figures")] == ["knockout.png"]

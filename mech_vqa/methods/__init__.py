@@ -14,6 +14,7 @@ module                 method
 ``scoring``            black-box scoring: pixels -> answer log-probs; baselines
 ``ablation``           head / block / image-token ablation studies
 ``head_claims``        the head-level increase ranking tested by zeroing each top head
+``knockout``           attention knockout between token groups (Zhang et al. 2025)
 =====================  ==================================================================
 
 The public functions are exported from :mod:`mech_vqa` itself (submodules keep their own names:

@@ -13,6 +13,19 @@ Batched: every ablation gets its own batch row; ablations are grouped by the fir
 and each group runs from that layer on, from the clean run's residual stream
 (:class:`~mech_vqa.runner.ResidualCheckpoint`), so the vision tower and the earlier layers are
 never recomputed, and only the target positions are unembedded.
+
+Where (``ablate(..., where=...)``):
+
+- ``"full"`` (default): the ablation applies at every position its interventions name (all, for
+  head and block ablations), so from the ablated layer on every later position's keys and values
+  change too: the answer sees the ablated component's effect on the whole context.
+- ``"answer"``: the ablation applies at the answer rows only (the rows predicting the targets, and
+  any row between them); every earlier position keeps its clean residual stream, keys and values
+  at every layer. The clean run is kept as a KV cache and only the answer rows are recomputed per
+  ablation (:class:`~mech_vqa.runner.AnswerRowRunner`), a decoding step's arithmetic instead of a
+  forward's. It measures the component's *direct* role at the answer position (what the answer
+  row itself reads and writes through it), not its effect through the context. An ablation that
+  edits an earlier position (an image-token ablation) cannot run this way and is an error.
 """
 
 from __future__ import annotations
@@ -27,9 +40,10 @@ from tqdm.auto import tqdm
 
 from ..interventions import Intervention
 from ..results.ablation import AblationResult
-from ..runner import checkpoint_for
+from ..runner import AnswerRowRunner, checkpoint_for
 
 MODES = ("zero", "mean", "resample")
+WHERE = ("full", "answer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +162,15 @@ def image_token_ablation(vqa, inp, positions: Sequence[int] | torch.Tensor, *, n
 
 
 def ablate(vqa, inp, ablations: Sequence[Ablation], *, targets=None, batch_size: int = 16,
-           progress: bool = True) -> AblationResult:
-    """Run every ablation on ``inp`` and measure the answer targets (default: all answer tokens)."""
+           progress: bool = True, where: str = "full") -> AblationResult:
+    """Run every ablation on ``inp`` and measure the answer targets (default: all answer tokens).
+
+    ``where``: ``"full"`` ablates at every position the ablation names, ``"answer"`` at the answer
+    rows only, recomputing nothing else (hooks backend; see the module docstring for the difference
+    in meaning).
+    """
+    if where not in WHERE:
+        raise ValueError(f"unknown where={where!r}; choose one of {WHERE}")
     if not ablations:
         raise ValueError("no ablations given; build them with head_ablations / block_ablations / image_token_ablation")
     if batch_size < 1:
@@ -160,7 +181,12 @@ def ablate(vqa, inp, ablations: Sequence[Ablation], *, targets=None, batch_size:
     start = time.perf_counter()
     positions = torch.tensor([t.position for t in targets])
     token_ids = torch.tensor([t.token_id for t in targets])
-    checkpoint = checkpoint_for(vqa, inp)  # whole forwards on backends other than hooks
+    if where == "answer":
+        checkpoint = AnswerRowRunner(vqa, inp, positions)
+        run = checkpoint.run_rows
+    else:
+        checkpoint = checkpoint_for(vqa, inp, positions)  # whole forwards on backends other than hooks
+        run = checkpoint.run_from
     clean = checkpoint.clean_logits[0, positions].log_softmax(-1)
     clean_lp = clean.gather(-1, token_ids[:, None].to(clean.device))[:, 0].cpu()
     clean_argmax = clean.argmax(-1).cpu()
@@ -175,7 +201,7 @@ def ablate(vqa, inp, ablations: Sequence[Ablation], *, targets=None, batch_size:
     for layer, members in tqdm(chunks, desc="ablations", disable=not progress):
         edits = [dataclasses.replace(edit, rows=(row,)) for row, index in enumerate(members)
                  for edit in ablations[index].interventions]
-        logprobs = checkpoint.run_from(layer, len(members), positions, edits).cpu()
+        logprobs = run(layer, len(members), positions, edits).cpu()
         chosen = logprobs.gather(-1, token_ids.view(1, -1, 1).expand(len(members), -1, 1))[..., 0]
         delta[members] = chosen - clean_lp
         argmax[members] = logprobs.argmax(-1)
@@ -184,7 +210,7 @@ def ablate(vqa, inp, ablations: Sequence[Ablation], *, targets=None, batch_size:
         delta=delta, clean_logprob=clean_lp, flipped=flipped, ablated_argmax=argmax,
         names=[a.name for a in ablations], layers=[a.layer for a in ablations], heads=[a.head for a in ablations],
         kinds=[a.kind for a in ablations], targets=[t.to_dict() for t in targets],
-        info={"model": vqa.name, "prompt": inp.prompt, "answer": inp.answer, "batch_size": batch_size,
+        info={"model": vqa.name, "prompt": inp.prompt, "answer": inp.answer, "batch_size": batch_size, "where": where,
               "n_layers": vqa.adapter.n_layers, "n_heads": vqa.adapter.n_heads,
               "runtime_s": time.perf_counter() - start},
     )

@@ -9,12 +9,13 @@ from .attention import AnswerAttention, AttentionMass, CausalExplanation, PatchT
 from .base import Result, tensor_topk
 from .head_claims import HeadClaims
 from .igos import IGOSResult
+from .knockout import KnockoutResult
 from .mechanistic import Explanation, HeadIncrease, HeadPositions, LayerIncrease, LogitLens, NeuronIncrease
 from .patch_map import PatchMap
 
 __all__ = [
     "AblationResult", "AnswerAttention", "AttentionMass", "CausalExplanation", "Explanation", "HeadClaims",
     "HeadIncrease",
-    "HeadPositions", "IGOSResult", "LayerIncrease", "LogitLens", "NeuronIncrease", "PatchMap", "PatchToText",
+    "HeadPositions", "IGOSResult", "KnockoutResult", "LayerIncrease", "LogitLens", "NeuronIncrease", "PatchMap", "PatchToText",
     "RelevancyMaps", "Result", "tensor_topk",
 ]

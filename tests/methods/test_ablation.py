@@ -87,3 +87,59 @@ def test_state_restored_and_bad_input(tiny_vqa, prepared):
         block_ablations(tiny_vqa, mode="noise")
     with pytest.raises(ValueError, match="image-token positions"):
         image_token_ablation(tiny_vqa, prepared, [0, 1])
+
+
+def _at_rows(ablations, rows):
+    """The same ablations restricted to sequence ``rows`` (the reference for the answer-row path)."""
+    import dataclasses
+
+    def restrict(edit):  # a resample value holds one row per position: keep the rows edited
+        value = edit.value
+        if value is not None and value.dim() == (3 if edit.site == "z" else 2):
+            value = value[rows]
+        return dataclasses.replace(edit, positions=rows, value=value)
+
+    return [dataclasses.replace(a, interventions=tuple(restrict(e) for e in a.interventions)) for a in ablations]
+
+
+def test_answer_row_path_equals_full_recomputation_of_answer_row_edits(any_vqa, image):
+    """where='answer' (KV cache of the clean prefix, answer rows recomputed) equals the full-sequence
+    run of the same ablations restricted to the answer rows, on every layout."""
+    inp = any_vqa.prepare(image, QUESTION, ANSWER)
+    rows = [t.position for t in inp.answer_targets()]
+    source = any_vqa.prepare(image.rotate(90), QUESTION, ANSWER)
+    ablations = (head_ablations(any_vqa) + block_ablations(any_vqa)
+                 + block_ablations(any_vqa, layers=[1], blocks=("mlp",), mode="resample", source=source))
+    fast = ablate(any_vqa, inp, ablations, batch_size=5, progress=False, where="answer")
+    full = ablate(any_vqa, inp, _at_rows(ablations, rows), batch_size=5, progress=False)
+    torch.testing.assert_close(fast.clean_logprob, full.clean_logprob, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast.delta, full.delta, rtol=0, atol=1e-5)
+    assert torch.equal(fast.flipped, full.flipped) and fast.info["where"] == "answer"
+    assert fast.delta.abs().max() > 1e-3  # the ablations do change the answer
+
+
+def test_answer_row_path_differs_from_full_sequence_ablation(tiny_vqa, prepared):
+    """The two paths mean different things: ablating a layer-0 head everywhere also changes the
+    earlier positions the answer reads from."""
+    ablations = head_ablations(tiny_vqa, layers=[0])
+    fast = ablate(tiny_vqa, prepared, ablations, progress=False, where="answer")
+    full = ablate(tiny_vqa, prepared, ablations, progress=False)
+    assert (fast.delta - full.delta).abs().max() > 1e-4
+
+
+def test_answer_row_path_bad_input(tiny_vqa, prepared):
+    image_edit = image_token_ablation(tiny_vqa, prepared, prepared.image_positions[:4])
+    with pytest.raises(ValueError, match="where='full'"):
+        ablate(tiny_vqa, prepared, [image_edit], progress=False, where="answer")
+    with pytest.raises(ValueError, match="unknown where"):
+        ablate(tiny_vqa, prepared, head_ablations(tiny_vqa), progress=False, where="everywhere")
+    from mech_vqa import VQAModel
+    from mech_vqa.backends import BackendNotSupported
+
+    nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
+    with pytest.raises(BackendNotSupported, match="AnswerRowRunner .* nnsight backend"):
+        ablate(nns, prepared, head_ablations(tiny_vqa), progress=False, where="answer")
+    hooks, state = hook_snapshot(tiny_vqa.model), model_state(tiny_vqa.model)
+    ablate(tiny_vqa, prepared, head_ablations(tiny_vqa), progress=False, where="answer")
+    assert hook_snapshot(tiny_vqa.model) == hooks
+    assert_same_state(state, model_state(tiny_vqa.model))
