@@ -412,6 +412,11 @@ class ModelAdapter:
         """Apply the layer's positional rotation to ``q`` ``[B, H, Q, hd]`` and ``k`` ``[B, KV, S, hd]``."""
         raise NotImplementedError
 
+    def rotary_function(self, layer: int):
+        """A module-level function ``(q, k, cos, sin) -> (q_rot, k_rot)`` equal to :meth:`rotate_qk`, that
+        can run where the model is (a remote trace ships it by reference); None when there is none."""
+        return None
+
     def attention_scaling(self, layer: int) -> float:
         return float(getattr(self.attn(layer), "scaling", self.head_dim ** -0.5))
 

@@ -59,18 +59,26 @@ def logit_lens(vqa, inp: PreparedInput, word: str | int | None = None, *, k: int
     if not chosen.any():
         raise ValueError(f"no image token belongs to view {view} (views: {sorted(set(geometry.view.tolist()))})")
     positions = geometry.positions[chosen]
-    with vqa.trace(["resid_pre", "resid_post"], positions=positions) as cache:
-        vqa.forward(inp, logits_to_keep=1)
-    stages = [cache["resid_pre", 0][0]] + [cache["resid_post", layer][0] for layer in range(adapter.n_layers)]
-    resid = torch.stack(stages)  # [L + 1, n_patches, d]
-    n_stages, n_patches, _ = resid.shape
-    sweep = vocab_sweep(adapter, normalise(adapter, resid).flatten(0, 1), k=min(k, adapter.vocab_size),
-                        token_ids=None if word_id is None else [word_id], chunk_elements=chunk_elements,
-                        progress=progress)
-    lse = sweep["lse"].unsqueeze(1)
-    top_probs = (sweep["top_logits"] - lse).exp().view(n_stages, n_patches, -1)
-    top_ids = sweep["top_ids"].view(n_stages, n_patches, -1)
-    word_probs = None if word_id is None else (sweep["logits"] - lse).exp().view(n_stages, n_patches)
+    if getattr(vqa.backend, "scores_near_model", False):
+        # the vocabulary sweep runs where the activations are (inside the nnsight trace / on NDIF)
+        swept = vqa.backend.logit_lens_scores(inp.model_inputs(vqa.device, adapter.vision_dtype()),
+                                              positions=positions, k=min(k, adapter.vocab_size), word_id=word_id,
+                                              chunk_elements=chunk_elements)
+        top_ids, top_probs, word_probs = swept["top_ids"], swept["top_probs"], swept["word_probs"]
+    else:
+        # the input of layer 0 (the projector's output at the image positions) and every layer's output
+        with vqa.trace(["resid_pre", "resid_post"], layers={"resid_pre": [0]}, positions=positions) as cache:
+            vqa.forward(inp, logits_to_keep=1)
+        stages = [cache["resid_pre", 0][0]] + [cache["resid_post", layer][0] for layer in range(adapter.n_layers)]
+        resid = torch.stack(stages)  # [L + 1, n_patches, d]
+        n_stages, n_patches, _ = resid.shape
+        sweep = vocab_sweep(adapter, normalise(adapter, resid).flatten(0, 1), k=min(k, adapter.vocab_size),
+                            token_ids=None if word_id is None else [word_id], chunk_elements=chunk_elements,
+                            progress=progress)
+        lse = sweep["lse"].unsqueeze(1)
+        top_probs = (sweep["top_logits"] - lse).exp().view(n_stages, n_patches, -1)
+        top_ids = sweep["top_ids"].view(n_stages, n_patches, -1)
+        word_probs = None if word_id is None else (sweep["logits"] - lse).exp().view(n_stages, n_patches)
     top_tokens = [[vqa.to_str_tokens(ids) for ids in stage] for stage in top_ids.cpu()]
     return LogitLens(
         top_ids=top_ids.cpu(), top_probs=top_probs.cpu(), rowcol=geometry.rowcol[chosen].clone(),
