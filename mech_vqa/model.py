@@ -98,7 +98,16 @@ class VQAModel:
         if attn_implementation is not None:
             model_kwargs["attn_implementation"] = attn_implementation
         try:
-            model = AutoModelForImageTextToText.from_pretrained(source, **model_kwargs)
+            if remote is True:
+                # NDIF holds the weights: the client builds the architecture only, on the meta device
+                from transformers import AutoConfig
+
+                with torch.device("meta"):
+                    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(source),
+                                                                    **({"dtype": dtype} if dtype is not None else {}))
+                model.config._name_or_path = str(name_or_path)
+            else:
+                model = AutoModelForImageTextToText.from_pretrained(source, **model_kwargs)
             processor = AutoProcessor.from_pretrained(source)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             if type(err).__name__ == "AdapterError" or isinstance(err, ModelLoadError):
@@ -126,7 +135,9 @@ class VQAModel:
     # ------------------------------------------------------------------------ inputs
     @property
     def device(self) -> torch.device:
-        return self.adapter.device
+        device = self.adapter.device
+        # a weightless (meta) client of a remote backend sends its inputs from the CPU
+        return torch.device("cpu") if device.type == "meta" else device
 
     @property
     def tokenizer(self):

@@ -16,7 +16,7 @@ are saved, so a remote call returns O(layers x heads) numbers for head-level att
 
 ``remote="local"`` runs every forward through nnsight's local simulation of a remote call (the
 trace is serialised as for NDIF, modules not installed on a server are hidden) without network.
-Remote NDIF execution (``remote=True``) is not supported yet.
+``remote=True`` sends it to NDIF (checked first: an API key, the service up, the model hosted).
 """
 
 from __future__ import annotations
@@ -64,6 +64,43 @@ def import_nnsight():
     return nnsight
 
 
+class RemoteUnavailable(RuntimeError):
+    """NDIF cannot run this model now: no API key, the service unreachable, or the model not hosted."""
+
+
+def _repo_id(model) -> str:
+    return str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", ""))
+
+
+def check_ndif(nnsight, model) -> None:
+    """One clear error unless an NDIF API key is configured and NDIF hosts ``model``'s checkpoint.
+
+    The key is read by nnsight from ``NDIF_API_KEY`` or its config (``nnsight.CONFIG.set_default_api_key``);
+    it is never logged or written anywhere by this library.
+    """
+    from nnsight.schema.config import CONFIG
+
+    if not CONFIG.API.APIKEY:
+        raise RemoteUnavailable(
+            "remote=True sends the trace to NDIF, which needs an API key: set the NDIF_API_KEY environment variable "
+            "or call nnsight.CONFIG.set_default_api_key(key) once (keys: https://login.ndif.us); or run with "
+            "remote='local' (offline simulation) or remote=False")
+    repo = _repo_id(model)
+    if not repo:
+        raise RemoteUnavailable("remote=True names the model to NDIF by its hub id, and this model has none; load "
+                                "it with VQAModel.from_pretrained('<hub id>', backend='nnsight', remote=True)")
+    status = nnsight.status()
+    deployments = getattr(status, "deployments", {}) or {}
+    if not deployments:
+        raise RemoteUnavailable(f"NDIF ({CONFIG.API.HOST}) did not answer or hosts no model now; check the network "
+                                "and https://discuss.ndif.us, or run with remote='local'")
+    running = {d.get("repo_id") for d in deployments.values() if d.get("state") == "RUNNING"}
+    if repo not in running:
+        hosted = ", ".join(sorted(r for r in running if r)) or "none"
+        raise RemoteUnavailable(f"NDIF does not host {repo!r} (running there now: {hosted}); choose a hosted model "
+                                "or run locally (remote=False, with the weights in this process)")
+
+
 # Where each name is read, per decoder layer, in the order a forward reaches them (nnsight waits for
 # each place in turn, so one trace must visit them in execution order). ``element`` picks an item of a
 # tuple output (attention returns (output, weights)); ``pe`` is the attention's rotary (cos, sin).
@@ -107,28 +144,38 @@ class NNsightBackend(Backend):
 
     Args:
         vqa: the :class:`~mech_vqa.model.VQAModel` (its model is wrapped, never modified).
-        remote: False (trace in this process) or ``"local"`` (nnsight's offline simulation of a
-            remote call: serialised, user modules hidden, run here).
+        remote: False (trace in this process), ``"local"`` (nnsight's offline simulation of a
+            remote call: serialised, user modules hidden, run here) or True (NDIF: the trace is sent
+            to the service, which holds the weights; the local model may be weightless, on the meta
+            device, as ``VQAModel.from_pretrained(id, backend="nnsight", remote=True)`` builds it).
     """
 
     name = "nnsight"
 
     def __init__(self, vqa, remote: bool | str = False):
-        if remote not in (False, "local"):
-            raise BackendNotSupported(
-                f"remote={remote!r} is not supported yet: remote NDIF execution is untested here; use "
-                "remote=False (in process) or remote='local' (nnsight's offline simulation of a remote call)")
+        if remote is not True and remote not in (False, "local"):
+            raise ValueError(f"remote must be False (in process), 'local' (nnsight's offline simulation of a "
+                             f"remote call) or True (NDIF), got {remote!r}")
         super().__init__(vqa)
         self.nnsight = import_nnsight()
+        if remote is True:
+            check_ndif(self.nnsight, vqa.model)
         from nnsight.modeling.transformers import TransformersModel
 
         # nnsight installs a controller as each module's instance ``forward`` and leaves it there for good;
         # this backend puts it in place only while its own forward runs, so the model is as found
         # between calls (for the hooks backend and anyone else holding it). The task must be given for
         # an already-loaded model: nnsight's guess maps *ForConditionalGeneration to text generation.
-        with _controllers_removed(vqa.model) as self._controllers:
-            self.envoy = TransformersModel(vqa.model, task="image-text-to-text", processor=vqa.processor,
-                                           tokenizer=vqa.processor.tokenizer)
+        if remote is True:
+            # NDIF names the model by its hub id and holds the weights: the envoy is nnsight's own
+            # weightless (meta) build of that checkpoint, whose module paths are the model's
+            self._controllers = {}
+            self.envoy = TransformersModel(_repo_id(vqa.model), task="image-text-to-text", processor=vqa.processor,
+                                           tokenizer=vqa.processor.tokenizer, dispatch=False)
+        else:
+            with _controllers_removed(vqa.model) as self._controllers:
+                self.envoy = TransformersModel(vqa.model, task="image-text-to-text", processor=vqa.processor,
+                                               tokenizer=vqa.processor.tokenizer)
         self.remote = remote
         if remote:
             self.nnsight.register(nnsight_ops)   # the server has torch and nnsight, not mech_vqa
@@ -310,7 +357,7 @@ class NNsightBackend(Backend):
                     key_mask=inputs["attention_mask"].cpu(), rotate=rotate, chunk_elements=chunk_elements,
                     **self._final_norm())
         return self._forward_reduced(spec, inputs, nnsight_ops.explain_scores, self._weights(range(n_layers)), args,
-                                     use_cache=False, logits_to_keep=positions.view(-1, 1).to(adapter.device))
+                                     use_cache=False, logits_to_keep=positions.view(-1, 1).to(self.vqa.device))
 
     def logit_lens_scores(self, inputs: dict, *, positions: torch.Tensor, k: int, word_id: int | None,
                           chunk_elements: int) -> dict:

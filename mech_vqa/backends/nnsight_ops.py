@@ -165,8 +165,14 @@ def _head_attention(values, layer: int, head: int, rows, t, n_heads: int, n_kv: 
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1), v.float()
 
 
-@torch.no_grad()
-def explain_scores(values, weights, output, *, targets, t, n_layers: int, n_heads: int, n_kv: int, head_dim: int,
+def explain_scores(values, weights, output, **args):
+    """:func:`_explain_scores` without gradients (no decorator: nnsight ships a registered module's
+    functions by their source, and a decorated function's source would resolve in the decorator's module)."""
+    with torch.no_grad():
+        return _explain_scores(values, weights, output, **args)
+
+
+def _explain_scores(values, weights, output, *, targets, t, n_layers: int, n_heads: int, n_kv: int, head_dim: int,
                    heads, scalings, windows, key_mask, rotate, gain_offset: bool, eps: float, layer_norm: bool,
                    chunk_elements: int):
     """Layer-, head- and (for ``heads``) position-level increases, computed where the activations are.
@@ -221,8 +227,13 @@ def explain_scores(values, weights, output, *, targets, t, n_layers: int, n_head
             "attention": attention}
 
 
-@torch.no_grad()
-def logit_lens_sweep(values, weights, output, *, n_layers: int, k: int, word_id, gain_offset: bool, eps: float,
+def logit_lens_sweep(values, weights, output, **args):
+    """:func:`_logit_lens_sweep` without gradients."""
+    with torch.no_grad():
+        return _logit_lens_sweep(values, weights, output, **args)
+
+
+def _logit_lens_sweep(values, weights, output, *, n_layers: int, k: int, word_id, gain_offset: bool, eps: float,
                      layer_norm: bool, chunk_elements: int):
     """The logit lens at the captured positions: top-``k`` ids / probabilities ``[L + 1, P, k]`` and
     ``word_id``'s probability ``[L + 1, P]``, the final norm applied per vector (not frozen)."""

@@ -243,11 +243,11 @@ def test_nnsight_missing_or_out_of_range_is_one_clear_error(tiny_vqa, monkeypatc
         VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
 
 
-def test_unknown_backend_and_untested_remote(tiny_vqa):
+def test_unknown_backend_and_remote_value(tiny_vqa):
     with pytest.raises(ValueError, match="unknown backend 'jax'"):
         VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="jax")
-    with pytest.raises(BackendNotSupported, match="remote=True is not supported yet"):
-        VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote=True)
+    with pytest.raises(ValueError, match="remote must be False .* or True"):
+        VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote="server")
     with pytest.raises(ValueError, match="the hooks backend takes no options"):
         VQAModel(tiny_vqa.model, tiny_vqa.processor, remote="local")
 
