@@ -316,7 +316,12 @@ class NNsightBackend(Backend):
         refs = {"norm_weight": (norm, "weight"), "norm_bias": (norm, "bias"), "W_U": (unembed, "weight"),
                 "b_U": (unembed, "bias")}
         refs.update({("W_O", layer): (self._path(adapter.o_proj(layer)), "weight") for layer in layers})
-        return {key: (self._envoy(path), attr) for key, (path, attr) in refs.items()}
+        if self.remote:  # read where the model is: the server's weights
+            return {key: (self._envoy(path), attr) for key, (path, attr) in refs.items()}
+        # in process: the tensors themselves, read through accelerate's offload where a device_map put it
+        from ..adapters.base import module_parameter
+
+        return {key: module_parameter(self.vqa.model.get_submodule(path), attr) for key, (path, attr) in refs.items()}
 
     def _forward_reduced(self, spec: _Spec, inputs: dict, reducer, weights: dict, args: dict, **kwargs):
         """One trace recording ``spec``'s captures, then ``reducer(values, weights, output, **args)``
@@ -500,7 +505,8 @@ def _run_trace(root, nnsight, ops, steps, inputs, kwargs, remote, n_heads, head_
         if reduce is not None:
             reducer, weights, args = reduce
             values = {key[1:]: value for key, value in saved.items()}
-            params = {key: getattr(envoy, attr, None) for key, (envoy, attr) in weights.items()}
+            params = {key: getattr(ref[0], ref[1], None) if isinstance(ref, tuple) else ref
+                      for key, ref in weights.items()}
             result = nnsight.save(reducer(values, params, root.output, **args))
             output = None
         else:
