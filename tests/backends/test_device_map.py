@@ -80,3 +80,14 @@ def test_dispatched_model_gives_the_same_results(tiny_vqa, dispatched, image, ba
 
     assert _accelerate_hooks(vqa.model) == accelerate_hooks      # accelerate's hooks untouched
     assert hook_snapshot(vqa.model) == torch_hooks                # none of ours left
+
+
+@pytest.mark.parametrize("backend", ["hooks", "nnsight"])
+def test_tensor_parallel_model_is_one_clear_error(tiny_vqa, monkeypatch, backend):
+    """transformers marks a model loaded with ``tp_plan`` by ``_tp_size`` / ``tp_size`` (checked with 2 gloo
+    ranks on CPU: each rank's ``z`` then holds half the heads); both backends refuse it before any forward."""
+    from mech_vqa.backends import BackendNotSupported
+
+    monkeypatch.setattr(tiny_vqa.model, "_tp_size", 2, raising=False)
+    with pytest.raises(BackendNotSupported, match=r"tensor-parallel \(tp_size=2.*device_map='auto'"):
+        VQAModel(tiny_vqa.model, tiny_vqa.processor, backend=backend)
