@@ -156,8 +156,8 @@ class VQAModel:
     def generate(self, image, question: str, max_new_tokens: int = 16) -> str:
         """Greedy answer text (no sampling)."""
         inp = prepare(self.processor, self.adapter, image, question, None)
-        out = self.model.generate(**inp.model_inputs(self.device, self.adapter.vision_dtype()),
-                                  max_new_tokens=max_new_tokens, do_sample=False)
+        out = self.backend.generate(inp.model_inputs(self.device, self.adapter.vision_dtype()),
+                                    max_new_tokens=max_new_tokens, do_sample=False)
         new = out[0, inp.seq_len:]
         return self.tokenizer.decode(new, skip_special_tokens=True).strip()
 

@@ -64,7 +64,7 @@ def import_nnsight():
     return nnsight
 
 
-class RemoteUnavailable(RuntimeError):
+class RemoteUnavailable(ConnectionError):
     """NDIF cannot run this model now: no API key, the service unreachable, or the model not hosted."""
 
 
@@ -375,6 +375,11 @@ class NNsightBackend(Backend):
         return self._forward_reduced(spec, inputs, nnsight_ops.logit_lens_sweep, self._weights([]), args,
                                      use_cache=False, logits_to_keep=1)
 
+    def generate(self, inputs: dict, **kwargs) -> torch.Tensor:
+        """HF ``generate`` through nnsight (on NDIF for ``remote=True``): only the token ids come back."""
+        with preserved_state(self.vqa.model), _controllers_installed(self._controllers):
+            return _run_generate(self.envoy, inputs, kwargs, self.remote)
+
     def _fill(self, index: int, spec: _Spec, saved: dict) -> None:
         adapter = self.vqa.adapter
         n_heads, n_kv, head_dim = adapter.n_heads, adapter.n_kv_heads, adapter.head_dim
@@ -512,6 +517,12 @@ def _run_trace(root, nnsight, ops, steps, inputs, kwargs, remote, n_heads, head_
         else:
             output = root.output.save()
     return (saved, output) if reduce is None else (result, None)
+
+
+def _run_generate(root, inputs, kwargs, remote):
+    with root.generate(**inputs, **kwargs, remote=remote) as tracer:
+        ids = tracer.result.save()
+    return ids
 
 
 def _nbytes(value) -> int:

@@ -141,3 +141,50 @@ def test_clear_errors_before_any_request(monkeypatch, folder, tiny_vqa):
         VQAModel.from_pretrained(str(folder), backend="nnsight", remote=True)
     with pytest.raises(ValueError, match="remote must be False"):
         VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote="ndif")
+
+
+def test_cli_remote_ndif_rows_and_resume_after_a_network_failure(ndif, folder, tiny_vqa, tmp_path, capsys,
+                                                                monkeypatch):
+    """``mech-vqa run explain --backend nnsight --remote ndif`` writes the hooks backend's rows; a network
+    failure in the middle stops the run cleanly and the same command resumes it, nothing lost or doubled."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from mech_vqa.cli import main
+    from mech_vqa.dataset import read_results
+
+    rows = []
+    for index in range(3):
+        Image.fromarray((np.random.RandomState(index).rand(40, 48, 3) * 255).astype("uint8")).save(
+            tmp_path / f"{index}.png")
+        rows.append({"image": f"{index}.png", "question": QUESTION, "answer": ANSWER, "box": [0, 0, 24, 20]})
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = ["run", "explain", str(tmp_path / "data.jsonl"), "--model", str(folder), "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "hooks.jsonl"), "--device", "cpu"]) == 0
+
+    serve = StandInServer.request
+    calls = {"n": 0}
+
+    def flaky(self, backend, request, tracer):
+        calls["n"] += 1
+        if calls["n"] == 3:   # item 0: generate and explain; item 1 fails in its generate
+            raise ConnectionError("connection reset by peer")
+        return serve(self, backend, request, tracer)
+
+    monkeypatch.setattr(RemoteBackend, "request", lambda self, request, tracer: flaky(ndif, self, request, tracer))
+    remote = common + ["--out", str(tmp_path / "ndif.jsonl"), "--backend", "nnsight", "--remote", "ndif"]
+    assert main(remote) == 2
+    assert "connection reset by peer" in capsys.readouterr().err
+    assert len(read_results(tmp_path / "ndif.jsonl")) == 1
+    assert main(remote) == 0
+    got, expected = read_results(tmp_path / "ndif.jsonl"), read_results(tmp_path / "hooks.jsonl")
+    assert [r["id"] for r in got] == [r["id"] for r in expected]          # each row once, in order
+    for row, want in zip(got, expected):
+        assert row["status"] == "ok"
+        for key, value in want.items():
+            if key != "runtime_s" and isinstance(value, float):
+                assert abs(row[key] - value) <= 1e-5, key
+    assert main(common + ["--out", str(tmp_path / "x.jsonl"), "--remote", "ndif"]) == 2
+    assert "add --backend nnsight" in capsys.readouterr().err
