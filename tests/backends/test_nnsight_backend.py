@@ -166,6 +166,21 @@ def test_gradient_through_captures(tiny_vqa, image):
     torch.testing.assert_close(grads[1], grads[0], **TOL)
 
 
+@pytest.mark.parametrize("name", ["gqa", "mistral", "next"])
+def test_relevancy_equals_hooks_in_process(request, name, image):
+    """Relevancy (LLM stage): attention probabilities recorded by the trace, differentiated in process."""
+    from mech_vqa.methods.relevancy import relevancy
+
+    hooks = request.getfixturevalue(FAMILIES[name])
+    inp = hooks.prepare(image, QUESTION, ANSWER)
+    nns = VQAModel(hooks.model, hooks.processor, backend="nnsight")
+    expected = relevancy(hooks, inp, vision=False, progress=False)
+    got, _ = assert_leaves_model_as_found(nns, inp, lambda x: relevancy(nns, x, vision=False, progress=False))
+    assert expected.llm.abs().max() > 0
+    torch.testing.assert_close(got.rows, expected.rows, **TOL)
+    torch.testing.assert_close(got.llm, expected.llm, **TOL)
+
+
 SMALL_IGOS = dict(mask_size=4, iterations=2, n_steps=2, chunk_size=4, step_fraction=0.25, l1=0.0, lr=3.0)
 
 
@@ -221,8 +236,11 @@ def test_methods_outside_trace_refuse_clearly(tiny_vqa, image):
     inp = tiny_vqa.prepare(image, QUESTION, ANSWER)
     nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
     hook_ids, before = hook_snapshot(tiny_vqa.model), model_state(tiny_vqa.model)
-    with pytest.raises(BackendNotSupported, match=r"relevancy .* is not yet supported on the nnsight backend"):
-        relevancy(nns, inp, progress=False)
+    with pytest.raises(BackendNotSupported, match=r"relevancy with vision=True is not supported on the nnsight"):
+        relevancy(nns, inp, progress=False, vision=True)
+    remote = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote="local")
+    with pytest.raises(BackendNotSupported, match=r"relevancy with a remote trace is not supported"):
+        relevancy(remote, inp, progress=False, vision=False)
     with pytest.raises(BackendNotSupported, match="ablate / ResidualCheckpoint .* nnsight backend"):
         ResidualCheckpoint(nns, inp)  # ablate itself runs whole forwards there (test_ablate_equals_hooks)
     remote = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote="local")
