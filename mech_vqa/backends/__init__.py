@@ -33,9 +33,22 @@ def check_not_tensor_parallel(model) -> None:
             "layers per device) instead")
 
 
+def check_readout_not_offloaded(adapter) -> None:
+    """One clear error when accelerate offloaded the final norm or the unembedding (``device_map`` entries
+    "cpu" / "disk" for them): every score reads them outside the forward, where they are meta tensors."""
+    for role, module in (("final norm", adapter.final_norm), ("unembedding", adapter.unembed)):
+        weight = getattr(module, "weight", None)
+        if weight is not None and weight.device.type == "meta" and hasattr(module, "_hf_hook"):
+            raise BackendNotSupported(
+                f"the {role} ({type(module).__name__}) is offloaded by accelerate's device_map, and the scores read "
+                "it outside the forward; give it a device (e.g. device_map with the final norm and lm_head on a GPU "
+                "or 'cpu' as main device, or max_memory that leaves room for them)")
+
+
 def make_backend(name: str | Backend, vqa, **options) -> Backend:
     """The backend called ``name`` for ``vqa`` (``options`` go to the nnsight backend: ``remote``)."""
     check_not_tensor_parallel(vqa.model)
+    check_readout_not_offloaded(vqa.adapter)
     if isinstance(name, Backend):
         return name
     if name == "hooks":
@@ -49,5 +62,6 @@ def make_backend(name: str | Backend, vqa, **options) -> Backend:
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
 
 
-__all__ = ["BACKENDS", "Backend", "BackendNotSupported", "HooksBackend", "check_not_tensor_parallel", "make_backend",
+__all__ = ["BACKENDS", "Backend", "BackendNotSupported", "HooksBackend", "check_not_tensor_parallel",
+           "check_readout_not_offloaded", "make_backend",
            "require_hooks"]

@@ -91,3 +91,15 @@ def test_tensor_parallel_model_is_one_clear_error(tiny_vqa, monkeypatch, backend
     monkeypatch.setattr(tiny_vqa.model, "_tp_size", 2, raising=False)
     with pytest.raises(BackendNotSupported, match=r"tensor-parallel \(tp_size=2.*device_map='auto'"):
         VQAModel(tiny_vqa.model, tiny_vqa.processor, backend=backend)
+
+
+def test_offloaded_readout_is_one_clear_error(tiny_vqa, tmp_path):
+    from mech_vqa.backends import BackendNotSupported
+
+    model = copy.deepcopy(tiny_vqa.model)
+    text = "model.language_model"
+    device_map = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu", text: "cpu", "lm_head": "disk"}
+    model = accelerate.dispatch_model(model, device_map=device_map, main_device="cpu", offload_dir=str(tmp_path))
+    assert model.lm_head.weight.device.type == "meta"
+    with pytest.raises(BackendNotSupported, match=r"the unembedding \(Linear\) is offloaded by accelerate"):
+        VQAModel(model, tiny_vqa.processor)
