@@ -287,7 +287,7 @@ def test_other_trace_methods_equal_hooks(pair, inp):
 
 def test_cli_backend_option(tiny_vqa, tmp_path, capsys):
     """``mech-vqa run explain --backend nnsight`` writes the hooks backend's rows; a task with a method
-    nnsight cannot run yet stops with one line naming it, before any row is written."""
+    the remote path cannot run stops with one line naming it, before any row is written."""
     import json
 
     import numpy as np
@@ -315,9 +315,11 @@ def test_cli_backend_option(tiny_vqa, tmp_path, capsys):
             assert abs(rows["nnsight"][key] - value) <= 1e-5, key
         else:
             assert rows["nnsight"][key] == value, key
+    # compare runs iGOS and relevancy, which differentiate through the trace: not through a remote one
     assert main(["run", "compare", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "c.jsonl"), "--model",
-                 str(tmp_path / "model"), "--device", "cpu", "--backend", "nnsight", "--no-progress"]) == 2
-    assert "not yet supported on the nnsight backend" in capsys.readouterr().err
+                 str(tmp_path / "model"), "--device", "cpu", "--backend", "nnsight", "--remote", "local",
+                 "--no-progress"]) == 2
+    assert "is not supported on the nnsight backend" in capsys.readouterr().err
     assert not (tmp_path / "c.jsonl").exists() or not read_results(tmp_path / "c.jsonl")
 
 
