@@ -415,3 +415,17 @@ def test_scores_come_back_not_activations(tiny_vqa, image):
     lens = logit_lens(nns, inp, word="red", k=3)
     stages, patches = lens.top_ids.shape[:2]
     assert nns.backend.last_saved_bytes == stages * patches * (3 * (4 + 8) + 4)
+
+
+def test_explicit_heads_scored_next_to_the_model(tiny_mistral_vqa, image):
+    """Explicit (layer, head) pairs on a sliding-window layout, through the simulated remote call."""
+    from mech_vqa.methods.mechanistic import explain
+
+    hooks = tiny_mistral_vqa
+    inp = hooks.prepare(image, QUESTION, ANSWER)
+    nns = VQAModel(hooks.model, hooks.processor, backend="nnsight", remote="local")
+    pairs = [(hooks.adapter.n_layers - 1, hooks.adapter.n_heads - 1), (0, 0)]
+    expected, got = explain(hooks, inp, heads=pairs, progress=False), explain(nns, inp, heads=pairs, progress=False)
+    assert got.positions.heads == expected.positions.heads == [list(p) for p in pairs]
+    torch.testing.assert_close(got.positions.scores, expected.positions.scores, **TOL)
+    torch.testing.assert_close(got.positions.attention, expected.positions.attention, **TOL)
