@@ -48,16 +48,16 @@ def main(repeats: int) -> None:
         print(f"  {vqa.backend!r}: largest difference from hooks (head / layer / position scores) {worst:.2e}")
         assert worst <= 1e-5
 
-    # What one remote call would send back today: every saved activation and the model output
-    # (heavy parts, e.g. the per-head projection, are still computed on the client).
+    # What one remote call sends back: the scores computed inside the trace (see remote_bytes.py for
+    # every method and the 7B shape).
     from mech_vqa.methods.logit_lens import logit_lens
     from mech_vqa.methods.mechanistic import head_increase
 
-    for name, run in (("explain(heads='top') (k, v of every layer)", lambda: explain(nns, inp, progress=False)),
-                      ("head_increase (no k, v)", lambda: head_increase(nns, inp)),
+    for name, run in (("explain(heads='top')", lambda: explain(nns, inp, progress=False)),
+                      ("head_increase", lambda: head_increase(nns, inp)),
                       ("logit_lens", lambda: logit_lens(nns, inp, k=5))):
         run()
-        print(f"  saved by the trace, {name}: {nns.backend.last_saved_bytes / 1024:.0f} KiB")
+        print(f"  saved by the trace, {name}: {nns.backend.last_saved_bytes:,d} B")
 
     def captured_forward(vqa):
         def run():

@@ -356,12 +356,15 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
 def _plain_projections(adapter: ModelAdapter, layer: int) -> tuple[nn.Module, nn.Module, nn.Module] | None:
     """Layer ``layer``'s query, key and value projections when recomputing them from the attention
     input gives exactly what the forward produced: plain ``nn.Linear`` s with no hooks (a subclass,
-    a quantised or adapter-wrapped layer, or a hook that edits the output: None, captured by hooks)."""
+    a quantised or adapter-wrapped layer, a hook that edits the output, or accelerate's dispatch hook,
+    which may offload the weight after the forward: None, captured by hooks)."""
     modules = (adapter.q_proj(layer), adapter.k_proj(layer), adapter.v_proj(layer))
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return None
     for module in modules:
         if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+            return None
+        if hasattr(module, "_hf_hook"):  # accelerate's dispatch: weights may be offloaded again after the forward
             return None
     return modules
 

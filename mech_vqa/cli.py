@@ -74,9 +74,18 @@ def _load(args):
 
     device, dtype = _settings(args)
     backend = getattr(args, "backend", "hooks")
+    remote = {None: False, "local": "local", "ndif": True}[getattr(args, "remote", None)]
+    if remote and backend != "nnsight":
+        raise ValueError(f"--remote {args.remote} runs the model through nnsight: add --backend nnsight")
+    options = dict(dtype=dtype, backend=backend, remote=remote)
+    device_map = getattr(args, "device_map", None)
+    if device_map is not None:
+        options["device_map"] = device_map     # accelerate places the layers; no single --device
+    elif remote is not True:                   # an NDIF client holds no weights to move
+        options["device"] = device
     if args.model in (None, "organism"):
-        return VQAModel.organism(dtype=dtype, device=device, backend=backend)
-    return VQAModel.from_pretrained(args.model, dtype=dtype, device=device, backend=backend)
+        return VQAModel.organism(**options)
+    return VQAModel.from_pretrained(args.model, **options)
 
 
 def _demo(args) -> int:
@@ -152,8 +161,15 @@ def _model_options(parser, model_help: str, device: bool = True) -> None:
                                  "needs ~14 GB in float16); scores are computed in float32 either way")
         parser.add_argument("--backend", default="hooks", choices=("hooks", "nnsight"),
                             help="engine for captures and interventions (default hooks, the fastest in-process; "
-                                 "nnsight: same results through nnsight 0.8, where relevancy, ablate and the "
-                                 "AnswerScorer methods stop with a clear error)")
+                                 "nnsight: same results through nnsight 0.8, where relevancy stops with a clear "
+                                 "error)")
+        parser.add_argument("--remote", default=None, choices=("local", "ndif"),
+                            help="with --backend nnsight: 'ndif' runs every trace on NDIF (API key from "
+                                 "NDIF_API_KEY or nnsight's config; the model must be hosted there; no weights "
+                                 "are loaded here), 'local' runs nnsight's offline simulation of that call")
+        parser.add_argument("--device-map", default=None,
+                            help="accelerate device map for from_pretrained (e.g. auto, balanced, sequential): "
+                                 "layers spread over the GPUs, CPU memory and disk; replaces --device")
     parser.add_argument("--threads", type=_positive_int, default=default_threads(),
                         help=f"CPU threads for torch (default {default_threads()}: OMP_NUM_THREADS when set, else "
                              "half the usable cores). More threads than free cores make torch's threads wait "
@@ -259,6 +275,12 @@ def main(argv=None) -> int:
     # a NotImplementedError): one line, no traceback
     except (OSError, ValueError, NotImplementedError) as err:
         print(f"mech-vqa: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if type(err).__name__ != "RemoteError":   # nnsight's: the remote job failed on the server
+            raise
+        print(f"mech-vqa: error: the remote job failed ({err}); rows written so far are kept, run the same "
+              "command again to resume", file=sys.stderr)
         return 2
 
 

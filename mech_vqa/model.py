@@ -98,7 +98,16 @@ class VQAModel:
         if attn_implementation is not None:
             model_kwargs["attn_implementation"] = attn_implementation
         try:
-            model = AutoModelForImageTextToText.from_pretrained(source, **model_kwargs)
+            if remote is True:
+                # NDIF holds the weights: the client builds the architecture only, on the meta device
+                from transformers import AutoConfig
+
+                with torch.device("meta"):
+                    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(source),
+                                                                    **({"dtype": dtype} if dtype is not None else {}))
+                model.config._name_or_path = str(name_or_path)
+            else:
+                model = AutoModelForImageTextToText.from_pretrained(source, **model_kwargs)
             try:
                 processor = AutoProcessor.from_pretrained(source)
             except OSError as err:
@@ -133,7 +142,9 @@ class VQAModel:
     # ------------------------------------------------------------------------ inputs
     @property
     def device(self) -> torch.device:
-        return self.adapter.device
+        device = self.adapter.device
+        # a weightless (meta) client of a remote backend sends its inputs from the CPU
+        return torch.device("cpu") if device.type == "meta" else device
 
     @property
     def tokenizer(self):
@@ -152,8 +163,8 @@ class VQAModel:
     def generate(self, image, question: str, max_new_tokens: int = 16) -> str:
         """Greedy answer text (no sampling)."""
         inp = prepare(self.processor, self.adapter, image, question, None)
-        out = self.model.generate(**self.adapter.model_inputs(inp.model_inputs(self.device, self.adapter.vision_dtype())),
-                                  max_new_tokens=max_new_tokens, do_sample=False)
+        out = self.backend.generate(self.adapter.model_inputs(inp.model_inputs(self.device, self.adapter.vision_dtype())),
+                                    max_new_tokens=max_new_tokens, do_sample=False)
         new = out[0, inp.seq_len:]
         return self.tokenizer.decode(new, skip_special_tokens=True).strip()
 

@@ -219,6 +219,23 @@ def _rms_gain(norm: nn.Module, eps: float) -> torch.Tensor:
     return norm.weight if plain <= offset else 1 + weight.float()
 
 
+def module_parameter(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``module.<name>`` as a usable tensor, also when accelerate offloaded it (``device_map`` with
+    "cpu" / "disk" entries): its dispatch hook keeps the weight in ``weights_map`` and leaves a meta
+    tensor on the module between forwards."""
+    value = getattr(module, name, None)
+    if value is None or value.device.type != "meta":
+        return value
+    weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    if weights is not None:
+        try:
+            return weights[name]
+        except KeyError:
+            pass
+    raise AdapterError(f"{name} of {type(module).__name__} is on the meta device with no offloaded copy to read; load "
+                       "the model with its weights (or, for a remote nnsight backend, let the server score)")
+
+
 def _corners(mode: str) -> dict:
     return {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
 
@@ -395,15 +412,15 @@ class ModelAdapter:
     # ------------------------------------------------------------------------- weights
     def W_O(self, layer: int) -> torch.Tensor:
         """``[n_heads, head_dim, d_model]``: head j writes ``z_j @ W_O[j]`` into the residual."""
-        weight = self.o_proj(layer).weight  # [d_model, n_heads * head_dim]
+        weight = module_parameter(self.o_proj(layer), "weight")  # [d_model, n_heads * head_dim]
         return weight.T.reshape(self.n_heads, self.head_dim, self.d_model)
 
     def b_O(self, layer: int) -> torch.Tensor | None:
-        return self.o_proj(layer).bias
+        return module_parameter(self.o_proj(layer), "bias")
 
     def W_down(self, layer: int) -> torch.Tensor:
         """``[d_model, d_mlp]``: neuron k of the MLP writes ``c_k * W_down[:, k]``."""
-        return self.down_proj(layer).weight
+        return module_parameter(self.down_proj(layer), "weight")
 
     def final_norm_params(self) -> dict:
         """The final norm as data: ``kind`` ("rms" or "layer"), ``weight`` (the gain it applies),
@@ -439,6 +456,11 @@ class ModelAdapter:
     def rotate_qk(self, layer: int, q: torch.Tensor, k: torch.Tensor, position_embeddings):
         """Apply the layer's positional rotation to ``q`` ``[B, H, Q, hd]`` and ``k`` ``[B, KV, S, hd]``."""
         raise NotImplementedError
+
+    def rotary_function(self, layer: int):
+        """A module-level function ``(q, k, cos, sin) -> (q_rot, k_rot)`` equal to :meth:`rotate_qk`, that
+        can run where the model is (a remote trace ships it by reference); None when there is none."""
+        return None
 
     def attention_scaling(self, layer: int) -> float:
         return float(getattr(self.attn(layer), "scaling", self.head_dim ** -0.5))

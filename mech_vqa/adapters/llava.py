@@ -95,6 +95,9 @@ class LlavaAdapter(ModelAdapter):
         cos, sin = position_embeddings
         return module.apply_rotary_pos_emb(q, k, cos, sin)
 
+    def rotary_function(self, layer):
+        return sys.modules[type(self.attn(layer)).__module__].apply_rotary_pos_emb
+
     # ------------------------------------------------------------------------ geometry
     @property
     def image_token_id(self) -> int:

@@ -17,8 +17,38 @@ from .base import Backend, BackendNotSupported, HooksBackend, require_hooks
 BACKENDS = ("hooks", "nnsight")
 
 
+def check_not_tensor_parallel(model) -> None:
+    """One clear error for a model loaded with transformers' tensor parallelism (``tp_plan``).
+
+    Each rank then holds a slice of the heads and of the MLP: hooks would record partial ``z`` / ``q``
+    / ``k`` / ``v`` (measured: ``z`` of 2 of 4 heads per rank on 2 gloo ranks), and nnsight 0.8.1's
+    gathering of sharded activations does not import with transformers 5.24 (``_get_parameter_plan``
+    is gone). ``device_map`` sharding (whole layers per device) works on both backends.
+    """
+    size = getattr(model, "_tp_size", None) or getattr(model, "tp_size", None)
+    if size is not None and int(size) > 1:
+        raise BackendNotSupported(
+            f"this model is tensor-parallel (tp_size={int(size)}, loaded with tp_plan): every rank holds a slice of "
+            "the heads, so no backend here records whole activations yet; load it with device_map='auto' (whole "
+            "layers per device) instead")
+
+
+def check_readout_not_offloaded(adapter) -> None:
+    """One clear error when accelerate offloaded the final norm or the unembedding (``device_map`` entries
+    "cpu" / "disk" for them): every score reads them outside the forward, where they are meta tensors."""
+    for role, module in (("final norm", adapter.final_norm), ("unembedding", adapter.unembed)):
+        weight = getattr(module, "weight", None)
+        if weight is not None and weight.device.type == "meta" and hasattr(module, "_hf_hook"):
+            raise BackendNotSupported(
+                f"the {role} ({type(module).__name__}) is offloaded by accelerate's device_map, and the scores read "
+                "it outside the forward; give it a device (e.g. device_map with the final norm and lm_head on a GPU "
+                "or 'cpu' as main device, or max_memory that leaves room for them)")
+
+
 def make_backend(name: str | Backend, vqa, **options) -> Backend:
     """The backend called ``name`` for ``vqa`` (``options`` go to the nnsight backend: ``remote``)."""
+    check_not_tensor_parallel(vqa.model)
+    check_readout_not_offloaded(vqa.adapter)
     if isinstance(name, Backend):
         return name
     if name == "hooks":
@@ -32,4 +62,6 @@ def make_backend(name: str | Backend, vqa, **options) -> Backend:
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
 
 
-__all__ = ["BACKENDS", "Backend", "BackendNotSupported", "HooksBackend", "make_backend", "require_hooks"]
+__all__ = ["BACKENDS", "Backend", "BackendNotSupported", "HooksBackend", "check_not_tensor_parallel",
+           "check_readout_not_offloaded", "make_backend",
+           "require_hooks"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 
+import torch
+
 from ..capture import ActivationCache, trace
 from ..interventions import Intervention
 
@@ -36,6 +38,10 @@ class Backend:
         """The HF forward on model inputs (a dict of tensors); returns the HF output."""
         raise NotImplementedError
 
+    def generate(self, inputs: dict, **kwargs) -> torch.Tensor:
+        """HF ``generate`` on model inputs; returns the token ids ``[B, prompt + new]``."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -50,6 +56,9 @@ class HooksBackend(Backend):
 
     def forward(self, inputs: dict, **kwargs):
         return self.vqa.model(**inputs, **kwargs)
+
+    def generate(self, inputs: dict, **kwargs) -> torch.Tensor:
+        return self.vqa.model.generate(**inputs, **kwargs)
 
 
 def require_hooks(vqa, method: str) -> None:

@@ -8,18 +8,21 @@ the only source of module paths: each place it names is resolved to the envoy wi
 ``vqa.trace(...)`` records what is asked (names, layers, positions, interventions); ``vqa.forward``
 then runs ONE ``TransformersModel.trace`` that visits the places in execution order, applies the
 edits (torch-only code in :mod:`~mech_vqa.backends.nnsight_ops`, shipped by value to a remote
-side), and ``.save()`` s the selected activations and the model output. What runs next to the model
-in nnsight's sense is only the position selection: everything else (unflattening heads, rotating
-``q``/``k``, scores) is done on the client from what comes back.
+side), and ``.save()`` s the selected activations and the model output (then unflattening heads and
+rotating ``q``/``k`` happen on the client). Methods whose heavy part is a projection through the
+frozen final norm and the unembedding ask instead for scores computed inside the trace
+(:meth:`NNsightBackend.explain_scores`, :meth:`NNsightBackend.logit_lens_scores`): only the scores
+are saved, so a remote call returns O(layers x heads) numbers for head-level attribution.
 
 ``remote="local"`` runs every forward through nnsight's local simulation of a remote call (the
 trace is serialised as for NDIF, modules not installed on a server are hidden) without network.
-Remote NDIF execution (``remote=True``) is not supported yet.
+``remote=True`` sends it to NDIF (checked first: an API key, the service up, the model hosted).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -59,6 +62,43 @@ def import_nnsight():
                           "(or use backend='hooks')") from err
     check_nnsight_version(getattr(nnsight, "__version__", "0"))
     return nnsight
+
+
+class RemoteUnavailable(ConnectionError):
+    """NDIF cannot run this model now: no API key, the service unreachable, or the model not hosted."""
+
+
+def _repo_id(model) -> str:
+    return str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", ""))
+
+
+def check_ndif(nnsight, model) -> None:
+    """One clear error unless an NDIF API key is configured and NDIF hosts ``model``'s checkpoint.
+
+    The key is read by nnsight from ``NDIF_API_KEY`` or its config (``nnsight.CONFIG.set_default_api_key``);
+    it is never logged or written anywhere by this library.
+    """
+    from nnsight.schema.config import CONFIG
+
+    if not CONFIG.API.APIKEY:
+        raise RemoteUnavailable(
+            "remote=True sends the trace to NDIF, which needs an API key: set the NDIF_API_KEY environment variable "
+            "or call nnsight.CONFIG.set_default_api_key(key) once (keys: https://login.ndif.us); or run with "
+            "remote='local' (offline simulation) or remote=False")
+    repo = _repo_id(model)
+    if not repo:
+        raise RemoteUnavailable("remote=True names the model to NDIF by its hub id, and this model has none; load "
+                                "it with VQAModel.from_pretrained('<hub id>', backend='nnsight', remote=True)")
+    status = nnsight.status()
+    deployments = getattr(status, "deployments", {}) or {}
+    if not deployments:
+        raise RemoteUnavailable(f"NDIF ({CONFIG.API.HOST}) did not answer or hosts no model now; check the network "
+                                "and https://discuss.ndif.us, or run with remote='local'")
+    running = {d.get("repo_id") for d in deployments.values() if d.get("state") == "RUNNING"}
+    if repo not in running:
+        hosted = ", ".join(sorted(r for r in running if r)) or "none"
+        raise RemoteUnavailable(f"NDIF does not host {repo!r} (running there now: {hosted}); choose a hosted model "
+                                "or run locally (remote=False, with the weights in this process)")
 
 
 # Where each name is read, per decoder layer, in the order a forward reaches them (nnsight waits for
@@ -104,28 +144,38 @@ class NNsightBackend(Backend):
 
     Args:
         vqa: the :class:`~mech_vqa.model.VQAModel` (its model is wrapped, never modified).
-        remote: False (trace in this process) or ``"local"`` (nnsight's offline simulation of a
-            remote call: serialised, user modules hidden, run here).
+        remote: False (trace in this process), ``"local"`` (nnsight's offline simulation of a
+            remote call: serialised, user modules hidden, run here) or True (NDIF: the trace is sent
+            to the service, which holds the weights; the local model may be weightless, on the meta
+            device, as ``VQAModel.from_pretrained(id, backend="nnsight", remote=True)`` builds it).
     """
 
     name = "nnsight"
 
     def __init__(self, vqa, remote: bool | str = False):
-        if remote not in (False, "local"):
-            raise BackendNotSupported(
-                f"remote={remote!r} is not supported yet: remote NDIF execution is untested here; use "
-                "remote=False (in process) or remote='local' (nnsight's offline simulation of a remote call)")
+        if remote is not True and remote not in (False, "local"):
+            raise ValueError(f"remote must be False (in process), 'local' (nnsight's offline simulation of a "
+                             f"remote call) or True (NDIF), got {remote!r}")
         super().__init__(vqa)
         self.nnsight = import_nnsight()
+        if remote is True:
+            check_ndif(self.nnsight, vqa.model)
         from nnsight.modeling.transformers import TransformersModel
 
         # nnsight installs a controller as each module's instance ``forward`` and leaves it there for good;
         # this backend puts it in place only while its own forward runs, so the model is as found
         # between calls (for the hooks backend and anyone else holding it). The task must be given for
         # an already-loaded model: nnsight's guess maps *ForConditionalGeneration to text generation.
-        with _controllers_removed(vqa.model) as self._controllers:
-            self.envoy = TransformersModel(vqa.model, task="image-text-to-text", processor=vqa.processor,
-                                           tokenizer=vqa.processor.tokenizer)
+        if remote is True:
+            # NDIF names the model by its hub id and holds the weights: the envoy is nnsight's own
+            # weightless (meta) build of that checkpoint, whose module paths are the model's
+            self._controllers = {}
+            self.envoy = TransformersModel(_repo_id(vqa.model), task="image-text-to-text", processor=vqa.processor,
+                                           tokenizer=vqa.processor.tokenizer, dispatch=False)
+        else:
+            with _controllers_removed(vqa.model) as self._controllers:
+                self.envoy = TransformersModel(vqa.model, task="image-text-to-text", processor=vqa.processor,
+                                               tokenizer=vqa.processor.tokenizer)
         self.remote = remote
         if remote:
             self.nnsight.register(nnsight_ops)   # the server has torch and nnsight, not mech_vqa
@@ -188,7 +238,7 @@ class NNsightBackend(Backend):
         finally:
             self._active.remove(spec)
 
-    def _steps(self) -> list[_Step]:
+    def _steps(self, specs: Sequence[_Spec] | None = None) -> list[_Step]:
         steps: dict[tuple[str, str], _Step] = {}
 
         def step(layer, name) -> _Step:
@@ -201,7 +251,7 @@ class NNsightBackend(Backend):
         adapter = self.vqa.adapter
         projector = self._path(adapter.projector)
         whole_vision = adapter.projector is adapter.vision_tower
-        for index, spec in enumerate(self._active):
+        for index, spec in enumerate(self._active if specs is None else specs):
             for edit in spec.interventions:
                 target = step(edit.layer, _EDIT_SLOTS[edit.site])
                 target.per_head = edit.site == "z"
@@ -248,6 +298,98 @@ class NNsightBackend(Backend):
         for index, spec in enumerate(self._active):
             self._fill(index, spec, saved)
         return output
+
+    # ---------------------------------------------------------------- scores next to the model
+    #: methods may ask this backend for scores computed inside the trace (``explain_scores``,
+    #: ``logit_lens_scores``): on a remote call only those come back, not the activations
+    scores_near_model = True
+
+    def _final_norm(self) -> dict:
+        """The final norm as what the remote side needs besides its weights: LayerNorm or RMS, eps, and
+        whether the gain is ``1 + weight`` (read from the class on a CPU copy, so a weightless client
+        can tell too)."""
+        norm = self.vqa.adapter.final_norm
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        if eps is None:
+            raise BackendNotSupported(f"cannot read the epsilon of the final norm {type(norm).__name__}")
+        if isinstance(norm, torch.nn.LayerNorm):
+            return {"layer_norm": True, "eps": float(eps), "gain_offset": False}
+        probe = copy.deepcopy(norm).to_empty(device="cpu").float()
+        with torch.no_grad():
+            probe.weight.copy_(torch.linspace(0.5, 1.5, probe.weight.numel()))
+            gain = type(probe).forward(probe, torch.ones(1, probe.weight.numel()))[0] * (1 + float(eps)) ** 0.5
+        offset = bool((gain - 1 - probe.weight).abs().max() < (gain - probe.weight).abs().max())
+        return {"layer_norm": False, "eps": float(eps), "gain_offset": offset}
+
+    def _weights(self, layers) -> dict:
+        adapter = self.vqa.adapter
+        norm, unembed = self._path(adapter.final_norm), self._path(adapter.unembed)
+        refs = {"norm_weight": (norm, "weight"), "norm_bias": (norm, "bias"), "W_U": (unembed, "weight"),
+                "b_U": (unembed, "bias")}
+        refs.update({("W_O", layer): (self._path(adapter.o_proj(layer)), "weight") for layer in layers})
+        if self.remote:  # read where the model is: the server's weights
+            return {key: (self._envoy(path), attr) for key, (path, attr) in refs.items()}
+        # in process: the tensors themselves, read through accelerate's offload where a device_map put it
+        from ..adapters.base import module_parameter
+
+        return {key: module_parameter(self.vqa.model.get_submodule(path), attr) for key, (path, attr) in refs.items()}
+
+    def _forward_reduced(self, spec: _Spec, inputs: dict, reducer, weights: dict, args: dict, **kwargs):
+        """One trace recording ``spec``'s captures, then ``reducer(values, weights, output, **args)``
+        inside it: only what the reducer returns is saved (and, remotely, sent back)."""
+        steps = [(self._envoy(s.path), s.where, s.edits, s.per_head, s.captures or []) for s in self._steps([spec])]
+        with preserved_state(self.vqa.model), _controllers_installed(self._controllers):
+            result, _ = _run_trace(self.envoy, self.nnsight, nnsight_ops, steps, inputs, kwargs, self.remote,
+                                   self.vqa.adapter.n_heads, self.vqa.adapter.head_dim,
+                                   reduce=(reducer, weights, args))
+        self.last_saved_bytes = _nbytes(result)
+        return result
+
+    def _spec(self, names, layers, positions) -> _Spec:
+        adapter = self.vqa.adapter
+        plan = _layer_plan(adapter, names, layers)
+        return _Spec(tuple(names), plan, _normalise_positions(positions), False, True, (),
+                     ActivationCache(names, list(plan), adapter))
+
+    def explain_scores(self, inputs: dict, *, positions: torch.Tensor, token_ids: torch.Tensor, heads,
+                       kv_layers: list[int], chunk_elements: int) -> dict:
+        """Layer-, head- and position-level increases at each row's target, scored inside the trace
+        (:func:`~mech_vqa.backends.nnsight_ops.explain_scores`). ``positions`` ``[B]`` are batch
+        coordinates; ``heads``: ``("top", k)`` or ``("pairs", [(layer, head), ...])``."""
+        adapter = self.vqa.adapter
+        n_layers = adapter.n_layers
+        rotate = adapter.rotary_function(0)
+        if rotate is None:
+            raise BackendNotSupported(f"{type(adapter).__name__} names no rotary function that can run inside "
+                                      "an nnsight trace; explain on this adapter needs backend='hooks'")
+        names = ["resid_pre", "attn_out", "mlp_out", "z", "resid_post"] + (["q", "k", "v"] if kv_layers else [])
+        layers = {"resid_post": [n_layers - 1]} | ({"q": kv_layers, "k": kv_layers, "v": kv_layers} if kv_layers
+                                                   else {})
+        spec = self._spec(names, layers, positions.view(-1, 1))
+        args = dict(targets=token_ids.cpu(), t=positions.cpu(), n_layers=n_layers, n_heads=adapter.n_heads,
+                    n_kv=adapter.n_kv_heads, head_dim=adapter.head_dim, heads=heads,
+                    scalings=[adapter.attention_scaling(i) for i in range(n_layers)],
+                    windows=[adapter.sliding_window(i) for i in range(n_layers)],
+                    key_mask=inputs["attention_mask"].cpu(), rotate=rotate, chunk_elements=chunk_elements,
+                    **self._final_norm())
+        return self._forward_reduced(spec, inputs, nnsight_ops.explain_scores, self._weights(range(n_layers)), args,
+                                     use_cache=False, logits_to_keep=positions.view(-1, 1).to(self.vqa.device))
+
+    def logit_lens_scores(self, inputs: dict, *, positions: torch.Tensor, k: int, word_id: int | None,
+                          chunk_elements: int) -> dict:
+        """The logit lens at ``positions`` (the projector output and every layer's output), swept over
+        the vocabulary inside the trace (:func:`~mech_vqa.backends.nnsight_ops.logit_lens_sweep`)."""
+        adapter = self.vqa.adapter
+        spec = self._spec(["resid_pre", "resid_post"], {"resid_pre": [0]}, positions)
+        args = dict(n_layers=adapter.n_layers, k=k, word_id=word_id, chunk_elements=chunk_elements,
+                    **self._final_norm())
+        return self._forward_reduced(spec, inputs, nnsight_ops.logit_lens_sweep, self._weights([]), args,
+                                     use_cache=False, logits_to_keep=1)
+
+    def generate(self, inputs: dict, **kwargs) -> torch.Tensor:
+        """HF ``generate`` through nnsight (on NDIF for ``remote=True``): only the token ids come back."""
+        with preserved_state(self.vqa.model), _controllers_installed(self._controllers):
+            return _run_generate(self.envoy, inputs, kwargs, self.remote)
 
     def _fill(self, index: int, spec: _Spec, saved: dict) -> None:
         adapter = self.vqa.adapter
@@ -359,14 +501,17 @@ def _set_slots(module, values) -> None:
             module.__dict__[slot] = value
 
 
-def _run_trace(root, nnsight, ops, steps, inputs, kwargs, remote, n_heads, head_dim):
+def _run_trace(root, nnsight, ops, steps, inputs, kwargs, remote, n_heads, head_dim, reduce=None):
     """One nnsight trace visiting ``steps`` in order; returns ``(saved tensors, model output)``.
 
     Module-level and free of ``self`` so that a remote trace serialises only the envoys, the steps
-    and the torch-only ``ops`` module, not the client's objects.
+    and the torch-only ``ops`` module, not the client's objects. ``reduce``: ``(reducer, weights
+    {key: (envoy, attribute)}, args)``: the captures (keyed without the trace index) go to
+    ``reducer(values, weights, output, **args)`` inside the trace and only its result is saved;
+    returns ``(result, None)``.
     """
     with root.trace(**inputs, **kwargs, remote=remote):
-        saved = nnsight.save({})
+        saved = nnsight.save({}) if reduce is None else {}
         for envoy, where, edits, per_head, captures in steps:
             if where == "deepstack":   # the text model's DeepStack arguments (Qwen3-VL)
                 call = envoy.inputs[1]
@@ -393,8 +538,22 @@ def _run_trace(root, nnsight, ops, steps, inputs, kwargs, remote, n_heads, head_
                 if check:
                     ops.check_positions(x.shape[1], positions)
                 saved[key] = None if x is None else ops.select(x, positions, dim)
-        output = root.output.save()
-    return saved, output
+        if reduce is not None:
+            reducer, weights, args = reduce
+            values = {key[1:]: value for key, value in saved.items()}
+            params = {key: getattr(ref[0], ref[1], None) if isinstance(ref, tuple) else ref
+                      for key, ref in weights.items()}
+            result = nnsight.save(reducer(values, params, root.output, **args))
+            output = None
+        else:
+            output = root.output.save()
+    return (saved, output) if reduce is None else (result, None)
+
+
+def _run_generate(root, inputs, kwargs, remote):
+    with root.generate(**inputs, **kwargs, remote=remote) as tracer:
+        ids = tracer.result.save()
+    return ids
 
 
 def _nbytes(value) -> int:

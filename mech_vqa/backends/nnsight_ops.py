@@ -48,3 +48,225 @@ def apply_edits(x: torch.Tensor, edits, n_heads: int, head_dim: int, per_head: b
         target[(slice(None), *idx)] = new
         view[row_index] = target
     return x
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores computed next to the model: what a remote trace sends back instead of activations.
+# The arithmetic is that of mech_vqa.methods.logprob / mechanistic / logit_lens (the hooks backend's),
+# written again here with torch only; the backend tests hold the two equal to 1e-5.
+
+
+def _vocab_reduce(targets: torch.Tensor, chunk_logits, vocab: int, chunk: int) -> torch.Tensor:
+    """``logit[y] - logsumexp(logits)`` ``[B, N]`` over the vocabulary in chunks (running logsumexp);
+    ``chunk_logits(start, stop)`` -> ``[B, N, stop - start]``."""
+    lse, target = None, None
+    for start in range(0, vocab, chunk):
+        stop = min(start + chunk, vocab)
+        logits = chunk_logits(start, stop)
+        inside = (targets >= start) & (targets < stop)
+        index = (targets - start).clamp(0, stop - start - 1).view(-1, 1, 1).expand(-1, logits.shape[1], 1)
+        picked = logits.gather(-1, index)[..., 0]
+        target = picked if target is None else torch.where(inside.view(-1, 1), picked, target)
+        part = logits.logsumexp(-1)
+        lse = part if lse is None else torch.logaddexp(lse, part)
+    return target - lse
+
+
+def _chunk(vocab: int, rows: int, chunk_elements: int) -> int:
+    return int(min(vocab, max(1, chunk_elements // max(rows, 1))))
+
+
+class FrozenNorm:
+    """The final norm frozen at each row's real last-layer output ``final`` ``[B, d]`` (see
+    :mod:`mech_vqa.methods.logprob`), with the unembedding, for scoring target log-probabilities."""
+
+    def __init__(self, final, targets, gamma, beta, eps: float, layer_norm: bool, W_U, b_U, chunk_elements: int):
+        r = final.detach().float()
+        self.mean = r.mean(-1, keepdim=True) if layer_norm else None
+        centred = r - self.mean if layer_norm else r
+        self.scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)  # [B, 1]
+        self.gamma, self.beta = gamma.detach().float(), None if beta is None else beta.detach().float()
+        self.W_U, self.b_U = W_U.detach(), None if b_U is None else b_U.detach()
+        self.targets, self.chunk_elements = targets.to(r.device), chunk_elements
+
+    def select(self, rows):
+        out = object.__new__(FrozenNorm)
+        out.__dict__.update(self.__dict__)
+        out.targets, out.scale = self.targets[rows], self.scale[rows]
+        out.mean = None if self.mean is None else self.mean[rows]
+        return out
+
+    def norm(self, vectors):
+        shape = (vectors.shape[0],) + (1,) * (vectors.dim() - 1)
+        x = vectors.float()
+        x = (x if self.mean is None else x - self.mean.view(shape)) * self.scale.view(shape) * self.gamma
+        return x if self.beta is None else x + self.beta
+
+    def _bias(self, start, stop):
+        return None if self.b_U is None else self.b_U[start:stop].float()
+
+    def log_prob(self, vectors):
+        """``[B, N, d]`` -> ``[B, N]``."""
+        normed = self.norm(vectors)
+        batch, n = normed.shape[:2]
+
+        def chunk_logits(start, stop):
+            logits = normed @ self.W_U[start:stop].float().T
+            bias = self._bias(start, stop)
+            return logits if bias is None else logits + bias
+
+        return _vocab_reduce(self.targets, chunk_logits, self.W_U.shape[0],
+                             _chunk(self.W_U.shape[0], batch * n, self.chunk_elements))
+
+    def log_prob_in_basis(self, base, coefficients, basis):
+        """``lp(base_b + coefficients_bn @ basis)`` ``[B, N]`` and ``lp(base)`` ``[B]`` (linear in the basis)."""
+        batch, n, rank = coefficients.shape
+        base_normed = self.norm(base)
+        coefficients = coefficients.float() * self.scale.view(batch, 1, 1)
+        coefficients = torch.cat([coefficients, coefficients.new_zeros(batch, 1, rank)], dim=1)
+        rows = torch.cat([basis.float() * self.gamma, base_normed])
+
+        def chunk_logits(start, stop):
+            projected = rows @ self.W_U[start:stop].float().T
+            bias = self._bias(start, stop)
+            base_logits = projected[rank:] if bias is None else projected[rank:] + bias
+            return torch.baddbmm(base_logits.unsqueeze(1), coefficients, projected[:rank].expand(batch, rank, -1))
+
+        lp = _vocab_reduce(self.targets, chunk_logits, self.W_U.shape[0],
+                           _chunk(self.W_U.shape[0], batch * (n + 1), self.chunk_elements))
+        return lp[:, :n], lp[:, n]
+
+
+def _stack_at_target(values, name: str, layers) -> torch.Tensor:
+    """``[B, L, ...]`` from per-layer captures ``[B, 1, ...]`` at each row's target."""
+    return torch.cat([values[name, layer] for layer in layers], dim=1)
+
+
+def _head_attention(values, layer: int, head: int, rows, t, n_heads: int, n_kv: int, head_dim: int, scaling: float,
+                    window, key_mask, rotate) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ``t`` of head ``(layer, head)``'s attention ``[b, S]`` and its values ``[b, S, hd]``,
+    from the raw projections (rotated with the model's own rotary function)."""
+    group = n_heads // n_kv
+    cos, sin = values["pe", layer]
+    q = values["q", layer][rows].unflatten(-1, (n_heads, head_dim))[:, :, head:head + 1].transpose(1, 2)  # [b,1,1,hd]
+    k = values["k", layer][rows].unflatten(-1, (n_kv, head_dim))[:, :, head // group:head // group + 1].transpose(1, 2)
+    v = values["v", layer][rows].unflatten(-1, (n_kv, head_dim))[:, :, head // group]  # [b, S, hd]
+    cos, sin = cos[rows], sin[rows]
+    index = t.view(-1, 1, 1).expand(-1, 1, cos.shape[-1])
+    q = rotate(q, q, cos.gather(1, index), sin.gather(1, index))[0]
+    k = rotate(k, k, cos, sin)[1]
+    scores = (q.float() @ k.float().transpose(-1, -2))[:, 0, 0] * scaling  # [b, S]
+    keys = torch.arange(scores.shape[-1], device=scores.device).view(1, -1)
+    allowed = keys <= t.view(-1, 1)
+    if window is not None:
+        allowed = allowed & (keys > t.view(-1, 1) - window)
+    if key_mask is not None:
+        allowed = allowed & key_mask[rows].to(scores.device).bool()
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1), v.float()
+
+
+def explain_scores(values, weights, output, **args):
+    """:func:`_explain_scores` without gradients (no decorator: nnsight ships a registered module's
+    functions by their source, and a decorated function's source would resolve in the decorator's module)."""
+    with torch.no_grad():
+        return _explain_scores(values, weights, output, **args)
+
+
+def _explain_scores(values, weights, output, *, targets, t, n_layers: int, n_heads: int, n_kv: int, head_dim: int,
+                   heads, scalings, windows, key_mask, rotate, gain_offset: bool, eps: float, layer_norm: bool,
+                   chunk_elements: int):
+    """Layer-, head- and (for ``heads``) position-level increases, computed where the activations are.
+
+    ``values``: the trace's captures at each row's target ``t`` ``[B]`` (keys ``(name, layer)``), keys
+    and values at every position for the layers ``heads`` may need; ``weights``: ``W_O`` per layer
+    (o_proj weights), ``norm_weight`` / ``norm_bias``, ``W_U`` / ``b_U``; ``output`` the model's, with
+    logits ``[B, 1, V]`` at ``t``. ``heads``: ``("top", k)`` or ``("pairs", [(layer, head), ...])`` shared by rows.
+
+    Returns only scores: ``lp`` ``[B, 3L + L*H + 1]`` (the layout of
+    ``mechanistic.layer_and_head_increase``), ``model_logprob`` ``[B]``, ``heads`` ``[B, k, 2]``,
+    ``increase`` and ``attention`` ``[B, k, S]`` (batch coordinates).
+    """
+    layers = range(n_layers)
+    resid_pre = _stack_at_target(values, "resid_pre", layers).float()   # [B, L, d]
+    attn_out = _stack_at_target(values, "attn_out", layers).float()
+    mlp_out = _stack_at_target(values, "mlp_out", layers).float()
+    z = _stack_at_target(values, "z", layers).unflatten(-1, (n_heads, head_dim)).float()  # [B, L, H, hd]
+    final = values["resid_post", n_layers - 1][:, 0]
+    batch, d = final.shape
+    gamma = weights["norm_weight"].float() + (1 if gain_offset else 0)
+    scorer = FrozenNorm(final, targets, gamma, weights["norm_bias"], eps, layer_norm, weights["W_U"],
+                        weights["b_U"], chunk_elements)
+    head_out = torch.stack([torch.einsum("bhk,hkd->bhd", z[:, layer],
+                                         weights["W_O", layer].float().T.reshape(n_heads, head_dim, d))
+                            for layer in layers], dim=1)                       # [B, L, H, d]
+    vectors = torch.cat([resid_pre, resid_pre + attn_out, resid_pre + attn_out + mlp_out,
+                         (resid_pre.unsqueeze(2) + head_out).flatten(1, 2), final.float().unsqueeze(1)], dim=1)
+    lp = scorer.log_prob(vectors)
+    model_logprob = output.logits[:, 0].float().log_softmax(-1).gather(1, targets.view(-1, 1))[:, 0]
+    if heads[0] == "top":
+        increase_lh = lp[:, 3 * n_layers:-1] - lp[:, :n_layers].repeat_interleave(n_heads, dim=1)
+        index = increase_lh.topk(heads[1], dim=1).indices                                  # [B, k]
+        chosen = torch.stack([index // n_heads, index % n_heads], dim=-1)
+    else:
+        chosen = torch.tensor(heads[1], dtype=torch.long).view(1, -1, 2).expand(batch, -1, -1)
+    seq = key_mask.shape[1]
+    increase = torch.zeros(batch, chosen.shape[1], seq)
+    attention = torch.zeros(batch, chosen.shape[1], seq)
+    for row in range(batch):
+        for slot in range(chosen.shape[1]):
+            layer, head = int(chosen[row, slot, 0]), int(chosen[row, slot, 1])
+            rows = [row]
+            pattern, v = _head_attention(values, layer, head, rows, t[rows], n_heads, n_kv, head_dim,
+                                         scalings[layer], windows[layer], key_mask, rotate)
+            W_O = weights["W_O", layer].float().T.reshape(n_heads, head_dim, d)[head]
+            lp_pos, lp_base = scorer.select(rows).log_prob_in_basis(resid_pre[rows, layer],
+                                                                    pattern.unsqueeze(-1) * v, W_O)
+            increase[row, slot] = (lp_pos - lp_base.unsqueeze(1))[0].cpu()
+            attention[row, slot] = pattern[0].cpu()
+    return {"lp": lp.cpu(), "model_logprob": model_logprob.cpu(), "heads": chosen.cpu(), "increase": increase,
+            "attention": attention}
+
+
+def logit_lens_sweep(values, weights, output, **args):
+    """:func:`_logit_lens_sweep` without gradients."""
+    with torch.no_grad():
+        return _logit_lens_sweep(values, weights, output, **args)
+
+
+def _logit_lens_sweep(values, weights, output, *, n_layers: int, k: int, word_id, gain_offset: bool, eps: float,
+                     layer_norm: bool, chunk_elements: int):
+    """The logit lens at the captured positions: top-``k`` ids / probabilities ``[L + 1, P, k]`` and
+    ``word_id``'s probability ``[L + 1, P]``, the final norm applied per vector (not frozen)."""
+    stages = [values["resid_pre", 0][0]] + [values["resid_post", layer][0] for layer in range(n_layers)]
+    resid = torch.stack(stages).float()              # [L + 1, P, d]
+    n_stages, n_patches, _ = resid.shape
+    x = resid.flatten(0, 1)
+    if layer_norm:
+        x = x - x.mean(-1, keepdim=True)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    x = x * (weights["norm_weight"].float() + (1 if gain_offset else 0))
+    if weights["norm_bias"] is not None:
+        x = x + weights["norm_bias"].float()
+    W_U, b_U = weights["W_U"], weights["b_U"]
+    vocab, n = W_U.shape[0], x.shape[0]
+    chunk = _chunk(vocab, n, chunk_elements)
+    lse, top_logits, top_ids = None, x.new_full((n, 0), float("-inf")), torch.zeros((n, 0), dtype=torch.long)
+    for start in range(0, vocab, chunk):
+        logits = x @ W_U[start:start + chunk].float().T
+        if b_U is not None:
+            logits = logits + b_U[start:start + chunk].float()
+        part = logits.logsumexp(-1)
+        lse = part if lse is None else torch.logaddexp(lse, part)
+        merged = torch.cat([top_logits, logits], dim=1)
+        ids = torch.cat([top_ids.to(logits.device), torch.arange(start, start + logits.shape[1],
+                                                                  device=logits.device).expand(n, -1)], dim=1)
+        top_logits, order = merged.topk(min(k, merged.shape[1]), dim=1)
+        top_ids = ids.gather(1, order)
+    out = {"top_probs": (top_logits - lse.unsqueeze(1)).exp().view(n_stages, n_patches, -1).cpu(),
+           "top_ids": top_ids.view(n_stages, n_patches, -1).cpu(), "word_probs": None}
+    if word_id is not None:
+        logits = x @ W_U[word_id].float()
+        if b_U is not None:
+            logits = logits + b_U[word_id].float()
+        out["word_probs"] = (logits - lse).exp().view(n_stages, n_patches).cpu()
+    return out

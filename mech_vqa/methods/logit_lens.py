@@ -61,24 +61,32 @@ def logit_lens(vqa, inp: PreparedInput, word: str | int | None = None, *, k: int
         raise ValueError(f"no image token belongs to view {view} (views: {sorted(set(geometry.view.tolist()))})")
     positions = geometry.positions[chosen]
     deepstack = set(adapter.deepstack_layers())
-    names = ["resid_pre", "resid_post"] + (["deepstack"] if deepstack else [])
-    layers = {"resid_pre": [0], **({"deepstack": sorted(deepstack)} if deepstack else {})}
-    with vqa.trace(names, positions=positions, layers=layers) as cache:
-        vqa.forward(inp, logits_to_keep=1)
-    # after layer l the residual is the layer's output plus what DeepStack adds there (Qwen3-VL), which is
-    # what layer l + 1 reads
-    stages = [cache["resid_pre", 0][0]] + [
-        cache["resid_post", layer][0] + (cache["deepstack", layer][0] if layer in deepstack else 0)
-        for layer in range(adapter.n_layers)]
-    resid = torch.stack(stages)  # [L + 1, n_patches, d]
-    n_stages, n_patches, _ = resid.shape
-    sweep = vocab_sweep(adapter, normalise(adapter, resid).flatten(0, 1), k=min(k, adapter.vocab_size),
-                        token_ids=None if word_id is None else [word_id], chunk_elements=chunk_elements,
-                        progress=progress)
-    lse = sweep["lse"].unsqueeze(1)
-    top_probs = (sweep["top_logits"] - lse).exp().view(n_stages, n_patches, -1)
-    top_ids = sweep["top_ids"].view(n_stages, n_patches, -1)
-    word_probs = None if word_id is None else (sweep["logits"] - lse).exp().view(n_stages, n_patches)
+    if getattr(vqa.backend, "scores_near_model", False) and not deepstack:
+        # the vocabulary sweep runs where the activations are (inside the nnsight trace / on NDIF)
+        swept = vqa.backend.logit_lens_scores(
+            adapter.model_inputs(inp.model_inputs(vqa.device, adapter.vision_dtype())), positions=positions,
+            k=min(k, adapter.vocab_size), word_id=word_id, chunk_elements=chunk_elements)
+        top_ids, top_probs, word_probs = swept["top_ids"], swept["top_probs"], swept["word_probs"]
+    else:
+        # the input of layer 0 (the projector's output at the image positions) and every layer's output
+        names = ["resid_pre", "resid_post"] + (["deepstack"] if deepstack else [])
+        layers = {"resid_pre": [0], **({"deepstack": sorted(deepstack)} if deepstack else {})}
+        with vqa.trace(names, positions=positions, layers=layers) as cache:
+            vqa.forward(inp, logits_to_keep=1)
+        # after layer l the residual is the layer's output plus what DeepStack adds there (Qwen3-VL), which is
+        # what layer l + 1 reads
+        stages = [cache["resid_pre", 0][0]] + [
+            cache["resid_post", layer][0] + (cache["deepstack", layer][0] if layer in deepstack else 0)
+            for layer in range(adapter.n_layers)]
+        resid = torch.stack(stages)  # [L + 1, n_patches, d]
+        n_stages, n_patches, _ = resid.shape
+        sweep = vocab_sweep(adapter, normalise(adapter, resid).flatten(0, 1), k=min(k, adapter.vocab_size),
+                            token_ids=None if word_id is None else [word_id], chunk_elements=chunk_elements,
+                            progress=progress)
+        lse = sweep["lse"].unsqueeze(1)
+        top_probs = (sweep["top_logits"] - lse).exp().view(n_stages, n_patches, -1)
+        top_ids = sweep["top_ids"].view(n_stages, n_patches, -1)
+        word_probs = None if word_id is None else (sweep["logits"] - lse).exp().view(n_stages, n_patches)
     top_tokens = [[vqa.to_str_tokens(ids) for ids in stage] for stage in top_ids.cpu()]
     return LogitLens(
         top_ids=top_ids.cpu(), top_probs=top_probs.cpu(), rowcol=geometry.rowcol[chosen].clone(),

@@ -97,8 +97,12 @@ class TargetCapture:
 
     def meta(self, row: int) -> dict:
         """Metadata for row ``row``'s results (model id, prompt, target)."""
-        return {"model": self.vqa.name, "prompt": self.items[row].prompt, "target": self.targets[row].to_dict(),
-                "info": {"question": self.items[row].question, "answer": self.items[row].answer}}
+        return _meta(self.vqa, self.items[row], self.targets[row])
+
+
+def _meta(vqa, item: PreparedInput, target: Target) -> dict:
+    return {"model": vqa.name, "prompt": item.prompt, "target": target.to_dict(),
+            "info": {"question": item.question, "answer": item.answer}}
 
 
 def _check_target(inp: PreparedInput, adapter, target: Target) -> Target:
@@ -218,14 +222,21 @@ def layer_and_head_increase(capture: TargetCapture) -> tuple[list[LayerIncrease]
     head_vectors(capture, out=with_head)                                        # x_l + h_lj
     vectors[:, -1].copy_(capture.final)
     lp = capture.scorer.log_prob(vectors, overwrite=True)  # [B, 3L + L*H + 1]
+    return _layer_and_head_results(lp, capture.model_logprob, [capture.meta(row) for row in range(lp.shape[0])],
+                                   n_layers, n_heads)
+
+
+def _layer_and_head_results(lp: torch.Tensor, model_logprob: torch.Tensor, metas: list[dict], n_layers: int,
+                            n_heads: int) -> tuple[list[LayerIncrease], list[HeadIncrease]]:
+    """Results from the scores ``lp`` ``[B, 3L + L*H + 1]`` of ``[x_l, x_l + a_l, x_l + a_l + m_l, x_l + h_lj,
+    final]`` (wherever they were computed)."""
     base, attn, mlp = lp[:, :n_layers], lp[:, n_layers:2 * n_layers], lp[:, 2 * n_layers:3 * n_layers]
     heads = lp[:, 3 * n_layers:-1].view(-1, n_layers, n_heads) - base.unsqueeze(2)
     layer_results, head_results = [], []
-    for row in range(lp.shape[0]):
-        meta = capture.meta(row)
+    for row, meta in enumerate(metas):
         layer_results.append(LayerIncrease(attention=(attn - base)[row].cpu(), mlp=(mlp - attn)[row].cpu(),
                                            base=base[row].cpu(), final_logprob=float(lp[row, -1]),
-                                           model_logprob=float(capture.model_logprob[row]), **meta))
+                                           model_logprob=float(model_logprob[row]), **meta))
         head_results.append(HeadIncrease(scores=heads[row].cpu(), **meta))
     return layer_results, head_results
 
@@ -295,17 +306,23 @@ def position_increase(capture: TargetCapture, heads, *, progress: bool = False) 
             computed[layer, head, row] = (increase[i], attention[i])
     results = []
     for row, row_heads in enumerate(per_row):
-        item, offset = capture.items[row], int(capture.offsets[row])
+        offset = int(capture.offsets[row])
         scores = torch.stack([computed[l, j, row][0][offset:] for l, j in row_heads]).cpu()
         attention = torch.stack([computed[l, j, row][1][offset:] for l, j in row_heads]).cpu()
-        geometry = item.geometry
-        image_scores = geometry.to_grid(scores[:, geometry.positions])
-        results.append(HeadPositions(
-            scores=scores, image_scores=image_scores, attention=attention, heads=[list(h) for h in row_heads],
-            str_tokens=list(item.str_tokens), image_positions=geometry.positions.tolist(),
-            image_size=list(geometry.image_size), image=torch.from_numpy(item.display_image()),
-            image_boxes=geometry.boxes.clone(), image_view=geometry.view.clone(), **capture.meta(row)))
+        results.append(_head_positions(capture.items[row], row_heads, scores, attention, capture.meta(row)))
     return results
+
+
+def _head_positions(item: PreparedInput, row_heads, scores: torch.Tensor, attention: torch.Tensor,
+                    meta: dict) -> HeadPositions:
+    """One row's result from its increases and attention ``[n_heads, S]`` (the row's own coordinates)."""
+    geometry = item.geometry
+    image_scores = geometry.to_grid(scores[:, geometry.positions])
+    return HeadPositions(
+        scores=scores, image_scores=image_scores, attention=attention, heads=[list(h) for h in row_heads],
+        str_tokens=list(item.str_tokens), image_positions=geometry.positions.tolist(),
+        image_size=list(geometry.image_size), image=torch.from_numpy(item.display_image()),
+        image_boxes=geometry.boxes.clone(), image_view=geometry.view.clone(), **meta)
 
 
 def _check_heads_argument(adapter, heads) -> None:
@@ -369,6 +386,12 @@ def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top",
         if item_box is not None:
             check_box(item_box, item.geometry.image_size)
     kv_layers = sorted({int(layer) for layer, _ in heads}) if isinstance(heads, (list, tuple)) else "all"
+    if neurons is False and _near_model(vqa):
+        # the backend scores where the activations are (inside an nnsight trace, remotely on NDIF)
+        layer_results, head_results, positions = _scores_near_model(vqa, inp, target, heads, chunk_elements)
+        out = [Explanation(layers=lr, heads=hr, positions=pr, patch_map=pr.patch_map(box=bx, view=view), neurons=None)
+               for lr, hr, pr, bx in zip(layer_results, head_results, positions, boxes)]
+        return out if isinstance(inp, BatchedInput) else out[0]
     capture = capture_target(vqa, inp, target, kv_layers=kv_layers, mlp_act=neurons is not False,
                              chunk_elements=chunk_elements)
     layer_results, head_results = layer_and_head_increase(capture)
@@ -384,15 +407,53 @@ def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top",
     return out if isinstance(inp, BatchedInput) else out[0]
 
 
+def _scores_near_model(vqa, inp, target, heads, chunk_elements: int = CHUNK_ELEMENTS):
+    """:func:`explain`'s layer, head and position levels scored by the backend next to the model
+    (``vqa.backend.explain_scores``): only scores come back, no activations. ``heads``: as
+    :func:`explain`'s, or ``[]`` for no position level."""
+    adapter = vqa.adapter
+    items, targets, offsets = _targets(vqa, inp, target)
+    positions = torch.tensor([t.position for t in targets]) + offsets
+    if isinstance(heads, (str, int)):
+        request = ("top", 1 if isinstance(heads, str) else heads)
+        kv_layers = list(range(adapter.n_layers))
+    else:
+        pairs = check_heads(adapter, heads) if len(heads) else []
+        request, kv_layers = ("pairs", pairs), sorted({layer for layer, _ in pairs})
+    scores = vqa.backend.explain_scores(
+        inp.model_inputs(vqa.device, adapter.vision_dtype()), positions=positions,
+        token_ids=torch.tensor([t.token_id for t in targets]), heads=request, kv_layers=kv_layers,
+        chunk_elements=chunk_elements)
+    metas = [_meta(vqa, item, t) for item, t in zip(items, targets)]
+    layer_results, head_results = _layer_and_head_results(scores["lp"], scores["model_logprob"], metas,
+                                                          adapter.n_layers, adapter.n_heads)
+    positions_results = []
+    if request[0] == "top" or request[1]:
+        for row, (item, meta) in enumerate(zip(items, metas)):
+            offset = int(offsets[row])
+            row_heads = [(int(layer), int(head)) for layer, head in scores["heads"][row].tolist()]
+            positions_results.append(_head_positions(item, row_heads, scores["increase"][row, :, offset:],
+                                                     scores["attention"][row, :, offset:], meta))
+    return layer_results, head_results, positions_results
+
+
+def _near_model(vqa) -> bool:
+    return getattr(getattr(vqa, "backend", None), "scores_near_model", False)
+
+
 def head_increase(vqa, inp: PreparedInput, target: Target | None = None) -> HeadIncrease:
     """Head-level increases ``[n_layers, n_heads]`` for one input (one forward)."""
     _check_single(inp)
+    if _near_model(vqa):
+        return _scores_near_model(vqa, inp, target, [])[1][0]
     return layer_and_head_increase(capture_target(vqa, inp, target, kv_layers=None))[1][0]
 
 
 def layer_increase(vqa, inp: PreparedInput, target: Target | None = None) -> LayerIncrease:
     """Attention and MLP block increases per layer for one input (one forward)."""
     _check_single(inp)
+    if _near_model(vqa):
+        return _scores_near_model(vqa, inp, target, [])[0][0]
     return layer_and_head_increase(capture_target(vqa, inp, target, kv_layers=None))[0][0]
 
 
@@ -400,6 +461,8 @@ def head_positions(vqa, inp: PreparedInput, heads, target: Target | None = None)
     """Position-level increases of ``heads`` ``[(layer, head), ...]`` for one input (one forward)."""
     _check_single(inp)
     heads = check_heads(vqa.adapter, heads)
+    if _near_model(vqa):
+        return _scores_near_model(vqa, inp, target, heads)[2][0]
     return position_increase(capture_target(vqa, inp, target, kv_layers=[layer for layer, _ in heads]), heads)[0]
 
 

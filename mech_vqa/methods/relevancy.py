@@ -95,9 +95,16 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
     """
     from tqdm.auto import tqdm
 
-    from ..backends import require_hooks
+    from ..backends import BackendNotSupported
 
-    require_hooks(vqa, "relevancy (autograd through its own attention hooks)")
+    backend = getattr(vqa, "backend", None)
+    on_hooks = getattr(backend, "name", "hooks") == "hooks"
+    if not on_hooks and (vision or getattr(backend, "remote", False)):
+        raise BackendNotSupported(
+            f"relevancy with {'vision=True' if vision else 'a remote trace'} is not supported on the "
+            f"{backend.name} backend: it differentiates every attention probability, which needs the autograd "
+            "graph in this process (vision-tower attention is not a capture name); use vision=False in process "
+            "(remote=False) or backend='hooks'")
     inp = check_single_input(inp)
     targets = resolve_targets(inp, targets)
     adapter, model, geometry = vqa.adapter, vqa.model, inp.geometry
@@ -125,15 +132,21 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
     hooks = HookSet()
     with preserved_state(model, eager=True, frozen=True):
         try:
-            for module in llm_modules + vision_modules:
-                hooks.post(module, record)
-            inputs = inp.model_inputs(adapter.device, adapter.vision_dtype())
+            if on_hooks:
+                for module in llm_modules + vision_modules:
+                    hooks.post(module, record)
+            inputs = inp.model_inputs(vqa.device, adapter.vision_dtype())
             # Parameters are frozen; a differentiable input makes autograd build the graph through
             # every attention probability (all of them depend on the image).
             inputs["pixel_values"] = inputs["pixel_values"].clone().requires_grad_(True)
             keep, kept = logits_at(vqa, [t.position for t in targets])
             with torch.enable_grad():
-                logits = vqa.forward(inputs, **keep).logits  # [1, kept or seq, vocab]
+                if on_hooks:
+                    logits = vqa.forward(inputs, **keep).logits  # [1, kept or seq, vocab]
+                else:  # another backend records the probabilities, still in the graph (detach=False)
+                    with vqa.trace(["pattern"], detach=False) as cache:
+                        logits = vqa.forward(inputs, **keep).logits
+                    recorded.update({m: cache["pattern", layer] for layer, m in enumerate(llm_modules)})
                 hooks.remove()
                 llm_probs = [recorded[m] for m in llm_modules]
                 vision_probs = [recorded[m] for m in vision_modules]

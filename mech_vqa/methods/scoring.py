@@ -146,9 +146,6 @@ class AnswerScorer:
     """
 
     def __init__(self, vqa, inp: PreparedInput, answer_indices: Sequence[int] | None = None):
-        from ..backends import require_hooks
-
-        require_hooks(vqa, "AnswerScorer (igos, visually_relevant_tokens, insertion_deletion, patch_faithfulness)")
         n_answer = int(inp.answer_positions.numel())
         if n_answer == 0:
             raise ValueError("this input has no answer tokens to score; prepare it with an answer "
@@ -183,6 +180,9 @@ class AnswerScorer:
         if self.n_tokens == 0:
             return pixels.new_zeros((pixels.shape[0], 0), dtype=torch.float32)
         rows = self.predicting.to(self.device)
+        backend = getattr(self.vqa, "backend", None)
+        if getattr(backend, "name", "hooks") != "hooks":
+            return self._through_backend(backend, pixels, rows)
 
         def keep_answer_rows(module, args, kwargs):
             # the unembedding sees only the predicting rows: [N, S, d] -> [N, T, d]
@@ -196,6 +196,22 @@ class AnswerScorer:
             logits = self.vqa.model(**self._inputs(pixels), use_cache=False).logits   # [N, T, V]
         finally:
             hooks.remove()
+        log_probs = logits.float().log_softmax(-1)
+        index = self.token_ids.to(log_probs.device).view(1, -1, 1).expand(pixels.shape[0], -1, 1)
+        return log_probs.gather(-1, index)[..., 0]
+
+    def _through_backend(self, backend, pixels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The same scores through ``vqa.forward`` (any backend; active ``vqa.trace`` interventions apply):
+        logits at the predicting rows only. Gradients reach ``pixels`` when the forward runs in this
+        process; a remote trace sends back saved values, not a graph."""
+        if getattr(backend, "remote", False) and torch.is_grad_enabled() and pixels.requires_grad:
+            from ..backends import BackendNotSupported
+
+            raise BackendNotSupported(
+                "AnswerScorer with gradients (igos / iGOS++) is not supported through a remote nnsight trace: "
+                "the answer scores come back as saved values without an autograd graph to the pixels; run it "
+                "in process (remote=False) or on the hooks backend")
+        logits = self.vqa.forward(self._inputs(pixels), logits_to_keep=rows).logits     # [N, T, V]
         log_probs = logits.float().log_softmax(-1)
         index = self.token_ids.to(log_probs.device).view(1, -1, 1).expand(pixels.shape[0], -1, 1)
         return log_probs.gather(-1, index)[..., 0]

@@ -37,8 +37,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..hooks import HookSet, preserved_state
-from ..interventions import register_interventions
+from ..hooks import preserved_state
 from ..results.base import Result
 from .insertion_deletion import _to_pixels, as_map, tie_orders
 
@@ -256,12 +255,8 @@ def patch_faithfulness(vqa, inp, maps, *, tokens=None, box=None, fractions: Sequ
                         if knocked.numel():
                             ablation = image_token_ablation(vqa, inp, knocked)
                             edits += [dataclasses.replace(e, rows=(row,)) for e in ablation.interventions]
-                hooks = HookSet()
-                try:
-                    register_interventions(hooks, vqa.adapter, edits)
+                with vqa.trace((), interventions=edits):   # any backend applies the knock-outs
                     values.append(scorer(torch.cat(pixels)).float().mean(-1).cpu())
-                finally:
-                    hooks.remove()
     values = torch.cat(values)
     clean = float(values[0])
     per_mode = (clean - values[1:]).view(len(modes), len(distinct))[:, which]      # [n_modes, n_sets]

@@ -166,6 +166,68 @@ def test_gradient_through_captures(tiny_vqa, image):
     torch.testing.assert_close(grads[1], grads[0], **TOL)
 
 
+@pytest.mark.parametrize("name", ["gqa", "mistral", "next"])
+def test_relevancy_equals_hooks_in_process(request, name, image):
+    """Relevancy (LLM stage): attention probabilities recorded by the trace, differentiated in process."""
+    from mech_vqa.methods.relevancy import relevancy
+
+    hooks = request.getfixturevalue(FAMILIES[name])
+    inp = hooks.prepare(image, QUESTION, ANSWER)
+    nns = VQAModel(hooks.model, hooks.processor, backend="nnsight")
+    expected = relevancy(hooks, inp, vision=False, progress=False)
+    got, _ = assert_leaves_model_as_found(nns, inp, lambda x: relevancy(nns, x, vision=False, progress=False))
+    assert expected.llm.abs().max() > 0
+    torch.testing.assert_close(got.rows, expected.rows, **TOL)
+    torch.testing.assert_close(got.llm, expected.llm, **TOL)
+
+
+SMALL_IGOS = dict(mask_size=4, iterations=2, n_steps=2, chunk_size=4, step_fraction=0.25, l1=0.0, lr=3.0)
+
+
+@pytest.mark.parametrize("two_masks", [False, True])
+def test_igos_equals_hooks_in_process(tiny_vqa, image, two_masks):
+    """iGOS+ / iGOS++: answer scores through vqa.forward, mask gradients through the in-process trace."""
+    from mech_vqa.methods.igos import igos
+
+    inp = tiny_vqa.prepare(image, QUESTION, ANSWER)
+    nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
+    kwargs = dict(tokens=[1, 3], seed=3, progress=False, two_masks=two_masks, **SMALL_IGOS)
+    expected = igos(tiny_vqa, inp, **kwargs)
+    got, _ = assert_leaves_model_as_found(nns, inp, lambda x: igos(nns, x, **kwargs))
+    assert not torch.equal(expected.mask, torch.ones(4, 4))   # the mask moved
+    torch.testing.assert_close(got.mask, expected.mask, **TOL)
+    assert got.insertion_auc == pytest.approx(expected.insertion_auc, abs=1e-5)
+    assert got.deletion_auc == pytest.approx(expected.deletion_auc, abs=1e-5)
+
+
+@pytest.mark.parametrize("remote", [False, "local"])
+def test_perturbation_metrics_equal_hooks(tiny_vqa, image, remote):
+    """Insertion / deletion, patch faithfulness (blur and zeroed image tokens) and the visually relevant
+    tokens: forwards of perturbed images, in process and through the simulated remote call."""
+    from mech_vqa.methods.scoring import input_baseline
+    from mech_vqa.methods.token_selection import visually_relevant_tokens
+    from mech_vqa.metrics.faithfulness import patch_faithfulness
+    from mech_vqa.metrics.insertion_deletion import insertion_deletion
+
+    inp = tiny_vqa.prepare(image, QUESTION, ANSWER)
+    nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote=remote)
+    saliency = torch.arange(16.0).view(4, 4)
+    results = []
+    for vqa in (tiny_vqa, nns):
+        results.append((
+            insertion_deletion(vqa, inp, saliency, tokens=[1, 3], step_fraction=0.25, progress=False),
+            patch_faithfulness(vqa, inp, {"ramp": saliency}, tokens=[1, 3], box=[0, 0, 16, 16], fractions=(0.125,),
+                               n_random=2, chunk_size=5),
+            visually_relevant_tokens(vqa, inp, input_baseline(vqa, inp), tau=0.0)))
+    (ins, faith, relevant), (ins_n, faith_n, relevant_n) = results
+    torch.testing.assert_close(torch.as_tensor(ins_n.deletion_raw), torch.as_tensor(ins.deletion_raw), **TOL)
+    torch.testing.assert_close(torch.as_tensor(ins_n.insertion_raw), torch.as_tensor(ins.insertion_raw), **TOL)
+    assert faith.drops.abs().max() > 1e-4
+    torch.testing.assert_close(faith_n.drops, faith.drops, **TOL, equal_nan=True)
+    torch.testing.assert_close(faith_n.random, faith.random, **TOL)
+    assert relevant_n.indices == relevant.indices
+
+
 def test_methods_outside_trace_refuse_clearly(tiny_vqa, image):
     from mech_vqa.methods.igos import igos
     from mech_vqa.methods.relevancy import relevancy
@@ -174,12 +236,16 @@ def test_methods_outside_trace_refuse_clearly(tiny_vqa, image):
     inp = tiny_vqa.prepare(image, QUESTION, ANSWER)
     nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
     hook_ids, before = hook_snapshot(tiny_vqa.model), model_state(tiny_vqa.model)
-    with pytest.raises(BackendNotSupported, match=r"relevancy .* is not yet supported on the nnsight backend"):
-        relevancy(nns, inp, progress=False)
+    with pytest.raises(BackendNotSupported, match=r"relevancy with vision=True is not supported on the nnsight"):
+        relevancy(nns, inp, progress=False, vision=True)
+    remote = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote="local")
+    with pytest.raises(BackendNotSupported, match=r"relevancy with a remote trace is not supported"):
+        relevancy(remote, inp, progress=False, vision=False)
     with pytest.raises(BackendNotSupported, match="ablate / ResidualCheckpoint .* nnsight backend"):
         ResidualCheckpoint(nns, inp)  # ablate itself runs whole forwards there (test_ablate_equals_hooks)
-    with pytest.raises(BackendNotSupported, match="AnswerScorer .*igos.* nnsight backend"):
-        igos(nns, inp, tokens=[0], progress=False)
+    remote = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote="local")
+    with pytest.raises(BackendNotSupported, match="AnswerScorer with gradients .* remote nnsight trace"):
+        igos(remote, inp, tokens=[1], progress=False, **SMALL_IGOS)
     assert hook_snapshot(tiny_vqa.model) == hook_ids
     assert_same_state(before, model_state(tiny_vqa.model))
 
@@ -195,11 +261,11 @@ def test_nnsight_missing_or_out_of_range_is_one_clear_error(tiny_vqa, monkeypatc
         VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
 
 
-def test_unknown_backend_and_untested_remote(tiny_vqa):
+def test_unknown_backend_and_remote_value(tiny_vqa):
     with pytest.raises(ValueError, match="unknown backend 'jax'"):
         VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="jax")
-    with pytest.raises(BackendNotSupported, match="remote=True is not supported yet"):
-        VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote=True)
+    with pytest.raises(ValueError, match="remote must be False .* or True"):
+        VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote="server")
     with pytest.raises(ValueError, match="the hooks backend takes no options"):
         VQAModel(tiny_vqa.model, tiny_vqa.processor, remote="local")
 
@@ -221,7 +287,7 @@ def test_other_trace_methods_equal_hooks(pair, inp):
 
 def test_cli_backend_option(tiny_vqa, tmp_path, capsys):
     """``mech-vqa run explain --backend nnsight`` writes the hooks backend's rows; a task with a method
-    nnsight cannot run yet stops with one line naming it, before any row is written."""
+    the remote path cannot run stops with one line naming it, before any row is written."""
     import json
 
     import numpy as np
@@ -249,9 +315,11 @@ def test_cli_backend_option(tiny_vqa, tmp_path, capsys):
             assert abs(rows["nnsight"][key] - value) <= 1e-5, key
         else:
             assert rows["nnsight"][key] == value, key
+    # compare runs iGOS and relevancy, which differentiate through the trace: not through a remote one
     assert main(["run", "compare", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "c.jsonl"), "--model",
-                 str(tmp_path / "model"), "--device", "cpu", "--backend", "nnsight", "--no-progress"]) == 2
-    assert "not yet supported on the nnsight backend" in capsys.readouterr().err
+                 str(tmp_path / "model"), "--device", "cpu", "--backend", "nnsight", "--remote", "local",
+                 "--no-progress"]) == 2
+    assert "is not supported on the nnsight backend" in capsys.readouterr().err
     assert not (tmp_path / "c.jsonl").exists() or not read_results(tmp_path / "c.jsonl")
 
 
@@ -328,3 +396,36 @@ def test_ablate_equals_hooks(pair, inp):
     torch.testing.assert_close(got.delta, expected.delta, **TOL)
     torch.testing.assert_close(got.clean_logprob, expected.clean_logprob, **TOL)
     assert torch.equal(got.ablated_argmax, expected.ablated_argmax)
+
+
+def test_scores_come_back_not_activations(tiny_vqa, image):
+    """Through the simulated remote call, head-level attribution returns O(layers x heads) numbers and
+    explain adds only the top heads' rows; the logit lens returns its top-k and word maps."""
+    from mech_vqa.methods.logit_lens import logit_lens
+    from mech_vqa.methods.mechanistic import explain, head_increase
+
+    inp = tiny_vqa.prepare(image, QUESTION, ANSWER)
+    nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote="local")
+    n_layers, n_heads = nns.adapter.n_layers, nns.adapter.n_heads
+    head_increase(nns, inp)
+    scores = (3 * n_layers + n_layers * n_heads + 1 + 1) * 4   # lp of every vector, the model's own log-prob
+    assert nns.backend.last_saved_bytes == scores
+    explain(nns, inp, heads=2, progress=False)
+    assert nns.backend.last_saved_bytes == scores + 2 * 2 * 8 + 2 * 2 * inp.seq_len * 4
+    lens = logit_lens(nns, inp, word="red", k=3)
+    stages, patches = lens.top_ids.shape[:2]
+    assert nns.backend.last_saved_bytes == stages * patches * (3 * (4 + 8) + 4)
+
+
+def test_explicit_heads_scored_next_to_the_model(tiny_mistral_vqa, image):
+    """Explicit (layer, head) pairs on a sliding-window layout, through the simulated remote call."""
+    from mech_vqa.methods.mechanistic import explain
+
+    hooks = tiny_mistral_vqa
+    inp = hooks.prepare(image, QUESTION, ANSWER)
+    nns = VQAModel(hooks.model, hooks.processor, backend="nnsight", remote="local")
+    pairs = [(hooks.adapter.n_layers - 1, hooks.adapter.n_heads - 1), (0, 0)]
+    expected, got = explain(hooks, inp, heads=pairs, progress=False), explain(nns, inp, heads=pairs, progress=False)
+    assert got.positions.heads == expected.positions.heads == [list(p) for p in pairs]
+    torch.testing.assert_close(got.positions.scores, expected.positions.scores, **TOL)
+    torch.testing.assert_close(got.positions.attention, expected.positions.attention, **TOL)

@@ -1,0 +1,190 @@
+"""``remote=True`` (NDIF) without network: a weightless client against a stand-in server.
+
+The client is built as for NDIF (``VQAModel.from_pretrained(folder, backend="nnsight", remote=True)``:
+the architecture on the meta device, no weights). nnsight's real ``RemoteBackend`` serialises each
+trace; only its network exchange (``RemoteBackend.request``) is replaced by a stand-in server that
+deserialises the request against a model holding the weights, runs it, and sends back what the
+trace saved through ``torch.save`` / ``torch.load``, as NDIF does. The service status
+(``nnsight.status``) and the hub-id lookup are stubbed; nothing here opens a socket.
+"""
+
+import io
+
+import pytest
+import torch
+
+from conftest import QUESTION, ANSWER
+from mech_vqa import VQAModel
+from mech_vqa.backends import BackendNotSupported
+
+pytest.importorskip("nnsight")
+
+from nnsight.intervention.backends.remote import RemoteBackend  # noqa: E402
+from nnsight.modeling import huggingface as nnsight_hf  # noqa: E402
+from nnsight.schema.config import CONFIG  # noqa: E402
+
+from mech_vqa.backends.nnsight_backend import RemoteUnavailable  # noqa: E402
+
+TOL = dict(rtol=0, atol=1e-5)
+
+
+class StandInServer:
+    """Runs serialised requests against a model with weights; records the bytes of each answer."""
+
+    def __init__(self, folder, processor):
+        from nnsight.modeling.transformers import TransformersModel
+
+        self.model = TransformersModel(str(folder), task="image-text-to-text", processor=processor,
+                                       tokenizer=processor.tokenizer, dispatch=True)
+        self.answers: list[int] = []
+        self.model_keys: list[str] = []
+
+    def request(self, backend, request, tracer):
+        from nnsight.schema.request import RequestModel
+        from nnsight.tracing.tracer import _saves, dec, inc
+
+        blob = backend._serialize(tracer)           # what would go over the wire
+        self.model_keys.append(request.model_key)
+        restored = RequestModel.deserialize(blob, self.model._remoteable_persistent_objects(),
+                                            compress=backend.compress)
+        inc()
+        try:
+            restored.execute(restored.info.code)
+            saves = _saves()
+            result = {k: v for k, v in restored.info.frame.f_locals.items() if id(v) in saves}
+        finally:
+            dec()
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        self.answers.append(buffer.tell())
+        return torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=False)
+
+
+class Status:
+    def __init__(self, deployments):
+        self.deployments = deployments
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, tiny_vqa):
+    path = tmp_path_factory.mktemp("ndif") / "tiny-llava"
+    tiny_vqa.model.save_pretrained(path)
+    tiny_vqa.processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def ndif(monkeypatch, folder, tiny_vqa):
+    import nnsight
+
+    server = StandInServer(folder, tiny_vqa.processor)
+    monkeypatch.setattr(CONFIG.API, "APIKEY", "test-key-not-a-secret")
+    monkeypatch.setattr(nnsight, "status", lambda: Status({str(folder): {"repo_id": str(folder), "state": "RUNNING"}}))
+    monkeypatch.setitem(nnsight_hf._ID_CACHE, str(folder), "test-org/tiny-llava")
+    monkeypatch.setattr(RemoteBackend, "request", lambda self, request, tracer: server.request(self, request, tracer))
+    return server
+
+
+def test_weightless_client_gets_the_hooks_results(ndif, folder, tiny_vqa, image):
+    from mech_vqa.methods.logit_lens import logit_lens
+    from mech_vqa.methods.mechanistic import explain, head_increase
+
+    client = VQAModel.from_pretrained(str(folder), backend="nnsight", remote=True)
+    assert {p.device.type for p in client.model.parameters()} == {"meta"}   # no weights on the client
+    inp = client.prepare(image, QUESTION, ANSWER, generate=False)
+    reference = tiny_vqa.prepare(image, QUESTION, ANSWER, generate=False)
+
+    expected, got = explain(tiny_vqa, reference, heads=2, progress=False), explain(client, inp, heads=2, progress=False)
+    torch.testing.assert_close(got.heads.scores, expected.heads.scores, **TOL)
+    torch.testing.assert_close(got.layers.attention, expected.layers.attention, **TOL)
+    torch.testing.assert_close(got.positions.scores, expected.positions.scores, **TOL)
+    assert got.positions.heads == expected.positions.heads
+    assert all('"repo_id": "test-org/tiny-llava"' in key for key in ndif.model_keys)
+
+    head_increase(client, inp)
+    n_layers, n_heads = client.adapter.n_layers, client.adapter.n_heads
+    assert client.backend.last_saved_bytes == (3 * n_layers + n_layers * n_heads + 2) * 4
+    assert ndif.answers[-1] < 4096    # the whole answer on the wire: O(layers x heads) numbers and framing
+
+    lens, expected_lens = logit_lens(client, inp, word="red", k=3), logit_lens(tiny_vqa, reference, word="red", k=3)
+    assert torch.equal(lens.top_ids, expected_lens.top_ids)
+    torch.testing.assert_close(lens.word_probs, expected_lens.word_probs, **TOL)
+
+    with client.trace(["resid_post", "z"], positions=[inp.seq_len - 1]) as cache:   # plain captures too
+        out = client.forward(inp)
+    with tiny_vqa.trace(["resid_post", "z"], positions=[inp.seq_len - 1]) as expected_cache:
+        expected_out = tiny_vqa.forward(reference)
+    torch.testing.assert_close(out.logits, expected_out.logits, **TOL)
+    torch.testing.assert_close(cache["z", 1], expected_cache["z", 1], **TOL)
+
+    with pytest.raises(BackendNotSupported, match="AnswerScorer with gradients .* remote nnsight trace"):
+        from mech_vqa.methods.igos import igos
+
+        igos(client, inp, tokens=[1], progress=False, mask_size=4, iterations=1, n_steps=2)
+
+
+def test_clear_errors_before_any_request(monkeypatch, folder, tiny_vqa):
+    import nnsight
+
+    monkeypatch.setattr(RemoteBackend, "request", lambda *a: pytest.fail("no request may be sent"))
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    with pytest.raises(RemoteUnavailable, match="needs an API key: set the NDIF_API_KEY"):
+        VQAModel.from_pretrained(str(folder), backend="nnsight", remote=True)
+    monkeypatch.setattr(CONFIG.API, "APIKEY", "test-key-not-a-secret")
+    monkeypatch.setattr(nnsight, "status", lambda: Status({}))     # what nnsight returns when NDIF is unreachable
+    with pytest.raises(RemoteUnavailable, match="did not answer"):
+        VQAModel.from_pretrained(str(folder), backend="nnsight", remote=True)
+    hosted = Status({"meta-llama/Llama-3.1-8B": {"repo_id": "meta-llama/Llama-3.1-8B", "state": "RUNNING"}})
+    monkeypatch.setattr(nnsight, "status", lambda: hosted)
+    with pytest.raises(RemoteUnavailable, match=r"does not host .*tiny-llava.* meta-llama/Llama-3.1-8B"):
+        VQAModel.from_pretrained(str(folder), backend="nnsight", remote=True)
+    with pytest.raises(ValueError, match="remote must be False"):
+        VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote="ndif")
+
+
+def test_cli_remote_ndif_rows_and_resume_after_a_network_failure(ndif, folder, tiny_vqa, tmp_path, capsys,
+                                                                monkeypatch):
+    """``mech-vqa run explain --backend nnsight --remote ndif`` writes the hooks backend's rows; a network
+    failure in the middle stops the run cleanly and the same command resumes it, nothing lost or doubled."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from mech_vqa.cli import main
+    from mech_vqa.dataset import read_results
+
+    rows = []
+    for index in range(3):
+        Image.fromarray((np.random.RandomState(index).rand(40, 48, 3) * 255).astype("uint8")).save(
+            tmp_path / f"{index}.png")
+        rows.append({"image": f"{index}.png", "question": QUESTION, "answer": ANSWER, "box": [0, 0, 24, 20]})
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = ["run", "explain", str(tmp_path / "data.jsonl"), "--model", str(folder), "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "hooks.jsonl"), "--device", "cpu"]) == 0
+
+    serve = StandInServer.request
+    calls = {"n": 0}
+
+    def flaky(self, backend, request, tracer):
+        calls["n"] += 1
+        if calls["n"] == 3:   # item 0: generate and explain; item 1 fails in its generate
+            raise ConnectionError("connection reset by peer")
+        return serve(self, backend, request, tracer)
+
+    monkeypatch.setattr(RemoteBackend, "request", lambda self, request, tracer: flaky(ndif, self, request, tracer))
+    remote = common + ["--out", str(tmp_path / "ndif.jsonl"), "--backend", "nnsight", "--remote", "ndif"]
+    assert main(remote) == 2
+    assert "connection reset by peer" in capsys.readouterr().err
+    assert len(read_results(tmp_path / "ndif.jsonl")) == 1
+    assert main(remote) == 0
+    got, expected = read_results(tmp_path / "ndif.jsonl"), read_results(tmp_path / "hooks.jsonl")
+    assert [r["id"] for r in got] == [r["id"] for r in expected]          # each row once, in order
+    for row, want in zip(got, expected):
+        assert row["status"] == "ok"
+        for key, value in want.items():
+            if key != "runtime_s" and isinstance(value, float):
+                assert abs(row[key] - value) <= 1e-5, key
+    assert main(common + ["--out", str(tmp_path / "x.jsonl"), "--remote", "ndif"]) == 2
+    assert "add --backend nnsight" in capsys.readouterr().err
