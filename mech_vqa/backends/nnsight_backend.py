@@ -302,7 +302,16 @@ class NNsightBackend(Backend):
     # ---------------------------------------------------------------- scores next to the model
     #: methods may ask this backend for scores computed inside the trace (``explain_scores``,
     #: ``logit_lens_scores``): on a remote call only those come back, not the activations
-    scores_near_model = True
+    @property
+    def scores_near_model(self) -> bool:
+        # The in-trace scorers rotate raw q/k projections and take each layer's output as the next
+        # layer's input: adapters with QK-norm (Qwen3-VL) or DeepStack additions score on the client
+        # (same numbers, activations come back) until those steps are shipped too.
+        adapter = self.vqa.adapter
+        from ..adapters.base import ModelAdapter
+
+        plain_qk = type(adapter).normalise_qk is ModelAdapter.normalise_qk
+        return plain_qk and not adapter.deepstack_layers()
 
     def _final_norm(self) -> dict:
         """The final norm as what the remote side needs besides its weights: LayerNorm or RMS, eps, and

@@ -421,7 +421,7 @@ def _scores_near_model(vqa, inp, target, heads, chunk_elements: int = CHUNK_ELEM
         pairs = check_heads(adapter, heads) if len(heads) else []
         request, kv_layers = ("pairs", pairs), sorted({layer for layer, _ in pairs})
     scores = vqa.backend.explain_scores(
-        inp.model_inputs(vqa.device, adapter.vision_dtype()), positions=positions,
+        adapter.model_inputs(inp.model_inputs(vqa.device, adapter.vision_dtype())), positions=positions,
         token_ids=torch.tensor([t.token_id for t in targets]), heads=request, kv_layers=kv_layers,
         chunk_elements=chunk_elements)
     metas = [_meta(vqa, item, t) for item, t in zip(items, targets)]
