@@ -11,10 +11,12 @@ from .head_claims import HeadClaims
 from .igos import IGOSResult
 from .mechanistic import Explanation, HeadIncrease, HeadPositions, LayerIncrease, LogitLens, NeuronIncrease
 from .patch_map import PatchMap
+from .patching import PatchingResult
 
 __all__ = [
     "AblationResult", "AnswerAttention", "AttentionMass", "CausalExplanation", "Explanation", "HeadClaims",
     "HeadIncrease",
-    "HeadPositions", "IGOSResult", "LayerIncrease", "LogitLens", "NeuronIncrease", "PatchMap", "PatchToText",
+    "HeadPositions", "IGOSResult", "LayerIncrease", "LogitLens", "NeuronIncrease", "PatchMap", "PatchingResult",
+    "PatchToText",
     "RelevancyMaps", "Result", "tensor_topk",
 ]
