@@ -365,6 +365,59 @@ def _intervention(r: Restoration, row: int, values: dict) -> Intervention:
                         value=value, rows=(row,))
 
 
+def _runs(checkpoint, restorations: Sequence[Restoration], values: dict, positions: torch.Tensor, batch_size: int,
+          progress: bool = False):
+    """Yield ``(restoration indices, log-probs [len(indices), P, V] fp32 at positions)`` chunk by chunk:
+    restorations grouped by layer, each group resumed from its layer on the corrupted residual stream."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index, r in enumerate(restorations):
+        groups[r.layer].append(index)
+    chunks = [(layer, members[i:i + batch_size]) for layer, members in sorted(groups.items())
+              for i in range(0, len(members), batch_size)]
+    for layer, members in tqdm(chunks, desc="restorations", disable=not progress):
+        edits = [_intervention(restorations[index], row, values) for row, index in enumerate(members)]
+        # Hook point for the answer-row fast path (issue 17, where="answer"): restorations that touch
+        # only the predicting rows could reuse the corrupted prefix's keys and values instead of this
+        # full-sequence run from `layer`.
+        yield members, checkpoint.run_from(layer, len(members), positions, edits).float().cpu()
+
+
+def _check_restorations(vqa, pair: PatchPair, restorations) -> list[Restoration]:
+    if not isinstance(pair, PatchPair):
+        raise TypeError(f"expected a PatchPair (counterfactual_pair / baseline_pair), got {type(pair).__name__}")
+    restorations = list(restorations)
+    if not restorations:
+        raise ValueError("no restorations given; build them with residual_restorations / head_restorations / "
+                         "mlp_restorations / image_restorations")
+    for r in restorations:
+        if not isinstance(r, Restoration):
+            raise TypeError(f"restorations must be Restoration objects, got {type(r).__name__}")
+        vqa.adapter.check_layer(r.layer)
+        if r.head != ALL:
+            vqa.adapter.check_head(r.head)
+        if r.position != ALL:
+            pair.clean.check_position(r.position)
+    return restorations
+
+
+def patched_log_probs(vqa, pair: PatchPair, restorations: Sequence[Restoration], positions=None, *,
+                      batch_size: int = 16) -> dict:
+    """Full log-probabilities (fp32) at ``positions`` (default: the answer tokens' predicting positions):
+    ``{"clean": [P, V], "corrupt": [P, V], "patched": [n, P, V]}``, one row per restoration."""
+    restorations = _check_restorations(vqa, pair, restorations)
+    if positions is None:
+        positions = pair.clean.answer_positions - 1
+    positions = torch.as_tensor([pair.clean.check_position(int(p)) for p in torch.as_tensor(positions).flatten()])
+    values, clean_logits = _clean_values(vqa, pair, restorations)
+    checkpoint = checkpoint_for(vqa, pair.corrupt)
+    patched = torch.zeros(len(restorations), len(positions), clean_logits.shape[-1])
+    for members, logprobs in _runs(checkpoint, restorations, values, positions, batch_size):
+        patched[members] = logprobs
+    return {"clean": clean_logits[positions.to(clean_logits.device)].log_softmax(-1).cpu(),
+            "corrupt": checkpoint.clean_logits[0, positions.to(clean_logits.device)].float().log_softmax(-1).cpu(),
+            "patched": patched}
+
+
 def restore(vqa, pair: PatchPair, restorations: Sequence[Restoration], *, targets=None, metric: str = "auto",
             batch_size: int = 16, min_gap: float = MIN_GAP, progress: bool = False) -> PatchingResult:
     """Run every restoration on the corrupted input and score how much of the clean answer returns.
@@ -380,20 +433,9 @@ def restore(vqa, pair: PatchPair, restorations: Sequence[Restoration], *, target
 
     Returns a :class:`~mech_vqa.results.patching.PatchingResult`.
     """
-    if not isinstance(pair, PatchPair):
-        raise TypeError(f"expected a PatchPair (counterfactual_pair / baseline_pair), got {type(pair).__name__}")
-    restorations = list(restorations)
-    if not restorations:
-        raise ValueError("no restorations given; build them with residual_restorations / head_restorations / "
-                         "mlp_restorations / image_restorations")
+    restorations = _check_restorations(vqa, pair, restorations)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for r in restorations:
-        vqa.adapter.check_layer(r.layer)
-        if r.head != ALL:
-            vqa.adapter.check_head(r.head)
-        if r.position != ALL:
-            pair.clean.check_position(r.position)
     metric = _resolve_metric(metric, pair)
     start = time.perf_counter()
     values, clean_logits = _clean_values(vqa, pair, restorations)
@@ -416,18 +458,8 @@ def restore(vqa, pair: PatchPair, restorations: Sequence[Restoration], *, target
     clean_score = float(_score(clean_all[chosen][None], clean_ids, corrupt_ids)[0])
     corrupt_score = float(_score(corrupt_all[chosen][None], clean_ids, corrupt_ids)[0])
 
-    groups: dict[int, list[int]] = defaultdict(list)
-    for index, r in enumerate(restorations):
-        groups[r.layer].append(index)
-    chunks = [(layer, members[i:i + batch_size]) for layer, members in sorted(groups.items())
-              for i in range(0, len(members), batch_size)]
     patched = torch.zeros(len(restorations))
-    for layer, members in tqdm(chunks, desc="restorations", disable=not progress):
-        edits = [_intervention(restorations[index], row, values) for row, index in enumerate(members)]
-        # Hook point for the answer-row fast path (issue 17, where="answer"): restorations that touch
-        # only the predicting rows could reuse the corrupted prefix's keys and values instead of this
-        # full-sequence run from `layer`.
-        logprobs = checkpoint.run_from(layer, len(members), positions, edits)
+    for members, logprobs in _runs(checkpoint, restorations, values, positions, batch_size, progress):
         patched[members] = _score(logprobs, clean_ids, corrupt_ids)
     gap = clean_score - corrupt_score
     flag = None
