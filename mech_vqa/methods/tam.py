@@ -64,10 +64,11 @@ def rank_gaussian_filter(scores: torch.Tensor, kernel_size: int = 3) -> torch.Te
     rows, cols = scores.shape
     pad = kernel_size // 2
     x = scores.detach().double()[None, None]
-    # numpy's 'reflect' (the code's np.pad) needs a side longer than the pad, as torch's does; a side of
-    # one cell reflects onto itself in numpy: replicate is the same there
-    mode = "reflect" if pad < min(rows, cols) else "replicate"
-    x = F.pad(x, (pad, pad, pad, pad), mode=mode) if pad else x
+    # numpy's 'reflect' (the code's np.pad) as torch's, per side; a side of one cell reflects onto itself
+    # in numpy, which is replicate (sides longer than one cell but not than the pad: replicate too)
+    if pad:
+        x = F.pad(x, (pad, pad, 0, 0), mode="reflect" if pad < cols else "replicate")
+        x = F.pad(x, (0, 0, pad, pad), mode="reflect" if pad < rows else "replicate")
     windows = F.unfold(x, kernel_size).squeeze(0).sort(dim=0).values  # [k*k, rows*cols]
     mean = windows.mean(0)
     std = windows.std(0, unbiased=False)
@@ -95,11 +96,12 @@ def _context(inp: PreparedInput, answer_index: int, token_id: int) -> tuple[list
 
 
 def token_activation_maps(vqa, inp: PreparedInput, targets=None, *, kernel_size: int = 3, eci: bool = True,
-                          denoise: bool = True, box=None) -> list[PatchMap]:
+                          denoise: bool = True, box=None, view: int = 0) -> list[PatchMap]:
     """One TAM :class:`PatchMap` per answer token (``targets``: None = all, answer indices or Targets).
 
     ``eci=False`` skips the interference removal, ``denoise=False`` the rank Gaussian filter (for
-    ablations of the method, as in the paper's Table 4). Maps are on the first view's patch grid.
+    ablations of the method, as in the paper's Table 4). ``view`` 0: the first view's patch grid; another
+    view (LLaVA-NeXT's high-resolution tiles): filtered on that view's token grid, painted over the image.
     """
     inp = check_single_input(inp)
     targets = resolve_targets(inp, targets)
@@ -135,15 +137,33 @@ def token_activation_maps(vqa, inp: PreparedInput, targets=None, *, kernel_size:
         both = torch.cat([removed, text])
         low, high = both.min(), both.max()
         normalised = (removed - low) / (high - low) if float(high - low) > 0 else torch.zeros_like(removed)
-        grid = inp.geometry.to_grid(normalised.cpu())  # the first view's tokens on its grid
-        scores = rank_gaussian_filter(grid, kernel_size) if denoise else grid
+        scores = _on_grid(inp, normalised.cpu(), view, kernel_size if denoise else None)
         maps.append(PatchMap(
             scores, method="tam", image_size=list(inp.geometry.image_size), image=display, targets=[t.to_dict()],
             box=[float(v) for v in box] if box is not None else None,
             info={"model": vqa.name, "question": inp.question, "answer": inp.answer, "eci": eci, "denoise": denoise,
-                  "kernel_size": kernel_size, "eci_scale": scale, "context_tokens": len(kept),
+                  "kernel_size": kernel_size, "eci_scale": scale, "view": view, "context_tokens": len(kept),
                   "unit": "TAM (class activation, interference removed, normalised)", "runtime_s": elapsed}))
     return maps
+
+
+def _on_grid(inp: PreparedInput, values: torch.Tensor, view: int, kernel_size: int | None) -> torch.Tensor:
+    """Image-token values -> the view's token grid, filtered (``kernel_size`` None: not), as a map."""
+    geometry = inp.geometry
+    if view == 0:
+        grid = geometry.to_grid(values)
+        return rank_gaussian_filter(grid, kernel_size) if kernel_size else grid
+    chosen = geometry.view == view
+    if not chosen.any():
+        raise ValueError(f"no image token belongs to view {view} (views: {sorted(set(geometry.view.tolist()))})")
+    rowcol = geometry.rowcol[chosen].long()
+    grid = torch.zeros(int(rowcol[:, 0].max()) + 1, int(rowcol[:, 1].max()) + 1)
+    grid[rowcol[:, 0], rowcol[:, 1]] = values[chosen]
+    if kernel_size:
+        grid = rank_gaussian_filter(grid, kernel_size)
+    filtered = torch.zeros_like(values)
+    filtered[chosen] = grid[rowcol[:, 0], rowcol[:, 1]]
+    return geometry.paint(filtered, view)
 
 
 def tam_map(vqa, inp: PreparedInput, targets=None, *, box=None, **kwargs) -> PatchMap:
