@@ -80,6 +80,11 @@ def summary_tables(rows: list[dict]) -> dict:
              for (layer, head), n in sorted(counted.items(), key=lambda kv: (-kv[1], kv[0]))])
         tables["overview"]["pointing_game"] = _mean(r.get("pointing_game") for r in explained)
         tables["overview"]["in_box_share"] = _mean(r.get("in_box_share") for r in explained)
+    patched = [r for r in ok if "head_fraction" in r]
+    if patched:
+        tables.update(_patch_tables(patched))
+        tables["overview"]["patch_pointing_game"] = _mean(r.get("pointing_game") for r in patched)
+        tables["overview"]["patch_in_box_share"] = _mean(r.get("in_box_share") for r in patched)
     compared = [r for r in ok if "methods" in r]
     if compared:
         with_s = [r for r in compared if not str(r.get("selection_rule", "")).startswith("fallback")]
@@ -102,6 +107,31 @@ def summary_tables(rows: list[dict]) -> dict:
             {"pair": pair, "mean_spearman": _mean(r.get("correlations", {}).get(pair) for r in compared)}
             for pair in pairs])
     return tables
+
+
+def _patch_tables(rows: list[dict]) -> dict:
+    """Mean restored fraction per layer of each group of positions and of the MLP, and per head (patch rows;
+    rows whose corruption left nothing to restore have NaN fractions and drop out of the means)."""
+    import pandas as pd
+
+    def mean_of(lists) -> np.ndarray:
+        values = np.array([[np.nan if v is None else v for v in line] for line in lists], dtype=float)
+        with np.errstate(all="ignore"):
+            return np.nanmean(values, axis=0) if len(values) else values
+
+    n_layers = len(rows[0]["mlp_fraction"])
+    layers = pd.DataFrame({"layer": np.arange(n_layers)})
+    labels = [label for label in ("image", "object", "question", "answer")
+              if any(label in r.get("group_fraction", {}) for r in rows)]
+    for label in labels:
+        layers[label] = mean_of([r["group_fraction"][label] for r in rows if label in r.get("group_fraction", {})])
+    layers["mlp"] = mean_of([r["mlp_fraction"] for r in rows])
+    layers["items"] = sum(r.get("flag") is None for r in rows)
+    heads = mean_of([np.asarray(r["head_fraction"], dtype=float).ravel().tolist() for r in rows])
+    n_heads = len(rows[0]["head_fraction"][0])
+    head_table = pd.DataFrame({"layer": np.arange(heads.size) // n_heads, "head": np.arange(heads.size) % n_heads,
+                               "mean_fraction": heads}).sort_values("mean_fraction", ascending=False).head(10)
+    return {"patch_layers": layers, "patch_heads": head_table.reset_index(drop=True)}
 
 
 def _kept(row: dict, entry: dict) -> bool:

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from ..inputs import PreparedInput
 from ..interventions import Intervention
-from ..results.patching import ALL, PatchingResult
+from ..results.patching import ALL, GROUP, PatchingResult
 from ..runner import checkpoint_for
 
 SITES = ("resid_pre", "z", "mlp_out")
@@ -71,14 +71,27 @@ class LayoutMismatch(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Restoration:
-    """Copy ``site`` of ``layer`` (at ``position``, or all with -1; head ``head`` for ``z``) from clean."""
+    """Copy ``site`` of ``layer`` (at ``position``, or all with -1; head ``head`` for ``z``) from clean.
+
+    ``group`` (with ``label``): a set of positions restored together instead of one (``position`` is then
+    :data:`GROUP`), e.g. every image token or the answer object's patches.
+    """
 
     site: str
     layer: int
     position: int = ALL
     head: int = ALL
+    group: tuple = ()
+    label: str = ""
 
     def __post_init__(self):
+        if self.group:
+            object.__setattr__(self, "group", tuple(int(p) for p in self.group))
+            object.__setattr__(self, "position", GROUP)
+            if not self.label:
+                raise ValueError("a group restoration needs a label naming its positions (e.g. 'image')")
+        elif self.position == GROUP:
+            raise ValueError("position GROUP needs the group's positions (group=...)")
         if self.site not in SITES:
             raise ValueError(f"unknown restoration site {self.site!r}; choose one of {SITES}")
         if self.head != ALL and self.site != "z":
@@ -289,6 +302,26 @@ def image_restorations(vqa, pair: PatchPair, layer: int) -> list[Restoration]:
     return [Restoration("resid_pre", layer, int(p)) for p in pair.clean.image_positions.tolist()]
 
 
+def group_restorations(vqa, groups: dict, layers=None, site: str = "resid_pre") -> list[Restoration]:
+    """``site`` of each layer at each named set of positions at once (``groups``: ``{label: positions}``;
+    empty sets are skipped)."""
+    return [Restoration(site, layer, group=tuple(int(p) for p in positions), label=label)
+            for layer in _layers(vqa, layers) for label, positions in groups.items() if len(positions)]
+
+
+def pair_groups(pair: PatchPair) -> dict:
+    """The usual position groups of a pair: ``image``, ``object`` (the box's patches, with a box),
+    ``question`` and ``answer`` (every answer token's predicting position: the rows the answer is read
+    from, the last prompt token included)."""
+    clean = pair.clean
+    groups = {"image": clean.image_positions.tolist()}
+    if pair.box is not None:
+        groups["object"] = clean.positions_in_box(pair.box)
+    groups["question"] = clean.question_positions.tolist()
+    groups["answer"] = (clean.answer_positions - 1).tolist()
+    return groups
+
+
 def head_restorations(vqa, layers=None, heads=None) -> list[Restoration]:
     """Each head's output (``z``, before ``o_proj``) at every position."""
     adapter = vqa.adapter
@@ -356,13 +389,12 @@ def _clean_values(vqa, pair: PatchPair, restorations: Sequence[Restoration]) -> 
 
 def _intervention(r: Restoration, row: int, values: dict) -> Intervention:
     clean = values[(r.site, r.layer)]  # [S, d] or [S, n_heads, head_dim] for z
+    positions = None if r.position == ALL else list(r.group) if r.group else [r.position]
+    picked = clean if positions is None else clean[positions]
     if r.site == "z":
-        value = clean[:, r.head:r.head + 1] if r.position == ALL else clean[r.position, r.head:r.head + 1]
-        return Intervention("z", r.layer, heads=r.head, positions=None if r.position == ALL else [r.position],
-                            mode="replace", value=value, rows=(row,))
-    value = clean if r.position == ALL else clean[r.position]
-    return Intervention(r.site, r.layer, positions=None if r.position == ALL else [r.position], mode="replace",
-                        value=value, rows=(row,))
+        return Intervention("z", r.layer, heads=r.head, positions=positions, mode="replace",
+                            value=picked[:, r.head:r.head + 1], rows=(row,))
+    return Intervention(r.site, r.layer, positions=positions, mode="replace", value=picked, rows=(row,))
 
 
 def _runs(checkpoint, restorations: Sequence[Restoration], values: dict, positions: torch.Tensor, batch_size: int,
@@ -395,8 +427,8 @@ def _check_restorations(vqa, pair: PatchPair, restorations) -> list[Restoration]
         vqa.adapter.check_layer(r.layer)
         if r.head != ALL:
             vqa.adapter.check_head(r.head)
-        if r.position != ALL:
-            pair.clean.check_position(r.position)
+        for position in r.group or ([] if r.position == ALL else [r.position]):
+            pair.clean.check_position(position)
     return restorations
 
 
@@ -481,6 +513,7 @@ def restore(vqa, pair: PatchPair, restorations: Sequence[Restoration], *, target
     return PatchingResult(
         patched=patched, fraction=fraction, sites=[r.site for r in restorations], layers=[r.layer for r in restorations],
         positions=[r.position for r in restorations], heads=[r.head for r in restorations],
+        labels=[r.label for r in restorations],
         clean_score=clean_score, corrupt_score=corrupt_score, targets=targets_out,
         image_positions=geometry.positions.cpu(), image_rowcol=geometry.rowcol.cpu(), image_view=geometry.view.cpu(),
         grid=list(geometry.grid), image_size=list(geometry.image_size), image=torch.from_numpy(clean.display_image()),
@@ -495,10 +528,14 @@ def restore(vqa, pair: PatchPair, restorations: Sequence[Restoration], *, target
 
 
 def activation_patching(vqa, pair: PatchPair, *, layers=None, positions=None, heads: bool = True, mlp: bool = True,
-                        image_layer: int | None = None, **kwargs) -> PatchingResult:
-    """Residual (layer x position, plus whole layers), every head and every MLP output, and with
-    ``image_layer`` the image positions at that layer, in one :func:`restore` (``kwargs`` go there)."""
+                        groups: bool | dict = False, image_layer: int | None = None, **kwargs) -> PatchingResult:
+    """Residual (layer x position, plus whole layers), every head and every MLP output, with ``groups``
+    the residual at groups of positions (True: :func:`pair_groups`), and with ``image_layer`` the image
+    positions at that layer, in one :func:`restore` (``kwargs`` go there). ``positions=()`` skips the
+    single-position residual grid (costly on large models: layers x positions restorations)."""
     restorations = residual_restorations(vqa, pair, layers, positions)
+    if groups:
+        restorations += group_restorations(vqa, pair_groups(pair) if groups is True else groups, layers)
     if heads:
         restorations += head_restorations(vqa, layers)
     if mlp:

@@ -17,6 +17,8 @@ from .patch_map import PatchMap
 
 ALL = -1
 """``position`` / ``head`` of a restoration that covers every position / no single head."""
+GROUP = -2
+"""``position`` of a restoration of a named set of positions (its ``label``), e.g. every image token."""
 
 
 @dataclasses.dataclass
@@ -26,7 +28,9 @@ class PatchingResult(Result):
     Attributes:
         patched: ``[n]`` float32 score of the corrupted run with restoration ``i`` applied.
         fraction: ``[n]`` float32 restored fraction (NaN when the pair's gap is below ``min_gap``).
-        sites, layers, positions, heads: per restoration (``positions`` / ``heads`` -1 = all / none).
+        sites, layers, positions, heads: per restoration (``positions`` / ``heads`` -1 = all / none;
+            ``positions`` -2 = the named group in ``labels``).
+        labels: per restoration, the group's name ("" for others).
         clean_score, corrupt_score: the scores of the two unpatched runs.
         targets: the scored tokens ``[{"token_id", "position", "token", "corrupt_token_id"?}]``.
         image_positions, image_rowcol, image_view: the image tokens' geometry (for :meth:`patch_map`).
@@ -40,6 +44,7 @@ class PatchingResult(Result):
     layers: list = dataclasses.field(default_factory=list)
     positions: list = dataclasses.field(default_factory=list)
     heads: list = dataclasses.field(default_factory=list)
+    labels: list = dataclasses.field(default_factory=list)
     clean_score: float = 0.0
     corrupt_score: float = 0.0
     targets: list = dataclasses.field(default_factory=list)
@@ -56,7 +61,9 @@ class PatchingResult(Result):
         self.patched = torch.as_tensor(self.patched, dtype=torch.float32)
         self.fraction = torch.as_tensor(self.fraction, dtype=torch.float32)
         n = self.patched.numel()
-        for name in ("fraction", "sites", "layers", "positions", "heads"):
+        if not self.labels:
+            self.labels = [""] * n
+        for name in ("fraction", "sites", "layers", "positions", "heads", "labels"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"PatchingResult: {name} has {len(getattr(self, name))} entries for {n} restorations")
 
@@ -65,11 +72,13 @@ class PatchingResult(Result):
         return self.clean_score - self.corrupt_score
 
     def names(self) -> list[str]:
-        return [restoration_name(s, l, p, h) for s, l, p, h in zip(self.sites, self.layers, self.positions, self.heads)]
+        return [restoration_name(s, l, p, h, label)
+                for s, l, p, h, label in zip(self.sites, self.layers, self.positions, self.heads, self.labels)]
 
     def _rows(self, site: str, *, positions=None, heads=None) -> list[int]:
         return [i for i, (s, p, h) in enumerate(zip(self.sites, self.positions, self.heads))
-                if s == site and (positions is None or (p != ALL) == positions) and (heads is None or (h != ALL) == heads)]
+                if s == site and p != GROUP and (positions is None or (p != ALL) == positions)
+                and (heads is None or (h != ALL) == heads)]
 
     # ------------------------------------------------------------------------ views
     def position_grid(self, site: str = "resid_pre", values: str = "fraction") -> tuple[list, list, torch.Tensor]:
@@ -101,6 +110,16 @@ class PatchingResult(Result):
         for i in self._rows(site, positions=False, heads=False):
             line[self.layers[i]] = source[i]
         return line
+
+    def group_lines(self, site: str = "resid_pre", values: str = "fraction") -> dict:
+        """``{label: [n_layers]}`` restored fraction of each named group of positions per layer (NaN: not run)."""
+        source = getattr(self, values)
+        out: dict = {}
+        for i, (s, p, label) in enumerate(zip(self.sites, self.positions, self.labels)):
+            if s == site and p == GROUP:
+                line = out.setdefault(label, torch.full((self.info["n_layers"],), float("nan")))
+                line[self.layers[i]] = source[i]
+        return out
 
     def patch_map(self, layer: int, site: str = "resid_pre", box=None) -> PatchMap:
         """The restored fraction of each image position's ``site`` at ``layer``, on the patch grid (first view)."""
@@ -134,7 +153,7 @@ class PatchingResult(Result):
         import pandas as pd
 
         return pd.DataFrame({"restoration": self.names(), "site": self.sites, "layer": self.layers,
-                             "position": self.positions, "head": self.heads,
+                             "position": self.positions, "head": self.heads, "group": self.labels,
                              "patched": self.patched.tolist(), "fraction": self.fraction.tolist()})
 
     def topk(self, k: int = 10):
@@ -145,8 +164,9 @@ class PatchingResult(Result):
         return frame.sort_values("patched", ascending=False).head(k).reset_index(drop=True)
 
     def plot(self, ax=None, *, view: str = "positions", site: str = "resid_pre", tokens: list | None = None):
-        """``view``: ``positions`` (layers x positions, restored fraction), ``heads`` (layers x heads) or
-        ``mlp`` (restored fraction per layer). Returns ``(fig, ax)``."""
+        """``view``: ``positions`` (layers x positions, restored fraction), ``heads`` (layers x heads),
+        ``mlp`` (restored fraction per layer) or ``groups`` (one line per named group of positions).
+        Returns ``(fig, ax)``."""
         import matplotlib.pyplot as plt
 
         if ax is None:
@@ -155,6 +175,20 @@ class PatchingResult(Result):
         else:
             fig = ax.figure
         metric = self.info.get("metric", "")
+        if view == "groups":
+            lines = self.group_lines(site)
+            if not lines:
+                raise ValueError("no group restorations in this result; run group_restorations")
+            for label, line in lines.items():
+                ax.plot(range(len(line)), line.numpy(), marker="o", label=label)
+            ax.axhline(0, color="k", lw=0.5)
+            ax.axhline(1, color="0.6", lw=0.5, ls="--")
+            ax.set_xlabel("layer (residual entering it)")
+            ax.set_ylabel("restored fraction")
+            ax.set_xticks(range(self.info["n_layers"]))
+            ax.legend(fontsize=7, frameon=False)
+            ax.set_title(f"{site} restored per group of positions ({metric})", fontsize=9)
+            return fig, ax
         if view == "mlp":
             line = self.layer_line("mlp_out")
             ax.bar(range(len(line)), line.numpy(), color="tab:green")
@@ -170,7 +204,7 @@ class PatchingResult(Result):
             xlabel, ylabel = "position", "layer"
             xticks = positions
         else:
-            raise ValueError(f"view must be 'positions', 'heads' or 'mlp', got {view!r}")
+            raise ValueError(f"view must be 'positions', 'heads', 'mlp' or 'groups', got {view!r}")
         limit = float(torch.nan_to_num(grid.abs(), nan=0.0).max()) or 1.0
         image = ax.imshow(grid.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto",
                           interpolation="nearest")
@@ -187,6 +221,8 @@ class PatchingResult(Result):
         return fig, ax
 
 
-def restoration_name(site: str, layer: int, position: int, head: int) -> str:
+def restoration_name(site: str, layer: int, position: int, head: int, label: str = "") -> str:
     name = f"L{layer}" + (f"H{head}" if head != ALL else "") + f".{site}"
+    if position == GROUP:
+        return name + f"@{label}"
     return name + (f"@{position}" if position != ALL else "")

@@ -10,7 +10,7 @@ from conftest import ANSWER, ORGANISM_READY, QUESTION, assert_same_state, hook_s
 from mech_vqa import VQAModel
 from mech_vqa.methods.patching import (
     LayoutMismatch, PatchPair, Restoration, activation_patching, baseline_pair, changed_item, counterfactual_pair,
-    head_restorations, image_restorations, mlp_restorations, patched_log_probs, residual_restorations, restore)
+    group_restorations, head_restorations, image_restorations, pair_groups, mlp_restorations, patched_log_probs, residual_restorations, restore)
 from mech_vqa.results import PatchingResult, PatchMap, Result
 
 TOL = dict(rtol=0, atol=1e-5)
@@ -99,17 +99,31 @@ def test_fraction_and_views(tiny_vqa, pair):
     assert len(result.topk(5)) == 5
 
 
+def test_group_restorations(tiny_vqa, pair):
+    everything = list(range(pair.clean.seq_len))
+    groups = {"all": everything, "one": [5], **pair_groups(pair)}
+    result = restore(tiny_vqa, pair, group_restorations(tiny_vqa, groups) + [Restoration("resid_pre", 1, 5)],
+                     metric="logprob")
+    lines = result.group_lines()
+    assert set(lines) == {"all", "one", "image", "question", "answer"}
+    torch.testing.assert_close(lines["all"], torch.ones(tiny_vqa.adapter.n_layers), rtol=0, atol=1e-4)
+    assert abs(float(lines["one"][1]) - float(result.fraction[-1])) < 1e-6  # a group of one = that position
+    assert "L0.resid_pre@image" in result.names()
+    with pytest.raises(ValueError, match="label"):
+        Restoration("resid_pre", 0, group=(1, 2))
+
+
 def test_result_save_load_plot(tiny_vqa, pair, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    result = activation_patching(tiny_vqa, pair, metric="logprob", positions=range(0, 20, 3))
+    result = activation_patching(tiny_vqa, pair, metric="logprob", positions=range(0, 20, 3), groups=True)
     path = result.save(tmp_path / "patching")
     loaded = Result.load(path)
     assert isinstance(loaded, PatchingResult)
     torch.testing.assert_close(loaded.patched, result.patched)
     assert loaded.names() == result.names()
-    for view in ("positions", "heads", "mlp"):
+    for view in ("positions", "heads", "mlp", "groups"):
         fig, ax = loaded.plot(view=view)
         assert ax is not None
         matplotlib.pyplot.close(fig)
@@ -252,3 +266,26 @@ def test_organism_restoration_finds_the_scaffold_head_and_the_object(organism_vq
         assert float(heads[2, 0]) > float(heads.flatten().sort().values[-2]) + 0.3
         hits.append(result.patch_map(1).pointing_game())
     assert sum(hits) >= 2
+
+
+@pytest.mark.skipif(not ORGANISM_READY, reason="organism not trained")
+def test_patch_task_and_summary(organism_vqa, tmp_path):
+    from pathlib import Path
+
+    from mech_vqa.dataset import read_results_file, run_dataset
+    from mech_vqa.summary import summary_tables
+
+    data = Path(__file__).resolve().parents[2] / "data" / "eval" / "items.jsonl"
+    counts = run_dataset(organism_vqa, data, tmp_path / "patch.jsonl", "patch", limit=2, progress=False)
+    assert counts == {"done": 2, "skipped": 0, "errors": 0}
+    _, rows = read_results_file(tmp_path / "patch.jsonl")
+    row = rows[0]
+    assert row["pair"]["kind"] == "counterfactual" and row["metric"] == "logit_diff"
+    n_layers, n_heads = organism_vqa.adapter.n_layers, organism_vqa.adapter.n_heads
+    assert set(row["group_fraction"]) == {"image", "object", "question", "answer"}
+    assert np.array(row["head_fraction"]).shape == (n_layers, n_heads) and len(row["mlp_fraction"]) == n_layers
+    assert row["pointing_game"] is not None
+    tables = summary_tables(rows)
+    assert list(tables["patch_layers"].layer) == list(range(n_layers))
+    assert {"image", "object", "question", "answer", "mlp"} <= set(tables["patch_layers"].columns)
+    assert len(tables["patch_heads"]) == min(10, n_layers * n_heads)
