@@ -27,7 +27,8 @@ Restorations (``Restoration``; shapes as :mod:`mech_vqa.interventions` defines t
 site          what is copied from the clean run              builder
 ============  =============================================  =================================
 resid_pre     the residual stream entering layer l, at one   :func:`residual_restorations`,
-              position p (or all: restores everything)       :func:`image_restorations`
+              position p (or all: restores everything), or   :func:`image_restorations`,
+              at a named group of positions together         :func:`group_restorations`
 z             head h's output before ``o_proj`` (all pos.)   :func:`head_restorations`
 mlp_out       the MLP block's output (all positions)         :func:`mlp_restorations`
 ============  =============================================  =================================
@@ -37,6 +38,11 @@ layer and every group resumes from that layer with the corrupted run's residual 
 (:class:`~mech_vqa.runner.ResidualCheckpoint`), so the vision tower and the layers before are never
 recomputed and only the target rows are unembedded. On backends other than hooks each group is a
 whole forward through ``vqa.trace`` (:class:`~mech_vqa.runner.FullForwardRuns`): same numbers.
+
+:func:`activation_patching` runs the usual set in one call; :func:`patched_log_probs` returns the full
+log-probabilities (for checks). Restorations here rewrite every position they name in a full-sequence
+run; the answer-row fast path (restore only the predicting rows, reuse the prefix's keys and values)
+is issue 17's ``where="answer"``, not built here (see the hook point in ``_runs``).
 
 Pairs: :func:`counterfactual_pair` (the organism's scene with one object's colour or pattern
 changed: the queried object's, which changes the answer, or a distractor's, a control whose gap

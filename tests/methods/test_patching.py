@@ -289,3 +289,12 @@ def test_patch_task_and_summary(organism_vqa, tmp_path):
     assert list(tables["patch_layers"].layer) == list(range(n_layers))
     assert {"image", "object", "question", "answer", "mlp"} <= set(tables["patch_layers"].columns)
     assert len(tables["patch_heads"]) == min(10, n_layers * n_heads)
+
+
+def test_patch_task_without_a_scene_uses_the_blurred_image(tiny_vqa, image):
+    from mech_vqa.tasks import task_patch
+
+    row = task_patch(tiny_vqa, image=image, question=QUESTION, answer=ANSWER, box=[0, 0, 20, 20], row={})
+    assert row["pair"]["kind"] == "blur" and row["metric"] == "logprob" and len(row["targets"]) == 1
+    assert set(row["group_fraction"]) == {"image", "object", "question", "answer"}
+    assert row["patch_layer"] == tiny_vqa.adapter.n_layers // 2 and "pointing_game" in row
