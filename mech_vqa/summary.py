@@ -290,8 +290,8 @@ _METRICS = (("insertion_auc", "insertion AUC (higher is better)"), ("deletion_au
 
 
 def save_figures(tables: dict, folder: Path) -> list[Path]:
-    """``head_ablation.png`` (ablate results), ``layers.png`` (explain results) and ``methods.png``
-    (compare results) in ``folder``; nothing (and no folder) when the tables hold none of them."""
+    """``head_ablation.png`` (ablate results), ``layers.png`` (explain results), ``patch_layers.png`` (patch
+    results) and ``methods.png`` (compare results) in ``folder``; nothing (and no folder) when the tables hold none of them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -300,7 +300,7 @@ def save_figures(tables: dict, folder: Path) -> list[Path]:
 
     from .plotting import PALETTE, heatmap
 
-    if not any(name in tables for name in ("head_delta", "methods", "layers")):
+    if not any(name in tables for name in ("head_delta", "methods", "layers", "patch_layers")):
         return []
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -327,6 +327,23 @@ def save_figures(tables: dict, folder: Path) -> list[Path]:
                                + (f" ({items} items)" if items else ""),
                          cbar_label="mean change of answer log-prob (nats)")
         written.append(folder / "head_ablation.png")
+        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    if "patch_layers" in tables:
+        frame = tables["patch_layers"]
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        columns = [c for c in ("image", "object", "question", "answer", "mlp") if c in frame]
+        for index, column in enumerate(columns):
+            ax.plot(frame["layer"], frame[column], marker="o", color=PALETTE[index % len(PALETTE)],
+                    label="MLP output" if column == "mlp" else f"residual at {column} positions")
+        ax.axhline(0, color="0.5", lw=0.6)
+        ax.axhline(1, color="0.7", lw=0.6, ls="--")
+        ax.set_xticks(frame["layer"])
+        ax.set_xlabel("decoder layer (residual entering it; MLP output of it)")
+        ax.set_ylabel("mean restored fraction")
+        ax.legend(fontsize=7, frameon=False)
+        ax.set_title(f"patch: what restores the answer ({int(frame['items'].iloc[0])} items)", fontsize=9)
+        written.append(folder / "patch_layers.png")
         fig.savefig(written[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)
     if "methods" in tables:

@@ -211,6 +211,9 @@ class PatchingResult(Result):
         fig.colorbar(image, ax=ax, label="restored fraction")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+        if view == "heads":
+            ax.set_xticks(range(grid.shape[1]))
+            ax.set_yticks(range(grid.shape[0]))
         if view == "positions":
             ax.set_yticks(range(len(layers)), [str(x) for x in layers])
             labels = [tokens[p] if tokens is not None and p < len(tokens) else str(p) for p in xticks]

@@ -289,6 +289,9 @@ def test_patch_task_and_summary(organism_vqa, tmp_path):
     assert list(tables["patch_layers"].layer) == list(range(n_layers))
     assert {"image", "object", "question", "answer", "mlp"} <= set(tables["patch_layers"].columns)
     assert len(tables["patch_heads"]) == min(10, n_layers * n_heads)
+    from mech_vqa.summary import save_figures
+
+    assert [p.name for p in save_figures(tables, tmp_path / "fig")] == ["patch_layers.png"]
 
 
 def test_patch_task_without_a_scene_uses_the_blurred_image(tiny_vqa, image):
