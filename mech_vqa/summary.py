@@ -291,7 +291,8 @@ _METRICS = (("insertion_auc", "insertion AUC (higher is better)"), ("deletion_au
 
 def save_figures(tables: dict, folder: Path) -> list[Path]:
     """``head_ablation.png`` (ablate results), ``layers.png`` (explain results), ``patch_layers.png`` (patch
-    results) and ``methods.png`` (compare results) in ``folder``; nothing (and no folder) when the tables hold none of them."""
+    results) and ``methods.png`` (compare results) in ``folder``; nothing (and no folder) when the tables
+    hold none of them."""
     import matplotlib
 
     matplotlib.use("Agg")

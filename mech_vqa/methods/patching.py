@@ -286,7 +286,8 @@ def _layers(vqa, layers) -> list[int]:
     return list(range(adapter.n_layers)) if layers is None else [adapter.check_layer(int(x)) for x in layers]
 
 
-def residual_restorations(vqa, pair: PatchPair, layers=None, positions=None, *, whole: bool = True) -> list[Restoration]:
+def residual_restorations(vqa, pair: PatchPair, layers=None, positions=None, *,
+                          whole: bool = True) -> list[Restoration]:
     """The residual stream entering each layer at each position (default: every position up to the last
     answer token's predicting one; later ones cannot reach the answer), plus, with ``whole``, at every
     position at once (restores the clean run exactly: a check)."""
@@ -517,7 +518,8 @@ def restore(vqa, pair: PatchPair, restorations: Sequence[Restoration], *, target
             target["corrupt_token"] = vqa.to_str_tokens([int(corrupt_ids[k])])[0]
         targets_out.append(target)
     return PatchingResult(
-        patched=patched, fraction=fraction, sites=[r.site for r in restorations], layers=[r.layer for r in restorations],
+        patched=patched, fraction=fraction, sites=[r.site for r in restorations],
+        layers=[r.layer for r in restorations],
         positions=[r.position for r in restorations], heads=[r.head for r in restorations],
         labels=[r.label for r in restorations],
         clean_score=clean_score, corrupt_score=corrupt_score, targets=targets_out,

@@ -99,8 +99,9 @@ def token_activation_maps(vqa, inp: PreparedInput, targets=None, *, kernel_size:
                           denoise: bool = True, box=None, view: int = 0) -> list[PatchMap]:
     """One TAM :class:`PatchMap` per answer token (``targets``: None = all, answer indices or Targets).
 
-    ``eci=False`` skips the interference removal, ``denoise=False`` the rank Gaussian filter (for
-    ablations of the method, as in the paper's Table 4). ``view`` 0: the first view's patch grid; another
+    ``eci=False`` skips the interference removal, ``denoise=False`` the rank Gaussian filter (to ablate
+    the method's parts). The paper explains generated tokens; here the answer is teacher-forced, which is
+    the same when it is the model's greedy answer (what :meth:`VQAModel.prepare` forces by default). ``view`` 0: the first view's patch grid; another
     view (LLaVA-NeXT's high-resolution tiles): filtered on that view's token grid, painted over the image.
     """
     inp = check_single_input(inp)
@@ -114,20 +115,21 @@ def token_activation_maps(vqa, inp: PreparedInput, targets=None, *, kernel_size:
     with torch.no_grad():
         logits = vqa.forward(inp).logits[0].float()  # [S, V]
     image = inp.geometry.positions.to(logits.device)
+    image_logits = logits[image]  # [n_image, V]
     display = torch.from_numpy(inp.display_image())
     elapsed = time.perf_counter() - start
     maps = []
     for t in targets:
         index = answer_index[t.position]
         all_positions, kept, kept_ids = _context(inp, index, t.token_id)
-        raw = logits[image, t.token_id].clamp(min=0)  # [n_image]
+        raw = image_logits[:, t.token_id].clamp(min=0)  # [n_image]
         removed = raw
         scale = 0.0
         if eci and kept:
             where = torch.tensor(kept, device=logits.device)
             weights = logits[where, t.token_id].clamp(min=0)
             weights = weights / (weights.sum() + 1e-8)
-            context_maps = logits[image][:, torch.tensor(kept_ids, device=logits.device)].clamp(min=0)  # [n_image, J]
+            context_maps = image_logits[:, torch.tensor(kept_ids, device=logits.device)].clamp(min=0)  # [n_image, J]
             interference = context_maps @ weights
             norm = float(interference.double().pow(2).sum())
             scale = float((raw.double() * interference.double()).sum()) / norm if norm > 0 else 0.0

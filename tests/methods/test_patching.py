@@ -10,7 +10,8 @@ from conftest import ANSWER, ORGANISM_READY, QUESTION, assert_same_state, hook_s
 from mech_vqa import VQAModel
 from mech_vqa.methods.patching import (
     LayoutMismatch, PatchPair, Restoration, activation_patching, baseline_pair, changed_item, counterfactual_pair,
-    group_restorations, head_restorations, image_restorations, pair_groups, mlp_restorations, patched_log_probs, residual_restorations, restore)
+    group_restorations, head_restorations, image_restorations, mlp_restorations, pair_groups, patched_log_probs,
+    residual_restorations, restore)
 from mech_vqa.results import PatchingResult, PatchMap, Result
 
 TOL = dict(rtol=0, atol=1e-5)
@@ -260,7 +261,8 @@ def test_organism_restoration_finds_the_scaffold_head_and_the_object(organism_vq
     hits = []
     for item in [it for it in eval_items if it.family == "color"][:3]:
         pair = counterfactual_pair(organism_vqa, item, seed=0)
-        result = restore(organism_vqa, pair, head_restorations(organism_vqa) + image_restorations(organism_vqa, pair, 1))
+        restorations = head_restorations(organism_vqa) + image_restorations(organism_vqa, pair, 1)
+        result = restore(organism_vqa, pair, restorations)
         heads = result.head_grid()
         assert float(heads[2, 0]) > 0.5
         assert float(heads[2, 0]) > float(heads.flatten().sort().values[-2]) + 0.3
