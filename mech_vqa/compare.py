@@ -14,6 +14,8 @@ method             map (each a :class:`~mech_vqa.results.PatchMap`)
 ``causal``         CLEANN-style causal explanation set of the last layer's top head
 ``igos+``          iGOS+ perturbation saliency, one mask (Xing et al. 2025's default)
 ``igos++``         iGOS++ perturbation saliency, a deletion and an insertion mask (Khorram et al. 2021)
+``tam``            Token Activation Map: the token's class activation on the image tokens, earlier
+                   tokens' interference removed, rank-Gaussian filtered (Li et al., ICCV 2025)
 =================  ========================================================================
 
 Maps of several tokens are averaged. Each map is scored against the same baseline and tokens by:
@@ -125,10 +127,16 @@ def _igos(vqa, inp, targets, box, options, *, two_masks: bool):
     return result.to_patch_map()
 
 
+def _tam(vqa, inp, targets, box, options):
+    from .methods.tam import tam_map
+
+    return tam_map(vqa, inp, targets, box=box, view=options.get("view", 0), **options.get("tam", {}))
+
+
 METHODS: dict[str, Callable] = {
     "mechanistic": _mechanistic, "logit_lens": _logit_lens, "raw_attention": _raw_attention,
     "relevancy": _relevancy, "causal": _causal, "igos+": functools.partial(_igos, two_masks=False),
-    "igos++": functools.partial(_igos, two_masks=True),
+    "igos++": functools.partial(_igos, two_masks=True), "tam": _tam,
 }
 
 

@@ -85,6 +85,11 @@ def summary_tables(rows: list[dict]) -> dict:
              for (layer, head), n in sorted(counted.items(), key=lambda kv: (-kv[1], kv[0]))])
         tables["overview"]["pointing_game"] = _mean(r.get("pointing_game") for r in explained)
         tables["overview"]["in_box_share"] = _mean(r.get("in_box_share") for r in explained)
+    patched = [r for r in ok if "head_fraction" in r]
+    if patched:
+        tables.update(_patch_tables(patched))
+        tables["overview"]["patch_pointing_game"] = _mean(r.get("pointing_game") for r in patched)
+        tables["overview"]["patch_in_box_share"] = _mean(r.get("in_box_share") for r in patched)
     compared = [r for r in ok if "methods" in r]
     if compared:
         with_s = [r for r in compared if not str(r.get("selection_rule", "")).startswith("fallback")]
@@ -124,6 +129,31 @@ def _knockout_table(rows: list[dict]):
         {"pair": pair, "layer": layer, "window_start": window[0], "window_stop": window[1],
          "mean_relative_change": _mean(values), "items": len(values)}
         for (pair, layer, window), values in records.items()])
+
+
+def _patch_tables(rows: list[dict]) -> dict:
+    """Mean restored fraction per layer of each group of positions and of the MLP, and per head (patch rows;
+    rows whose corruption left nothing to restore have NaN fractions and drop out of the means)."""
+    import pandas as pd
+
+    def mean_of(lists) -> np.ndarray:
+        values = np.array([[np.nan if v is None else v for v in line] for line in lists], dtype=float)
+        with np.errstate(all="ignore"):
+            return np.nanmean(values, axis=0) if len(values) else values
+
+    n_layers = len(rows[0]["mlp_fraction"])
+    layers = pd.DataFrame({"layer": np.arange(n_layers)})
+    labels = [label for label in ("image", "object", "question", "answer")
+              if any(label in r.get("group_fraction", {}) for r in rows)]
+    for label in labels:
+        layers[label] = mean_of([r["group_fraction"][label] for r in rows if label in r.get("group_fraction", {})])
+    layers["mlp"] = mean_of([r["mlp_fraction"] for r in rows])
+    layers["items"] = sum(r.get("flag") is None for r in rows)
+    heads = mean_of([np.asarray(r["head_fraction"], dtype=float).ravel().tolist() for r in rows])
+    n_heads = len(rows[0]["head_fraction"][0])
+    head_table = pd.DataFrame({"layer": np.arange(heads.size) // n_heads, "head": np.arange(heads.size) % n_heads,
+                               "mean_fraction": heads}).sort_values("mean_fraction", ascending=False).head(10)
+    return {"patch_layers": layers, "patch_heads": head_table.reset_index(drop=True)}
 
 
 def _kept(row: dict, entry: dict) -> bool:
@@ -283,8 +313,8 @@ _METRICS = (("insertion_auc", "insertion AUC (higher is better)"), ("deletion_au
 
 def save_figures(tables: dict, folder: Path) -> list[Path]:
     """``head_ablation.png`` (ablate results), ``layers.png`` (explain results), ``knockout.png``
-    (knockout results) and ``methods.png`` (compare results) in ``folder``; nothing (and no folder)
-    when the tables hold none of them."""
+    (knockout results), ``patch_layers.png`` (patch results) and ``methods.png`` (compare results) in
+    ``folder``; nothing (and no folder) when the tables hold none of them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,7 +323,7 @@ def save_figures(tables: dict, folder: Path) -> list[Path]:
 
     from .plotting import PALETTE, heatmap
 
-    if not any(name in tables for name in ("head_delta", "methods", "layers", "knockout")):
+    if not any(name in tables for name in ("head_delta", "methods", "layers", "knockout", "patch_layers")):
         return []
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -336,6 +366,23 @@ def save_figures(tables: dict, folder: Path) -> list[Path]:
         ax.legend(fontsize=7, title="blocked edges", title_fontsize=7)
         ax.set_title(f"attention knockout ({int(frame['items'].max())} items)", fontsize=9)
         written.append(folder / "knockout.png")
+        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    if "patch_layers" in tables:
+        frame = tables["patch_layers"]
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        columns = [c for c in ("image", "object", "question", "answer", "mlp") if c in frame]
+        for index, column in enumerate(columns):
+            ax.plot(frame["layer"], frame[column], marker="o", color=PALETTE[index % len(PALETTE)],
+                    label="MLP output" if column == "mlp" else f"residual at {column} positions")
+        ax.axhline(0, color="0.5", lw=0.6)
+        ax.axhline(1, color="0.7", lw=0.6, ls="--")
+        ax.set_xticks(frame["layer"])
+        ax.set_xlabel("decoder layer (residual entering it; MLP output of it)")
+        ax.set_ylabel("mean restored fraction")
+        ax.legend(fontsize=7, frameon=False)
+        ax.set_title(f"patch: what restores the answer ({int(frame['items'].iloc[0])} items)", fontsize=9)
+        written.append(folder / "patch_layers.png")
         fig.savefig(written[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)
     if "methods" in tables:

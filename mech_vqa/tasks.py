@@ -35,6 +35,12 @@ TASK_HELP = {
                  "a window of layers centred on each layer. Columns: prediction, correct, answer, target, "
                  "clean_prob, knockout {pairs, windows, layers, window, relative_change (pairs x windows)}, "
                  "strongest {pair: {window, relative_change}}."),
+    "patch": ("activation patching: a corrupted image (organism rows: the asked object's colour / pattern changed; "
+              "others: the image blurred), then each clean activation restored into the corrupted run. Columns: "
+              "prediction, correct, answer, pair {kind, change...}, metric (logit_diff / logprob), targets, "
+              "clean_score, corrupt_score, flag, group_fraction {image, object, question, answer: per layer}, "
+              "head_fraction (layers x heads), mlp_fraction (per layer), top_heads (5), patch_layer and, with a "
+              "box, pointing_game and in_box_share of the image-patch restoration map at that layer."),
 }
 
 
@@ -155,5 +161,43 @@ def task_knockout(vqa, *, image, question, answer, box, row, window: int | None 
     return out
 
 
+def task_patch(vqa, *, image, question, answer, box, row, batch_size: int = 16, seed: int = 0):
+    """Restore clean activations into a corrupted run: per-layer groups of positions, heads, MLPs, and
+    each image position at the middle layer (a map scored against the box)."""
+    from .methods.patching import (baseline_pair, counterfactual_pair, group_restorations, head_restorations,
+                                   image_restorations, mlp_restorations, pair_groups, restore)
+
+    inp, out = answer_item(vqa, image, question, answer, row)
+    model_box = inp.box_to_model(box) if box is not None else None
+    if row.get("objects") and row.get("family") in ("color", "pattern") and answer:
+        from .organism.synthetic import SceneObject, VQAItem
+
+        objects = [SceneObject(o["shape"], o["color"], o["pattern"], tuple(o["box"])) for o in row["objects"]]
+        item = VQAItem(image, question, answer, row.get("answer_word") or answer.split()[-1],
+                       tuple(row.get("box") or objects[row["target"]].box), None, len(objects), row["family"],
+                       objects, int(row["target"]))
+        pair = counterfactual_pair(vqa, item, seed=seed)
+    else:
+        pair = baseline_pair(vqa, inp, "blur", box=model_box)
+    layer = vqa.adapter.n_layers // 2
+    restorations = (group_restorations(vqa, pair_groups(pair)) + head_restorations(vqa) + mlp_restorations(vqa)
+                    + image_restorations(vqa, pair, layer))
+    result = restore(vqa, pair, restorations, batch_size=batch_size)
+    frame = result.to_dataframe()
+    heads = frame[frame.site == "z"].sort_values("patched", ascending=False)
+    out.update({
+        "pair": {"kind": pair.kind, **{k: v for k, v in pair.info.items() if k != "corrupt_image"}},
+        "metric": result.info["metric"], "targets": result.targets, "clean_score": result.clean_score,
+        "corrupt_score": result.corrupt_score, "flag": result.info["flag"],
+        "group_fraction": {label: line.tolist() for label, line in result.group_lines().items()},
+        "head_fraction": result.head_grid().tolist(), "mlp_fraction": result.layer_line("mlp_out").tolist(),
+        "top_heads": heads.head(5)[["restoration", "fraction"]].to_dict("records"), "patch_layer": layer,
+    })
+    if result.box is not None:
+        patch_map = result.patch_map(layer)
+        out.update({"pointing_game": patch_map.pointing_game(), "in_box_share": patch_map.in_box_share()})
+    return out
+
+
 TASKS = {"answer": task_answer, "explain": task_explain, "compare": task_compare, "ablate": task_ablate,
-         "knockout": task_knockout}
+         "knockout": task_knockout, "patch": task_patch}

@@ -12,10 +12,12 @@ from .igos import IGOSResult
 from .knockout import KnockoutResult
 from .mechanistic import Explanation, HeadIncrease, HeadPositions, LayerIncrease, LogitLens, NeuronIncrease
 from .patch_map import PatchMap
+from .patching import PatchingResult
 
 __all__ = [
     "AblationResult", "AnswerAttention", "AttentionMass", "CausalExplanation", "Explanation", "HeadClaims",
     "HeadIncrease",
-    "HeadPositions", "IGOSResult", "KnockoutResult", "LayerIncrease", "LogitLens", "NeuronIncrease", "PatchMap", "PatchToText",
+    "HeadPositions", "IGOSResult", "KnockoutResult", "LayerIncrease", "LogitLens", "NeuronIncrease", "PatchMap",
+    "PatchingResult", "PatchToText",
     "RelevancyMaps", "Result", "tensor_topk",
 ]
