@@ -96,6 +96,19 @@ class Result:
     def plot(self, ax=None, **kwargs):
         raise NotImplementedError
 
+    # ---------------------------------------------------------------- interactive views
+    def to_html(self, path=None, **kwargs) -> str:
+        """A self-contained, offline HTML view (see :mod:`mech_vqa.explorer`); written to ``path`` when given."""
+        from ..explorer.html import to_html
+
+        return to_html(self, path, **kwargs)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's rich display: the same view, kept small (large parts left out, with a note)."""
+        from ..explorer.html import repr_html
+
+        return repr_html(self)
+
 
 def save_bundle(path, type_name: str, parts: dict, meta: dict | None = None) -> Path:
     """Save a result made of other results: ``<path>.json`` (a manifest plus ``meta``) and one
