@@ -137,12 +137,14 @@ class AnswerView:
         part["maps"] = [m for m in part["maps"] if m["name"] != name] + [map_entry(patch_map, name)]
         return self
 
-    def compute_curve(self, index: int, name: str, progress=None):
-        """Insertion / deletion curves of method ``name``'s map for token ``index`` (blurred baseline)."""
+    def compute_curve(self, index: int, name: str, progress=None, **options):
+        """Insertion / deletion curves of method ``name``'s map for token ``index`` (blurred baseline;
+        ``options`` go to :func:`~mech_vqa.metrics.insertion_deletion.insertion_deletion`, e.g. ``step_fraction``)."""
         from ..metrics.insertion_deletion import insertion_deletion
 
         (progress or (lambda text: None))(f"insertion / deletion of {name}")
-        result = insertion_deletion(self.vqa, self.inp, self.maps[index][name], tokens=[index], progress=False)
+        result = insertion_deletion(self.vqa, self.inp, self.maps[index][name], tokens=[index], progress=False,
+                                    **options)
         part = self.payload["per_token"][str(index)]
         part["curves"] = [c for c in part.get("curves", []) if c["name"] != name] + [
             curve_entry(name, result.fractions, result.deletion, result.insertion, result.deletion_auc,

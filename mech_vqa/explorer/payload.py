@@ -30,7 +30,8 @@ PNG_MAX_PIXELS = 256 * 256
 
 def rounded(values, significant: int = SIGNIFICANT):
     """``values`` as nested lists, rounded to ``significant`` digits of their largest magnitude; NaN -> None."""
-    array = values.detach().float().cpu().numpy() if torch.is_tensor(values) else np.asarray(values, dtype=float)
+    # float64 before rounding: a float32 0.1235 prints as 0.12349999696016312 in JSON
+    array = values.detach().double().cpu().numpy() if torch.is_tensor(values) else np.asarray(values, dtype=float)
     finite = np.isfinite(array)
     peak = float(np.abs(array[finite]).max()) if finite.any() else 0.0
     decimals = significant - 1 - int(math.floor(math.log10(peak))) if peak > 0 else 0
