@@ -200,5 +200,5 @@ def answer_view(vqa, inp, *, methods=("mechanistic", "logit_lens", "raw_attentio
     for index in indices:
         view.compute_token(int(index), progress=progress)
     if view.explanations:
-        view.payload["selected"] = min(view.explanations)
+        view.payload["selected"] = max(view.explanations)  # the last: the answer word, in short answers
     return view

@@ -32,6 +32,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+from .payload import model_label
+
 MAX_UPLOAD_BYTES = 20_000_000
 MAX_PIXELS = 40_000_000
 MAX_SESSIONS = 32
@@ -192,8 +194,6 @@ class Explorer:
 
     # ----------------------------------------------------------------------- actions
     def items_list(self) -> list[dict]:
-        from .payload import image_uri
-
         out = []
         for index, item in enumerate(self.items):
             out.append({"index": index, "question": item["question"], "answer": item.get("answer", ""),
@@ -336,8 +336,18 @@ class Explorer:
 
         return self.submit(session_id, work)
 
-    def export_html(self, session_id: str) -> str:
-        return self.session(session_id).require_view().to_html()
+    def export_html(self, session_id: str, view_state: dict | None = None) -> str:
+        """The static page of this tab's answer, opening on what the tab shows (``token``, ``method``, ``head``)."""
+        view = self.session(session_id).require_view()
+        payload = dict(view.payload)
+        state = {key: value for key, value in (view_state or {}).items() if key in ("method", "head") and value}
+        token = (view_state or {}).get("token")
+        if token not in (None, "") and str(token).isdigit() and str(token) in payload["per_token"]:
+            payload["selected"] = int(token)
+            payload["state"] = state
+        from .html import to_html
+
+        return to_html(payload, title="one answer, token by token")
 
     def export_zip(self, session_id: str) -> bytes:
         import tempfile
@@ -437,12 +447,12 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, app_page().encode(), "text/html; charset=utf-8")
             elif url.path == "/api/items":
                 self._json({"items": explorer.items_list(), "methods": explorer.methods,
-                            "all_methods": _all_methods(), "model": explorer.vqa.name,
+                            "all_methods": _all_methods(), "model": model_label(explorer.vqa.name),
                             "layers": explorer.vqa.adapter.n_layers, "heads": explorer.vqa.adapter.n_heads})
             elif url.path == "/api/job":
                 self._json(explorer.job(query.get("session", ""), query.get("id")))
             elif url.path == "/api/export.html":
-                text = explorer.export_html(query.get("session", ""))
+                text = explorer.export_html(query.get("session", ""), query)
                 self._send(200, text.encode(), "text/html; charset=utf-8",
                            {"Content-Disposition": 'attachment; filename="mech_vqa_view.html"'})
             elif url.path == "/api/export.zip":

@@ -156,10 +156,18 @@ def answer_tokens(str_tokens: list, answer: str | None, target_position: int | N
     return [{"text": clean_token(tokens[target_position + 1]), "position": target_position, "computed": False}]
 
 
+def model_label(name: str) -> str:
+    """A model's name for the page: a hub id as it is, a local folder by its last part (no home paths in exports)."""
+    from pathlib import PurePath
+
+    name = str(name or "")
+    return PurePath(name).name if name.startswith(("/", "~", ".")) or "\\" in name or name.count("/") > 1 else name
+
+
 def base_payload(kind: str, title: str, *, info: dict | None = None, model: str = "", image=None, box=None) -> dict:
     info = info or {}
     return {"kind": kind, "title": title, "question": info.get("question") or "", "answer": info.get("answer") or "",
-            "model": model or info.get("model") or "", "image": image_uri(image),
+            "model": model_label(model or info.get("model") or ""), "image": image_uri(image),
             "box": [round(float(v), 2) for v in box] if box is not None else None,
             "tokens": [], "selected": 0, "per_token": {}, "lens": None, "ablation": None, "table": None,
             "notes": []}

@@ -66,6 +66,19 @@ def offline(driver) -> None:
                                                                 "downloadThroughput": 0, "uploadThroughput": 0})
 
 
+def online(driver) -> None:
+    """Undo :func:`offline` (the app is served on 127.0.0.1, which offline emulation cuts too)."""
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                                "downloadThroughput": -1, "uploadThroughput": -1})
+
+
+def fetched(driver) -> list[str]:
+    """Every resource the page loaded by URL (data: URIs excluded): must stay empty for a static view."""
+    return driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)"
+                                 ".filter(n => !n.startsWith('data:'));")
+
+
 def canvas_pixels(driver, selector: str = "canvas.mv-map") -> str:
     """The map canvas' pixels as a data URL (what the reader sees there)."""
     return driver.execute_script(f"return document.querySelector({selector!r}).toDataURL('image/png');")

@@ -47,8 +47,13 @@
     var keep = root.mechvqa ? root.mechvqa.state : null;
     if (keep && root.getAttribute("data-answer") !== payload.answer + "|" + payload.question) keep = null;
     root.setAttribute("data-answer", payload.answer + "|" + payload.question);
-    view = window.MechVQA.render(root, payload, { state: keep, onMissing: onMissing });
+    view = window.MechVQA.render(root, payload, { state: keep, onMissing: onMissing, onChange: exportLink });
     ["export-html", "export-zip"].forEach(function (id) { $(id).classList.remove("mv-disabled"); });
+  }
+  function exportLink(api) {  // the exported page opens on what this tab shows
+    var st = api.state;
+    $("export-html").href = "/api/export.html?session=" + session + "&token=" + st.token +
+      (st.method ? "&method=" + encodeURIComponent(st.method) : "") + (st.head ? "&head=" + encodeURIComponent(st.head) : "");
   }
   function onMissing(kind, detail, api) {
     if (kind === "token") run("/api/token", { token: detail.index, methods: methods(), curves: $("curves").checked });

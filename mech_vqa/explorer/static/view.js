@@ -71,7 +71,7 @@
     options = options || {};
     var old = root.mechvqa ? root.mechvqa.state : null;
     var state = Object.assign({ token: data.selected || 0, method: null, head: null, opacity: 1, box: true,
-                                stage: data.lens ? data.lens.stages.length - 1 : 0, ablation: null }, options.state || old || {});
+                                stage: data.lens ? data.lens.stages.length - 1 : 0, ablation: null }, data.state || {}, options.state || old || {});
     if (!data.tokens[state.token]) state.token = data.selected || 0;
     root.innerHTML = "";
     root.classList.add("mv-root");
@@ -166,6 +166,7 @@
       if (picture && picture.complete) ctx.drawImage(picture, 0, 0, canvas.width, canvas.height);
       var entry = currentEntry();
       canvas.setAttribute("data-shown", entry ? String(state.token) + "|" + entry.name : "");
+      canvas.setAttribute("data-drawn", picture ? (picture.complete && picture.naturalWidth ? "image" : "waiting") : "map");
       if (emptyNote.parentNode) emptyNote.parentNode.removeChild(emptyNote);
       if (!entry) { caption.textContent = part() ? "no map for this token" : "this token was not computed"; barLo.textContent = barHi.textContent = barUnit.textContent = ""; return; }
       var grid = entry.grid, rows = grid.length, cols = rows ? grid[0].length : 0, sc = scaleOf(entry);
