@@ -100,9 +100,12 @@ def curve_entry(name: str, fractions, deletion, insertion, deletion_auc=None, in
 
 
 def head_text(positions, index: int, image_positions, k: int = 8) -> list:
-    """The ``k`` text positions with the largest |increase| for chosen head ``index``: [[pos, token, score]]."""
+    """The ``k`` text positions with the largest |increase| for chosen head ``index``: [[pos, token, score]].
+
+    Only positions the head can read (up to the predicting position, causal attention) with a non-zero score."""
     scores = positions.scores[index].float()
-    text = torch.ones_like(scores, dtype=torch.bool)
+    text = scores != 0
+    text[int(positions.target.get("position", len(scores) - 1)) + 1:] = False
     if len(image_positions):
         text[torch.as_tensor(list(image_positions), dtype=torch.long)] = False
     candidates = text.nonzero().flatten()
@@ -289,8 +292,9 @@ def ablation_part(result) -> dict:
 
 def ablation_payload(result) -> dict:
     payload = base_payload("AblationResult", "ablations: the answer's change", info=result.info)
-    payload["tokens"] = [{"text": clean_token(t.get("token", "")), "position": int(t.get("position", -1)),
-                          "computed": True} for t in result.targets]
+    payload["tokens"] = [{"text": "all (summed)", "position": -1, "computed": True}] + [
+        {"text": clean_token(t.get("token", "")), "position": int(t.get("position", -1)), "computed": True}
+        for t in result.targets]
     payload["ablation"] = ablation_part(result)
     return payload
 

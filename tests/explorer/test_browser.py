@@ -125,6 +125,11 @@ def test_static_views_offline(chromium, organism_vqa, organism_answer, tmp_path)
     # the ablation view: clicking the scaffolded head shows its change per token
     _by(chromium, 'td.mv-cell[data-ablation="8"]').click()
     assert _by(chromium, ".mv-ablation-detail").text.startswith("L2H0: summed change")
+    summed = _by(chromium, 'td.mv-cell[data-ablation="8"]').get_attribute("style")
+    _by(chromium, f'.mv-token[data-index="{last + 1}"]').click()  # the answer word alone
+    assert 'log p(" yellow")' in _by(chromium, ".mv-ablation h3").text.replace("'", '"') or \
+        f'log p("{inp.str_tokens[-1]}")' in _by(chromium, ".mv-ablation h3").text
+    assert _by(chromium, 'td.mv-cell[data-ablation="8"]').get_attribute("style") != summed
 
 
 def test_app_in_chromium(chromium, organism_vqa, organism_eval_items, tmp_path):

@@ -354,9 +354,22 @@
     }
 
     // ------------------------------------------------------------------------- ablations
-    if (data.ablation) root.appendChild(ablationPanel(data.ablation));
+    var ablationHolder = el("div");
+    if (data.ablation) root.appendChild(ablationHolder);
+    function drawAblation() {
+      if (!data.ablation) return;
+      ablationHolder.innerHTML = "";
+      ablationHolder.appendChild(ablationPanel(data.ablation));
+    }
     function ablationPanel(ab) {
       var panel = el("section", { class: "mv-panel mv-ablation" });
+      // token 0 of the bar is the sum over the answer; token k > 0 the k-th answer token alone
+      var which = state.token > 0 ? state.token - 1 : null;
+      var values = ab.names.map(function (_, i) { return which === null ? ab.total[i] : ab.delta[i][which]; });
+      var grid = ab.head_grid ? ab.head_grid.map(function (row, layer) { return row.map(function (v, h) {
+        var index = -1;
+        ab.names.forEach(function (_, i) { if (ab.kinds[i] === "head" && ab.layers[i] === layer && ab.heads[i] === h) index = i; });
+        return index < 0 ? null : values[index]; }); }) : null;
       var detail = el("div", { class: "mv-hover mv-ablation-detail", text: "click an ablation for its change per answer token" });
       function show(i) {
         state.ablation = i;
@@ -364,16 +377,16 @@
           ab.targets.map(function (t, j) { return "  " + JSON.stringify(t) + ": " + fmt(ab.delta[i][j]) + " (clean log p " + fmt(ab.clean_logprob[j]) + ")"; }).join("\n");
         Array.prototype.forEach.call(panel.querySelectorAll("[data-ablation]"), function (n) { n.classList.toggle("mv-selected", n.getAttribute("data-ablation") === String(i)); });
       }
-      panel.appendChild(el("h3", { text: "ablations: " + ab.unit + " (vermilion dashes: the answer flips)" }));
-      var m = Math.max.apply(null, ab.total.map(function (v) { return Math.abs(v || 0); }).concat([1e-9]));
-      if (ab.head_grid) {
-        var hm = Math.max.apply(null, flat(ab.head_grid).map(Math.abs).concat([1e-9]));
+      panel.appendChild(el("h3", { text: "ablations: " + (which === null ? ab.unit : "change of log p(" + JSON.stringify(ab.targets[which]) + ") (nats)") + " (vermilion dashes: the answer flips)" }));
+      var m = Math.max.apply(null, values.map(function (v) { return Math.abs(v || 0); }).concat([1e-9]));
+      if (grid) {
+        var hm = Math.max.apply(null, flat(grid).map(Math.abs).concat([1e-9]));
         var table = el("table", { class: "mv-grid" }), head = el("tr", {}, [el("th", { text: "layer \\ head" })]);
         ab.head_grid[0].forEach(function (_, h) { head.appendChild(el("th", { text: String(h) })); });
         table.appendChild(head);
-        ab.head_grid.forEach(function (values, layer) {
+        grid.forEach(function (row, layer) {
           var tr = el("tr", {}, [el("th", { text: String(layer) })]);
-          values.forEach(function (v, h) {
+          row.forEach(function (v, h) {
             var index = -1;
             ab.names.forEach(function (_, i) { if (ab.kinds[i] === "head" && ab.layers[i] === layer && ab.heads[i] === h) index = i; });
             var cell = el("td", { class: "mv-cell" + (index >= 0 && ab.flipped[index] ? " mv-flipped" : ""), "data-ablation": String(index), title: "L" + layer + "H" + h + ": " + fmt(v) });
@@ -390,7 +403,7 @@
       if (others.length) {
         var w = 420, bar = 16, chart = svg("svg", { width: w, height: others.length * bar + 10 }), mid = w / 2 + 40;
         others.forEach(function (i, k) {
-          var v = ab.total[i] || 0, len = Math.abs(v) / m * (w - mid - 10);
+          var v = values[i] || 0, len = Math.abs(v) / m * (w - mid - 10);
           var rect = svg("rect", { x: v >= 0 ? mid : mid - len, y: 4 + k * bar, width: Math.max(len, 0.5), height: bar - 4, fill: ab.flipped[i] ? "#D55E00" : "#0072B2", "data-ablation": String(i), style: "cursor:pointer" });
           rect.addEventListener("click", function () { show(i); });
           var label = svg("text", { x: 2, y: 4 + k * bar + 10, "font-size": 10 }); label.textContent = ab.names[i] + "  " + fmt(v);
@@ -425,6 +438,7 @@
       fillMethods();
       headPanel.style.display = drawHeads() ? "" : "none";
       curvePanel.style.display = drawCurves() ? "" : "none";
+      drawAblation();
       draw();
       if (options.onChange) options.onChange(api);
     }
