@@ -197,7 +197,7 @@
         bctx.fillStyle = css(cc, cc[3] / 255); bctx.fillRect(x, 0, 1, barCanvas.height);
       }
       barLo.textContent = fmt(sc.signed ? -sc.vmax : 0); barHi.textContent = fmt(sc.vmax); barUnit.textContent = entry.unit || "";
-      var lines = [entry.label + (entry.components ? ": " + entry.components : "")];
+      var lines = [entry.label + (entry.components && entry.label.indexOf(entry.components) < 0 ? ": " + entry.components : "")];
       var scores = entry.scores || {}, parts = [];
       if (scores.insertion_auc !== undefined) parts.push("insertion AUC " + fmt(scores.insertion_auc) + " (higher is better)");
       if (scores.deletion_auc !== undefined) parts.push("deletion AUC " + fmt(scores.deletion_auc) + " (lower is better)");
