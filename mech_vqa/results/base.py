@@ -103,11 +103,20 @@ class Result:
 
         return to_html(self, path, **kwargs)
 
-    def _repr_html_(self) -> str:
-        """Jupyter's rich display: the same view, kept small (large parts left out, with a note)."""
+    def _repr_html_(self) -> str | None:
+        """Jupyter's rich display: the same view, kept small (large parts left out, with a note).
+
+        A view that cannot be drawn warns and returns None, so the notebook shows the plain ``repr``."""
         from ..explorer.html import repr_html
 
-        return repr_html(self)
+        try:
+            return repr_html(self)
+        except Exception as err:  # a display hook must not break the notebook's output
+            import warnings
+
+            warnings.warn(f"no HTML view of this {type(self).__name__} ({type(err).__name__}: {err}); "
+                          "showing its repr", stacklevel=2)
+            return None
 
 
 def save_bundle(path, type_name: str, parts: dict, meta: dict | None = None) -> Path:

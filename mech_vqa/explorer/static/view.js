@@ -250,7 +250,9 @@
       if (p.layers) headPanel.appendChild(layerStrip(p.layers));
       headText.textContent = "";
       if (state.head && p.head_text && p.head_text[state.head]) {
-        headText.textContent = "text positions this head draws on most (position, token, nats):\n" +
+        var lh = state.head.split(",");
+        headText.textContent = !p.head_text[state.head].length ? "head L" + lh[0] + "H" + lh[1] + ": no text position changes the token's log-prob through this head" :
+          "text positions head L" + lh[0] + "H" + lh[1] + " draws on most (position, token, nats):\n" +
           p.head_text[state.head].map(function (e) { return "  " + e[0] + "  " + JSON.stringify(e[1]) + "  " + fmt(e[2]); }).join("\n");
         headText.style.whiteSpace = "pre";
       }
