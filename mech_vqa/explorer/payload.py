@@ -143,12 +143,12 @@ def answer_tokens(str_tokens: list, answer: str | None, target_position: int | N
 
     ``position`` is each token's predicting position (its sequence index - 1), as in ``Target``.
     """
-    squeeze = (answer or "").replace(" ", "")
+    squeeze = (answer or "").replace(" ", "").lower()  # word-level tokenizers may lower-case
     tokens = [str(t) for t in str_tokens or []]
     if squeeze and tokens:
         text = ""
         for start in range(len(tokens) - 1, -1, -1):
-            text = clean_token(tokens[start]).replace(" ", "") + text
+            text = clean_token(tokens[start]).replace(" ", "").lower() + text
             if text == squeeze:
                 return [{"text": clean_token(tokens[i]), "position": i - 1, "computed": False}
                         for i in range(start, len(tokens))]
@@ -320,6 +320,55 @@ def insertion_deletion_payload(result) -> dict:
     return payload
 
 
+#: per-head maps are sent for every head of a model with at most this many; else for the top ones
+HEAD_MAPS_MAX = 64
+TOP_HEAD_MAPS = 16
+
+
+def answer_attention_payload(result) -> dict:
+    """Raw attention per target token: the mean map, the heads' attention mass on the image, each head's map."""
+    first = {**result.info, "model": result.info.get("model", "")}
+    payload = base_payload("AnswerAttention", "raw attention of the answer tokens", info=first, image=result.image,
+                           box=result.box)
+    image_weights = result.image_weights()  # [L, H, T, n_image]
+    n_layers, n_heads = image_weights.shape[:2]
+    mass = image_weights.sum(-1)  # [L, H, T]
+    for t, target in enumerate(result.targets):
+        key = _select_token(payload, target)
+        token_mass = mass[:, :, t]
+        if n_layers * n_heads <= HEAD_MAPS_MAX:
+            chosen = [(li, h) for li in range(n_layers) for h in range(n_heads)]
+        else:
+            top = token_mass.flatten().topk(min(TOP_HEAD_MAPS, token_mass.numel())).indices.tolist()
+            chosen = [divmod(i, n_heads) for i in top]
+        head_maps = {f"{int(result.layers[li])},{h}": rounded(result.to_grid(image_weights[li, h, t]))
+                     for li, h in chosen}
+        best = divmod(int(token_mass.flatten().argmax()), n_heads)
+        grid = torch.full((max(int(v) for v in result.layers) + 1, n_heads), float("nan"))
+        grid[torch.as_tensor([int(v) for v in result.layers])] = token_mass
+        payload["per_token"][key] = {
+            "maps": [map_entry(result.patch_map(tokens=[t]), "raw_attention")],
+            "heads": {"scores": rounded(grid), "unit": "attention mass on the image (0-1)",
+                      "top": [int(result.layers[best[0]]), best[1]]},
+            "head_maps": head_maps, "head_text": {}, "head_unit": "attention weight", "head_signed": False,
+        }
+    payload["selected"] = 0
+    return payload
+
+
+def relevancy_payload(result) -> dict:
+    payload = base_payload("RelevancyMaps", "relevancy of the answer tokens", info=result.info, image=result.image,
+                           box=result.box)
+    for t, target in enumerate(result.targets):
+        key = _select_token(payload, target)
+        maps = [map_entry(result.patch_map([t], stage="llm"), "relevancy (LLM)")]
+        if result.vision is not None:
+            maps.append(map_entry(result.patch_map([t], stage="vision"), "relevancy (vision tower)"))
+        payload["per_token"][key] = {"maps": maps}
+    payload["selected"] = 0
+    return payload
+
+
 def payload_of(result) -> dict | None:
     """The page payload of a result, or None when the explorer has no linked view for its type."""
     from ..results import AblationResult, Explanation, IGOSResult, LogitLens, PatchMap
@@ -337,6 +386,10 @@ def payload_of(result) -> dict | None:
         return igos_payload(result)
     if isinstance(result, PatchMap):
         return patch_map_payload(result)
+    if name == "AnswerAttention":
+        return answer_attention_payload(result)
+    if name == "RelevancyMaps":
+        return relevancy_payload(result)
     if name == "Comparison":
         return comparison_payload(result)
     if name == "InsertionDeletion":

@@ -22,6 +22,7 @@ from mech_vqa.explorer import answer_view
 from mech_vqa.explorer.app import Explorer, make_server
 from mech_vqa.methods.ablation import ablate, block_ablations, head_ablations
 from mech_vqa.methods.logit_lens import logit_lens
+from mech_vqa.methods.raw_attention import answer_attention
 
 SHOTS = Path(os.environ.get("MECH_VQA_SCREENSHOTS", Path(__file__).resolve().parents[2] / "docs" / "img" / "explorer"))
 TIMEOUT = 120
@@ -112,8 +113,9 @@ def test_static_views_offline(chromium, organism_vqa, organism_answer, tmp_path)
                                                      "in_box_share": m.in_box_share(box)} for name, m in maps.items()],
                             info={"targets": [inp.target(last).to_dict()], "answer": inp.answer,
                                   "question": inp.question})
+    attention = answer_attention(organism_vqa, inp, box=box)
     for name, result in (("explanation", explanation), ("comparison", comparison), ("logit_lens", lens),
-                         ("ablation", ablation)):
+                         ("raw_attention", attention), ("ablation", ablation)):
         page = tmp_path / f"{name}.html"
         result.to_html(page)
         _open_offline(chromium, page)
@@ -121,6 +123,11 @@ def test_static_views_offline(chromium, organism_vqa, organism_answer, tmp_path)
             _drawn(chromium)
         assert console_errors(chromium) == [], name
         assert fetched(chromium) == [], name
+        if name == "raw_attention":  # a head's own attention map, on the answer word
+            _by(chromium, f'.mv-token[data-index="{last}"]').click()
+            before = _drawn(chromium, f"{last}|raw_attention")
+            _by(chromium, '.mv-head[data-layer="2"][data-head="0"]').click()
+            assert _drawn(chromium, f"{last}|head L2H0") != before
         _shot(chromium, name, 1100)
     # the ablation view: clicking the scaffolded head shows its change per token
     _by(chromium, 'td.mv-cell[data-ablation="8"]').click()

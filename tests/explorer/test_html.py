@@ -15,6 +15,8 @@ from mech_vqa.methods.ablation import ablate, block_ablations, head_ablations
 from mech_vqa.methods.head_claims import head_claims
 from mech_vqa.methods.logit_lens import logit_lens
 from mech_vqa.methods.mechanistic import explain
+from mech_vqa.methods.raw_attention import answer_attention
+from mech_vqa.methods.relevancy import relevancy
 from mech_vqa.results import Explanation
 
 
@@ -109,3 +111,18 @@ def test_answer_view_explains_every_token_and_saves_its_results(organism_vqa, or
         view.compute_token(8)
     written = view.save(tmp_path)
     assert {p.name for p in written} >= {"token7_explanation.json", "token7_raw_attention.json", "logit_lens.json"}
+
+
+def test_raw_attention_and_relevancy_views_hold_each_tokens_maps(organism_vqa, organism_answer):
+    inp, box = organism_answer
+    attention = answer_attention(organism_vqa, inp, box=box)
+    payload = payload_of(attention)
+    assert [t["text"] for t in payload["tokens"]] == inp.str_tokens[inp.prompt_length:]
+    last = len(attention.targets) - 1
+    part = payload["per_token"][str(last)]
+    head_map = attention.head_maps(2, tokens=[last])[0]
+    assert torch.allclose(torch.tensor(part["head_maps"]["2,0"]), head_map, atol=1e-3 * float(head_map.max()))
+    mass = attention.mass(tokens=[last]).of("image")
+    assert torch.allclose(torch.tensor(part["heads"]["scores"]), mass, atol=1e-3)
+    maps = payload_of(relevancy(organism_vqa, inp, progress=False, box=box))["per_token"][str(last)]["maps"]
+    assert maps[0]["name"] == "relevancy (LLM)" and len(maps[0]["grid"]) == inp.geometry.grid[0]

@@ -134,8 +134,8 @@
       if (!p) return null;
       if (state.head && p.head_maps && p.head_maps[state.head]) {
         var lh = state.head.split(",");
-        return { name: "head L" + lh[0] + "H" + lh[1], label: "head L" + lh[0] + "H" + lh[1] + " (position level)",
-                 grid: p.head_maps[state.head], signed: true, unit: p.head_unit || "", components: "", scores: {} };
+        return { name: "head L" + lh[0] + "H" + lh[1], label: "head L" + lh[0] + "H" + lh[1],
+                 grid: p.head_maps[state.head], signed: p.head_signed !== false, unit: p.head_unit || "", components: "", scores: {} };
       }
       var list = maps();
       for (var i = 0; i < list.length; i++) if (list[i].name === state.method) return list[i];
@@ -224,7 +224,8 @@
       var p = part();
       if (!p || !p.heads) return false;
       var grid = p.heads.scores, range = extent(grid), m = Math.max(Math.abs(range[0]), Math.abs(range[1])) || 1;
-      headPanel.appendChild(el("h3", { text: "heads: increase of the token's log-prob (click a head for its map)" }));
+      var sequential = range[0] >= 0;  // e.g. attention mass: darker = more; signed scores: blue lowers, red raises
+      headPanel.appendChild(el("h3", { text: "heads: " + (p.heads.unit || "score") + " (click a head for its map)" }));
       var table = el("table", { class: "mv-grid mv-heads" });
       var head = el("tr", {}, [el("th", { text: "layer \\ head" })]);
       grid[0].forEach(function (_, h) { head.appendChild(el("th", { text: String(h) })); });
@@ -235,8 +236,8 @@
           var key = layer + "," + h, hasMap = !!(p.head_maps && p.head_maps[key]);
           var top = p.heads.top && p.heads.top[0] === layer && p.heads.top[1] === h;
           var cell = el("td", { class: "mv-cell mv-head" + (hasMap ? " mv-has-map" : "") + (top ? " mv-top" : "") + (state.head === key ? " mv-selected" : ""),
-                                "data-layer": String(layer), "data-head": String(h), title: "L" + layer + "H" + h + ": " + fmt(v) + " nats" + (hasMap ? "" : " (no position-level map here)") });
-          cell.style.background = css(colour("rdbu", (v === null ? 0 : v / m + 1) / 2));
+                                "data-layer": String(layer), "data-head": String(h), title: "L" + layer + "H" + h + ": " + fmt(v) + " " + (p.heads.unit || "") + (hasMap ? "" : " (no position-level map here)") });
+          cell.style.background = v === null ? "#eee" : sequential ? css(colour("magma", v / m)) : css(colour("rdbu", (v / m + 1) / 2));
           cell.addEventListener("click", function () {
             if (!hasMap) { state.head = key; missing("head", { token: state.token, layer: layer, head: h }); if (!options.onMissing) { headText.textContent = "L" + layer + "H" + h + ": no position-level map in this result (explain(..., heads=[(" + layer + ", " + h + ")]) computes it)"; } return; }
             state.head = state.head === key ? null : key; refresh();
@@ -246,7 +247,7 @@
         table.appendChild(tr);
       });
       headPanel.appendChild(table);
-      headPanel.appendChild(el("div", { class: "mv-legend", text: "blue: lowers, red: raises the token's log-prob (±" + fmt(m) + " nats); green frame: top head; dot: map available" }));
+      headPanel.appendChild(el("div", { class: "mv-legend", text: (sequential ? "darker: larger (up to " + fmt(m) + ")" : "blue: lowers, red: raises (±" + fmt(m) + ")") + "; green frame: top head; dot: map available" }));
       if (p.layers) headPanel.appendChild(layerStrip(p.layers));
       headText.textContent = "";
       if (state.head && p.head_text && p.head_text[state.head]) {
