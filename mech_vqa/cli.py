@@ -5,6 +5,7 @@
     mech-vqa merge R.shard-*-of-*.jsonl --out R.jsonl   join the shards of a sharded run
     mech-vqa summary R.jsonl [--figures DIR]       the dataset table, its CSV / parquet tables, figures
     mech-vqa eval [--n N]                          the organism's accuracy and localisation scores
+    mech-vqa explore [--port P]                    a local web app: ask, click tokens and heads, knock out
 
 Commands that load a model take --model, --device, --dtype and --threads. This module imports
 only the standard library until a command runs, so --help answers at once.
@@ -151,6 +152,16 @@ def _eval(args) -> int:
     return evaluate_main(argv) or 0
 
 
+def _explore(args) -> int:
+    from .explorer.app import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"mech-vqa explore: serving on {args.host} makes the app (and the model) reachable from other "
+              "machines; it has no authentication", file=sys.stderr)
+    serve(_load(args), host=args.host, port=args.port, open_browser=args.open, verbose=args.verbose)
+    return 0
+
+
 def _model_options(parser, model_help: str, device: bool = True) -> None:
     parser.add_argument("--model", default=None, help=model_help)
     if device:
@@ -264,6 +275,21 @@ def build_parser() -> argparse.ArgumentParser:
                                "attention scaffold on layer 2, head 0; free: trained without it)")
     evaluate.add_argument("--methods", default="all", help=f"comma-separated patch methods (default: all): {names}")
     evaluate.set_defaults(func=_eval)
+
+    explore = sub.add_parser("explore", help="a local web app: ask about an image, click answer tokens and heads",
+                             description="Serve the explorer on this machine: pick one of the organism's evaluation "
+                                         "images or upload one, ask, see the greedy answer; click an answer token "
+                                         "to compute its maps, a head for its position-level map; switch "
+                                         "methods; knock out heads or blocks and see the answer change; export "
+                                         "the view as a static HTML file or the results as files. Nothing is "
+                                         "fetched from or sent to the network.")
+    _model_options(explore, model_help)
+    explore.add_argument("--port", type=int, default=7860, help="port on --host (default 7860; 0: any free port)")
+    explore.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
+                                                             "machine only)")
+    explore.add_argument("--open", action="store_true", help="open the page in the default browser")
+    explore.add_argument("--verbose", action="store_true", help="log every request")
+    explore.set_defaults(func=_explore)
     return parser
 
 

@@ -269,3 +269,30 @@ def assert_leaves_model_as_found(vqa, prepared, run):
     assert_same_state(before, model_state(model))
     assert hook_snapshot(model) == hooks
     return result, before
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """A real headless Chromium driven by selenium (tests/explorer/explorer_browser.py); skips, naming
+    what is missing, only where Debian's chromium / chromium-driver or selenium are not installed."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "explorer"))
+    import explorer_browser
+
+    try:
+        driver = explorer_browser.start()
+    except explorer_browser.BrowserMissing as err:
+        pytest.skip(f"browser tests need a headless Chromium: {err}")
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="session")
+def organism_answer(organism_vqa, organism_eval_items):
+    """The organism's first evaluation item prepared with its greedy answer, and its box on the model's pixels."""
+    item = organism_eval_items[0]
+    inp = organism_vqa.prepare(item["picture"], item["question"])
+    return inp, inp.box_to_model(item["box"])

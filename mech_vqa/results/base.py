@@ -96,6 +96,28 @@ class Result:
     def plot(self, ax=None, **kwargs):
         raise NotImplementedError
 
+    # ---------------------------------------------------------------- interactive views
+    def to_html(self, path=None, **kwargs) -> str:
+        """A self-contained, offline HTML view (see :mod:`mech_vqa.explorer`); written to ``path`` when given."""
+        from ..explorer.html import to_html
+
+        return to_html(self, path, **kwargs)
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter's rich display: the same view, kept small (large parts left out, with a note).
+
+        A view that cannot be drawn warns and returns None, so the notebook shows the plain ``repr``."""
+        from ..explorer.html import repr_html
+
+        try:
+            return repr_html(self)
+        except Exception as err:  # a display hook must not break the notebook's output
+            import warnings
+
+            warnings.warn(f"no HTML view of this {type(self).__name__} ({type(err).__name__}: {err}); "
+                          "showing its repr", stacklevel=2)
+            return None
+
 
 def save_bundle(path, type_name: str, parts: dict, meta: dict | None = None) -> Path:
     """Save a result made of other results: ``<path>.json`` (a manifest plus ``meta``) and one
