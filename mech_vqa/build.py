@@ -18,18 +18,20 @@ IMAGE_TOKEN = "<image>"
 PROMPT_WORDS = ("user", "assistant", ":", "?", ".", ",")
 
 
-def word_level_tokenizer(words: Iterable[str]):
+def word_level_tokenizer(words: Iterable[str], extra_special: dict[str, str] | None = None):
     """A fast word-level tokenizer over ``words`` plus the special and prompt tokens.
 
     Text is lower-cased and split on whitespace and punctuation (so ``words`` are lower case);
     ``<image>`` is an added special token so the processor can expand it. Unknown words map to
-    ``<unk>``.
+    ``<unk>``. ``extra_special``: more named special tokens (``{"boi_token": "<start_of_image>"}``),
+    each one token and an attribute of the tokenizer, as a family's processor expects.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
-    for word in (*SPECIAL_TOKENS, *PROMPT_WORDS, *words):
+    extra_special = dict(extra_special or {})
+    for word in (*SPECIAL_TOKENS, *extra_special.values(), *PROMPT_WORDS, *words):
         if word not in vocab:
             vocab[word] = len(vocab)
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -42,7 +44,7 @@ def word_level_tokenizer(words: Iterable[str]):
         pad_token="<pad>",
         bos_token="<s>",
         eos_token="</s>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": IMAGE_TOKEN, **extra_special},
         padding_side="left",
     )
     return tokenizer
@@ -280,4 +282,65 @@ def tiny_llava_onevision(seed: int = 0, *, grid_pinpoints=((32, 32), (32, 64), (
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlavaOnevisionForConditionalGeneration(config)
+    return model.eval(), processor
+
+
+GEMMA3_SPECIAL = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+#: a Gemma-like chat format (the real one's turn markers left out): ``user : <start_of_image> {question} model :``
+GEMMA3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} :{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %} <start_of_image>{% else %} {{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %} model :{% endif %}"
+)
+
+
+def gemma3_processor(tokenizer, image_size: int, tokens_per_image: int):
+    """A ``Gemma3Processor``: the image stretched to ``image_size`` (no crop, no pan-and-scan),
+    ``<start_of_image>`` expanded to ``tokens_per_image`` soft tokens and ``<end_of_image>``."""
+    from transformers import Gemma3Processor
+
+    image_processor = _image_processor_class("Gemma3ImageProcessor")(
+        size={"height": image_size, "width": image_size}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE,
+                           image_seq_length=tokens_per_image)
+
+
+def tiny_gemma3(seed: int = 0, *, image_size: int = 32, patch_size: int = 4, tokens_per_side: int = 4,
+                hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, sliding_window: int = 8,
+                final_logit_softcapping: float | None = None):
+    """A tiny random ``Gemma3ForConditionalGeneration`` with its processor: ``(model, processor)``.
+
+    SigLIP on ``image_size`` px with ``patch_size`` px patches, pooled to ``tokens_per_side ** 2``
+    image tokens; text layers alternate sliding (``sliding_window`` keys, shorter than the image) and
+    global attention; every norm weight is randomised (Gemma initialises them at 0, gain 1), so the
+    ``1 + weight`` gains and the sandwich norms matter.
+    """
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    tokenizer = word_level_tokenizer((*TINY_WORDS, "model"), extra_special=GEMMA3_SPECIAL)
+    processor = gemma3_processor(tokenizer, image_size, tokens_per_side ** 2)
+    head_dim = hidden // heads
+    text = Gemma3TextConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+        sliding_window=sliding_window, layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                                   for i in range(layers)],
+        vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        final_logit_softcapping=final_logit_softcapping, tie_word_embeddings=False)
+    vision = SiglipVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=2)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in GEMMA3_SPECIAL.items()}
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_side ** 2,
+                          image_token_index=ids["image_token"], boi_token_index=ids["boi_token"],
+                          eoi_token_index=ids["eoi_token"], pad_token_id=tokenizer.pad_token_id,
+                          tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Gemma3ForConditionalGeneration(config)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "norm" in name and "language_model" in name or "mm_soft_emb_norm" in name:
+                    parameter.normal_(0, 0.5)
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
     return model.eval(), processor

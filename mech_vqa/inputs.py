@@ -232,6 +232,9 @@ def prepare(processor, adapter: ModelAdapter, image, question: str, answer: str 
             full_ids = prompt_ids + answer_ids
             full = dict(prompt_enc, input_ids=torch.tensor([full_ids]),
                         attention_mask=torch.ones(1, len(full_ids), dtype=torch.long))
+            if "token_type_ids" in full:  # Gemma-3's image-token marks: the answer is text (0)
+                marks = torch.as_tensor(full["token_type_ids"])
+                full["token_type_ids"] = torch.nn.functional.pad(marks, (0, len(full_ids) - marks.shape[-1]))
         if len(full_ids) == len(prompt_ids):
             raise ValueError(f"the answer {answer!r} tokenizes to no tokens")
         enc = full
@@ -318,6 +321,12 @@ def collate(items: list[PreparedInput], pad_token_id: int) -> BatchedInput:
         pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
     extra = {}
     for key, value in items[0].extra.items():
-        if torch.is_tensor(value):
+        if torch.is_tensor(value) and value.dim() == 2 and all(
+                item.extra[key].shape[-1] == item.seq_len for item in items):
+            # per-token inputs (Gemma-3's token_type_ids): left-padded like the ids, padding marked 0
+            extra[key] = torch.zeros((len(items), length), dtype=value.dtype)
+            for row, item in enumerate(items):
+                extra[key][row, offsets[row]:] = item.extra[key][0]
+        elif torch.is_tensor(value):
             extra[key] = torch.cat([item.extra[key] for item in items])
     return BatchedInput(items, ids, mask, torch.cat(pixels), offsets, extra)

@@ -95,6 +95,16 @@ def tiny_onevision_vqa() -> VQAModel:
     return _warmed_up(VQAModel(model, processor, name="tiny-llava-onevision"))
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3_vqa() -> VQAModel:
+    """Tiny Gemma-3: sandwich norms (randomised 1 + weight gains), QK-norm, sliding (8 keys) and global layers,
+    16 pooled image tokens (2 x 2 SigLIP patches each) attending to each other bidirectionally."""
+    from mech_vqa.build import tiny_gemma3
+
+    model, processor = tiny_gemma3(seed=8)
+    return _warmed_up(VQAModel(model, processor, name="tiny-gemma3"))
+
+
 @pytest.fixture(params=["next", "onevision"])
 def tiled_vqa(request) -> VQAModel:
     """The adapters whose images come as several views (tiles)."""
@@ -102,13 +112,14 @@ def tiled_vqa(request) -> VQAModel:
 
 
 FAMILIES = {"gqa": "tiny_vqa", "mha": "tiny_mha_vqa", "mistral": "tiny_mistral_vqa", "qwen2": "tiny_qwen2_vqa",
-            "gemma": "tiny_gemma_vqa", "next": "tiny_next_vqa", "onevision": "tiny_onevision_vqa"}
+            "gemma": "tiny_gemma_vqa", "next": "tiny_next_vqa", "onevision": "tiny_onevision_vqa",
+            "gemma3": "tiny_gemma3_vqa"}
 
 
 @pytest.fixture(params=list(FAMILIES))
 def any_vqa(request) -> VQAModel:
     """Each layout the adapters support: Llama GQA / MHA, Mistral and Qwen2 with sliding windows, Gemma,
-    LLaVA-NeXT and LLaVA-OneVision tiles."""
+    LLaVA-NeXT and LLaVA-OneVision tiles, Gemma-3."""
     return request.getfixturevalue(FAMILIES[request.param])
 
 
@@ -199,6 +210,29 @@ def head_zeroed_by_hand(vqa, layer: int, head: int):
         yield
     finally:
         handle.remove()
+
+
+def post_norm_factor(vqa, layer: int, block: str, raw: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``gain * frozen scale`` (float64) that the model's own post-norm applies to a block's raw
+    output ``raw`` ``[..., d]`` (``o_proj`` / ``down_proj`` output), read off the module by running it;
+    ones for pre-norm layers (LLaVA), which add ``raw`` as it is."""
+    decoder = vqa.model.model.language_model.layers[layer]
+    name = {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}[block]
+    if not hasattr(decoder, "post_feedforward_layernorm"):
+        return torch.ones_like(raw, dtype=torch.float64)
+    with torch.no_grad():
+        return getattr(decoder, name)(raw).double() / raw.double()
+
+
+def image_blocks(inp) -> torch.Tensor | None:
+    """``[S]`` id of the image block (bidirectional under Gemma-3's mask) of each position, -1 for text,
+    from the processor's ``token_type_ids`` (not the adapter); None without them."""
+    marks = inp.extra.get("token_type_ids")
+    if marks is None:
+        return None
+    is_image = marks[0] == 1
+    starts = is_image & ~torch.cat([torch.zeros(1, dtype=torch.bool), is_image[:-1]])
+    return torch.where(is_image, starts.long().cumsum(0) - 1, -1)
 
 
 def first_view_positions(vqa, inp) -> torch.Tensor:

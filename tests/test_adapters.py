@@ -400,3 +400,156 @@ def test_post_normalised_blocks_are_one_clear_error_at_load():
                                                       image_token_id=base.image_token_id))
     with pytest.raises(AdapterError, match="pre_feedforward_layernorm, post_feedforward_layernorm, attn_logit_softcapping"):
         get_adapter(model)
+
+
+# ------------------------------------------------------------------------------ Gemma-3
+@pytest.mark.parametrize("size", NEXT_SIZES)
+def test_gemma3_positions_hold_the_pooled_patches_inside_each_box(tiny_gemma3_vqa, size):
+    """Each image position holds the projection of the mean of the SigLIP patches whose pixels lie in
+    its box (rebuilt here from the boxes and the tower's own output, not from the projector's pooling),
+    row-major between <start_of_image> and <end_of_image>, which are never image positions."""
+    vqa = tiny_gemma3_vqa
+    inp = vqa.prepare(_gradient_image(*size), "What is the color of the dog?", "The dog is red.")
+    geometry, config = inp.geometry, vqa.model.config
+    tokenizer = vqa.processor.tokenizer
+    ids = inp.input_ids[0]
+    assert geometry.grid == (4, 4) and geometry.image_size == (32, 32) and geometry.n_tokens == 16
+    boi, eoi = tokenizer.convert_tokens_to_ids(["<start_of_image>", "<end_of_image>"])
+    assert ids[geometry.positions[0] - 1] == boi and ids[geometry.positions[-1] + 1] == eoi
+    assert torch.equal(geometry.positions, torch.arange(int(geometry.positions[0]), int(geometry.positions[0]) + 16))
+    assert not set(geometry.positions.tolist()) & set((ids == boi).nonzero().flatten().tolist() +
+                                                      (ids == eoi).nonzero().flatten().tolist())
+    patch = config.vision_config.patch_size
+    side = config.vision_config.image_size // patch
+    with torch.no_grad(), vqa.trace(["resid_pre"], layers=[0]) as cache:
+        vqa.forward(inp)
+        patches = vqa.model.model.vision_tower(inp.pixel_values).last_hidden_state[0]    # [side*side, d_v]
+    centres_x = (torch.arange(side * side) % side + 0.5) * patch
+    centres_y = (torch.arange(side * side) // side + 0.5) * patch
+    projector = vqa.model.model.multi_modal_projector
+    embedded = cache["resid_pre", 0][0, geometry.positions]
+    for token, (x0, y0, x1, y1) in enumerate(geometry.boxes.tolist()):
+        inside = (centres_x > x0) & (centres_x < x1) & (centres_y > y0) & (centres_y < y1)
+        assert int(inside.sum()) == vqa.adapter.patches_per_image_token == 4
+        pooled = patches[inside].mean(0)
+        expected = projector.mm_soft_emb_norm(pooled) @ projector.mm_input_projection_weight
+        torch.testing.assert_close(embedded[token], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", NEXT_SIZES)
+def test_gemma3_boxes_map_back_to_the_original_pixels(tiny_gemma3_vqa, size):
+    """The de-normalised pixels in each token's box equal the original gradient at that box mapped back
+    through ``pixel_transform`` (the processor stretches the image, no crop)."""
+    width, height = size
+    inp = tiny_gemma3_vqa.prepare(_gradient_image(width, height), "What is the color of the dog?", "The dog is red.")
+    pixels = inp.pixel_values[0] * torch.tensor(inp.image_std).view(3, 1, 1) + torch.tensor(inp.image_mean).view(3, 1, 1)
+    sx, sy, dx, dy = inp.pixel_transform
+    assert (dx, dy) == (0.0, 0.0)
+    for x0, y0, x1, y1 in inp.geometry.boxes.long().tolist():
+        cx, cy = ((x0 + x1) / 2 + dx) / sx, ((y0 + y1) / 2 + dy) / sy              # original pixels
+        red, green = pixels[0, y0:y1, x0:x1].mean(), pixels[1, y0:y1, x0:x1].mean()
+        assert float(red) == pytest.approx((cx - 0.5) / (width - 1), abs=0.04)
+        assert float(green) == pytest.approx((cy - 0.5) / (height - 1), abs=0.04)
+
+
+@torch.no_grad()
+def test_gemma3_heads_and_neurons_sum_to_the_post_normed_block_outputs(tiny_gemma3_vqa):
+    """The sandwich norms made linear: with each post-norm's scale frozen at the forward's value, the heads'
+    terms sum to what the attention block adds to the residual stream, the neurons' to the MLP's; the
+    frozen scale is the one the forward used (not 1: undoing the freeze breaks the sum)."""
+    from mech_vqa.methods.mechanistic import capture_target, head_vectors
+
+    vqa, a = tiny_gemma3_vqa, tiny_gemma3_vqa.adapter
+    inp = vqa.prepare(_gradient_image(50, 50), "What is the color of the dog?", "The dog is red.")
+    capture = capture_target(vqa, inp, inp.target(1))
+    heads = head_vectors(capture)[0]                                               # [L, H, d]
+    for layer in range(a.n_layers):
+        torch.testing.assert_close(heads[layer].sum(0), capture.attn_out[0, layer], rtol=1e-5, atol=1e-6)
+        scale, gain = capture.frozen_output_norm(layer, "mlp")
+        neurons = capture.mlp_act[0, layer].float() * a.W_down(layer).float() * (scale[0] * gain).unsqueeze(1)
+        torch.testing.assert_close(neurons.sum(1), capture.mlp_out[0, layer], rtol=1e-5, atol=1e-6)
+        raw = torch.einsum("hd,hdm->m", capture.z[0, layer], a.W_O(layer))
+        assert not torch.allclose(raw, capture.attn_out[0, layer], atol=1e-3)        # the norm does matter
+    assert a.resid_mid_module(0) is vqa.model.model.language_model.layers[0].pre_feedforward_layernorm
+
+
+def test_gemma3_layout_and_attention(tiny_gemma3_vqa):
+    a = tiny_gemma3_vqa.adapter
+    text = tiny_gemma3_vqa.model.config.text_config
+    assert [a.sliding_window(i) for i in range(a.n_layers)] == [8, None]
+    assert a.attention_scaling(0) == text.query_pre_attn_scalar ** -0.5
+    assert a.final_norm_params()["weight"].shape == (a.d_model,)
+    # the bidirectional blocks are the image tokens, one block per image, -1 elsewhere
+    inp = tiny_gemma3_vqa.prepare(_gradient_image(40, 30), "What is the color of the dog?")
+    blocks = a.attention_blocks(inp.input_ids[0])
+    assert set(blocks[inp.geometry.positions].tolist()) == {0}
+    assert (blocks[~torch.isin(torch.arange(inp.seq_len), inp.geometry.positions)] == -1).all()
+    assert torch.equal(blocks >= 0, inp.extra["token_type_ids"][0] == 1)
+
+
+def test_gemma3_scorer_follows_the_forward_on_soft_capping(image):
+    """transformers' Gemma3ForConditionalGeneration returns lm_head's logits uncapped whatever
+    final_logit_softcapping says: the frozen-norm scorer reproduces the model's own log-probability;
+    an adapter whose model caps gets capped logits, exactly."""
+    from mech_vqa import VQAModel
+    from mech_vqa.build import tiny_gemma3
+    from mech_vqa.methods.logprob import FrozenNormScorer
+
+    model, processor = tiny_gemma3(seed=9, final_logit_softcapping=0.02)
+    vqa = VQAModel(model, processor)
+    inp = vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
+    target = inp.target(1)
+    with torch.no_grad(), vqa.trace(["resid_post"], layers=[-1]) as cache:
+        logits = vqa.forward(inp).logits[0, target.position].float()
+    final = cache["resid_post", vqa.adapter.n_layers - 1][:, target.position]
+    scorer = FrozenNormScorer(vqa.adapter, final, [target.token_id])
+    own = float(logits.log_softmax(-1)[target.token_id])
+    assert float(scorer.log_prob(final[:, None])[0, 0]) == pytest.approx(own, abs=1e-5)
+    capped = float((0.02 * torch.tanh(logits / 0.02)).log_softmax(-1)[target.token_id])
+    assert abs(capped - own) > 1e-2
+    vqa.adapter.logit_softcap = lambda: 0.02  # a model that caps (Gemma-2-like): every chunk capped
+    for chunk in (1 << 20, 8):
+        scorer = FrozenNormScorer(vqa.adapter, final, [target.token_id], chunk_elements=chunk)
+        assert float(scorer.log_prob(final[:, None])[0, 0]) == pytest.approx(capped, abs=1e-5)
+
+
+def test_gemma3_refusals_are_one_clear_error(tiny_gemma3_vqa):
+    a = tiny_gemma3_vqa.adapter
+    ids = torch.tensor([1, 2, a.image_token_id] + [a.image_token_id] * 15)
+    with pytest.raises(AdapterError, match="pan-and-scan"):
+        a.image_geometry(ids, torch.zeros(2, 3, 32, 32))
+
+
+def test_gemma3_4b_geometry_at_real_scale():
+    """A meta-device Gemma-3-4B (google/gemma-3-4b-it's config.json values) and a Gemma3Processor at its
+    preprocessor_config.json sizes: 896 px, 256 pooled tokens of 56 px, for every tiled-test image size."""
+    from PIL import Image
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    from mech_vqa.build import GEMMA3_SPECIAL, TINY_WORDS, gemma3_processor
+
+    tokenizer = word_level_tokenizer((*TINY_WORDS, "model"), extra_special=GEMMA3_SPECIAL)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in GEMMA3_SPECIAL.items()}
+    text = Gemma3TextConfig(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
+                            vocab_size=262208)
+    vision = SiglipVisionConfig(image_size=896, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                                num_hidden_layers=27, num_attention_heads=16, vision_use_head=False)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256,
+                          image_token_index=ids["image_token"], boi_token_index=ids["boi_token"],
+                          eoi_token_index=ids["eoi_token"])
+    with torch.device("meta"):
+        model = Gemma3ForConditionalGeneration(config)
+    adapter = get_adapter(model)
+    assert (adapter.n_layers, adapter.n_heads, adapter.n_kv_heads, adapter.head_dim) == (34, 8, 4, 256)
+    assert [adapter.sliding_window(i) for i in range(6)] == [1024] * 5 + [None]   # 5 local : 1 global
+    assert adapter.patches_per_image_token == 16 and adapter.patch_size == 56
+    pooled = model.model.multi_modal_projector(torch.zeros(1, 64 * 64, 1152, device="meta"))
+    processor = gemma3_processor(tokenizer, 896, 256)
+    for width, height in NEXT_SIZES + [(90, 90)]:
+        enc = processor(images=Image.new("RGB", (width, height)), text="user : <start_of_image> dog", return_tensors="pt")
+        assert enc["pixel_values"].shape == (1, 3, 896, 896)
+        geometry = adapter.image_geometry(enc["input_ids"][0], enc["pixel_values"])
+        assert geometry.n_tokens == int((enc["input_ids"] == ids["image_token"]).sum()) == pooled.shape[1] == 256
+        assert geometry.grid == (16, 16) and geometry.image_size == (896, 896)
+        assert geometry.boxes[17].tolist() == [56.0, 56.0, 112.0, 112.0]

@@ -3,7 +3,8 @@
 from .base import AdapterError, ImageGeometry, ModelAdapter, get_adapter, register_adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
+from .gemma3 import Gemma3Adapter
 
-__all__ = ["AdapterError", "ImageGeometry", "ModelAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter",
+__all__ = ["AdapterError", "Gemma3Adapter", "ImageGeometry", "ModelAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter",
            "get_adapter",
            "register_adapter"]

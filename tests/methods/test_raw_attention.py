@@ -23,7 +23,9 @@ def eager_attentions(vqa, inp) -> torch.Tensor:
 
 def image_cells(vqa, inp):
     """The first view's image-token positions and their (row, col), from the input ids (row-major)."""
-    cols = vqa.model.config.vision_config.image_size // vqa.model.config.vision_config.patch_size
+    config = vqa.model.config
+    pooled = getattr(config, "mm_tokens_per_image", None)  # Gemma-3 average-pools the patches to this many tokens
+    cols = round(pooled ** 0.5) if pooled else config.vision_config.image_size // config.vision_config.patch_size
     positions = first_view_positions(vqa, inp)
     index = torch.arange(positions.numel())
     return positions, index // cols, index % cols
