@@ -553,3 +553,22 @@ def test_gemma3_4b_geometry_at_real_scale():
         assert geometry.n_tokens == int((enc["input_ids"] == ids["image_token"]).sum()) == pooled.shape[1] == 256
         assert geometry.grid == (16, 16) and geometry.image_size == (896, 896)
         assert geometry.boxes[17].tolist() == [56.0, 56.0, 112.0, 112.0]
+
+
+def test_gemma3_batch_equals_rows_alone_and_nnsight_is_refused(tiny_gemma3_vqa, image):
+    """Left padding carries token_type_ids along (image blocks stay where the ids are); the nnsight
+    backend, which reads a pre-norm layer, refuses the model with one clear error."""
+    from mech_vqa import VQAModel, explain
+    from mech_vqa.backends import BackendNotSupported
+
+    vqa = tiny_gemma3_vqa
+    long = vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
+    short = vqa.prepare(_gradient_image(40, 30), "What is the dog?", "red")
+    together = explain(vqa, vqa.batch([long, short]), heads=[(1, 1), (0, 2)])
+    for row, inp in enumerate([long, short]):
+        alone = explain(vqa, inp, heads=[(1, 1), (0, 2)])
+        torch.testing.assert_close(together[row].heads.scores, alone.heads.scores, rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(together[row].positions.scores, alone.positions.scores, rtol=1e-4, atol=2e-5)
+    pytest.importorskip("nnsight")
+    with pytest.raises(BackendNotSupported, match="overrides output_norm, qk_norm, attention_blocks"):
+        VQAModel(vqa.model, vqa.processor, backend="nnsight")

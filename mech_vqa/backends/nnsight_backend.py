@@ -115,6 +115,17 @@ class NNsightBackend(Backend):
             raise BackendNotSupported(
                 f"remote={remote!r} is not supported yet: remote NDIF execution is untested here; use "
                 "remote=False (in process) or remote='local' (nnsight's offline simulation of a remote call)")
+        from ..adapters import ModelAdapter
+
+        differs = [name for name in ("output_norm", "qk_norm", "attention_blocks", "logit_softcap")
+                   if getattr(type(vqa.adapter), name) is not getattr(ModelAdapter, name)]
+        if differs:
+            # its reading places (_SLOTS) are a pre-norm Llama layer's: post-norms, QK-norm and
+            # bidirectional blocks are read by the hooks backend only
+            raise BackendNotSupported(
+                f"the nnsight backend reads a pre-norm Llama-like layer; {type(vqa.model).__name__}'s adapter "
+                f"overrides {', '.join(differs)} (post-normed blocks, QK-norm, bidirectional image attention), "
+                "which only the hooks backend follows: use backend='hooks'")
         super().__init__(vqa)
         self.nnsight = import_nnsight()
         from nnsight.modeling.transformers import TransformersModel

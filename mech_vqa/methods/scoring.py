@@ -172,8 +172,11 @@ class AnswerScorer:
     def _inputs(self, pixels: torch.Tensor) -> dict:
         n = pixels.shape[0]
         ids = self.input_ids.to(self.device).expand(n, -1)
-        extra = {k: (v.to(self.device).expand(n, *v.shape[1:]) if torch.is_tensor(v) else v)
+        length = ids.shape[1]
+        # per-token inputs (Gemma-3's token_type_ids) are cut with the ids
+        extra = {k: (v[..., :length] if torch.is_tensor(v) and v.dim() == 2 and v.shape[-1] == self.inp.seq_len else v)
                  for k, v in self.inp.extra.items()}
+        extra = {k: (v.to(self.device).expand(n, *v.shape[1:]) if torch.is_tensor(v) else v) for k, v in extra.items()}
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                 "pixel_values": pixels.to(self.device, self.dtype), **extra}
 
