@@ -344,3 +344,70 @@ def tiny_gemma3(seed: int = 0, *, image_size: int = 32, patch_size: int = 4, tok
                     parameter.normal_(0, 0.5)
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
     return model.eval(), processor
+
+
+INTERNVL_SPECIAL = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                    "video_token": "<video>"}
+#: ``user : <image> {question} assistant :``, the processor expanding ``<IMG_CONTEXT>``
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} :{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %} <IMG_CONTEXT>{% else %} {{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %} assistant :{% endif %}"
+)
+
+
+def internvl_processor(tokenizer, tile_size: int, tokens_per_tile: int, max_tiles: int = 4):
+    """An image-only ``InternVLProcessor``: GOT-OCR2 tiles of ``tile_size`` (1..``max_tiles`` of them,
+    the grid closest to the image's aspect ratio, the image stretched onto it) plus a thumbnail when
+    there are several; each tile gives ``tokens_per_tile`` ``<IMG_CONTEXT>`` tokens between
+    ``<img>`` and ``</img>``."""
+    from transformers import InternVLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyInternVLProcessor(InternVLProcessor):
+        # transformers' constructor wants a video processor (torchvision); images need none
+        def __init__(self, image_processor=None, tokenizer=None, image_seq_length=256, chat_template=None, **kwargs):
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+            import re
+
+            self.image_seq_length = image_seq_length
+            self.start_image_token, self.end_image_token = tokenizer.start_image_token, tokenizer.end_image_token
+            self.start_image_token_id = tokenizer.start_image_token_id
+            self.end_image_token_id = tokenizer.end_image_token_id
+            self.image_token, self.video_token = tokenizer.context_image_token, tokenizer.video_token
+            self.image_token_id = tokenizer.context_image_token_id
+            self.video_processor = None
+            self.multimodal_pattern = re.compile(
+                f"(?P<image>{re.escape(self.image_token)})|(?P<video>{re.escape(self.video_token)})")
+
+    image_processor = _image_processor_class("GotOcr2ImageProcessor")(
+        size={"height": tile_size, "width": tile_size}, crop_to_patches=True, min_patches=1, max_patches=max_tiles,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return ImageOnlyInternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                      image_seq_length=tokens_per_tile, chat_template=INTERNVL_CHAT_TEMPLATE)
+
+
+def tiny_internvl(seed: int = 0, *, tile_size: int = 32, patch_size: int = 4, max_tiles: int = 4, hidden: int = 64,
+                  layers: int = 2, heads: int = 4, kv_heads: int = 2):
+    """A tiny random ``InternVLForConditionalGeneration`` (InternViT-like tower with a CLS token, pixel
+    shuffle 0.5, Qwen2 text model) with its processor: ``(model, processor)``."""
+    import transformers
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
+
+    tokenizer = word_level_tokenizer(TINY_WORDS, extra_special=INTERNVL_SPECIAL)
+    tokens_per_tile = (tile_size // patch_size // 2) ** 2
+    processor = internvl_processor(tokenizer, tile_size, tokens_per_tile, max_tiles)
+    text = transformers.Qwen2Config(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=len(tokenizer), max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False)
+    vision = InternVLVisionConfig(image_size=[tile_size, tile_size], patch_size=[patch_size, patch_size],
+                                  hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5,
+                            image_token_id=tokenizer.convert_tokens_to_ids(INTERNVL_SPECIAL["context_image_token"]),
+                            image_seq_length=tokens_per_tile, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = InternVLForConditionalGeneration(config)
+    return model.eval(), processor

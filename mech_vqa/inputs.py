@@ -138,6 +138,12 @@ class PreparedInput:
         pixel = self.pixel_values[0].detach().float().cpu()
         if pixel.dim() == 4:  # several views (tiles): the first is the whole image
             pixel = pixel[0]
+        whole = self.geometry.view_boxes
+        if self.pixel_values.dim() == 4 and whole is not None and self.pixel_values.shape[0] == whole.shape[0] > 1:
+            # views along the batch axis (InternVL's tiles, thumbnail last): the view showing the whole frame
+            height, width = self.geometry.image_size
+            frame = torch.tensor([0.0, 0.0, width, height])
+            pixel = self.pixel_values[int((whole == frame).all(1).nonzero()[0])].detach().float().cpu()
         mean = torch.tensor(self.image_mean).view(3, 1, 1)
         std = torch.tensor(self.image_std).view(3, 1, 1)
         return (pixel * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
@@ -242,7 +248,9 @@ def prepare(processor, adapter: ModelAdapter, image, question: str, answer: str 
         enc = prompt_enc
     input_ids = torch.as_tensor(enc["input_ids"])
     ids = input_ids[0].tolist()
-    geometry = adapter.image_geometry(input_ids[0], enc["pixel_values"], enc.get("image_sizes"))
+    # processors that do not return image_sizes (InternVL's tiles): the original size, which tiled geometries need
+    image_sizes = enc.get("image_sizes", torch.tensor([[image.height, image.width]]))
+    geometry = adapter.image_geometry(input_ids[0], enc["pixel_values"], image_sizes)
 
     question_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
     start = _find_subsequence(prompt_ids, question_ids)

@@ -105,6 +105,16 @@ def tiny_gemma3_vqa() -> VQAModel:
     return _warmed_up(VQAModel(model, processor, name="tiny-gemma3"))
 
 
+@pytest.fixture(scope="session")
+def tiny_internvl_vqa() -> VQAModel:
+    """Tiny InternVL: 32 px tiles (1..4 of them, plus a thumbnail beyond one), 8 x 8 patches with a class
+    token, pixel shuffle 0.5 -> 16 tokens per view, Qwen2 text model."""
+    from mech_vqa.build import tiny_internvl
+
+    model, processor = tiny_internvl(seed=10)
+    return _warmed_up(VQAModel(model, processor, name="tiny-internvl"))
+
+
 @pytest.fixture(params=["next", "onevision"])
 def tiled_vqa(request) -> VQAModel:
     """The adapters whose images come as several views (tiles)."""
@@ -113,7 +123,7 @@ def tiled_vqa(request) -> VQAModel:
 
 FAMILIES = {"gqa": "tiny_vqa", "mha": "tiny_mha_vqa", "mistral": "tiny_mistral_vqa", "qwen2": "tiny_qwen2_vqa",
             "gemma": "tiny_gemma_vqa", "next": "tiny_next_vqa", "onevision": "tiny_onevision_vqa",
-            "gemma3": "tiny_gemma3_vqa"}
+            "gemma3": "tiny_gemma3_vqa", "internvl": "tiny_internvl_vqa"}
 
 
 @pytest.fixture(params=list(FAMILIES))

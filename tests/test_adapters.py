@@ -572,3 +572,108 @@ def test_gemma3_batch_equals_rows_alone_and_nnsight_is_refused(tiny_gemma3_vqa, 
     pytest.importorskip("nnsight")
     with pytest.raises(BackendNotSupported, match="overrides output_norm, qk_norm, attention_blocks"):
         VQAModel(vqa.model, vqa.processor, backend="nnsight")
+
+
+# ------------------------------------------------------------------------------ InternVL
+@pytest.mark.parametrize("size", NEXT_SIZES + [(20, 20)])
+def test_internvl_positions_hold_the_patches_inside_each_box(tiny_internvl_vqa, size):
+    """Each image position holds the projection of exactly the vision patches (class token dropped) whose
+    pixels lie in its box, in the view it belongs to: the projector's input row is those patches'
+    features in some order (the pixel shuffle's channel order, not assumed here)."""
+    vqa = tiny_internvl_vqa
+    inp = vqa.prepare(_gradient_image(*size), "What is the color of the dog?", "The dog is red.")
+    geometry = inp.geometry
+    n_views = inp.pixel_values.shape[0]
+    ids = inp.input_ids[0]
+    assert geometry.n_tokens == int((ids == vqa.adapter.image_token_id).sum()) == 16 * n_views
+    start, end = vqa.processor.tokenizer.convert_tokens_to_ids(["<img>", "</img>"])
+    assert ids[geometry.positions.min() - 1] == start and ids[geometry.positions.max() + 1] == end
+    with torch.no_grad(), vqa.trace(["resid_pre", "vision_features", "projector_out"], layers=[0]) as cache:
+        vqa.forward(inp)
+        patches = vqa.model.model.vision_tower(inp.pixel_values).last_hidden_state[:, 1:]   # [V, 64, d_v]
+    embedded = cache["resid_pre", 0][0, geometry.positions]
+    torch.testing.assert_close(embedded, cache["projector_out"].flatten(0, 1), rtol=0, atol=0)
+    folded = cache["vision_features"].flatten(0, 1).unflatten(-1, (4, -1))          # [n, 4, d_v]
+    frames = torch.tensor([[0.0, 0.0, 32.0, 32.0]]) if geometry.view_boxes is None else geometry.view_boxes
+    centres = (torch.arange(8) + 0.5) * 4                                          # tile pixels
+    # which view (pixel_values index) each token came from: the views follow each other in the prompt
+    source = torch.arange(n_views).repeat_interleave(16)
+    assert torch.equal(geometry.view, (source != n_views - 1).long() if n_views > 1 else torch.zeros(16).long())
+    for token in range(geometry.n_tokens):
+        x0, y0, x1, y1 = frames[source[token]].tolist()
+        sx, sy = (x1 - x0) / 32, (y1 - y0) / 32
+        bx0, by0, bx1, by1 = geometry.boxes[token].tolist()
+        cols = ((x0 + centres * sx > bx0) & (x0 + centres * sx < bx1)).nonzero().flatten()
+        rows = ((y0 + centres * sy > by0) & (y0 + centres * sy < by1)).nonzero().flatten()
+        inside = (rows[:, None] * 8 + cols[None, :]).flatten()
+        assert inside.numel() == vqa.adapter.patches_per_image_token == 4
+        expected = patches[source[token], inside]                                  # [4, d_v]
+        distance = torch.cdist(folded[token], expected)
+        assert float(distance.min(1).values.max()) < 1e-5 and float(distance.min(0).values.max()) < 1e-5
+
+
+@pytest.mark.parametrize("size", NEXT_SIZES)
+def test_internvl_view_boxes_show_what_the_processor_put_in_each_view(tiny_internvl_vqa, size):
+    """De-normalised pixels of every view (tiles, then the thumbnail) equal the original's gradient where
+    view_boxes (frame pixels, mapped back by pixel_transform) says that view looks."""
+    vqa = tiny_internvl_vqa
+    width, height = size
+    inp = vqa.prepare(_gradient_image(width, height), "What is the color of the dog?", "The dog is red.")
+    sx, sy, _, _ = inp.pixel_transform
+    assert inp.geometry.view_boxes is not None and inp.geometry.view_boxes.shape[0] == inp.pixel_values.shape[0]
+    mean, std = torch.tensor(inp.image_mean).view(3, 1, 1), torch.tensor(inp.image_std).view(3, 1, 1)
+    for view, (x0, y0, x1, y1) in enumerate(inp.geometry.view_boxes.tolist()):
+        pixels = inp.pixel_values[view] * std + mean
+        centres = (torch.arange(32) + 0.5) / 32
+        x_orig, y_orig = (x0 + centres * (x1 - x0)) / sx, (y0 + centres * (y1 - y0)) / sy
+        expect_r = ((x_orig - 0.5) / (width - 1)).view(1, -1).expand(32, -1)
+        expect_g = ((y_orig - 0.5) / (height - 1)).view(-1, 1).expand(-1, 32)
+        inside = (((x_orig > 3) & (x_orig < width - 3)).view(1, -1) & ((y_orig > 3) & (y_orig < height - 3)).view(-1, 1))
+        assert float((pixels[0] - expect_r)[inside].abs().max()) < 0.05
+        assert float((pixels[1] - expect_g)[inside].abs().max()) < 0.05
+    # the displayed image is the thumbnail (the whole image), not the first tile
+    shown = torch.from_numpy(inp.display_image()).permute(2, 0, 1)
+    torch.testing.assert_close(shown, (inp.pixel_values[-1] * std + mean).clamp(0, 1))
+
+
+def test_internvl_without_the_original_size_is_one_clear_error(tiny_internvl_vqa):
+    vqa = tiny_internvl_vqa
+    inp = vqa.prepare(_gradient_image(70, 40), "What is the color of the dog?", "The dog is red.")
+    with pytest.raises(AdapterError, match="need the original image size"):
+        vqa.adapter.image_geometry(inp.input_ids[0], inp.pixel_values)
+
+
+def test_internvl3_8b_geometry_at_real_scale():
+    """A meta-device InternVL3-8B (OpenGVLab/InternVL3-8B-hf's config.json values) and a processor at its
+    preprocessor_config.json settings (448 px tiles, 1..12 of them, thumbnail): token counts agree with
+    the processor's, 256 per view, for every tiled-test image size."""
+    from PIL import Image
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+    from mech_vqa.build import INTERNVL_SPECIAL, TINY_WORDS, internvl_processor
+
+    tokenizer = word_level_tokenizer(TINY_WORDS, extra_special=INTERNVL_SPECIAL)
+    text = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=151674)
+    vision = InternVLVisionConfig(image_size=[448, 448], patch_size=[14, 14], hidden_size=1024, intermediate_size=4096,
+                                  num_hidden_layers=24, num_attention_heads=16)
+    config = InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(config)
+    adapter = get_adapter(model)
+    assert (adapter.n_layers, adapter.n_heads, adapter.n_kv_heads, adapter.head_dim) == (28, 28, 4, 128)
+    assert adapter.patch_grid == (16, 16) and adapter.patch_size == 28 and adapter.patches_per_image_token == 4
+    processor = internvl_processor(tokenizer, 448, 256, max_tiles=12)
+    for width, height in NEXT_SIZES + [(90, 90), (1000, 600)]:
+        image = Image.new("RGB", (width, height))
+        enc = processor(images=image, text="user : <IMG_CONTEXT> dog", return_tensors="pt")
+        n_views = enc["pixel_values"].shape[0]
+        features = model.model.get_image_features(enc["pixel_values"].to("meta")).pooler_output
+        geometry = adapter.image_geometry(enc["input_ids"][0], enc["pixel_values"], torch.tensor([[height, width]]))
+        assert geometry.n_tokens == int((enc["input_ids"] == config.image_token_id).sum()) == features.shape[0] * 256
+        assert features.shape[:2] == (n_views, 256) and geometry.grid == (16, 16)
+        if n_views > 1:  # the tiles cover the frame exactly once
+            tiles = geometry.view_boxes[:-1]
+            area = ((tiles[:, 2] - tiles[:, 0]) * (tiles[:, 3] - tiles[:, 1])).sum()
+            assert float(area) == pytest.approx(448 * 448)

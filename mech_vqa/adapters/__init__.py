@@ -4,7 +4,8 @@ from .base import AdapterError, ImageGeometry, ModelAdapter, get_adapter, regist
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from .gemma3 import Gemma3Adapter
+from .internvl import InternVLAdapter
 
-__all__ = ["AdapterError", "Gemma3Adapter", "ImageGeometry", "ModelAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter",
+__all__ = ["AdapterError", "Gemma3Adapter", "InternVLAdapter", "ImageGeometry", "ModelAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter",
            "get_adapter",
            "register_adapter"]

@@ -25,8 +25,10 @@ def reference_relevancy(vqa, inp, answer_index: int, row_normalize: bool = False
     for p in model.parameters():
         p.requires_grad_(False)
     vision_probs = []
-    handles = [layer.self_attn.register_forward_hook(lambda m, a, out: vision_probs.append(out[1]))
-               for layer in model.model.vision_tower.encoder.layers]
+    # no vision stage where the connector merges patches (Gemma-3's pooling, InternVL's pixel shuffle)
+    merged = vqa.adapter.patches_per_image_token > 1
+    handles = [] if merged else [layer.self_attn.register_forward_hook(lambda m, a, out: vision_probs.append(out[1]))
+                                 for layer in model.model.vision_tower.encoder.layers]
     inputs = inp.model_inputs()
     inputs["pixel_values"] = inputs["pixel_values"].clone().requires_grad_(True)
     out = model(**inputs, output_attentions=True, use_cache=False)
@@ -47,7 +49,7 @@ def reference_relevancy(vqa, inp, answer_index: int, row_normalize: bool = False
     if row_normalize:
         off = row - torch.eye(seq)[position]
         row = off / off.sum() + torch.eye(seq)[position]
-    if inp.pixel_values.dim() == 5:  # tiled (LLaVA-NeXT): no vision stage
+    if inp.pixel_values.dim() == 5 or merged:  # tiled (LLaVA-NeXT) or merged patches: no vision stage
         return row.detach(), None
     image = (inp.input_ids[0] == model.config.image_token_id).nonzero().flatten()
     n_tokens = vision_probs[0].shape[-1]
