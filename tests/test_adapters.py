@@ -677,3 +677,27 @@ def test_internvl3_8b_geometry_at_real_scale():
             tiles = geometry.view_boxes[:-1]
             area = ((tiles[:, 2] - tiles[:, 0]) * (tiles[:, 3] - tiles[:, 1])).sum()
             assert float(area) == pytest.approx(448 * 448)
+
+
+def test_internvl_methods_on_tiles_and_on_one_tile(tiny_internvl_vqa):
+    """Token-level methods run on every tile; pixel-perturbation methods refuse tiles riding along the
+    batch axis with one clear error naming the fix, and run once the image is one tile."""
+    from mech_vqa import compare, explain
+
+    vqa = tiny_internvl_vqa
+    tiled = vqa.prepare(_gradient_image(70, 40), "What is the color of the dog?", "The dog is red.")
+    result = explain(vqa, tiled, heads=[(1, 1)])
+    assert result.positions.scores.shape[-1] == tiled.seq_len
+    with pytest.raises(NotImplementedError, match="max_patches = 1"):
+        compare(vqa, tiled, progress=False, methods=["mechanistic"])
+    processor = vqa.processor.image_processor
+    saved = processor.max_patches
+    try:  # the baselines go through the same processor: one tile while the comparison runs
+        processor.max_patches = 1
+        single = vqa.prepare(_gradient_image(70, 40), "What is the color of the dog?", "The dog is red.")
+        assert single.pixel_values.shape[0] == 1 and single.geometry.view_boxes is None
+        frame = compare(vqa, single, progress=False, methods=["mechanistic", "igos+"],
+                        options={"igos+": {"iterations": 2}}, head_claims=None).to_dataframe()
+    finally:
+        processor.max_patches = saved
+    assert list(frame["method"]) == ["mechanistic", "igos+"]

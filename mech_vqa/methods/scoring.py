@@ -147,6 +147,15 @@ class AnswerScorer:
         from ..backends import require_hooks
 
         require_hooks(vqa, "AnswerScorer (igos, visually_relevant_tokens, insertion_deletion, patch_faithfulness)")
+        if inp.pixel_values.dim() == 4 and inp.pixel_values.shape[0] > 1:
+            # InternVL: the image's tiles and thumbnail ride along pixel_values' batch axis, where the scorer
+            # puts its perturbed copies
+            raise NotImplementedError(
+                f"this input's {inp.pixel_values.shape[0]} image views (tiles) ride along pixel_values' batch axis, "
+                "so pixel-perturbation methods (token selection, iGOS, insertion / deletion, knock-outs, compare) "
+                "cannot batch perturbed copies of it; prepare the image as one tile and keep it so while the method runs (InternVL: "
+                "vqa.processor.image_processor.max_patches = 1) or use the token-level methods (mechanistic, "
+                "logit lens, attention, relevancy, causal, ablation), which handle every tile")
         n_answer = int(inp.answer_positions.numel())
         if n_answer == 0:
             raise ValueError("this input has no answer tokens to score; prepare it with an answer "
