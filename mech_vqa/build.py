@@ -411,3 +411,53 @@ def tiny_internvl(seed: int = 0, *, tile_size: int = 32, patch_size: int = 4, ma
         torch.manual_seed(seed)
         model = InternVLForConditionalGeneration(config)
     return model.eval(), processor
+
+
+IDEFICS3_SPECIAL = {"fake_image_token": "<fake_token_around_image>", "global_image_token": "<global-img>",
+                    "end_of_utterance_token": "<end_of_utterance>",
+                    **{f"row_{i}_col_{j}_token": f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)}}
+#: ``user : <image> {question} assistant :``, the processor expanding ``<image>`` into tiles and markers
+IDEFICS3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} :{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %} <image>{% else %} {{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %} assistant :{% endif %}"
+)
+
+
+def idefics3_processor(tokenizer, tile_size: int, tokens_per_tile: int, longest_edge: int):
+    """An ``Idefics3Processor``: the image resized to ``longest_edge`` (aspect kept), stretched to
+    multiples of ``tile_size``, cut into tiles (row-major) plus the whole image squashed to one tile;
+    each tile's ``<image>`` tokens follow a ``<row_i_col_j>`` marker, the global image's ``<global-img>``."""
+    from transformers import Idefics3Processor
+
+    image_processor = _image_processor_class("Idefics3ImageProcessor")(
+        size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile_size}, do_image_splitting=True,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=tokens_per_tile,
+                             chat_template=IDEFICS3_CHAT_TEMPLATE)
+
+
+def tiny_idefics3(seed: int = 0, *, tile_size: int = 32, patch_size: int = 4, scale_factor: int = 2,
+                  longest_edge: int = 64, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2):
+    """A tiny random ``Idefics3ForConditionalGeneration`` (SigLIP-like tower, pixel shuffle in the connector,
+    Llama text model) with its processor: ``(model, processor)``; up to 2 x 2 tiles plus the global image."""
+    import transformers
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig
+
+    tokenizer = word_level_tokenizer(TINY_WORDS, extra_special=IDEFICS3_SPECIAL)
+    tokens_per_tile = (tile_size // patch_size // scale_factor) ** 2
+    processor = idefics3_processor(tokenizer, tile_size, tokens_per_tile, longest_edge)
+    text = transformers.LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=len(tokenizer), max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False)
+    vision = Idefics3VisionConfig(image_size=tile_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2)
+    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=scale_factor,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Idefics3ForConditionalGeneration(config)
+    return model.eval(), processor

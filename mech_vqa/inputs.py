@@ -139,11 +139,13 @@ class PreparedInput:
         if pixel.dim() == 4:  # several views (tiles): the first is the whole image
             pixel = pixel[0]
         whole = self.geometry.view_boxes
-        if self.pixel_values.dim() == 4 and whole is not None and self.pixel_values.shape[0] == whole.shape[0] > 1:
-            # views along the batch axis (InternVL's tiles, thumbnail last): the view showing the whole frame
+        views = self.pixel_values[0] if self.pixel_values.dim() == 5 else self.pixel_values
+        if views.dim() == 4 and whole is not None and views.shape[0] == whole.shape[0] > 1:
+            # the view showing the whole frame (LLaVA-NeXT's first; InternVL's thumbnail and Idefics3's
+            # global image come last)
             height, width = self.geometry.image_size
             frame = torch.tensor([0.0, 0.0, width, height])
-            pixel = self.pixel_values[int((whole == frame).all(1).nonzero()[0])].detach().float().cpu()
+            pixel = views[int((whole == frame).all(1).nonzero()[0])].detach().float().cpu()
         mean = torch.tensor(self.image_mean).view(3, 1, 1)
         std = torch.tensor(self.image_std).view(3, 1, 1)
         return (pixel * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()

@@ -115,6 +115,16 @@ def tiny_internvl_vqa() -> VQAModel:
     return _warmed_up(VQAModel(model, processor, name="tiny-internvl"))
 
 
+@pytest.fixture(scope="session")
+def tiny_idefics3_vqa() -> VQAModel:
+    """Tiny Idefics3: 32 px tiles (up to 2 x 2) and a global image, <row_i_col_j> markers, 8 x 8 SigLIP
+    patches, pixel shuffle 2 -> 16 tokens per view, Llama text model."""
+    from mech_vqa.build import tiny_idefics3
+
+    model, processor = tiny_idefics3(seed=11)
+    return _warmed_up(VQAModel(model, processor, name="tiny-idefics3"))
+
+
 @pytest.fixture(params=["next", "onevision"])
 def tiled_vqa(request) -> VQAModel:
     """The adapters whose images come as several views (tiles)."""
@@ -123,7 +133,7 @@ def tiled_vqa(request) -> VQAModel:
 
 FAMILIES = {"gqa": "tiny_vqa", "mha": "tiny_mha_vqa", "mistral": "tiny_mistral_vqa", "qwen2": "tiny_qwen2_vqa",
             "gemma": "tiny_gemma_vqa", "next": "tiny_next_vqa", "onevision": "tiny_onevision_vqa",
-            "gemma3": "tiny_gemma3_vqa", "internvl": "tiny_internvl_vqa"}
+            "gemma3": "tiny_gemma3_vqa", "internvl": "tiny_internvl_vqa", "idefics3": "tiny_idefics3_vqa"}
 
 
 @pytest.fixture(params=list(FAMILIES))
@@ -222,11 +232,17 @@ def head_zeroed_by_hand(vqa, layer: int, head: int):
         handle.remove()
 
 
+def text_model(model):
+    """The decoder stack, at the path transformers 5 gives each family (Idefics3 / SmolVLM: ``text_model``)."""
+    inner = model.model
+    return inner.language_model if hasattr(inner, "language_model") else inner.text_model
+
+
 def post_norm_factor(vqa, layer: int, block: str, raw: torch.Tensor) -> torch.Tensor:
     """Elementwise ``gain * frozen scale`` (float64) that the model's own post-norm applies to a block's raw
     output ``raw`` ``[..., d]`` (``o_proj`` / ``down_proj`` output), read off the module by running it;
     ones for pre-norm layers (LLaVA), which add ``raw`` as it is."""
-    decoder = vqa.model.model.language_model.layers[layer]
+    decoder = text_model(vqa.model).layers[layer]
     name = {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}[block]
     if not hasattr(decoder, "post_feedforward_layernorm"):
         return torch.ones_like(raw, dtype=torch.float64)
@@ -247,9 +263,14 @@ def image_blocks(inp) -> torch.Tensor | None:
 
 def first_view_positions(vqa, inp) -> torch.Tensor:
     """Sequence positions of the first view's image tokens, read from the input ids alone: the first
-    ``rows x cols`` image tokens, row-major (CLS dropped; LLaVA-NeXT / OneVision tiles come after)."""
+    ``rows x cols`` image tokens, row-major (CLS dropped; LLaVA-NeXT / OneVision tiles come after), or
+    the last ones where the whole image follows its tiles."""
     rows, cols = vqa.adapter.patch_grid
-    return (inp.input_ids[0] == vqa.adapter.image_token_id).nonzero().flatten()[: rows * cols]
+    found = (inp.input_ids[0] == vqa.adapter.image_token_id).nonzero().flatten()
+    # InternVL's thumbnail and Idefics3's global image (the whole image) follow their tiles
+    whole_last = type(vqa.model).__name__ in ("InternVLForConditionalGeneration", "Idefics3ForConditionalGeneration",
+                                              "SmolVLMForConditionalGeneration")
+    return found[-rows * cols:] if whole_last else found[: rows * cols]
 
 
 def assert_leaves_model_as_found(vqa, prepared, run):

@@ -701,3 +701,78 @@ def test_internvl_methods_on_tiles_and_on_one_tile(tiny_internvl_vqa):
     finally:
         processor.max_patches = saved
     assert list(frame["method"]) == ["mechanistic", "igos+"]
+
+
+# ------------------------------------------------------------------------------ Idefics3 / SmolVLM
+@pytest.mark.parametrize("size", NEXT_SIZES + [(20, 20)])
+def test_idefics3_positions_hold_the_patches_inside_each_box_and_markers_are_not_patches(tiny_idefics3_vqa, size):
+    """Each image position holds the projection of exactly the patches in its box, in its view; the tile
+    grid follows the <row_i_col_j> markers, which (with <fake_token_around_image> and <global-img>) are
+    geometry.markers and hold their word embeddings, never a patch; painting covers image tokens only."""
+    vqa = tiny_idefics3_vqa
+    inp = vqa.prepare(_gradient_image(*size), "What is the color of the dog?", "The dog is red.")
+    geometry, tokenizer = inp.geometry, vqa.processor.tokenizer
+    ids = inp.input_ids[0]
+    n_views = inp.pixel_values.shape[1]
+    assert geometry.n_tokens == 16 * n_views
+    tokens = tokenizer.convert_ids_to_tokens(ids[geometry.markers])
+    assert all(t.startswith("<row_") or t in ("<fake_token_around_image>", "<global-img>") for t in tokens)
+    assert sum(t.startswith("<row_") for t in tokens) == (n_views - 1 if n_views > 1 else 0)
+    assert not set(geometry.markers.tolist()) & set(geometry.positions.tolist())
+    folded = []
+    handle = vqa.model.model.connector.modality_projection.register_forward_pre_hook(
+        lambda m, args: folded.append(args[0]))
+    try:
+        with torch.no_grad(), vqa.trace(["resid_pre", "projector_out"], layers=[0]) as cache:
+            vqa.forward(inp)
+            patches = vqa.model.model.vision_model(inp.pixel_values[0]).last_hidden_state         # [V, 64, d_v]
+    finally:
+        handle.remove()
+    embedded = cache["resid_pre", 0][0]
+    torch.testing.assert_close(embedded[geometry.positions], cache["projector_out"].flatten(0, 1), rtol=0, atol=0)
+    words = vqa.model.model.text_model.embed_tokens(ids[geometry.markers])
+    torch.testing.assert_close(embedded[geometry.markers], words, rtol=0, atol=0)   # a marker is never a patch
+    folded = folded[0].flatten(0, 1).unflatten(-1, (4, -1))                          # [n, 4, d_v]
+    frames = torch.tensor([[0.0, 0.0, 32.0, 32.0]]) if geometry.view_boxes is None else geometry.view_boxes
+    source = torch.arange(n_views).repeat_interleave(16)
+    centres = (torch.arange(8) + 0.5) * 4
+    for token in range(geometry.n_tokens):
+        x0, y0, x1, y1 = frames[source[token]].tolist()
+        sx, sy = (x1 - x0) / 32, (y1 - y0) / 32
+        bx0, by0, bx1, by1 = geometry.boxes[token].tolist()
+        cols = ((x0 + centres * sx > bx0) & (x0 + centres * sx < bx1)).nonzero().flatten()
+        rows = ((y0 + centres * sy > by0) & (y0 + centres * sy < by1)).nonzero().flatten()
+        inside = (rows[:, None] * 8 + cols[None, :]).flatten()
+        assert inside.numel() == 4
+        distance = torch.cdist(folded[token], patches[source[token], inside])
+        assert float(distance.min(1).values.max()) < 1e-5 and float(distance.min(0).values.max()) < 1e-5
+    # a painted map covers the frame with image tokens' values only
+    painted = geometry.paint(torch.arange(float(geometry.n_tokens)), view=0 if n_views == 1 else 1)
+    assert painted.shape == (32, 32) and set(painted.unique().long().tolist()) <= set(range(geometry.n_tokens))
+
+
+@pytest.mark.parametrize("size", NEXT_SIZES)
+def test_idefics3_view_boxes_show_what_the_processor_put_in_each_view(tiny_idefics3_vqa, size):
+    vqa = tiny_idefics3_vqa
+    width, height = size
+    inp = vqa.prepare(_gradient_image(width, height), "What is the color of the dog?", "The dog is red.")
+    sx, sy, _, _ = inp.pixel_transform
+    mean, std = torch.tensor(inp.image_mean).view(3, 1, 1), torch.tensor(inp.image_std).view(3, 1, 1)
+    for view, (x0, y0, x1, y1) in enumerate(inp.geometry.view_boxes.tolist()):
+        pixels = inp.pixel_values[0, view] * std + mean
+        centres = (torch.arange(32) + 0.5) / 32
+        x_orig, y_orig = (x0 + centres * (x1 - x0)) / sx, (y0 + centres * (y1 - y0)) / sy
+        expect_r = ((x_orig - 0.5) / (width - 1)).view(1, -1).expand(32, -1)
+        expect_g = ((y_orig - 0.5) / (height - 1)).view(-1, 1).expand(-1, 32)
+        inside = (((x_orig > 3) & (x_orig < width - 3)).view(1, -1) & ((y_orig > 3) & (y_orig < height - 3)).view(-1, 1))
+        assert float((pixels[0] - expect_r)[inside].abs().max()) < 0.06
+        assert float((pixels[1] - expect_g)[inside].abs().max()) < 0.06
+    shown = torch.from_numpy(inp.display_image()).permute(2, 0, 1)
+    torch.testing.assert_close(shown, (inp.pixel_values[0, -1] * std + mean).clamp(0, 1))   # the global image
+
+
+def test_idefics3_without_the_processor_is_one_clear_error(tiny_idefics3_vqa):
+    vqa = tiny_idefics3_vqa
+    inp = vqa.prepare(_gradient_image(70, 40), "What is the color of the dog?", "The dog is red.")
+    with pytest.raises(AdapterError, match="bind_processor"):
+        get_adapter(vqa.model).image_geometry(inp.input_ids[0], inp.pixel_values)

@@ -5,7 +5,8 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from .gemma3 import Gemma3Adapter
 from .internvl import InternVLAdapter
+from .idefics3 import Idefics3Adapter
 
-__all__ = ["AdapterError", "Gemma3Adapter", "InternVLAdapter", "ImageGeometry", "ModelAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter",
+__all__ = ["AdapterError", "Gemma3Adapter", "Idefics3Adapter", "InternVLAdapter", "ImageGeometry", "ModelAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter",
            "get_adapter",
            "register_adapter"]

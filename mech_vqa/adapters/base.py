@@ -29,6 +29,8 @@ class ImageGeometry:
         view_boxes: ``[n_views, 4]`` the box ``(x0, y0, x1, y1)``, in the first view's pixels, that
             each view of ``pixel_values`` shows (a tile of a padded high-resolution canvas may
             reach beyond the image); None when ``pixel_values`` holds one view only.
+        markers: sequence positions of the image's structural tokens (tile markers, image
+            boundaries) that are not patches: never painted; None when the family has none known.
 
     With several views, every token's ``rowcol`` is on its own view's grid and its ``boxes`` are in
     the first view's pixels, so maps of any view can be drawn over the first view's image.
@@ -41,6 +43,7 @@ class ImageGeometry:
     image_size: tuple[int, int]
     view: torch.Tensor
     view_boxes: torch.Tensor | None = None
+    markers: torch.Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -490,6 +493,10 @@ class ModelAdapter:
 
     def tokens_per_image(self) -> int:
         raise NotImplementedError
+
+    def bind_processor(self, processor) -> None:
+        """Read what the geometry needs from the processor (``VQAModel`` calls it): the ids of marker
+        tokens that only the tokenizer knows (Idefics3's ``<row_i_col_j>``). Default: nothing."""
 
     def image_geometry(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                        image_sizes: torch.Tensor | None = None) -> ImageGeometry:

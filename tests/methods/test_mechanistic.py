@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import assert_same_state, first_view_positions, hook_snapshot, model_state, post_norm_factor
+from conftest import assert_same_state, first_view_positions, hook_snapshot, model_state, post_norm_factor, text_model
 from mech_vqa import VQAModel
 from mech_vqa.inputs import Target
 from mech_vqa.methods.logprob import FrozenNormScorer
@@ -28,7 +28,7 @@ class HandScorer:
     """lp(v) written from the raw modules in float64, no chunking, no shared code."""
 
     def __init__(self, model, final_r, token_id):
-        norm = model.model.language_model.norm
+        norm = text_model(model).norm
         # gain * frozen scale, elementwise, from the model's own norm at r (Llama: w; Gemma: 1 + w)
         self.gain_scale = norm(final_r[None])[0].double() / final_r.double()
         self.W_U = model.lm_head.weight.double()
@@ -54,7 +54,7 @@ def hand_attributions(vqa, inp, target, heads):
         a_l, m_l = c["attn_out", layer][0, t].double(), c["mlp_out", layer][0, t].double()
         attn[layer] = lp(x + a_l) - lp(x)
         mlp[layer] = lp(x + a_l + m_l) - lp(x + a_l)
-        weight = model.model.language_model.layers[layer].self_attn.o_proj.weight.double()  # [d, H*hd]
+        weight = text_model(model).layers[layer].self_attn.o_proj.weight.double()  # [d, H*hd]
         # Gemma-3: the post-attention norm, its scale frozen at the forward's raw output (else ones)
         factor = post_norm_factor(vqa, layer, "attn", a.o_proj(layer)(c["z", layer][0, t].flatten()))
         for j in range(n_heads):
@@ -63,7 +63,7 @@ def hand_attributions(vqa, inp, target, heads):
     positions = torch.zeros(len(heads), inp.seq_len)
     for i, (layer, j) in enumerate(heads):
         x = c["resid_pre", layer][0, t].double()
-        w_o = model.model.language_model.layers[layer].self_attn.o_proj.weight.double()[:, j * hd:(j + 1) * hd]
+        w_o = text_model(model).layers[layer].self_attn.o_proj.weight.double()[:, j * hd:(j + 1) * hd]
         factor = post_norm_factor(vqa, layer, "attn", a.o_proj(layer)(c["z", layer][0, t].flatten()))
         for p in range(inp.seq_len):
             weight = c["pattern", layer][0, j, t, p].double()

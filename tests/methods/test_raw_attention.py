@@ -29,6 +29,8 @@ def image_cells(vqa, inp):
         cols = round(pooled ** 0.5)
     elif hasattr(config, "downsample_ratio"):  # InternVL: the pixel shuffle folds 2 x 2 patches per token
         cols = round(config.image_seq_length ** 0.5)
+    elif hasattr(config, "scale_factor"):  # Idefics3: the connector's pixel shuffle
+        cols = config.vision_config.image_size // config.vision_config.patch_size // config.scale_factor
     else:
         cols = config.vision_config.image_size // config.vision_config.patch_size
     positions = first_view_positions(vqa, inp)
