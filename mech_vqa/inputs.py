@@ -337,6 +337,12 @@ def collate(items: list[PreparedInput], pad_token_id: int) -> BatchedInput:
             extra[key] = torch.zeros((len(items), length), dtype=value.dtype)
             for row, item in enumerate(items):
                 extra[key][row, offsets[row]:] = item.extra[key][0]
+        elif torch.is_tensor(value) and value.dim() >= 3 and len({item.extra[key].shape[1] for item in items}) > 1:
+            # per-view inputs (Idefics3's pixel_attention_mask): padded with empty views like the pixels
+            most = max(item.extra[key].shape[1] for item in items)
+            extra[key] = torch.cat([torch.nn.functional.pad(item.extra[key], (0, 0) * (value.dim() - 2)
+                                                            + (0, most - item.extra[key].shape[1]))
+                                    for item in items])
         elif torch.is_tensor(value):
             extra[key] = torch.cat([item.extra[key] for item in items])
     return BatchedInput(items, ids, mask, torch.cat(pixels), offsets, extra)

@@ -776,3 +776,53 @@ def test_idefics3_without_the_processor_is_one_clear_error(tiny_idefics3_vqa):
     inp = vqa.prepare(_gradient_image(70, 40), "What is the color of the dog?", "The dog is red.")
     with pytest.raises(AdapterError, match="bind_processor"):
         get_adapter(vqa.model).image_geometry(inp.input_ids[0], inp.pixel_values)
+
+
+def test_idefics3_batch_of_different_tile_counts_equals_rows_alone(tiny_idefics3_vqa):
+    """Rows with 5 and 3 views: pixels and pixel_attention_mask padded with empty views the model drops."""
+    from mech_vqa import explain
+
+    vqa = tiny_idefics3_vqa
+    wide = vqa.prepare(_gradient_image(200, 30), "What is the dog?", "red")
+    square = vqa.prepare(_gradient_image(50, 50), "What is the color of the dog?", "The dog is red.")
+    assert (wide.pixel_values.shape[1], square.pixel_values.shape[1]) == (3, 5)
+    together = explain(vqa, vqa.batch([wide, square]), heads=[(1, 1)])
+    for row, inp in enumerate([wide, square]):
+        alone = explain(vqa, inp, heads=[(1, 1)])
+        torch.testing.assert_close(together[row].positions.scores, alone.positions.scores, rtol=1e-4, atol=2e-5)
+
+
+def test_smolvlm2_geometry_at_real_scale():
+    """A meta-device SmolVLM (SmolVLM2-2.2B-Instruct's sizes as published in its config.json: SigLIP 384 px,
+    14 px patches, pixel shuffle 3 -> 81 tokens per view; 1536 px longest edge) and an Idefics3 processor at
+    those settings (SmolVLM's own needs num2words and a video processor; its image prompt is the same):
+    token counts agree with the processor's and with the connector's output, for every tiled-test size."""
+    from PIL import Image
+    from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMVisionConfig
+
+    from mech_vqa.build import IDEFICS3_SPECIAL, TINY_WORDS, idefics3_processor
+
+    tokenizer = word_level_tokenizer(TINY_WORDS, extra_special=IDEFICS3_SPECIAL)
+    text = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=49280)
+    vision = SmolVLMVisionConfig(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                                 num_hidden_layers=27, num_attention_heads=16)
+    config = SmolVLMConfig(vision_config=vision, text_config=text, scale_factor=3,
+                           image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    with torch.device("meta"):
+        model = SmolVLMForConditionalGeneration(config)
+    adapter = get_adapter(model)
+    processor = idefics3_processor(tokenizer, 384, 81, 1536)
+    adapter.bind_processor(processor)
+    assert adapter.patch_grid == (9, 9) and adapter.patches_per_image_token == 9
+    for width, height in NEXT_SIZES + [(90, 90), (1000, 600)]:
+        enc = processor(images=Image.new("RGB", (width, height)), text="user : <image> dog", return_tensors="pt")
+        n_views = enc["pixel_values"].shape[1]
+        features = model.model.connector(torch.zeros(n_views, 27 * 27, 1152, device="meta"))
+        geometry = adapter.image_geometry(enc["input_ids"][0], enc["pixel_values"])
+        assert geometry.n_tokens == int((enc["input_ids"] == config.image_token_id).sum()) == features.shape[0] * 81
+        assert features.shape[1] == 81 and geometry.grid == (9, 9)
+        assert geometry.markers.numel() >= 3 and not set(geometry.markers.tolist()) & set(geometry.positions.tolist())
+        if n_views > 1:
+            tiles = geometry.view_boxes[:-1]
+            assert float(((tiles[:, 2] - tiles[:, 0]) * (tiles[:, 3] - tiles[:, 1])).sum()) == pytest.approx(384 ** 2)

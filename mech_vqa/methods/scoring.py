@@ -185,7 +185,9 @@ class AnswerScorer:
         # per-token inputs (Gemma-3's token_type_ids) are cut with the ids
         extra = {k: (v[..., :length] if torch.is_tensor(v) and v.dim() == 2 and v.shape[-1] == self.inp.seq_len else v)
                  for k, v in self.inp.extra.items()}
-        extra = {k: (v.to(self.device).expand(n, *v.shape[1:]) if torch.is_tensor(v) else v) for k, v in extra.items()}
+        # contiguous: Idefics3 views its pixel_attention_mask, which an expanded (stride-0) tensor refuses
+        extra = {k: (v.to(self.device).expand(n, *v.shape[1:]).contiguous() if torch.is_tensor(v) else v)
+                 for k, v in extra.items()}
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                 "pixel_values": pixels.to(self.device, self.dtype), **extra}
 
