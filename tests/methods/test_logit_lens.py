@@ -39,9 +39,8 @@ def test_every_stage_equals_hand_norm(any_vqa, inp):
     with any_vqa.trace(["projector_out", "resid_post"]) as c:
         any_vqa.forward(inp)
     # the projector rows of the whole-image view (first, or after the tiles for InternVL / Idefics3)
-    found = (inp.input_ids[0] == a.image_token_id).nonzero().flatten()
-    chosen = torch.isin(found, first_view_positions(any_vqa, inp))[: c["projector_out"].flatten(0, 1).shape[0]]
-    stages = [c["projector_out"].flatten(0, 1)[chosen]] + [
+    whole = -1 if first_view_positions(any_vqa, inp)[-1] == (inp.input_ids[0] == a.image_token_id).nonzero().max() else 0
+    stages = [c["projector_out"][whole]] + [
         c["resid_post", l][0, first_view_positions(any_vqa, inp)] for l in range(a.n_layers)]
     lens = logit_lens(any_vqa, inp, word="dog", k=3)
     assert lens.top_ids.shape == (a.n_layers + 1, len(first_view_positions(any_vqa, inp)), 3)
