@@ -322,7 +322,8 @@ class NNsightBackend(Backend):
         adapter = self.vqa.adapter
         from ..adapters.base import ModelAdapter
 
-        plain_qk = type(adapter).normalise_qk is ModelAdapter.normalise_qk
+        plain_qk = (type(adapter).normalise_qk is ModelAdapter.normalise_qk
+                    and type(adapter).qk_norm is ModelAdapter.qk_norm)
         return plain_qk and not adapter.deepstack_layers()
 
     def _final_norm(self) -> dict:
