@@ -395,6 +395,24 @@ class NNsightBackend(Backend):
         return self._forward_reduced(spec, inputs, nnsight_ops.logit_lens_sweep, self._weights([]), args,
                                      use_cache=False, logits_to_keep=1)
 
+    def relevancy_rows(self, inputs: dict, targets, *, row_normalize: bool, **kwargs) -> torch.Tensor:
+        """Chefer relevancy rows ``[T, S]`` (float32) of ``targets`` ``[(logit column, token id, position)]``,
+        computed inside ONE trace: the raw logits' backward through every layer's attention probabilities
+        (``with logit.backward(): probs.grad``, one per target, the graph retained) and the propagation
+        (:func:`~mech_vqa.backends.nnsight_ops.relevancy_row`) run where the model runs; only the rows are
+        saved. The gradient starts at the first decoder layer's input (parameters frozen): the probabilities'
+        gradients are those of the hooks backend, whose graph starts at the pixels."""
+        adapter = self.vqa.adapter
+        attns = [self._envoy(self._path(adapter.attn(layer))) for layer in range(adapter.n_layers)]
+        first = self._envoy(self._path(adapter.layer(0)))
+        targets = [(int(c), int(t), int(p)) for c, t, p in targets]
+        with preserved_state(self.vqa.model, eager=True, frozen=True), _controllers_installed(self._controllers), \
+                torch.enable_grad():
+            rows = _run_relevancy(self.envoy, self.nnsight, nnsight_ops, first, attns, inputs, kwargs, self.remote,
+                                  targets, row_normalize)
+        self.last_saved_bytes = _nbytes(rows)
+        return rows
+
     def generate(self, inputs: dict, **kwargs) -> torch.Tensor:
         """HF ``generate`` through nnsight (on NDIF for ``remote=True``): only the token ids come back."""
         with preserved_state(self.vqa.model), _controllers_installed(self._controllers):
@@ -557,6 +575,24 @@ def _run_trace(root, nnsight, ops, steps, inputs, kwargs, remote, n_heads, head_
         else:
             output = root.output.save()
     return (saved, output) if reduce is None else (result, None)
+
+
+def _run_relevancy(root, nnsight, ops, first_layer, attns, inputs, kwargs, remote, targets, row_normalize):
+    """One trace: the forward, then per target the raw logit's backward and its relevancy row (module-level
+    for the reason of :func:`_run_trace`). Gradients are served in reverse-forward order, last layer first."""
+    with root.trace(**inputs, **kwargs, remote=remote):
+        first_layer.input.requires_grad_(True)   # a leaf: the graph through every probability exists
+        probs = [attn.output[1] for attn in attns]
+        ops.check_probabilities(probs)
+        logits = root.output.logits
+        rows = []
+        for column, token, position in targets:
+            logit = logits[0, column, token].float()
+            with logit.backward(retain_graph=True):
+                grads = [probs[layer].grad for layer in reversed(range(len(probs)))]
+            rows.append(ops.relevancy_row(position, probs, grads[::-1], row_normalize))
+        result = nnsight.save(torch.stack(rows))
+    return result
 
 
 def _run_generate(root, inputs, kwargs, remote):

@@ -270,3 +270,31 @@ def _logit_lens_sweep(values, weights, output, *, n_layers: int, k: int, word_id
             logits = logits + b_U[word_id].float()
         out["word_probs"] = (logits - lse).exp().view(n_stages, n_patches).cpu()
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Relevancy (Chefer's rule, mech_vqa.methods.relevancy) from the attention probabilities and their
+# gradients, both held where the model runs: only the relevancy rows go back.
+
+
+def relevancy_row(position: int, probs, grads, row_normalize: bool) -> torch.Tensor:
+    """``e_p^T (I + Abar_{L-1}) ... (I + Abar_0)`` ``[S]`` float32 with ``Abar_l = mean_h((grad_l A_l)^+)``
+    (``probs`` / ``grads`` per layer ``[1, heads, S, S]``); ``row_normalize``: ``rownorm(R - I) + I``."""
+    with torch.no_grad():
+        one_hot = torch.zeros(probs[0].shape[-1], device=probs[0].device)
+        one_hot[position] = 1.0
+        row = one_hot
+        for attn, grad in zip(reversed(probs), reversed(grads)):
+            abar = (grad[0].float() * attn[0].float()).clamp(min=0).mean(0)
+            row = row + row @ abar
+        if row_normalize:
+            rest = row - one_hot
+            total = rest.sum()
+            row = (rest / total if total > 0 else rest) + one_hot
+        return row.cpu()
+
+
+def check_probabilities(probs) -> None:
+    if any(p is None for p in probs):
+        raise RuntimeError("the attention returned no probabilities; relevancy needs them (load the model with "
+                           "attn_implementation='eager')")

@@ -29,6 +29,10 @@ probabilities' graph is built -- pixel values are made differentiable so that gr
 one ``torch.autograd.grad`` per target. ``autograd.grad`` returns fresh gradients and accumulates
 nothing, so no token's gradient leaks into another's map (the reference's ViT maps accumulate
 across tokens). Relevancy arithmetic is float32 whatever the model dtype.
+
+On the nnsight backend (LLM stage, in process or remote) the backward and the propagation run inside
+one trace (:meth:`~mech_vqa.backends.nnsight_backend.NNsightBackend.relevancy_rows`): only the rows
+come back.
 """
 
 from __future__ import annotations
@@ -93,18 +97,15 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
         progress: show a progress bar over targets.
         box: ground-truth box attached to the maps.
     """
-    from tqdm.auto import tqdm
-
     from ..backends import BackendNotSupported
 
     backend = getattr(vqa, "backend", None)
     on_hooks = getattr(backend, "name", "hooks") == "hooks"
-    if not on_hooks and (vision or getattr(backend, "remote", False)):
+    if not on_hooks and vision:
         raise BackendNotSupported(
-            f"relevancy with {'vision=True' if vision else 'a remote trace'} is not supported on the "
-            f"{backend.name} backend: it differentiates every attention probability, which needs the autograd "
-            "graph in this process (vision-tower attention is not a capture name); use vision=False in process "
-            "(remote=False) or backend='hooks'")
+            f"relevancy with vision=True is not supported on the {backend.name} backend: the vision tower's "
+            "attention probabilities are not read by its trace; use vision=False (the LLM stage, also remote) "
+            "or backend='hooks'")
     inp = check_single_input(inp)
     targets = resolve_targets(inp, targets)
     adapter, model, geometry = vqa.adapter, vqa.model, inp.geometry
@@ -113,6 +114,42 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
                                   f"{adapter.vision_relevancy_refusal}; use vision=False (the LLM stage)")
     if vision and int(geometry.view.max()) > 0:
         raise NotImplementedError("vision-tower relevancy supports one image view (LLaVA-1.5 style); use vision=False")
+    if not on_hooks:   # backward and propagation inside the backend's trace: only the rows come back
+        rows, image_maps, vision_maps = _rows_through_backend(vqa, inp, targets, row_normalize), [], []
+        for row in rows:
+            image_maps.append(geometry.to_grid(row[geometry.positions.cpu()]))
+        rows = list(rows)
+        vision_modules = []
+    else:
+        rows, image_maps, vision_maps, vision_modules = _rows_with_hooks(vqa, inp, targets, row_normalize, vision,
+                                                                         progress)
+    return RelevancyMaps(
+        rows=torch.stack(rows), llm=torch.stack(image_maps),
+        vision=torch.stack(vision_maps) if vision else None,
+        targets=[t.to_dict() for t in targets], str_tokens=list(inp.str_tokens),
+        image_size=list(geometry.image_size), image=torch.from_numpy(inp.display_image()),
+        row_normalized=row_normalize, box=[float(v) for v in box] if box is not None else None,
+        info={"model": vqa.name, "question": inp.question, "answer": inp.answer,
+              "vision_layers": len(vision_modules), "score": "raw logit"},
+        image_positions=geometry.positions.cpu(), image_boxes=geometry.boxes.cpu(), image_view=geometry.view.cpu(),
+    )
+
+
+def _rows_through_backend(vqa, inp: PreparedInput, targets, row_normalize: bool) -> torch.Tensor:
+    """``[T, S]`` relevancy rows computed by a backend that differentiates inside its own trace."""
+    positions = [t.position for t in targets]
+    keep, kept = logits_at(vqa, positions)
+    columns = positions if kept is None else [int((kept == p).nonzero()) for p in positions]
+    inputs = vqa.adapter.model_inputs(inp.model_inputs(vqa.device, vqa.adapter.vision_dtype()))
+    return vqa.backend.relevancy_rows(inputs, [(c, t.token_id, t.position) for c, t in zip(columns, targets)],
+                                      row_normalize=row_normalize, use_cache=False, **keep)
+
+
+def _rows_with_hooks(vqa, inp: PreparedInput, targets, row_normalize: bool, vision: bool, progress: bool):
+    """Rows, LLM image maps and vision maps with the hooks backend (autograd in this process)."""
+    from tqdm.auto import tqdm
+
+    adapter, model, geometry = vqa.adapter, vqa.model, inp.geometry
     llm_modules = [adapter.attn(layer) for layer in range(adapter.n_layers)]
     vision_modules = ([layer.self_attn for layer in vision_encoder_layers(adapter)[:vision_layers_used(adapter)]]
                       if vision else [])
@@ -132,21 +169,15 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
     hooks = HookSet()
     with preserved_state(model, eager=True, frozen=True):
         try:
-            if on_hooks:
-                for module in llm_modules + vision_modules:
-                    hooks.post(module, record)
+            for module in llm_modules + vision_modules:
+                hooks.post(module, record)
             inputs = inp.model_inputs(vqa.device, adapter.vision_dtype())
             # Parameters are frozen; a differentiable input makes autograd build the graph through
             # every attention probability (all of them depend on the image).
             inputs["pixel_values"] = inputs["pixel_values"].clone().requires_grad_(True)
             keep, kept = logits_at(vqa, [t.position for t in targets])
             with torch.enable_grad():
-                if on_hooks:
-                    logits = vqa.forward(inputs, **keep).logits  # [1, kept or seq, vocab]
-                else:  # another backend records the probabilities, still in the graph (detach=False)
-                    with vqa.trace(["pattern"], detach=False) as cache:
-                        logits = vqa.forward(inputs, **keep).logits
-                    recorded.update({m: cache["pattern", layer] for layer, m in enumerate(llm_modules)})
+                logits = vqa.forward(inputs, **keep).logits  # [1, kept or seq, vocab]
                 hooks.remove()
                 llm_probs = [recorded[m] for m in llm_modules]
                 vision_probs = [recorded[m] for m in vision_modules]
@@ -170,16 +201,7 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
             recorded.clear()  # drop the graph before returning
         finally:
             hooks.remove()
-    return RelevancyMaps(
-        rows=torch.stack(rows), llm=torch.stack(image_maps),
-        vision=torch.stack(vision_maps) if vision else None,
-        targets=[t.to_dict() for t in targets], str_tokens=list(inp.str_tokens),
-        image_size=list(geometry.image_size), image=torch.from_numpy(inp.display_image()),
-        row_normalized=row_normalize, box=[float(v) for v in box] if box is not None else None,
-        info={"model": vqa.name, "question": inp.question, "answer": inp.answer,
-              "vision_layers": len(vision_modules), "score": "raw logit"},
-        image_positions=geometry.positions.cpu(), image_boxes=geometry.boxes.cpu(), image_view=geometry.view.cpu(),
-    )
+    return rows, image_maps, vision_maps, vision_modules
 
 
 def _vision_map(image_row: torch.Tensor, probs: list[torch.Tensor], grads, geometry) -> torch.Tensor:

@@ -166,19 +166,20 @@ def test_gradient_through_captures(tiny_vqa, image):
     torch.testing.assert_close(grads[1], grads[0], **TOL)
 
 
-@pytest.mark.parametrize("name", ["gqa", "mistral", "next"])
-def test_relevancy_equals_hooks_in_process(request, name, image):
-    """Relevancy (LLM stage): attention probabilities recorded by the trace, differentiated in process."""
+@pytest.mark.parametrize("row_normalize", [False, True])
+def test_relevancy_equals_hooks(pair, inp, row_normalize):
+    """Relevancy (LLM stage): each target's backward and Chefer's propagation inside one nnsight trace,
+    only the rows saved (and, through remote="local", serialised back)."""
     from mech_vqa.methods.relevancy import relevancy
 
-    hooks = request.getfixturevalue(FAMILIES[name])
-    inp = hooks.prepare(image, QUESTION, ANSWER)
-    nns = VQAModel(hooks.model, hooks.processor, backend="nnsight")
-    expected = relevancy(hooks, inp, vision=False, progress=False)
-    got, _ = assert_leaves_model_as_found(nns, inp, lambda x: relevancy(nns, x, vision=False, progress=False))
+    hooks, nns = pair
+    expected = relevancy(hooks, inp, [0, 3], row_normalize=row_normalize, progress=False)
+    got, _ = assert_leaves_model_as_found(nns, inp, lambda x: relevancy(nns, x, [0, 3], row_normalize=row_normalize,
+                                                                         progress=False))
     assert expected.llm.abs().max() > 0
     torch.testing.assert_close(got.rows, expected.rows, **TOL)
     torch.testing.assert_close(got.llm, expected.llm, **TOL)
+    assert nns.backend.last_saved_bytes == 2 * inp.seq_len * 4    # the two rows, nothing else
 
 
 SMALL_IGOS = dict(mask_size=4, iterations=2, n_steps=2, chunk_size=4, step_fraction=0.25, l1=0.0, lr=3.0)
@@ -238,9 +239,6 @@ def test_methods_outside_trace_refuse_clearly(tiny_vqa, image):
     hook_ids, before = hook_snapshot(tiny_vqa.model), model_state(tiny_vqa.model)
     with pytest.raises(BackendNotSupported, match=r"relevancy with vision=True is not supported on the nnsight"):
         relevancy(nns, inp, progress=False, vision=True)
-    remote = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote="local")
-    with pytest.raises(BackendNotSupported, match=r"relevancy with a remote trace is not supported"):
-        relevancy(remote, inp, progress=False, vision=False)
     with pytest.raises(BackendNotSupported, match="ablate / ResidualCheckpoint .* nnsight backend"):
         ResidualCheckpoint(nns, inp)  # ablate itself runs whole forwards there (test_ablate_equals_hooks)
     remote = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote="local")
