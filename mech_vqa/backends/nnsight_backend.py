@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -178,7 +179,10 @@ class NNsightBackend(Backend):
                                                tokenizer=vqa.processor.tokenizer)
         self.remote = remote
         if remote:
-            self.nnsight.register(nnsight_ops)   # the server has torch and nnsight, not mech_vqa
+            from ..methods import igos_core
+
+            for module in (nnsight_ops, igos_core):   # the server has torch and nnsight, not mech_vqa
+                self.nnsight.register(module)
         self._paths = {id(module): name for name, module in vqa.model.named_modules()}
         self._active: list[_Spec] = []
         #: bytes of the tensors the last forward's trace saved (activations and model output): what a
@@ -395,6 +399,35 @@ class NNsightBackend(Backend):
         return self._forward_reduced(spec, inputs, nnsight_ops.logit_lens_sweep, self._weights([]), args,
                                      use_cache=False, logits_to_keep=1)
 
+    def igos_masks(self, scorer, image: torch.Tensor, baseline: torch.Tensor, config, *, seed: int, geometry):
+        """The iGOS+ / iGOS++ optimisation as ONE nnsight session (``None`` when this layout cannot be shipped).
+
+        The loop (:class:`~mech_vqa.methods.igos_core.MaskOptimiser`, shipped by value) runs where the
+        model runs: per chunk of interpolation points a trace scores the perturbed images (logits at the
+        answer's predicting rows only) and back-propagates into the masks; only the masks and the history
+        come back. The mask-to-pixel map goes as per-view separable bilinear factors read off the
+        geometry; a layout whose map is not of that form (Qwen-VL's flattened patches) returns ``None``.
+        """
+        from ..methods import igos_core
+
+        pixel_shape = tuple(image.shape[1:])
+        to_pixels = separable_pixels(geometry.mask_to_pixels, pixel_shape, tuple(config.mask_size), igos_core)
+        base = scorer._inputs(image[:1])
+        pair = scorer._inputs(image[:1].expand(2, *pixel_shape))
+        same = set(pair) == set(base) and all(
+            torch.equal(pair[k], nnsight_ops.batch_inputs(base, image[:1].expand(2, *pixel_shape))[k])
+            if torch.is_tensor(pair[k]) else pair[k] == base[k] for k in pair)
+        if to_pixels is None or not same:
+            return None
+        settings = types.SimpleNamespace(**{**config.to_dict(), "mask_size": tuple(config.mask_size)})
+        rows = scorer.predicting.to(self.vqa.device)
+        with preserved_state(self.vqa.model, frozen=True), _controllers_installed(self._controllers), \
+                torch.enable_grad():
+            result = _run_igos(self.envoy, self.nnsight, igos_core, nnsight_ops, base, rows, scorer.token_ids,
+                               image.float(), baseline.float(), settings, seed, to_pixels, self.remote)
+        self.last_saved_bytes = _nbytes(result)
+        return result
+
     def relevancy_rows(self, inputs: dict, targets, *, row_normalize: bool, **kwargs) -> torch.Tensor:
         """Chefer relevancy rows ``[T, S]`` (float32) of ``targets`` ``[(logit column, token id, position)]``,
         computed inside ONE trace: the raw logits' backward through every layer's attention probabilities
@@ -575,6 +608,45 @@ def _run_trace(root, nnsight, ops, steps, inputs, kwargs, remote, n_heads, head_
         else:
             output = root.output.save()
     return (saved, output) if reduce is None else (result, None)
+
+
+def separable_pixels(to_pixels, pixel_shape, mask_size, core):
+    """``to_pixels`` (``masks [k, h, w] -> pixels``) as :class:`~mech_vqa.methods.igos_core.SeparablePixels`
+    factors, read off by laying one mask row / column of ones at a time (bilinear weights sum to one along
+    each axis), or ``None`` when the map is not separable per view (checked on random masks)."""
+    h, w = mask_size
+    if len(pixel_shape) < 3:
+        return None
+    ones_rows = torch.zeros(h, h, w)
+    ones_rows[torch.arange(h), torch.arange(h)] = 1
+    ones_cols = torch.zeros(w, h, w)
+    ones_cols[torch.arange(w), :, torch.arange(w)] = 1
+    with torch.no_grad():
+        by_row = to_pixels(ones_rows, pixel_shape)
+        height, width = by_row.shape[-2:]
+        ry = by_row.reshape(h, -1, height, width)[..., 0].permute(1, 2, 0).contiguous()       # [V, H, h]
+        rx = to_pixels(ones_cols, pixel_shape).reshape(w, -1, height, width)[:, :, 0].permute(1, 2, 0).contiguous()
+        factors = core.SeparablePixels(ry, rx, by_row.shape[1:])
+        probe = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0))
+        exact = to_pixels(probe, pixel_shape)
+    if exact.shape != factors(probe).shape or not torch.allclose(factors(probe), exact, rtol=0, atol=1e-6):
+        return None
+    return factors
+
+
+def _run_igos(root, nnsight, core, ops, base, rows, token_ids, image, baseline, config, seed, to_pixels, remote):
+    """The whole iGOS loop in one session (module-level for the reason of :func:`_run_trace`)."""
+    with root.session(remote=remote):
+        optimiser = core.MaskOptimiser(image, baseline, config, seed, to_pixels)
+        for iteration in range(config.iterations):
+            optimiser.start_iteration()
+            for chunk in optimiser.chunks:
+                inputs = ops.batch_inputs(base, optimiser.composite(chunk))
+                with root.trace(**inputs, use_cache=False, logits_to_keep=rows):
+                    optimiser.backward(chunk, ops.answer_log_probs(root.output.logits, token_ids).sum(-1))
+            optimiser.step(iteration)
+        result = nnsight.save(optimiser.result())
+    return result
 
 
 def _run_relevancy(root, nnsight, ops, first_layer, attns, inputs, kwargs, remote, targets, row_normalize):

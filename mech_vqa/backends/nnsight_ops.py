@@ -298,3 +298,24 @@ def check_probabilities(probs) -> None:
     if any(p is None for p in probs):
         raise RuntimeError("the attention returned no probabilities; relevancy needs them (load the model with "
                            "attn_implementation='eager')")
+
+
+# --------------------------------------------------------------------------------------------------
+# iGOS+ / iGOS++ inside a session (mech_vqa.methods.igos_core runs the loop): the answer scores of a
+# batch of perturbed images, as mech_vqa.methods.scoring.AnswerScorer computes them.
+
+
+def batch_inputs(base: dict, pixels: torch.Tensor) -> dict:
+    """The one-row model inputs ``base`` for ``pixels`` ``[n, ...]``: every batch-1 tensor expanded to ``n``."""
+    n = pixels.shape[0]
+    out = {key: value.expand(n, *value.shape[1:]) if torch.is_tensor(value) and value.shape[:1] == (1,) else value
+           for key, value in base.items()}
+    out["pixel_values"] = pixels.to(base["pixel_values"].device, base["pixel_values"].dtype)
+    return out
+
+
+def answer_log_probs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """``log p(y_t)`` ``[n, T]`` float32 from logits ``[n, T, V]`` at the predicting rows."""
+    log_probs = logits.float().log_softmax(-1)
+    index = token_ids.to(log_probs.device).view(1, -1, 1).expand(logits.shape[0], -1, 1)
+    return log_probs.gather(-1, index)[..., 0]
