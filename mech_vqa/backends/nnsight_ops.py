@@ -296,8 +296,9 @@ def relevancy_row(position: int, probs, grads, row_normalize: bool) -> torch.Ten
 
 def check_probabilities(probs) -> None:
     if any(p is None for p in probs):
-        raise RuntimeError("the attention returned no probabilities; relevancy needs them (load the model with "
-                           "attn_implementation='eager')")
+        raise RuntimeError("the attention returned no probabilities; relevancy differentiates them, which needs "
+                           "eager attention: load the model with attn_implementation='eager' (remotely: a deployment "
+                           "that runs eager attention; SDPA / flash kernels return none)")
 
 
 # --------------------------------------------------------------------------------------------------
