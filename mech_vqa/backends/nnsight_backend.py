@@ -411,7 +411,7 @@ class NNsightBackend(Backend):
         from ..methods import igos_core
 
         pixel_shape = tuple(image.shape[1:])
-        to_pixels = separable_pixels(geometry.mask_to_pixels, pixel_shape, tuple(config.mask_size), igos_core)
+        to_pixels = separable_pixels(geometry, pixel_shape, tuple(config.mask_size), igos_core)
         base = scorer._inputs(image[:1])
         pair = scorer._inputs(image[:1].expand(2, *pixel_shape))
         same = set(pair) == set(base) and all(
@@ -610,26 +610,39 @@ def _run_trace(root, nnsight, ops, steps, inputs, kwargs, remote, n_heads, head_
     return (saved, output) if reduce is None else (result, None)
 
 
-def separable_pixels(to_pixels, pixel_shape, mask_size, core):
-    """``to_pixels`` (``masks [k, h, w] -> pixels``) as :class:`~mech_vqa.methods.igos_core.SeparablePixels`
+def separable_pixels(geometry, pixel_shape, mask_size, core):
+    """``geometry.mask_to_pixels`` (``masks [k, h, w] -> pixels``) as :class:`~mech_vqa.methods.igos_core.SeparablePixels`
     factors, read off by laying one mask row / column of ones at a time (bilinear weights sum to one along
-    each axis), or ``None`` when the map is not separable per view (checked on random masks)."""
+    each axis), or ``None`` when the map is not of that form (checked against the geometry on random masks)."""
+    from ..adapters.base import mask_to_pixels
+
     h, w = mask_size
-    if len(pixel_shape) < 3:
+    factor_fn, factor_shape, gather = geometry.mask_to_pixels, pixel_shape, None
+    if geometry.patch_layout is not None and len(pixel_shape) == 2:   # flattened patches: which pixel feeds each
+        height, width = (int(v) for v in geometry.image_size)
+        channels = geometry.patch_layout["channels"]
+        cells = torch.arange(height * width).view(1, 1, height, width).expand(1, channels, height, width)
+        index = geometry.patchify(cells)[0]                                     # [n_patches, C T P P]
+        copies = channels * geometry.patch_layout["temporal"]
+        per_copy = index.view(index.shape[0], copies, -1)
+        if not bool((per_copy == per_copy[:, :1]).all()):
+            return None
+        factor_fn, factor_shape, gather = mask_to_pixels, (1, height, width), (per_copy[:, 0].contiguous(), copies)
+    if len(factor_shape) < 3:
         return None
     ones_rows = torch.zeros(h, h, w)
     ones_rows[torch.arange(h), torch.arange(h)] = 1
     ones_cols = torch.zeros(w, h, w)
     ones_cols[torch.arange(w), :, torch.arange(w)] = 1
     with torch.no_grad():
-        by_row = to_pixels(ones_rows, pixel_shape)
+        by_row = factor_fn(ones_rows, factor_shape)
         height, width = by_row.shape[-2:]
         ry = by_row.reshape(h, -1, height, width)[..., 0].permute(1, 2, 0).contiguous()       # [V, H, h]
-        rx = to_pixels(ones_cols, pixel_shape).reshape(w, -1, height, width)[:, :, 0].permute(1, 2, 0).contiguous()
-        factors = core.SeparablePixels(ry, rx, by_row.shape[1:])
+        rx = factor_fn(ones_cols, factor_shape).reshape(w, -1, height, width)[:, :, 0].permute(1, 2, 0).contiguous()
+        factors = core.SeparablePixels(ry, rx, by_row.shape[1:], gather)
         probe = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0))
-        exact = to_pixels(probe, pixel_shape)
-    if exact.shape != factors(probe).shape or not torch.allclose(factors(probe), exact, rtol=0, atol=1e-6):
+        exact, laid = geometry.mask_to_pixels(probe, pixel_shape), factors(probe)
+    if exact.shape != laid.shape or not torch.allclose(laid, exact, rtol=0, atol=1e-6):
         return None
     return factors
 

@@ -225,8 +225,8 @@ def igos(vqa, inp: PreparedInput, *, tokens: TokenSelection | Sequence[int] | No
             raise BackendNotSupported(
                 f"igos through a remote trace is not supported for {type(vqa.model).__name__}: the optimisation runs "
                 "in an nnsight session next to the model, which needs the mask-to-pixel map as per-view bilinear "
-                "factors, and this layout's pixels (flattened patches) are not of that form; run it in process "
-                "(remote=False) or on the hooks backend")
+                "factors (and, for flattened patches, an index), and this layout's map or batched inputs are not of "
+                "that form; run it in process (remote=False) or on the hooks backend")
         if optimised is None:
             optimised = optimise_mask(lambda pixels: log_probs(pixels).sum(-1), image, base, config, seed=seed,
                                       progress=progress, one_point_per_forward=reference, geometry=inp.geometry)

@@ -160,12 +160,19 @@ class MaskOptimiser:
 class SeparablePixels:
     """``to_pixels`` as per-view separable bilinear factors: ``U(m)_v = Ry_v m Rx_v^T`` (``ry`` ``[V, H, h]``,
     ``rx`` ``[V, W, w]``), laid out as ``shape`` (after the mask count). What a remote session needs of the
-    image geometry: every layout whose mask-to-pixel map is bilinear per axis (LLaVA-1.5, tiles)."""
+    image geometry: every layout whose mask-to-pixel map is bilinear per axis (LLaVA-1.5, tiles), and
+    flattened patches (Qwen-VL) with ``gather`` = ``(index [n_patches, P P] into the H x W pixels, copies)``:
+    each patch row repeats its pixels' mask values ``copies`` (channels x frames) times."""
 
-    def __init__(self, ry: torch.Tensor, rx: torch.Tensor, shape):
-        self.ry, self.rx, self.shape = ry, rx, tuple(shape)
+    def __init__(self, ry: torch.Tensor, rx: torch.Tensor, shape, gather=None):
+        self.ry, self.rx, self.shape, self.gather = ry, rx, tuple(shape), gather
 
     def __call__(self, masks: torch.Tensor, pixel_shape=None) -> torch.Tensor:
         ry, rx = self.ry.to(masks.device), self.rx.to(masks.device)
         out = torch.matmul(torch.matmul(ry.unsqueeze(0), masks.float().unsqueeze(1)), rx.transpose(-1, -2).unsqueeze(0))
-        return out.reshape(masks.shape[0], *self.shape)
+        out = out.reshape(masks.shape[0], *self.shape)
+        if self.gather is None:
+            return out
+        index, copies = self.gather
+        rows = out.reshape(masks.shape[0], -1)[:, index.to(out.device)]                  # [k, n_patches, P P]
+        return rows.unsqueeze(2).expand(-1, -1, copies, -1).reshape(masks.shape[0], rows.shape[1], -1)

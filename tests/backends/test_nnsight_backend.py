@@ -203,18 +203,10 @@ def _igos_pair(hooks, nns, inp, **options):
 
 def test_igos_equals_hooks(pair, inp):
     """iGOS+: the whole optimisation in one nnsight session (the masks' gradients from its traces), only the
-    masks and the history coming back; Qwen-VL's flattened patches cannot be shipped: in process they take
-    the client loop, remotely one clear error."""
+    masks and the history coming back (Qwen-VL's flattened patches too: the mask reaches them by an index)."""
     hooks, nns = pair
-    if inp.geometry.patch_layout is not None and nns.backend.remote:
-        from mech_vqa.methods.igos import igos
-
-        with pytest.raises(BackendNotSupported, match=r"igos through a remote trace .*\(flattened patches\)"):
-            igos(nns, inp, tokens=[1], progress=False, **SMALL_IGOS)
-        return
     got = _igos_pair(hooks, nns, inp, evaluate=False)
-    if inp.geometry.patch_layout is None:   # the session ran: only the mask and the mask list came back
-        assert nns.backend.last_saved_bytes == 2 * got.mask.numel() * 4
+    assert nns.backend.last_saved_bytes == 2 * got.mask.numel() * 4   # the session ran: mask and mask list only
 
 
 @pytest.mark.parametrize("remote", [False, "local"])
