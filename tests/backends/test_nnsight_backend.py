@@ -328,12 +328,33 @@ def test_cli_backend_option(tiny_vqa, tmp_path, capsys):
             assert abs(rows["nnsight"][key] - value) <= 1e-5, key
         else:
             assert rows["nnsight"][key] == value, key
-    # compare runs iGOS and relevancy, which differentiate through the trace: not through a remote one
-    assert main(["run", "compare", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "c.jsonl"), "--model",
-                 str(tmp_path / "model"), "--device", "cpu", "--backend", "nnsight", "--remote", "local",
-                 "--no-progress"]) == 2
-    assert "is not supported on the nnsight backend" in capsys.readouterr().err
-    assert not (tmp_path / "c.jsonl").exists() or not read_results(tmp_path / "c.jsonl")
+    # compare runs iGOS and relevancy too, which differentiate inside the remote trace / session
+    compared = {}
+    for backend, extra in (("hooks", []), ("nnsight", ["--remote", "local"])):
+        out = tmp_path / f"compare-{backend}.jsonl"
+        assert main(["run", "compare", str(tmp_path / "data.jsonl"), "--out", str(out), "--model",
+                     str(tmp_path / "model"), "--device", "cpu", "--backend", backend, *extra, "--no-progress"]) == 0
+        (compared[backend],) = read_results(out)
+    assert compared["nnsight"]["status"] == "ok"
+    assert {"relevancy", "igos+", "igos++"} <= set(compared["hooks"]["methods"])
+    _assert_same_row(compared["nnsight"], compared["hooks"])
+
+
+def _assert_same_row(got, expected, where="row"):
+    """Every number of a result row equal to 1e-5 (NaN to NaN), every other value equal; timings skipped."""
+    if isinstance(expected, dict):
+        assert set(got) == set(expected), where
+        for key, value in expected.items():
+            if "runtime" not in key and key != "timings":
+                _assert_same_row(got[key], value, f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), where
+        for index, (a, b) in enumerate(zip(got, expected)):
+            _assert_same_row(a, b, f"{where}[{index}]")
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, abs=1e-5, nan_ok=True), where
+    else:
+        assert got == expected, where
 
 
 def _instance_slots(model) -> dict:
