@@ -428,23 +428,29 @@ class NNsightBackend(Backend):
         self.last_saved_bytes = _nbytes(result)
         return result
 
-    def relevancy_rows(self, inputs: dict, targets, *, row_normalize: bool, **kwargs) -> torch.Tensor:
+    def relevancy_rows(self, inputs: dict, targets, *, row_normalize: bool, vision_layers=(), image_positions=None,
+                       **kwargs) -> dict:
         """Chefer relevancy rows ``[T, S]`` (float32) of ``targets`` ``[(logit column, token id, position)]``,
         computed inside ONE trace: the raw logits' backward through every layer's attention probabilities
         (``with logit.backward(): probs.grad``, one per target, the graph retained) and the propagation
         (:func:`~mech_vqa.backends.nnsight_ops.relevancy_row`) run where the model runs; only the rows are
         saved. The gradient starts at the first decoder layer's input (parameters frozen): the probabilities'
-        gradients are those of the hooks backend, whose graph starts at the pixels."""
+        gradients are those of the hooks backend, whose graph starts at the pixels. ``vision_layers`` (the
+        vision encoder layers to continue into) with ``image_positions``: the graph starts at the first of
+        them and ``vision`` ``[T, n_image]`` holds each row's image relevancy propagated through them.
+        Returns ``{"rows", "vision"}`` (``vision`` None without vision layers)."""
         adapter = self.vqa.adapter
         attns = [self._envoy(self._path(adapter.attn(layer))) for layer in range(adapter.n_layers)]
-        first = self._envoy(self._path(adapter.layer(0)))
+        first = self._envoy(self._path(vision_layers[0] if vision_layers else adapter.layer(0)))
+        vision_attns = [self._envoy(self._path(layer.self_attn)) for layer in vision_layers]
         targets = [(int(c), int(t), int(p)) for c, t, p in targets]
         with preserved_state(self.vqa.model, eager=True, frozen=True), _controllers_installed(self._controllers), \
                 torch.enable_grad():
-            rows = _run_relevancy(self.envoy, self.nnsight, nnsight_ops, first, attns, inputs, kwargs, self.remote,
-                                  targets, row_normalize)
-        self.last_saved_bytes = _nbytes(rows)
-        return rows
+            result = _run_relevancy(self.envoy, self.nnsight, nnsight_ops, first, vision_attns, attns, inputs, kwargs,
+                                    self.remote, targets, row_normalize,
+                                    None if image_positions is None else image_positions.cpu())
+        self.last_saved_bytes = _nbytes(result)
+        return result
 
     def generate(self, inputs: dict, **kwargs) -> torch.Tensor:
         """HF ``generate`` through nnsight (on NDIF for ``remote=True``): only the token ids come back."""
@@ -662,21 +668,28 @@ def _run_igos(root, nnsight, core, ops, base, rows, token_ids, image, baseline, 
     return result
 
 
-def _run_relevancy(root, nnsight, ops, first_layer, attns, inputs, kwargs, remote, targets, row_normalize):
+def _run_relevancy(root, nnsight, ops, first_layer, vision_attns, attns, inputs, kwargs, remote, targets,
+                   row_normalize, image_positions):
     """One trace: the forward, then per target the raw logit's backward and its relevancy row (module-level
-    for the reason of :func:`_run_trace`). Gradients are served in reverse-forward order, last layer first."""
+    for the reason of :func:`_run_trace`). Gradients are served in reverse-forward order: the LLM's last layer
+    first, the vision tower's first layer last."""
     with root.trace(**inputs, **kwargs, remote=remote):
         first_layer.input.requires_grad_(True)   # a leaf: the graph through every probability exists
+        vision_probs = [attn.output[1] for attn in vision_attns]
         probs = [attn.output[1] for attn in attns]
-        ops.check_probabilities(probs)
+        ops.check_probabilities(vision_probs + probs)
         logits = root.output.logits
-        rows = []
+        rows, vision_rows = [], []
         for column, token, position in targets:
             logit = logits[0, column, token].float()
             with logit.backward(retain_graph=True):
                 grads = [probs[layer].grad for layer in reversed(range(len(probs)))]
-            rows.append(ops.relevancy_row(position, probs, grads[::-1], row_normalize))
-        result = nnsight.save(torch.stack(rows))
+                vision_grads = [vision_probs[layer].grad for layer in reversed(range(len(vision_probs)))]
+            row = ops.relevancy_row(position, probs, grads[::-1], row_normalize)
+            rows.append(row)
+            if vision_probs:
+                vision_rows.append(ops.vision_row(row[image_positions], vision_probs, vision_grads[::-1]))
+        result = nnsight.save({"rows": torch.stack(rows), "vision": torch.stack(vision_rows) if vision_rows else None})
     return result
 
 

@@ -294,6 +294,22 @@ def relevancy_row(position: int, probs, grads, row_normalize: bool) -> torch.Ten
         return row.cpu()
 
 
+def vision_row(image_row: torch.Tensor, probs, grads) -> torch.Tensor:
+    """The LLM image relevancy ``[n_image]`` propagated through the vision layers (``probs`` / ``grads`` per
+    layer ``[1, heads, n, n]``): the patch tokens seeded, their columns read (``[n_image]``), as
+    ``mech_vqa.methods.relevancy._vision_map``."""
+    with torch.no_grad():
+        n_tokens, n_patches = probs[0].shape[-1], image_row.shape[0]
+        offset = n_tokens - n_patches
+        if offset < 0:
+            raise ValueError(f"the vision tower has {n_tokens} tokens but the prompt {n_patches} image tokens")
+        row = torch.zeros(n_tokens, device=probs[0].device)
+        row[offset:] = image_row.to(row.device).float()
+        for attn, grad in zip(reversed(probs), reversed(grads)):
+            row = row + row @ (grad[0].float() * attn[0].float()).clamp(min=0).mean(0)
+        return row[offset:].cpu()
+
+
 def check_probabilities(probs) -> None:
     if any(p is None for p in probs):
         raise RuntimeError("the attention returned no probabilities; relevancy differentiates them, which needs "

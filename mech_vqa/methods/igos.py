@@ -43,6 +43,10 @@ model's parameters are frozen for the run (:func:`~mech_vqa.hooks.preserved_stat
 gradient reaches only the mask. ``reference=True`` runs the same optimisation the authors' way
 (one forward per point at batch size 1, full-vocabulary logits at every position): it exists
 for the benchmark and the equivalence test only.
+
+The optimisation itself is :class:`~mech_vqa.methods.igos_core.MaskOptimiser` (torch-only): on the nnsight
+backend the whole loop runs in one nnsight session next to the model (in process or remote), and only
+the masks and the history come back (:meth:`~mech_vqa.backends.nnsight_backend.NNsightBackend.igos_masks`).
 """
 
 from __future__ import annotations

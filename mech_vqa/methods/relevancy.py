@@ -101,11 +101,8 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
 
     backend = getattr(vqa, "backend", None)
     on_hooks = getattr(backend, "name", "hooks") == "hooks"
-    if not on_hooks and vision:
-        raise BackendNotSupported(
-            f"relevancy with vision=True is not supported on the {backend.name} backend: the vision tower's "
-            "attention probabilities are not read by its trace; use vision=False (the LLM stage, also remote) "
-            "or backend='hooks'")
+    if not on_hooks and not hasattr(backend, "relevancy_rows"):
+        raise BackendNotSupported(f"relevancy is not supported on the {backend.name} backend; use backend='hooks'")
     inp = check_single_input(inp)
     targets = resolve_targets(inp, targets)
     adapter, model, geometry = vqa.adapter, vqa.model, inp.geometry
@@ -115,11 +112,11 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
     if vision and int(geometry.view.max()) > 0:
         raise NotImplementedError("vision-tower relevancy supports one image view (LLaVA-1.5 style); use vision=False")
     if not on_hooks:   # backward and propagation inside the backend's trace: only the rows come back
-        rows, image_maps, vision_maps = _rows_through_backend(vqa, inp, targets, row_normalize), [], []
-        for row in rows:
-            image_maps.append(geometry.to_grid(row[geometry.positions.cpu()]))
-        rows = list(rows)
-        vision_modules = []
+        vision_modules = vision_encoder_layers(adapter)[:vision_layers_used(adapter)] if vision else []
+        found = _rows_through_backend(vqa, inp, targets, row_normalize, vision_modules)
+        rows = list(found["rows"])
+        image_maps = [geometry.to_grid(row[geometry.positions.cpu()]) for row in rows]
+        vision_maps = [geometry.to_grid(row) for row in found["vision"]] if vision else []
     else:
         rows, image_maps, vision_maps, vision_modules = _rows_with_hooks(vqa, inp, targets, row_normalize, vision,
                                                                          progress)
@@ -135,14 +132,16 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
     )
 
 
-def _rows_through_backend(vqa, inp: PreparedInput, targets, row_normalize: bool) -> torch.Tensor:
-    """``[T, S]`` relevancy rows computed by a backend that differentiates inside its own trace."""
+def _rows_through_backend(vqa, inp: PreparedInput, targets, row_normalize: bool, vision_layers) -> dict:
+    """``rows`` ``[T, S]`` (and ``vision`` ``[T, n_image]`` through ``vision_layers``) computed by a backend
+    that differentiates inside its own trace."""
     positions = [t.position for t in targets]
     keep, kept = logits_at(vqa, positions)
     columns = positions if kept is None else [int((kept == p).nonzero()) for p in positions]
     inputs = vqa.adapter.model_inputs(inp.model_inputs(vqa.device, vqa.adapter.vision_dtype()))
     return vqa.backend.relevancy_rows(inputs, [(c, t.token_id, t.position) for c, t in zip(columns, targets)],
-                                      row_normalize=row_normalize, use_cache=False, **keep)
+                                      row_normalize=row_normalize, vision_layers=vision_layers,
+                                      image_positions=inp.geometry.positions, use_cache=False, **keep)
 
 
 def _rows_with_hooks(vqa, inp: PreparedInput, targets, row_normalize: bool, vision: bool, progress: bool):

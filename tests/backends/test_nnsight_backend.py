@@ -166,20 +166,25 @@ def test_gradient_through_captures(tiny_vqa, image):
     torch.testing.assert_close(grads[1], grads[0], **TOL)
 
 
-@pytest.mark.parametrize("row_normalize", [False, True])
-def test_relevancy_equals_hooks(pair, inp, row_normalize):
-    """Relevancy (LLM stage): each target's backward and Chefer's propagation inside one nnsight trace,
-    only the rows saved (and, through remote="local", serialised back)."""
+def test_relevancy_equals_hooks(pair, inp):
+    """Relevancy: each target's backward and Chefer's propagation inside one nnsight trace, into the vision
+    tower too where the layout has that stage; only the rows saved (and, through remote="local", sent back)."""
     from mech_vqa.methods.relevancy import relevancy
 
     hooks, nns = pair
-    expected = relevancy(hooks, inp, [0, 3], row_normalize=row_normalize, progress=False)
+    row_normalize = bool(nns.backend.remote)   # both forms on every layout, each through one engine
+    vision = int(inp.geometry.view.max()) == 0 and not hooks.adapter.vision_relevancy_refusal
+    expected = relevancy(hooks, inp, [0, 3], row_normalize=row_normalize, vision=vision, progress=False)
     got, _ = assert_leaves_model_as_found(nns, inp, lambda x: relevancy(nns, x, [0, 3], row_normalize=row_normalize,
-                                                                         progress=False))
+                                                                         vision=vision, progress=False))
     assert expected.llm.abs().max() > 0
     torch.testing.assert_close(got.rows, expected.rows, **TOL)
     torch.testing.assert_close(got.llm, expected.llm, **TOL)
-    assert nns.backend.last_saved_bytes == 2 * inp.seq_len * 4    # the two rows, nothing else
+    n_image = inp.geometry.positions.numel()
+    assert nns.backend.last_saved_bytes == 2 * (inp.seq_len + (n_image if vision else 0)) * 4   # the rows only
+    if vision:
+        assert (expected.vision - expected.llm).abs().max() > 0
+        torch.testing.assert_close(got.vision, expected.vision, **TOL)
 
 
 SMALL_IGOS = dict(mask_size=4, iterations=2, n_steps=2, chunk_size=4, step_fraction=0.25, l1=0.0, lr=3.0)
@@ -248,15 +253,11 @@ def test_perturbation_metrics_equal_hooks(pair, inp):
 
 
 def test_methods_outside_trace_refuse_clearly(tiny_vqa, image):
-    from mech_vqa.methods.igos import igos
-    from mech_vqa.methods.relevancy import relevancy
     from mech_vqa.runner import ResidualCheckpoint
 
     inp = tiny_vqa.prepare(image, QUESTION, ANSWER)
     nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
     hook_ids, before = hook_snapshot(tiny_vqa.model), model_state(tiny_vqa.model)
-    with pytest.raises(BackendNotSupported, match=r"relevancy with vision=True is not supported on the nnsight"):
-        relevancy(nns, inp, progress=False, vision=True)
     with pytest.raises(BackendNotSupported, match="ablate / ResidualCheckpoint .* nnsight backend"):
         ResidualCheckpoint(nns, inp)  # ablate itself runs whole forwards there (test_ablate_equals_hooks)
     assert hook_snapshot(tiny_vqa.model) == hook_ids
