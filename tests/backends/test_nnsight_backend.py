@@ -260,6 +260,11 @@ def test_methods_outside_trace_refuse_clearly(tiny_vqa, image):
     hook_ids, before = hook_snapshot(tiny_vqa.model), model_state(tiny_vqa.model)
     with pytest.raises(BackendNotSupported, match="ablate / ResidualCheckpoint .* nnsight backend"):
         ResidualCheckpoint(nns, inp)  # ablate itself runs whole forwards there (test_ablate_equals_hooks)
+    from mech_vqa.methods.scoring import AnswerScorer
+
+    remote = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote="local")
+    with pytest.raises(BackendNotSupported, match="AnswerScorer with gradients .* remote nnsight trace"):
+        AnswerScorer(remote, inp, [1])(inp.pixel_values.float().requires_grad_(True))   # no graph comes back
     assert hook_snapshot(tiny_vqa.model) == hook_ids
     assert_same_state(before, model_state(tiny_vqa.model))
 
