@@ -51,6 +51,8 @@ def main() -> None:
     from mech_vqa.methods.mechanistic import explain, head_increase, head_positions, layer_increase
     from mech_vqa.methods.neurons import neuron_increase
     from mech_vqa.methods.raw_attention import raw_attention_map
+    from mech_vqa.methods.igos import igos
+    from mech_vqa.methods.relevancy import relevancy
 
     runs = {
         "head_increase": lambda: head_increase(vqa, inp),
@@ -63,6 +65,12 @@ def main() -> None:
         "neuron_increase (captures)": lambda: neuron_increase(vqa, inp, k=5, progress=False),
         "raw_attention_map (captures)": lambda: raw_attention_map(vqa, inp),
         "causal_map (captures)": lambda: causal_map(vqa, inp),
+        "relevancy (all answer tokens)": lambda: relevancy(vqa, inp, progress=False),
+        # the whole optimisation in one session; what comes back does not depend on iterations / n_steps
+        "igos (iGOS+, 32 x 32 mask)": lambda: igos(vqa, inp, tokens=[1, 2], evaluate=False, progress=False,
+                                                   iterations=1, n_steps=2, chunk_size=4),
+        "igos (iGOS++, 32 x 32 masks)": lambda: igos(vqa, inp, tokens=[1, 2], evaluate=False, progress=False,
+                                                     iterations=1, n_steps=2, chunk_size=4, two_masks=True),
     }
     measured = {}
     for name, run in runs.items():
@@ -75,7 +83,14 @@ def main() -> None:
     assert formula["head_increase"] == measured["head_increase"], (formula, measured)
     assert formula["explain"] == measured["explain(heads='top')"], (formula, measured)
     assert formula["logit_lens"] == measured["logit_lens(word, k=5)"], (formula, measured)
-    print("  the shape formulas reproduce the measured head_increase / explain / logit_lens figures exactly")
+    n_answer = int(inp.answer_positions.numel())
+    assert measured["relevancy (all answer tokens)"] == n_answer * inp.seq_len * F32, measured
+    print(f"  the shape formulas reproduce the measured head_increase / explain / logit_lens figures exactly; "
+          f"relevancy returns one float32 row per answer token ({n_answer} x {inp.seq_len})")
+    assert measured["igos (iGOS+, 32 x 32 mask)"] == 2 * 32 * 32 * F32, measured
+    assert measured["igos (iGOS++, 32 x 32 masks)"] == 3 * 32 * 32 * F32, measured
+    print("  igos returns the mask and the optimised mask(s), float32 32 x 32 each (plus the history's floats), "
+          "whatever the model")
 
     # LLaVA-1.5-7B: 32 layers, 32 heads, 576 image tokens; ~600 tokens with a short question and answer
     seq = 600
@@ -85,6 +100,7 @@ def main() -> None:
           f"(target <= {TARGET:,d} B) {'OK' if big['head_increase'] <= TARGET else 'MISSED'}")
     print(f"  explain(heads='top') (per token)    {big['explain']:>10,d} B")
     print(f"  logit_lens(word, k=5)               {big['logit_lens']:>10,d} B")
+    print(f"  relevancy (per answer token)        {seq * F32:>10,d} B")
     kv = 32 * 2 * seq * 4096 * 2
     print(f"  (for comparison: keys and values of every layer in fp16, what a capture-and-score-on-the-client "
           f"explain would return: {kv:,d} B)")

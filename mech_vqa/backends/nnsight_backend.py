@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -190,7 +191,10 @@ class NNsightBackend(Backend):
                                                tokenizer=vqa.processor.tokenizer)
         self.remote = remote
         if remote:
-            self.nnsight.register(nnsight_ops)   # the server has torch and nnsight, not mech_vqa
+            from ..methods import igos_core
+
+            for module in (nnsight_ops, igos_core):   # the server has torch and nnsight, not mech_vqa
+                self.nnsight.register(module)
         self._paths = {id(module): name for name, module in vqa.model.named_modules()}
         self._active: list[_Spec] = []
         #: bytes of the tensors the last forward's trace saved (activations and model output): what a
@@ -408,6 +412,59 @@ class NNsightBackend(Backend):
         return self._forward_reduced(spec, inputs, nnsight_ops.logit_lens_sweep, self._weights([]), args,
                                      use_cache=False, logits_to_keep=1)
 
+    def igos_masks(self, scorer, image: torch.Tensor, baseline: torch.Tensor, config, *, seed: int, geometry):
+        """The iGOS+ / iGOS++ optimisation as ONE nnsight session (``None`` when this layout cannot be shipped).
+
+        The loop (:class:`~mech_vqa.methods.igos_core.MaskOptimiser`, shipped by value) runs where the
+        model runs: per chunk of interpolation points a trace scores the perturbed images (logits at the
+        answer's predicting rows only) and back-propagates into the masks; only the masks and the history
+        come back. The mask-to-pixel map goes as per-view separable bilinear factors read off the
+        geometry; a layout whose map is not of that form (Qwen-VL's flattened patches) returns ``None``.
+        """
+        from ..methods import igos_core
+
+        pixel_shape = tuple(image.shape[1:])
+        to_pixels = separable_pixels(geometry, pixel_shape, tuple(config.mask_size), igos_core)
+        base = scorer._inputs(image[:1])
+        pair = scorer._inputs(image[:1].expand(2, *pixel_shape))
+        same = set(pair) == set(base) and all(
+            torch.equal(pair[k], nnsight_ops.batch_inputs(base, image[:1].expand(2, *pixel_shape))[k])
+            if torch.is_tensor(pair[k]) else pair[k] == base[k] for k in pair)
+        if to_pixels is None or not same:
+            return None
+        settings = types.SimpleNamespace(**{**config.to_dict(), "mask_size": tuple(config.mask_size)})
+        rows = scorer.predicting.to(self.vqa.device)
+        with preserved_state(self.vqa.model, frozen=True), _controllers_installed(self._controllers), \
+                torch.enable_grad():
+            result = _run_igos(self.envoy, self.nnsight, igos_core, nnsight_ops, base, rows, scorer.token_ids,
+                               image.float(), baseline.float(), settings, seed, to_pixels, self.remote)
+        self.last_saved_bytes = _nbytes(result)
+        return result
+
+    def relevancy_rows(self, inputs: dict, targets, *, row_normalize: bool, vision_layers=(), image_positions=None,
+                       **kwargs) -> dict:
+        """Chefer relevancy rows ``[T, S]`` (float32) of ``targets`` ``[(logit column, token id, position)]``,
+        computed inside ONE trace: the raw logits' backward through every layer's attention probabilities
+        (``with logit.backward(): probs.grad``, one per target, the graph retained) and the propagation
+        (:func:`~mech_vqa.backends.nnsight_ops.relevancy_row`) run where the model runs; only the rows are
+        saved. The gradient starts at the first decoder layer's input (parameters frozen): the probabilities'
+        gradients are those of the hooks backend, whose graph starts at the pixels. ``vision_layers`` (the
+        vision encoder layers to continue into) with ``image_positions``: the graph starts at the first of
+        them and ``vision`` ``[T, n_image]`` holds each row's image relevancy propagated through them.
+        Returns ``{"rows", "vision"}`` (``vision`` None without vision layers)."""
+        adapter = self.vqa.adapter
+        attns = [self._envoy(self._path(adapter.attn(layer))) for layer in range(adapter.n_layers)]
+        first = self._envoy(self._path(vision_layers[0] if vision_layers else adapter.layer(0)))
+        vision_attns = [self._envoy(self._path(layer.self_attn)) for layer in vision_layers]
+        targets = [(int(c), int(t), int(p)) for c, t, p in targets]
+        with preserved_state(self.vqa.model, eager=True, frozen=True), _controllers_installed(self._controllers), \
+                torch.enable_grad():
+            result = _run_relevancy(self.envoy, self.nnsight, nnsight_ops, first, vision_attns, attns, inputs, kwargs,
+                                    self.remote, targets, row_normalize,
+                                    None if image_positions is None else image_positions.cpu())
+        self.last_saved_bytes = _nbytes(result)
+        return result
+
     def generate(self, inputs: dict, **kwargs) -> torch.Tensor:
         """HF ``generate`` through nnsight (on NDIF for ``remote=True``): only the token ids come back."""
         with preserved_state(self.vqa.model), _controllers_installed(self._controllers):
@@ -570,6 +627,83 @@ def _run_trace(root, nnsight, ops, steps, inputs, kwargs, remote, n_heads, head_
         else:
             output = root.output.save()
     return (saved, output) if reduce is None else (result, None)
+
+
+def separable_pixels(geometry, pixel_shape, mask_size, core):
+    """``geometry.mask_to_pixels`` (``masks [k, h, w] -> pixels``) as :class:`~mech_vqa.methods.igos_core.SeparablePixels`
+    factors, read off by laying one mask row / column of ones at a time (bilinear weights sum to one along
+    each axis), or ``None`` when the map is not of that form (checked against the geometry on random masks)."""
+    from ..adapters.base import mask_to_pixels
+
+    h, w = mask_size
+    factor_fn, factor_shape, gather = geometry.mask_to_pixels, pixel_shape, None
+    if geometry.patch_layout is not None and len(pixel_shape) == 2:   # flattened patches: which pixel feeds each
+        height, width = (int(v) for v in geometry.image_size)
+        channels = geometry.patch_layout["channels"]
+        cells = torch.arange(height * width).view(1, 1, height, width).expand(1, channels, height, width)
+        index = geometry.patchify(cells)[0]                                     # [n_patches, C T P P]
+        copies = channels * geometry.patch_layout["temporal"]
+        per_copy = index.view(index.shape[0], copies, -1)
+        if not bool((per_copy == per_copy[:, :1]).all()):
+            return None
+        factor_fn, factor_shape, gather = mask_to_pixels, (1, height, width), (per_copy[:, 0].contiguous(), copies)
+    if len(factor_shape) < 3:
+        return None
+    ones_rows = torch.zeros(h, h, w)
+    ones_rows[torch.arange(h), torch.arange(h)] = 1
+    ones_cols = torch.zeros(w, h, w)
+    ones_cols[torch.arange(w), :, torch.arange(w)] = 1
+    with torch.no_grad():
+        by_row = factor_fn(ones_rows, factor_shape)
+        height, width = by_row.shape[-2:]
+        ry = by_row.reshape(h, -1, height, width)[..., 0].permute(1, 2, 0).contiguous()       # [V, H, h]
+        rx = factor_fn(ones_cols, factor_shape).reshape(w, -1, height, width)[:, :, 0].permute(1, 2, 0).contiguous()
+        factors = core.SeparablePixels(ry, rx, by_row.shape[1:], gather)
+        probe = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0))
+        exact, laid = geometry.mask_to_pixels(probe, pixel_shape), factors(probe)
+    if exact.shape != laid.shape or not torch.allclose(laid, exact, rtol=0, atol=1e-6):
+        return None
+    return factors
+
+
+def _run_igos(root, nnsight, core, ops, base, rows, token_ids, image, baseline, config, seed, to_pixels, remote):
+    """The whole iGOS loop in one session (module-level for the reason of :func:`_run_trace`)."""
+    with root.session(remote=remote):
+        optimiser = core.MaskOptimiser(image, baseline, config, seed, to_pixels)
+        for iteration in range(config.iterations):
+            optimiser.start_iteration()
+            for chunk in optimiser.chunks:
+                inputs = ops.batch_inputs(base, optimiser.composite(chunk))
+                with root.trace(**inputs, use_cache=False, logits_to_keep=rows):
+                    optimiser.backward(chunk, ops.answer_log_probs(root.output.logits, token_ids).sum(-1))
+            optimiser.step(iteration)
+        result = nnsight.save(optimiser.result())
+    return result
+
+
+def _run_relevancy(root, nnsight, ops, first_layer, vision_attns, attns, inputs, kwargs, remote, targets,
+                   row_normalize, image_positions):
+    """One trace: the forward, then per target the raw logit's backward and its relevancy row (module-level
+    for the reason of :func:`_run_trace`). Gradients are served in reverse-forward order: the LLM's last layer
+    first, the vision tower's first layer last."""
+    with root.trace(**inputs, **kwargs, remote=remote):
+        first_layer.input.requires_grad_(True)   # a leaf: the graph through every probability exists
+        vision_probs = [attn.output[1] for attn in vision_attns]
+        probs = [attn.output[1] for attn in attns]
+        ops.check_probabilities(vision_probs + probs)
+        logits = root.output.logits
+        rows, vision_rows = [], []
+        for column, token, position in targets:
+            logit = logits[0, column, token].float()
+            with logit.backward(retain_graph=True):
+                grads = [probs[layer].grad for layer in reversed(range(len(probs)))]
+                vision_grads = [vision_probs[layer].grad for layer in reversed(range(len(vision_probs)))]
+            row = ops.relevancy_row(position, probs, grads[::-1], row_normalize)
+            rows.append(row)
+            if vision_probs:
+                vision_rows.append(ops.vision_row(row[image_positions], vision_probs, vision_grads[::-1]))
+        result = nnsight.save({"rows": torch.stack(rows), "vision": torch.stack(vision_rows) if vision_rows else None})
+    return result
 
 
 def _run_generate(root, inputs, kwargs, remote):

@@ -270,3 +270,72 @@ def _logit_lens_sweep(values, weights, output, *, n_layers: int, k: int, word_id
             logits = logits + b_U[word_id].float()
         out["word_probs"] = (logits - lse).exp().view(n_stages, n_patches).cpu()
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Relevancy (Chefer's rule, mech_vqa.methods.relevancy) from the attention probabilities and their
+# gradients, both held where the model runs: only the relevancy rows go back.
+
+
+def relevancy_row(position: int, probs, grads, row_normalize: bool) -> torch.Tensor:
+    """``e_p^T (I + Abar_{L-1}) ... (I + Abar_0)`` ``[S]`` float32 with ``Abar_l = mean_h((grad_l A_l)^+)``
+    (``probs`` / ``grads`` per layer ``[1, heads, S, S]``); ``row_normalize``: ``rownorm(R - I) + I``."""
+    with torch.no_grad():
+        one_hot = torch.zeros(probs[0].shape[-1], device=probs[0].device)
+        one_hot[position] = 1.0
+        row = one_hot
+        for attn, grad in zip(reversed(probs), reversed(grads)):
+            abar = (grad[0].float() * attn[0].float()).clamp(min=0).mean(0)
+            row = row + row @ abar
+        if row_normalize:
+            rest = row - one_hot
+            total = rest.sum()
+            row = (rest / total if total > 0 else rest) + one_hot
+        return row.cpu()
+
+
+def vision_row(image_row: torch.Tensor, probs, grads) -> torch.Tensor:
+    """The LLM image relevancy ``[n_image]`` propagated through the vision layers (``probs`` / ``grads`` per
+    layer ``[1, heads, n, n]``): the patch tokens seeded, their columns read (``[n_image]``), as
+    ``mech_vqa.methods.relevancy._vision_map``."""
+    with torch.no_grad():
+        n_tokens, n_patches = probs[0].shape[-1], image_row.shape[0]
+        offset = n_tokens - n_patches
+        if offset < 0:
+            raise ValueError(f"the vision tower has {n_tokens} tokens but the prompt {n_patches} image tokens")
+        row = torch.zeros(n_tokens, device=probs[0].device)
+        row[offset:] = image_row.to(row.device).float()
+        for attn, grad in zip(reversed(probs), reversed(grads)):
+            row = row + row @ (grad[0].float() * attn[0].float()).clamp(min=0).mean(0)
+        return row[offset:].cpu()
+
+
+def check_probabilities(probs) -> None:
+    if any(p is None for p in probs):
+        raise RuntimeError("the attention returned no probabilities; relevancy differentiates them, which needs "
+                           "eager attention: load the model with attn_implementation='eager' (remotely: a deployment "
+                           "that runs eager attention; SDPA / flash kernels return none)")
+
+
+# --------------------------------------------------------------------------------------------------
+# iGOS+ / iGOS++ inside a session (mech_vqa.methods.igos_core runs the loop): the answer scores of a
+# batch of perturbed images, as mech_vqa.methods.scoring.AnswerScorer computes them.
+
+
+def batch_inputs(base: dict, pixels: torch.Tensor) -> dict:
+    """The one-row model inputs ``base`` for ``pixels`` ``[n, ...]``: every batch-1 tensor expanded to ``n`` (what
+    the adapter's ``model_inputs`` does to a batch; the backend checks the two agree before a session)."""
+    n = pixels.shape[0]
+    out = {key: value.expand(n, *value.shape[1:]) if torch.is_tensor(value) and value.shape[:1] == (1,) else value
+           for key, value in base.items()}
+    if base["pixel_values"].dim() == pixels.dim() - 1:   # a flat patch list (Qwen-VL): the rows one after another
+        pixels = pixels.reshape(-1, pixels.shape[-1])
+    out["pixel_values"] = pixels.to(base["pixel_values"].device, base["pixel_values"].dtype)
+    return out
+
+
+def answer_log_probs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """``log p(y_t)`` ``[n, T]`` float32 from logits ``[n, T, V]`` at the predicting rows."""
+    log_probs = logits.float().log_softmax(-1)
+    index = token_ids.to(log_probs.device).view(1, -1, 1).expand(logits.shape[0], -1, 1)
+    return log_probs.gather(-1, index)[..., 0]

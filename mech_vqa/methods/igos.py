@@ -43,17 +43,19 @@ model's parameters are frozen for the run (:func:`~mech_vqa.hooks.preserved_stat
 gradient reaches only the mask. ``reference=True`` runs the same optimisation the authors' way
 (one forward per point at batch size 1, full-vocabulary logits at every position): it exists
 for the benchmark and the equivalence test only.
+
+The optimisation itself is :class:`~mech_vqa.methods.igos_core.MaskOptimiser` (torch-only): on the nnsight
+backend the whole loop runs in one nnsight session next to the model (in process or remote), and only
+the masks and the history come back (:meth:`~mech_vqa.backends.nnsight_backend.NNsightBackend.igos_masks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters.base import mask_to_pixels
@@ -61,6 +63,7 @@ from ..hooks import preserved_state
 from ..inputs import PreparedInput, check_box, check_pixels
 from ..metrics.insertion_deletion import from_raw, insertion_deletion_curves, mean_probability
 from ..results.igos import IGOSResult
+from .igos_core import MaskOptimiser, bilateral_tv, edge_weights, regulariser, upsample  # noqa: F401
 from .scoring import AnswerScorer, input_baseline
 from .token_selection import TokenSelection, check_tau, resolve_selection
 
@@ -103,61 +106,7 @@ class IGOSConfig:
         return {**dataclasses.asdict(self), "mask_size": list(self.mask_size)}
 
 
-# --------------------------------------------------------------------------- regulariser
-def upsample(mask: torch.Tensor, size) -> torch.Tensor:
-    """``U(m)``: ``[..., h, w]`` -> ``[..., H, W]`` bilinear, ``align_corners=False``."""
-    lead = mask.shape[:-2]
-    up = F.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]), size=tuple(size), mode="bilinear", align_corners=False)
-    return up.reshape(*lead, *up.shape[-2:])
-
-
-def edge_weights(image: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``exp(-(mean_c dI)^2 / sigma)`` for vertical ``[H-1, W]`` and horizontal ``[H, W-1]`` neighbours."""
-    first = image.detach().float().reshape(-1, *image.shape[-3:])[0]          # [C, H, W], first view
-    dy = (first[:, 1:] - first[:, :-1]).mean(0)
-    dx = (first[:, :, 1:] - first[:, :, :-1]).mean(0)
-    return torch.exp(-dy ** 2 / sigma), torch.exp(-dx ** 2 / sigma)
-
-
-def _mean(x: torch.Tensor) -> torch.Tensor:
-    return x.mean() if x.numel() else x.new_zeros(())  # a 1-cell side has no neighbours
-
-
-def bilateral_tv(mask: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``BTV(m)``: half the squared TV of the mask plus the edge-weighted squared TV of ``U(m)``."""
-    w_y, w_x = weights
-    up = upsample(mask, (w_x.shape[0], w_y.shape[1]))
-    tv = _mean((mask[1:] - mask[:-1]) ** 2) + _mean((mask[:, 1:] - mask[:, :-1]) ** 2)
-    btv = _mean(w_y * (up[1:] - up[:-1]) ** 2) + _mean(w_x * (up[:, 1:] - up[:, :-1]) ** 2)
-    return 0.5 * (tv + btv)
-
-
-def regulariser(mask: torch.Tensor, weights, config: IGOSConfig, iteration: int) -> dict[str, torch.Tensor]:
-    """The three terms of ``R`` (L2 with its graduated decay ``exp(-gamma i)``)."""
-    return {"l1": config.l1 * (1 - mask).mean(),   # m is in [0, 1]: |1 - m| = 1 - m, with a gradient at m = 1
-            "tv": config.l3 * bilateral_tv(mask, weights),
-            "l2": config.l2 * math.exp(-config.gamma * iteration) * ((1 - mask) ** 2).sum()}
-
-
 # --------------------------------------------------------------------------- optimiser
-@dataclasses.dataclass(frozen=True)
-class _Term:
-    """One integrated term: which masks multiply, deletion or insertion, and its sign/weight."""
-
-    masks: tuple[int, ...]
-    deletion: bool
-    weight: float
-    name: str
-
-
-def _terms(two_masks: bool) -> list[_Term]:
-    if not two_masks:
-        return [_Term((0,), True, 1.0, "deletion"), _Term((0,), False, -1.0, "insertion")]
-    # iGOS++: the four IG terms, averaged in pairs (the authors' total_grads /= 2)
-    return [_Term((0, 1), True, 0.5, "deletion_combined"), _Term((0, 1), False, -0.5, "insertion_combined"),
-            _Term((0,), True, 0.5, "deletion"), _Term((1,), False, -0.5, "insertion")]
-
-
 def optimise_mask(score_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, baseline: torch.Tensor,
                   config: IGOSConfig | None = None, *, seed: int = 0, progress: bool = True,
                   one_point_per_forward: bool = False, geometry=None) -> dict:
@@ -167,73 +116,22 @@ def optimise_mask(score_fn: Callable[[torch.Tensor], torch.Tensor], image: torch
     ``one_point_per_forward`` every interpolation point is scored and back-propagated on its own
     (the reference way; same noise, same result up to float rounding). ``geometry`` (an
     :class:`~mech_vqa.adapters.ImageGeometry`) lays the mask over every view of a tiled image;
-    without it the mask is upsampled onto the pixel grid of every view alike.
+    without it the mask is upsampled onto the pixel grid of every view alike. The arithmetic is
+    :class:`~mech_vqa.methods.igos_core.MaskOptimiser` (the same code a remote nnsight session runs).
 
     Returns a dict: ``mask`` ``[h, w]``, ``masks`` (one per optimised mask), ``history``.
     """
     config = config or IGOSConfig()
-    device = image.device
-    image, baseline = image.detach().float(), baseline.detach().float().to(device)
-    weights = edge_weights(image, config.bilateral_sigma)
-    masks = [torch.ones(config.mask_size, device=device, requires_grad=True)
-             for _ in range(2 if config.two_masks else 1)]
-    terms = _terms(config.two_masks)
-    n = config.n_steps
-    alphas = torch.arange(1, n + 1, device=device, dtype=torch.float32) / n                 # k / N
-    point_term = torch.arange(len(terms)).repeat_interleave(n)                              # [P]
-    point_alpha = alphas.repeat(len(terms))                                                 # [P]
-    is_deletion = torch.tensor([terms[int(t)].deletion for t in point_term], device=device)
-    point_weight = torch.tensor([terms[int(t)].weight / n for t in point_term], device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    n_points = len(point_term)
-    # equal-sized chunks (20 points, chunk 16 -> 10 + 10, not 16 + 4): every forward is as wide as it can be
-    n_chunks = n_points if one_point_per_forward else math.ceil(n_points / config.chunk_size)
-    chunks = [c.tolist() for c in torch.arange(n_points).tensor_split(n_chunks)]
-    history = {name: [] for name in [t.name for t in terms] + ["l1", "tv", "l2", "objective"]}
-    theta_prev = None
-    pixel_shape = image.shape[1:]
     to_pixels = geometry.mask_to_pixels if geometry is not None else mask_to_pixels
-
+    optimiser = MaskOptimiser(image, baseline, config, seed, to_pixels, one_point_per_forward)
     bar = tqdm(range(config.iterations), desc="iGOS++" if config.two_masks else "iGOS+", disable=not progress)
     for iteration in bar:
-        noise = torch.randn((n_points, *image.shape[1:]), generator=generator, device=device) * config.noise_std
-        scores = torch.empty(n_points)
-        for chunk in chunks:
-            rows = slice(chunk[0], chunk[-1] + 1)
-            up = to_pixels(torch.stack(masks), pixel_shape)                            # U(m) of every mask
-            term_masks = torch.stack([math.prod(up[j] for j in t.masks) for t in terms])   # [n_terms, ..., H, W]
-            u = term_masks[point_term[rows]] * point_alpha[rows].view(-1, *[1] * (term_masks.dim() - 1))
-            # deletion Phi(I, B, u) = B + u (I - B); insertion Phi(B, I, u) = I + u (B - I)
-            deleting = is_deletion[rows].view(-1, *[1] * (image.dim() - 1))
-            lo, hi = torch.where(deleting, baseline, image), torch.where(deleting, image, baseline)
-            composite = lo + u * (hi - lo) + noise[rows]
-            s = score_fn(composite).float()                                               # [c]
-            (s * point_weight[rows]).sum().backward()
-            scores[rows] = s.detach().cpu()
-        combined = math.prod(masks)
-        reg = regulariser(combined, weights, config, iteration)
-        sum(reg.values()).backward()
-
-        with torch.no_grad():
-            momentum = iteration / (iteration + config.momentum) if config.momentum > 0 else 0.0
-            # a non-finite gradient entry would persist through the momentum: zero it
-            thetas = [m - config.lr * torch.nan_to_num(m.grad, nan=0.0, posinf=0.0, neginf=0.0) for m in masks]
-            for index, (mask, theta) in enumerate(zip(masks, thetas)):
-                step = theta if theta_prev is None else theta + momentum * (theta - theta_prev[index])
-                mask.copy_(step.clamp(0, 1))
-                mask.grad = None
-            theta_prev = thetas
-        per_term = scores.view(len(terms), n).mean(1)
-        for term, value in zip(terms, per_term.tolist()):
-            history[term.name].append(value)
-        for name, value in reg.items():
-            history[name].append(float(value.detach()))
-        history["objective"].append(float((per_term * torch.tensor([t.weight for t in terms])).sum())
-                                    + sum(float(v.detach()) for v in reg.values()))
+        optimiser.start_iteration()
+        for chunk in optimiser.chunks:
+            optimiser.backward(chunk, score_fn(optimiser.composite(chunk)))
+        per_term = list(optimiser.step(iteration).values())
         bar.set_postfix(deletion=f"{per_term[0]:.3f}", insertion=f"{per_term[1]:.3f}")
-
-    final = [m.detach() for m in masks]
-    return {"mask": math.prod(final), "masks": final, "history": history}
+    return optimiser.result()
 
 
 # ------------------------------------------------------------------------------ method
@@ -321,8 +219,21 @@ def igos(vqa, inp: PreparedInput, *, tokens: TokenSelection | Sequence[int] | No
         scorer = AnswerScorer(vqa, inp, selection.indices)
         log_probs = scorer.reference if reference else scorer
         t0 = time.perf_counter()
-        optimised = optimise_mask(lambda pixels: log_probs(pixels).sum(-1), image, base, config, seed=seed,
-                                  progress=progress, one_point_per_forward=reference, geometry=inp.geometry)
+        session = getattr(vqa.backend, "igos_masks", None)
+        # a backend that runs the whole loop next to the model (nnsight: one session, only masks come back)
+        optimised = None if reference or session is None else session(scorer, image, base, config, seed=seed,
+                                                                      geometry=inp.geometry)
+        if optimised is None and getattr(vqa.backend, "remote", False):
+            from ..backends import BackendNotSupported
+
+            raise BackendNotSupported(
+                f"igos through a remote trace is not supported for {type(vqa.model).__name__}: the optimisation runs "
+                "in an nnsight session next to the model, which needs the mask-to-pixel map as per-view bilinear "
+                "factors (and, for flattened patches, an index), and this layout's map or batched inputs are not of "
+                "that form; run it in process (remote=False) or on the hooks backend")
+        if optimised is None:
+            optimised = optimise_mask(lambda pixels: log_probs(pixels).sum(-1), image, base, config, seed=seed,
+                                      progress=progress, one_point_per_forward=reference, geometry=inp.geometry)
         timings["optimisation"] = time.perf_counter() - t0
         mask = optimised["mask"].cpu()
         saliency = 1 - mask

@@ -29,6 +29,10 @@ probabilities' graph is built -- pixel values are made differentiable so that gr
 one ``torch.autograd.grad`` per target. ``autograd.grad`` returns fresh gradients and accumulates
 nothing, so no token's gradient leaks into another's map (the reference's ViT maps accumulate
 across tokens). Relevancy arithmetic is float32 whatever the model dtype.
+
+On the nnsight backend (LLM stage, in process or remote) the backward and the propagation run inside
+one trace (:meth:`~mech_vqa.backends.nnsight_backend.NNsightBackend.relevancy_rows`): only the rows
+come back.
 """
 
 from __future__ import annotations
@@ -93,18 +97,12 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
         progress: show a progress bar over targets.
         box: ground-truth box attached to the maps.
     """
-    from tqdm.auto import tqdm
-
     from ..backends import BackendNotSupported
 
     backend = getattr(vqa, "backend", None)
     on_hooks = getattr(backend, "name", "hooks") == "hooks"
-    if not on_hooks and (vision or getattr(backend, "remote", False)):
-        raise BackendNotSupported(
-            f"relevancy with {'vision=True' if vision else 'a remote trace'} is not supported on the "
-            f"{backend.name} backend: it differentiates every attention probability, which needs the autograd "
-            "graph in this process (vision-tower attention is not a capture name); use vision=False in process "
-            "(remote=False) or backend='hooks'")
+    if not on_hooks and not hasattr(backend, "relevancy_rows"):
+        raise BackendNotSupported(f"relevancy is not supported on the {backend.name} backend; use backend='hooks'")
     inp = check_single_input(inp)
     targets = resolve_targets(inp, targets)
     adapter, model, geometry = vqa.adapter, vqa.model, inp.geometry
@@ -116,8 +114,46 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
     if vision and adapter.patches_per_image_token != 1:
         raise NotImplementedError(
             f"vision-tower relevancy seeds each vision patch with its image token's relevancy, but "
-            f"{type(model).__name__}'s connector merges {adapter.patches_per_image_token} patches into each image "
+            f"{type(vqa.model).__name__}'s connector merges {adapter.patches_per_image_token} patches into each image "
             "token, so no patch has a token of its own; use stage='llm' (vision=False), which is exact")
+    if not on_hooks:   # backward and propagation inside the backend's trace: only the rows come back
+        vision_modules = vision_encoder_layers(adapter)[:vision_layers_used(adapter)] if vision else []
+        found = _rows_through_backend(vqa, inp, targets, row_normalize, vision_modules)
+        rows = list(found["rows"])
+        image_maps = [geometry.to_grid(row[geometry.positions.cpu()]) for row in rows]
+        vision_maps = [geometry.to_grid(row) for row in found["vision"]] if vision else []
+    else:
+        rows, image_maps, vision_maps, vision_modules = _rows_with_hooks(vqa, inp, targets, row_normalize, vision,
+                                                                         progress)
+    return RelevancyMaps(
+        rows=torch.stack(rows), llm=torch.stack(image_maps),
+        vision=torch.stack(vision_maps) if vision else None,
+        targets=[t.to_dict() for t in targets], str_tokens=list(inp.str_tokens),
+        image_size=list(geometry.image_size), image=torch.from_numpy(inp.display_image()),
+        row_normalized=row_normalize, box=[float(v) for v in box] if box is not None else None,
+        info={"model": vqa.name, "question": inp.question, "answer": inp.answer,
+              "vision_layers": len(vision_modules), "score": "raw logit"},
+        image_positions=geometry.positions.cpu(), image_boxes=geometry.boxes.cpu(), image_view=geometry.view.cpu(),
+    )
+
+
+def _rows_through_backend(vqa, inp: PreparedInput, targets, row_normalize: bool, vision_layers) -> dict:
+    """``rows`` ``[T, S]`` (and ``vision`` ``[T, n_image]`` through ``vision_layers``) computed by a backend
+    that differentiates inside its own trace."""
+    positions = [t.position for t in targets]
+    keep, kept = logits_at(vqa, positions)
+    columns = positions if kept is None else [int((kept == p).nonzero()) for p in positions]
+    inputs = vqa.adapter.model_inputs(inp.model_inputs(vqa.device, vqa.adapter.vision_dtype()))
+    return vqa.backend.relevancy_rows(inputs, [(c, t.token_id, t.position) for c, t in zip(columns, targets)],
+                                      row_normalize=row_normalize, vision_layers=vision_layers,
+                                      image_positions=inp.geometry.positions, use_cache=False, **keep)
+
+
+def _rows_with_hooks(vqa, inp: PreparedInput, targets, row_normalize: bool, vision: bool, progress: bool):
+    """Rows, LLM image maps and vision maps with the hooks backend (autograd in this process)."""
+    from tqdm.auto import tqdm
+
+    adapter, model, geometry = vqa.adapter, vqa.model, inp.geometry
     llm_modules = [adapter.attn(layer) for layer in range(adapter.n_layers)]
     vision_modules = ([layer.self_attn for layer in vision_encoder_layers(adapter)[:vision_layers_used(adapter)]]
                       if vision else [])
@@ -137,21 +173,15 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
     hooks = HookSet()
     with preserved_state(model, eager=True, frozen=True):
         try:
-            if on_hooks:
-                for module in llm_modules + vision_modules:
-                    hooks.post(module, record)
+            for module in llm_modules + vision_modules:
+                hooks.post(module, record)
             inputs = inp.model_inputs(vqa.device, adapter.vision_dtype())
             # Parameters are frozen; a differentiable input makes autograd build the graph through
             # every attention probability (all of them depend on the image).
             inputs["pixel_values"] = inputs["pixel_values"].clone().requires_grad_(True)
             keep, kept = logits_at(vqa, [t.position for t in targets])
             with torch.enable_grad():
-                if on_hooks:
-                    logits = vqa.forward(inputs, **keep).logits  # [1, kept or seq, vocab]
-                else:  # another backend records the probabilities, still in the graph (detach=False)
-                    with vqa.trace(["pattern"], detach=False) as cache:
-                        logits = vqa.forward(inputs, **keep).logits
-                    recorded.update({m: cache["pattern", layer] for layer, m in enumerate(llm_modules)})
+                logits = vqa.forward(inputs, **keep).logits  # [1, kept or seq, vocab]
                 hooks.remove()
                 llm_probs = [recorded[m] for m in llm_modules]
                 vision_probs = [recorded[m] for m in vision_modules]
@@ -175,16 +205,7 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
             recorded.clear()  # drop the graph before returning
         finally:
             hooks.remove()
-    return RelevancyMaps(
-        rows=torch.stack(rows), llm=torch.stack(image_maps),
-        vision=torch.stack(vision_maps) if vision else None,
-        targets=[t.to_dict() for t in targets], str_tokens=list(inp.str_tokens),
-        image_size=list(geometry.image_size), image=torch.from_numpy(inp.display_image()),
-        row_normalized=row_normalize, box=[float(v) for v in box] if box is not None else None,
-        info={"model": vqa.name, "question": inp.question, "answer": inp.answer,
-              "vision_layers": len(vision_modules), "score": "raw logit"},
-        image_positions=geometry.positions.cpu(), image_boxes=geometry.boxes.cpu(), image_view=geometry.view.cpu(),
-    )
+    return rows, image_maps, vision_maps, vision_modules
 
 
 def _vision_map(image_row: torch.Tensor, probs: list[torch.Tensor], grads, geometry) -> torch.Tensor:

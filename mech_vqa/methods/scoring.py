@@ -222,9 +222,9 @@ class AnswerScorer:
             from ..backends import BackendNotSupported
 
             raise BackendNotSupported(
-                "AnswerScorer with gradients (igos / iGOS++) is not supported through a remote nnsight trace: "
-                "the answer scores come back as saved values without an autograd graph to the pixels; run it "
-                "in process (remote=False) or on the hooks backend")
+                "AnswerScorer with gradients is not supported through a remote nnsight trace: the answer scores "
+                "come back as saved values without an autograd graph to the pixels; run it in process "
+                "(remote=False) or on the hooks backend (igos differentiates inside an nnsight session instead)")
         logits = self.vqa.forward(self._inputs(pixels), logits_to_keep=rows).logits     # [N, T, V]
         log_probs = logits.float().log_softmax(-1)
         index = self.token_ids.to(log_probs.device).view(1, -1, 1).expand(pixels.shape[0], -1, 1)

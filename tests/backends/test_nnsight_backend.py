@@ -171,86 +171,105 @@ def test_gradient_through_captures(tiny_vqa, image):
     torch.testing.assert_close(grads[1], grads[0], **TOL)
 
 
-@pytest.mark.parametrize("name", ["gqa", "mistral", "next"])
-def test_relevancy_equals_hooks_in_process(request, name, image):
-    """Relevancy (LLM stage): attention probabilities recorded by the trace, differentiated in process."""
+def test_relevancy_equals_hooks(pair, inp):
+    """Relevancy: each target's backward and Chefer's propagation inside one nnsight trace, into the vision
+    tower too where the layout has that stage; only the rows saved (and, through remote="local", sent back)."""
     from mech_vqa.methods.relevancy import relevancy
 
-    hooks = request.getfixturevalue(FAMILIES[name])
-    inp = hooks.prepare(image, QUESTION, ANSWER)
-    nns = VQAModel(hooks.model, hooks.processor, backend="nnsight")
-    expected = relevancy(hooks, inp, vision=False, progress=False)
-    got, _ = assert_leaves_model_as_found(nns, inp, lambda x: relevancy(nns, x, vision=False, progress=False))
+    hooks, nns = pair
+    row_normalize = bool(nns.backend.remote)   # both forms on every layout, each through one engine
+    vision = int(inp.geometry.view.max()) == 0 and not hooks.adapter.vision_relevancy_refusal
+    expected = relevancy(hooks, inp, [0, 3], row_normalize=row_normalize, vision=vision, progress=False)
+    got, _ = assert_leaves_model_as_found(nns, inp, lambda x: relevancy(nns, x, [0, 3], row_normalize=row_normalize,
+                                                                         vision=vision, progress=False))
     assert expected.llm.abs().max() > 0
     torch.testing.assert_close(got.rows, expected.rows, **TOL)
     torch.testing.assert_close(got.llm, expected.llm, **TOL)
+    n_image = inp.geometry.positions.numel()
+    assert nns.backend.last_saved_bytes == 2 * (inp.seq_len + (n_image if vision else 0)) * 4   # the rows only
+    if vision:
+        assert (expected.vision - expected.llm).abs().max() > 0
+        torch.testing.assert_close(got.vision, expected.vision, **TOL)
 
 
 SMALL_IGOS = dict(mask_size=4, iterations=2, n_steps=2, chunk_size=4, step_fraction=0.25, l1=0.0, lr=3.0)
 
 
-@pytest.mark.parametrize("two_masks", [False, True])
-def test_igos_equals_hooks_in_process(tiny_vqa, image, two_masks):
-    """iGOS+ / iGOS++: answer scores through vqa.forward, mask gradients through the in-process trace."""
+def _igos_pair(hooks, nns, inp, **options):
     from mech_vqa.methods.igos import igos
 
-    inp = tiny_vqa.prepare(image, QUESTION, ANSWER)
-    nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
-    kwargs = dict(tokens=[1, 3], seed=3, progress=False, two_masks=two_masks, **SMALL_IGOS)
-    expected = igos(tiny_vqa, inp, **kwargs)
-    got, _ = assert_leaves_model_as_found(nns, inp, lambda x: igos(nns, x, **kwargs))
-    assert not torch.equal(expected.mask, torch.ones(4, 4))   # the mask moved
+    kwargs = dict(tokens=[1, 3], seed=3, progress=False, **SMALL_IGOS, **options)
+    expected = igos(hooks, inp, **kwargs)
+    got = igos(nns, inp, **kwargs)
+    assert not torch.equal(expected.mask, torch.ones_like(expected.mask))   # the mask moved
     torch.testing.assert_close(got.mask, expected.mask, **TOL)
-    assert got.insertion_auc == pytest.approx(expected.insertion_auc, abs=1e-5)
-    assert got.deletion_auc == pytest.approx(expected.deletion_auc, abs=1e-5)
+    for name, values in expected.history.items():
+        assert got.history[name] == pytest.approx(values, abs=1e-5), name
+    if options.get("evaluate", True):
+        assert got.insertion_auc == pytest.approx(expected.insertion_auc, abs=1e-5)
+        assert got.deletion_auc == pytest.approx(expected.deletion_auc, abs=1e-5)
+    return got
+
+
+def test_igos_equals_hooks(pair, inp):
+    """iGOS+: the whole optimisation in one nnsight session (the masks' gradients from its traces), only the
+    masks and the history coming back (Qwen-VL's flattened patches too: the mask reaches them by an index)."""
+    hooks, nns = pair
+    got = _igos_pair(hooks, nns, inp, evaluate=False)
+    assert nns.backend.last_saved_bytes == 2 * got.mask.numel() * 4   # the session ran: mask and mask list only
 
 
 @pytest.mark.parametrize("remote", [False, "local"])
-def test_perturbation_metrics_equal_hooks(tiny_vqa, image, remote):
+def test_igos_plus_plus_equals_hooks(tiny_vqa, image, remote):
+    inp = tiny_vqa.prepare(image, QUESTION, ANSWER)
+    nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote=remote)
+    assert_leaves_model_as_found(nns, inp, lambda x: _igos_pair(tiny_vqa, nns, x, two_masks=True))
+
+
+def test_perturbation_metrics_equal_hooks(pair, inp):
     """Insertion / deletion, patch faithfulness (blur and zeroed image tokens) and the visually relevant
     tokens: forwards of perturbed images, in process and through the simulated remote call."""
-    from mech_vqa.methods.scoring import input_baseline
+    from mech_vqa.methods.scoring import AnswerScorer, input_baseline
     from mech_vqa.methods.token_selection import visually_relevant_tokens
     from mech_vqa.metrics.faithfulness import patch_faithfulness
     from mech_vqa.metrics.insertion_deletion import insertion_deletion
 
-    inp = tiny_vqa.prepare(image, QUESTION, ANSWER)
-    nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote=remote)
-    saliency = torch.arange(16.0).view(4, 4)
+    hooks, nns = pair
+    grid = inp.geometry.grid
+    saliency = torch.arange(float(grid[0] * grid[1])).view(*grid)
     results = []
-    for vqa in (tiny_vqa, nns):
+    for vqa in (hooks, nns):
+        base = input_baseline(vqa, inp)
+        with torch.no_grad():
+            scores = AnswerScorer(vqa, inp, [1, 3])(torch.cat([inp.pixel_values, base]).float())
         results.append((
+            scores,
             insertion_deletion(vqa, inp, saliency, tokens=[1, 3], step_fraction=0.25, progress=False),
             patch_faithfulness(vqa, inp, {"ramp": saliency}, tokens=[1, 3], box=[0, 0, 16, 16], fractions=(0.125,),
                                n_random=2, chunk_size=5),
-            visually_relevant_tokens(vqa, inp, input_baseline(vqa, inp), tau=0.0)))
-    (ins, faith, relevant), (ins_n, faith_n, relevant_n) = results
+            visually_relevant_tokens(vqa, inp, base, tau=0.0)))
+    (scores, ins, faith, relevant), (scores_n, ins_n, faith_n, relevant_n) = results
+    torch.testing.assert_close(scores_n, scores, **TOL)
     torch.testing.assert_close(torch.as_tensor(ins_n.deletion_raw), torch.as_tensor(ins.deletion_raw), **TOL)
     torch.testing.assert_close(torch.as_tensor(ins_n.insertion_raw), torch.as_tensor(ins.insertion_raw), **TOL)
-    assert faith.drops.abs().max() > 1e-4
     torch.testing.assert_close(faith_n.drops, faith.drops, **TOL, equal_nan=True)
     torch.testing.assert_close(faith_n.random, faith.random, **TOL)
     assert relevant_n.indices == relevant.indices
 
 
 def test_methods_outside_trace_refuse_clearly(tiny_vqa, image):
-    from mech_vqa.methods.igos import igos
-    from mech_vqa.methods.relevancy import relevancy
     from mech_vqa.runner import ResidualCheckpoint
 
     inp = tiny_vqa.prepare(image, QUESTION, ANSWER)
     nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
     hook_ids, before = hook_snapshot(tiny_vqa.model), model_state(tiny_vqa.model)
-    with pytest.raises(BackendNotSupported, match=r"relevancy with vision=True is not supported on the nnsight"):
-        relevancy(nns, inp, progress=False, vision=True)
-    remote = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote="local")
-    with pytest.raises(BackendNotSupported, match=r"relevancy with a remote trace is not supported"):
-        relevancy(remote, inp, progress=False, vision=False)
     with pytest.raises(BackendNotSupported, match="ablate / ResidualCheckpoint .* nnsight backend"):
         ResidualCheckpoint(nns, inp)  # ablate itself runs whole forwards there (test_ablate_equals_hooks)
+    from mech_vqa.methods.scoring import AnswerScorer
+
     remote = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote="local")
     with pytest.raises(BackendNotSupported, match="AnswerScorer with gradients .* remote nnsight trace"):
-        igos(remote, inp, tokens=[1], progress=False, **SMALL_IGOS)
+        AnswerScorer(remote, inp, [1])(inp.pixel_values.float().requires_grad_(True))   # no graph comes back
     assert hook_snapshot(tiny_vqa.model) == hook_ids
     assert_same_state(before, model_state(tiny_vqa.model))
 
@@ -320,12 +339,33 @@ def test_cli_backend_option(tiny_vqa, tmp_path, capsys):
             assert abs(rows["nnsight"][key] - value) <= 1e-5, key
         else:
             assert rows["nnsight"][key] == value, key
-    # compare runs iGOS and relevancy, which differentiate through the trace: not through a remote one
-    assert main(["run", "compare", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "c.jsonl"), "--model",
-                 str(tmp_path / "model"), "--device", "cpu", "--backend", "nnsight", "--remote", "local",
-                 "--no-progress"]) == 2
-    assert "is not supported on the nnsight backend" in capsys.readouterr().err
-    assert not (tmp_path / "c.jsonl").exists() or not read_results(tmp_path / "c.jsonl")
+    # compare runs iGOS and relevancy too, which differentiate inside the remote trace / session
+    compared = {}
+    for backend, extra in (("hooks", []), ("nnsight", ["--remote", "local"])):
+        out = tmp_path / f"compare-{backend}.jsonl"
+        assert main(["run", "compare", str(tmp_path / "data.jsonl"), "--out", str(out), "--model",
+                     str(tmp_path / "model"), "--device", "cpu", "--backend", backend, *extra, "--no-progress"]) == 0
+        (compared[backend],) = read_results(out)
+    assert compared["nnsight"]["status"] == "ok"
+    assert {"relevancy", "igos+", "igos++"} <= set(compared["hooks"]["methods"])
+    _assert_same_row(compared["nnsight"], compared["hooks"])
+
+
+def _assert_same_row(got, expected, where="row"):
+    """Every number of a result row equal to 1e-5 (NaN to NaN), every other value equal; timings skipped."""
+    if isinstance(expected, dict):
+        assert set(got) == set(expected), where
+        for key, value in expected.items():
+            if "runtime" not in key and key != "timings":
+                _assert_same_row(got[key], value, f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), where
+        for index, (a, b) in enumerate(zip(got, expected)):
+            _assert_same_row(a, b, f"{where}[{index}]")
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, abs=1e-5, nan_ok=True), where
+    else:
+        assert got == expected, where
 
 
 def _instance_slots(model) -> dict:

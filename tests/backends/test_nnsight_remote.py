@@ -117,10 +117,22 @@ def test_weightless_client_gets_the_hooks_results(ndif, folder, tiny_vqa, image)
     torch.testing.assert_close(out.logits, expected_out.logits, **TOL)
     torch.testing.assert_close(cache["z", 1], expected_cache["z", 1], **TOL)
 
-    with pytest.raises(BackendNotSupported, match="AnswerScorer with gradients .* remote nnsight trace"):
-        from mech_vqa.methods.igos import igos
+    from mech_vqa.methods.igos import igos
+    from mech_vqa.methods.relevancy import relevancy
 
-        igos(client, inp, tokens=[1], progress=False, mask_size=4, iterations=1, n_steps=2)
+    with pytest.raises(RuntimeError, match="needs eager attention.*a deployment that runs eager attention"):
+        relevancy(client, inp, [0], progress=False)   # the server's model runs SDPA: no probabilities to differentiate
+    ndif.model._module.set_attn_implementation("eager")
+    got_maps, expected_maps = relevancy(client, inp, [0, 3], progress=False), relevancy(tiny_vqa, reference, [0, 3],
+                                                                                       progress=False)
+    torch.testing.assert_close(got_maps.rows, expected_maps.rows, **TOL)   # the backward ran on the server
+    assert ndif.answers[-1] < 4096
+    small = dict(tokens=[1, 3], progress=False, mask_size=4, iterations=2, n_steps=2, l1=0.0, lr=3.0, evaluate=False,
+                 seed=3)
+    got_igos, expected_igos = igos(client, inp, **small), igos(tiny_vqa, reference, **small)
+    assert not torch.equal(expected_igos.mask, torch.ones(4, 4))
+    torch.testing.assert_close(got_igos.mask, expected_igos.mask, **TOL)   # the whole loop in one session there
+    assert ndif.answers[-1] < 4096          # masks and history only
 
 
 def test_clear_errors_before_any_request(monkeypatch, folder, tiny_vqa):
