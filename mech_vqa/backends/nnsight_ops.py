@@ -326,8 +326,9 @@ def batch_inputs(base: dict, pixels: torch.Tensor) -> dict:
     """The one-row model inputs ``base`` for ``pixels`` ``[n, ...]``: every batch-1 tensor expanded to ``n`` (what
     the adapter's ``model_inputs`` does to a batch; the backend checks the two agree before a session)."""
     n = pixels.shape[0]
-    out = {key: value.expand(n, *value.shape[1:]) if torch.is_tensor(value) and value.shape[:1] == (1,) else value
-           for key, value in base.items()}
+    # contiguous: Idefics3 views its pixel_attention_mask, which an expanded (stride-0) tensor refuses
+    out = {key: value.expand(n, *value.shape[1:]).contiguous() if torch.is_tensor(value) and value.shape[:1] == (1,)
+           else value for key, value in base.items()}
     if base["pixel_values"].dim() == pixels.dim() - 1:   # a flat patch list (Qwen-VL): the rows one after another
         pixels = pixels.reshape(-1, pixels.shape[-1])
     out["pixel_values"] = pixels.to(base["pixel_values"].device, base["pixel_values"].dtype)

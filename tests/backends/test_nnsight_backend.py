@@ -178,7 +178,8 @@ def test_relevancy_equals_hooks(pair, inp):
 
     hooks, nns = pair
     row_normalize = bool(nns.backend.remote)   # both forms on every layout, each through one engine
-    vision = int(inp.geometry.view.max()) == 0 and not hooks.adapter.vision_relevancy_refusal
+    vision = (int(inp.geometry.view.max()) == 0 and not hooks.adapter.vision_relevancy_refusal
+              and hooks.adapter.patches_per_image_token == 1)
     expected = relevancy(hooks, inp, [0, 3], row_normalize=row_normalize, vision=vision, progress=False)
     got, _ = assert_leaves_model_as_found(nns, inp, lambda x: relevancy(nns, x, [0, 3], row_normalize=row_normalize,
                                                                          vision=vision, progress=False))
