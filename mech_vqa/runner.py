@@ -196,18 +196,79 @@ class _RecordKeysValues:
 
 
 class _PrefixKeysValues:
-    """Stands in for HF's cache object when rows ``first..`` are recomputed: puts the clean run's
-    keys and values of rows ``< first`` in front of the new rows', for every batch row. Nothing is
-    stored, so one prefix serves any number of runs."""
+    """Stands in for HF's cache object when rows ``first..`` are recomputed: hands the new rows' keys
+    and values back unchanged and leaves the clean run's keys and values of rows ``< first`` (one copy,
+    shared by every batch row) for :func:`_answer_rows_attention`, which the attention calls next.
+    Nothing is stored, so one prefix serves any number of runs."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         self.keys, self.values = keys, values  # [1, kv_heads, first, head_dim]
 
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        batch = key_states.shape[0]
-        keys = torch.cat([self.keys.expand(batch, -1, -1, -1).to(key_states), key_states], dim=-2)
-        values = torch.cat([self.values.expand(batch, -1, -1, -1).to(value_states), value_states], dim=-2)
-        return keys, values
+        _PENDING_PREFIX[:] = [(self.keys.to(key_states), self.values.to(value_states))]
+        return key_states, value_states
+
+
+_PENDING_PREFIX: list = []
+"""The prefix the attention call under way reads (set by :meth:`_PrefixKeysValues.update`, taken once)."""
+
+ANSWER_ROWS_ATTENTION = "mech_vqa_answer_rows"
+"""The name under which :func:`_answer_rows_attention` is registered in transformers' AttentionInterface."""
+
+
+def _fold(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[B, kv_heads * g, R, n] -> [kv_heads, B * g * R, n]``: every batch row's queries of one key head
+    side by side, so one product per key head reads the shared prefix once."""
+    batch, heads, rows, n = x.shape
+    return x.reshape(batch, kv_heads, heads // kv_heads, rows, n).transpose(0, 1).reshape(kv_heads, -1, n)
+
+
+def _unfold(x: torch.Tensor, batch: int, heads: int, rows: int) -> torch.Tensor:
+    """The inverse of :func:`_fold`: ``[kv_heads, B * g * R, n] -> [B, heads, R, n]``."""
+    kv_heads, _, n = x.shape
+    return x.view(kv_heads, batch, heads // kv_heads, rows, n).transpose(0, 1).reshape(batch, heads, rows, n)
+
+
+def _answer_rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                           **kwargs):
+    """Attention of the recomputed rows over the shared clean prefix and their own new keys.
+
+    The prefix ``[1, kv_heads, P, d]`` is never copied per batch row (a ``torch.cat`` of it per row and
+    layer was most of a sweep's time): the queries of all batch rows are folded into one matrix per key
+    head against it, and each batch row's own keys ``[B, kv_heads, R, d]`` are scored apart. Scores are
+    those of eager attention (scaling, optional soft-capping, the mask: bool True = attend or additive
+    float over ``P + R`` keys), softmax in fp32. Returns ``([B, R, heads, d], None)`` as HF's functions do.
+    """
+    batch, heads, rows, dim = query.shape
+    kv_heads = key.shape[1]
+    prefix_keys, prefix_values = _PENDING_PREFIX.pop() if _PENDING_PREFIX else (None, None)
+    scaling = dim ** -0.5 if scaling is None else scaling
+    own = torch.matmul(query.reshape(batch, kv_heads, -1, dim), key.transpose(-1, -2)).view(batch, heads, rows, -1)
+    scores = own
+    if prefix_keys is not None:
+        folded = _fold(query, kv_heads)  # [kv, B * g * R, d]
+        before = _unfold(torch.bmm(folded, prefix_keys[0].transpose(-1, -2)), batch, heads, rows)
+        scores = torch.cat([before, own], dim=-1)
+    scores = scores.float() * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        mask = attention_mask[..., -scores.shape[-1]:]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    weights = scores.softmax(-1).to(value.dtype)
+    prefix = 0 if prefix_keys is None else prefix_keys.shape[-2]
+    out = torch.matmul(weights[..., prefix:].reshape(batch, kv_heads, -1, weights.shape[-1] - prefix),
+                       value).view(batch, heads, rows, dim)
+    if prefix_keys is not None:
+        out = out + _unfold(torch.bmm(_fold(weights[..., :prefix], kv_heads), prefix_values[0]), batch, heads, rows)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_answer_rows_attention() -> None:
+    from transformers.modeling_utils import AttentionInterface
+
+    if ANSWER_ROWS_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ANSWER_ROWS_ATTENTION, _answer_rows_attention)
 
 
 def _cache_keyword(layer_module) -> str:
@@ -273,6 +334,7 @@ class AnswerRowRunner(ResidualCheckpoint):
         from .backends import require_hooks
 
         require_hooks(vqa, "AnswerRowRunner (it calls decoder layers directly)")
+        _register_answer_rows_attention()
         config = vqa.model.config
         self.attn_implementation = getattr(getattr(config, "text_config", config), "_attn_implementation", None)
         if self.attn_implementation not in ("eager", "sdpa"):
@@ -383,14 +445,22 @@ class AnswerRowRunner(ResidualCheckpoint):
         hidden = self.inputs[layer][:, first:last + 1].expand(batch, -1, -1).clone()
         local = positions - first
         hooks = HookSet()
+        # the layers' attention through _answer_rows_attention (the shared prefix, never copied per row);
+        # preserved_state puts each config's attention implementation back
+        configs = {id(c): c for c in (getattr(self.adapter.attn(i), "config", None)
+                                      for i in range(layer, self.adapter.n_layers)) if c is not None}
         with preserved_state(self.vqa.model):
             try:
+                for config in configs.values():
+                    config._attn_implementation_internal = ANSWER_ROWS_ATTENTION
                 last_mlp_only_at(hooks, self.adapter, local)
                 register_interventions(hooks, self.adapter, edits)
                 for index in range(layer, self.adapter.n_layers):
+                    _PENDING_PREFIX.clear()
                     out = self.adapter.layer(index)(hidden, **self._layer_kwargs(index, first, last, blocked))
                     hidden = out[0] if isinstance(out, tuple) else out
             finally:
+                _PENDING_PREFIX.clear()
                 hooks.remove()
         final = self.adapter.final_norm(hidden[:, local])
         return self.adapter.unembed(final).float().log_softmax(-1)

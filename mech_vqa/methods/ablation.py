@@ -191,13 +191,20 @@ def ablate(vqa, inp, ablations: Sequence[Ablation], *, targets=None, batch_size:
     clean_lp = clean.gather(-1, token_ids[:, None].to(clean.device))[:, 0].cpu()
     clean_argmax = clean.argmax(-1).cpu()
 
-    groups: dict[int, list[int]] = defaultdict(list)
-    for index, ablation in enumerate(ablations):
-        groups[ablation.first_layer].append(index)
+    if where == "answer":
+        # a chunk mixes layers (sorted, run from the chunk's first): the answer rows cost little per layer,
+        # while each pass reads every weight after its first layer, so one pass for many layers is cheaper
+        order = sorted(range(len(ablations)), key=lambda index: ablations[index].first_layer)
+        chunks = [(ablations[members[0]].first_layer, members)
+                  for members in (order[i:i + batch_size] for i in range(0, len(order), batch_size))]
+    else:
+        groups: dict[int, list[int]] = defaultdict(list)
+        for index, ablation in enumerate(ablations):
+            groups[ablation.first_layer].append(index)
+        chunks = [(layer, members[i:i + batch_size]) for layer, members in sorted(groups.items())
+                  for i in range(0, len(members), batch_size)]
     delta = torch.zeros(len(ablations), len(targets))
     argmax = torch.zeros(len(ablations), len(targets), dtype=torch.long)
-    chunks = [(layer, members[i:i + batch_size]) for layer, members in sorted(groups.items())
-              for i in range(0, len(members), batch_size)]
     for layer, members in tqdm(chunks, desc="ablations", disable=not progress):
         edits = [dataclasses.replace(edit, rows=(row,)) for row, index in enumerate(members)
                  for edit in ablations[index].interventions]
