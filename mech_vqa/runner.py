@@ -58,19 +58,47 @@ def last_mlp_only_at(hooks: HookSet, adapter, rows: torch.Tensor) -> None:
     hooks.post(mlp, scatter_back)
 
 
-def _clean_logits(vqa, inp, rows) -> torch.Tensor:
-    """``[1, S, vocab]`` fp32 logits of the clean forward; with ``rows``, only those are computed
-    (HF's ``logits_to_keep``) and the others are NaN."""
+def _clean_logits(vqa, inp, rows) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The clean forward's fp32 logits: ``(rows, [1, len(rows), vocab])`` at ``rows`` only (HF's
+    ``logits_to_keep``), or ``(None, [1, S, vocab])`` at every position."""
     if rows is None or "logits_to_keep" not in inspect.signature(vqa.model.forward).parameters:
-        return vqa.forward(inp).logits.float()
+        return None, vqa.forward(inp).logits.float()
     rows = torch.as_tensor(rows, dtype=torch.long).flatten() % inp.seq_len
-    kept = vqa.forward(inp, logits_to_keep=rows.to(vqa.device)).logits.float()        # [1, len(rows), vocab]
-    logits = kept.new_full((1, inp.seq_len, kept.shape[-1]), float("nan"))
-    logits[:, rows.to(kept.device)] = kept
-    return logits
+    return rows, vqa.forward(inp, logits_to_keep=rows.to(vqa.device)).logits.float()  # [1, len(rows), vocab]
 
 
-class ResidualCheckpoint:
+class _CleanLogits:
+    """The clean run's logits, at every position or at a few rows only, read through
+    :meth:`clean_logits_at` (no ``[1, S, vocab]`` tensor is built unless ``clean_logits`` is read)."""
+
+    _kept_rows: torch.Tensor | None
+    _kept: torch.Tensor
+
+    @property
+    def clean_logits(self) -> torch.Tensor:
+        """``[1, S, vocab]`` fp32; NaN at the rows that were not computed."""
+        if self._kept_rows is None:
+            return self._kept
+        logits = self._kept.new_full((1, self.inputs[0].shape[1], self._kept.shape[-1]), float("nan"))
+        logits[:, self._kept_rows.to(logits.device)] = self._kept
+        return logits
+
+    def clean_logits_at(self, positions) -> torch.Tensor:
+        """``[P, vocab]`` fp32 clean logits at ``positions`` (which must be among the computed rows)."""
+        positions = torch.as_tensor(positions, dtype=torch.long).flatten()
+        if self._kept_rows is None:
+            return self._kept[0, positions.to(self._kept.device)]
+        seq_len = self.inputs[0].shape[1]
+        index = {int(row): i for i, row in enumerate(self._kept_rows)}
+        missing = sorted({int(p) % seq_len for p in positions} - set(index))
+        if missing:
+            raise ValueError(f"the clean logits were computed at rows {sorted(index)} only, not at {missing}; "
+                             "pass those positions as rows when building the checkpoint")
+        picked = torch.tensor([index[int(p) % seq_len] for p in positions], device=self._kept.device)
+        return self._kept[0, picked]
+
+
+class ResidualCheckpoint(_CleanLogits):
     """The clean run's residual stream entering each layer, plus each layer's call arguments."""
 
     def __init__(self, vqa, inp, rows: Sequence[int] | torch.Tensor | None = None):
@@ -105,7 +133,7 @@ class ResidualCheckpoint:
                     hooks.pre(self.adapter.text_model, record_added)
                 for layer in range(self.adapter.n_layers):
                     hooks.pre(self.adapter.layer(layer), record)
-                self.clean_logits = _clean_logits(vqa, inp, rows)  # [1, S, vocab]
+                self._kept_rows, self._kept = _clean_logits(vqa, inp, rows)
             finally:
                 hooks.remove()
         if len(self.inputs) != self.adapter.n_layers:
@@ -154,6 +182,11 @@ class FullForwardRuns:
         self.one = inp.model_inputs(vqa.device, vqa.adapter.vision_dtype())
         with torch.no_grad():
             self.clean_logits = vqa.forward(self.one).logits.float()  # [1, S, vocab]
+
+    def clean_logits_at(self, positions) -> torch.Tensor:
+        """``[P, vocab]`` fp32 clean logits at ``positions``."""
+        positions = torch.as_tensor(positions, dtype=torch.long).flatten()
+        return self.clean_logits[0, positions.to(self.clean_logits.device)]
 
     @torch.no_grad()
     def run_from(self, layer: int, batch: int, positions: Sequence[int] | torch.Tensor,
@@ -310,9 +343,12 @@ class AnswerRowRunner(ResidualCheckpoint):
     leaves every earlier row's residual stream, keys and values exactly as in the clean run. So one
     clean forward records, per decoder layer, the residual entering it, its call arguments and the
     keys and values of every position (a KV cache); :meth:`run_rows` then runs only rows
-    ``first..last`` through layers ``layer..`` for a batch of interventions, with the clean keys and
-    values of rows ``< first`` put in front of theirs. The arithmetic per run is that of a
-    ``last - first + 1``-token decoding step, not of a forward.
+    ``first..last`` through layers ``layer..`` for a batch of interventions, attending to the clean keys
+    and values of rows ``< first`` and to their own. The arithmetic per run is that of a
+    ``last - first + 1``-token decoding step, not of a forward; the prefix is read once per layer for
+    the whole batch (never copied per batch row: :func:`_answer_rows_attention`, registered in
+    transformers' AttentionInterface and selected on the text layers' configs for the run only), and
+    with ``rows`` given, the clean run computes the last layer's MLP and the logits at those rows alone.
 
     What it computes differs in meaning from :meth:`ResidualCheckpoint.run_from` with an edit of
     all positions: there every position from the edited layer on sees the edit, and later layers'
@@ -351,6 +387,8 @@ class AnswerRowRunner(ResidualCheckpoint):
             return hook
 
         try:
+            if rows is not None:  # only `rows` of the last layer's output are read: its MLP runs there alone
+                last_mlp_only_at(hooks, adapter, torch.as_tensor(rows, dtype=torch.long).flatten() % inp.seq_len)
             for layer, recorder in enumerate(self.recorders):
                 hooks.pre(adapter.attn(layer), keep_keys_values(recorder))
             super().__init__(vqa, inp, rows)
@@ -416,7 +454,7 @@ class AnswerRowRunner(ResidualCheckpoint):
     @torch.no_grad()
     def run_rows(self, layer: int, batch: int, positions: Sequence[int] | torch.Tensor,
                  interventions: Sequence[Intervention] = (), *, first: int | None = None,
-                 blocked=None) -> torch.Tensor:
+                 blocked=None, joins: Sequence[int] | None = None, log_softmax: bool = True) -> torch.Tensor:
         """Log-probabilities ``[batch, P, vocab]`` (fp32) at ``positions``, recomputing rows ``first..``.
 
         Args:
@@ -429,11 +467,28 @@ class AnswerRowRunner(ResidualCheckpoint):
                 ``positions`` are never computed (nothing before them can read them).
             blocked: ``blocked(layer, first, last) -> bool [batch, 1|n_heads, R, last + 1] | None``,
                 attention edges to remove (see the class docstring).
+            joins: per batch row, the layer it starts at (non-decreasing, the first ``layer``): a row
+                joins the batch at its layer with the clean residual entering it, so a batch mixing
+                layers reads every weight once per layer without recomputing the clean layers before
+                each row's edits (every edit of a row at a layer ``>=`` its join; not with ``blocked``).
+            log_softmax: False returns the fp32 logits instead (a caller that needs a few tokens'
+                log-probabilities takes one logsumexp instead of a ``[batch, P, vocab]`` log-softmax).
         """
         layer = self.adapter.check_layer(layer)
         early = [edit.layer for edit in interventions if self.adapter.check_layer(edit.layer) < layer]
         if early:
             raise ValueError(f"interventions at layers {sorted(set(early))} precede the resume layer {layer}")
+        starts = [layer] * batch if joins is None else [self.adapter.check_layer(j) for j in joins]
+        if len(starts) != batch or starts[0] != layer or any(b < a for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"joins must give one non-decreasing layer per batch row ({batch}), the first equal to "
+                             f"the start layer {layer}; got {list(joins)}")
+        if joins is not None and blocked is not None:
+            raise ValueError("joins (a batch that grows over the layers) cannot be combined with attention edits")
+        late = [edit.layer for edit in interventions
+                if any(self.adapter.check_layer(edit.layer) < starts[row]
+                       for row in (range(batch) if edit.rows is None else edit.rows) if row < batch)]
+        if late:
+            raise ValueError(f"interventions at layers {sorted(set(late))} edit batch rows that join later")
         positions = torch.as_tensor(positions, dtype=torch.long, device=self.inputs[0].device).flatten() % self.seq_len
         last = int(positions.max())
         first = int(positions.min()) if first is None else int(first)
@@ -442,7 +497,8 @@ class AnswerRowRunner(ResidualCheckpoint):
                              "unembedded position)")
         count = last + 1 - first
         edits = [_rows_edit(edit, first, count, self.seq_len) for edit in interventions]
-        hidden = self.inputs[layer][:, first:last + 1].expand(batch, -1, -1).clone()
+        joining = [starts.count(index) for index in range(self.adapter.n_layers)]  # rows joining at each layer
+        hidden = self.inputs[layer][:, first:last + 1].expand(joining[layer], -1, -1).clone()
         local = positions - first
         hooks = HookSet()
         # the layers' attention through _answer_rows_attention (the shared prefix, never copied per row);
@@ -456,11 +512,14 @@ class AnswerRowRunner(ResidualCheckpoint):
                 last_mlp_only_at(hooks, self.adapter, local)
                 register_interventions(hooks, self.adapter, edits)
                 for index in range(layer, self.adapter.n_layers):
+                    if index > layer and joining[index]:
+                        hidden = torch.cat([hidden, self.inputs[index][:, first:last + 1].expand(
+                            joining[index], -1, -1).to(hidden)])
                     _PENDING_PREFIX.clear()
                     out = self.adapter.layer(index)(hidden, **self._layer_kwargs(index, first, last, blocked))
                     hidden = out[0] if isinstance(out, tuple) else out
             finally:
                 _PENDING_PREFIX.clear()
                 hooks.remove()
-        final = self.adapter.final_norm(hidden[:, local])
-        return self.adapter.unembed(final).float().log_softmax(-1)
+        logits = self.adapter.unembed(self.adapter.final_norm(hidden[:, local])).float()
+        return logits.log_softmax(-1) if log_softmax else logits

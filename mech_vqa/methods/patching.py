@@ -426,25 +426,27 @@ def _runs(checkpoint, restorations: Sequence[Restoration], values: dict, positio
     """Yield ``(restoration indices, log-probs [len(indices), P, V] fp32 at positions)`` chunk by chunk.
 
     ``full``: restorations grouped by layer, each group resumed from its layer on the corrupted residual
-    stream. ``answer``: only the answer rows are recomputed, so a chunk mixes layers (sorted by layer, run
-    from the chunk's first): one pass reads every weight once for the whole chunk, and the rows' few
-    extra layers cost far less than a pass per layer.
+    stream. ``answer``: only the answer rows are recomputed, so a chunk mixes layers (sorted by layer): one
+    pass reads every weight once for the whole chunk, each row joining it at its own layer.
     """
     if where == "answer":
         order = sorted(range(len(restorations)), key=lambda index: restorations[index].layer)
         chunks = [(restorations[members[0]].layer, members)
                   for members in (order[i:i + batch_size] for i in range(0, len(order), batch_size))]
-        run = checkpoint.run_rows
+        def run(layer, batch, positions, edits, members):  # rows join the batch at their own layer
+            return checkpoint.run_rows(layer, batch, positions, edits,
+                                       joins=[restorations[index].layer for index in members])
     else:
         groups: dict[int, list[int]] = defaultdict(list)
         for index, r in enumerate(restorations):
             groups[r.layer].append(index)
         chunks = [(layer, members[i:i + batch_size]) for layer, members in sorted(groups.items())
                   for i in range(0, len(members), batch_size)]
-        run = checkpoint.run_from
+        def run(layer, batch, positions, edits, members):
+            return checkpoint.run_from(layer, batch, positions, edits)
     for layer, members in tqdm(chunks, desc="restorations", disable=not progress):
         edits = [_intervention(restorations[index], row, values) for row, index in enumerate(members)]
-        yield members, run(layer, len(members), positions, edits).float().cpu()
+        yield members, run(layer, len(members), positions, edits, members).float().cpu()
 
 
 def _restoration_name(r: Restoration) -> str:
@@ -509,7 +511,7 @@ def patched_log_probs(vqa, pair: PatchPair, restorations: Sequence[Restoration],
     for members, logprobs in _runs(checkpoint, restorations, values, positions, batch_size, where=where):
         patched[members] = logprobs
     return {"clean": clean_logits[positions.to(clean_logits.device)].log_softmax(-1).cpu(),
-            "corrupt": checkpoint.clean_logits[0, positions.to(clean_logits.device)].float().log_softmax(-1).cpu(),
+            "corrupt": checkpoint.clean_logits_at(positions).float().log_softmax(-1).cpu(),
             "patched": patched}
 
 
@@ -543,11 +545,11 @@ def restore(vqa, pair: PatchPair, restorations: Sequence[Restoration], *, target
     answer_ids = pair.clean.input_ids[0, answers]
     predicting = answers - 1
     checkpoint = _corrupt_runner(vqa, pair, where, predicting)
-    corrupt_logits = checkpoint.clean_logits[0].float()  # (the checkpoint's unedited run: here the corrupted one)
     values, clean_logits = _clean_values(vqa, pair, restorations)
 
     clean_all = clean_logits[predicting.to(clean_logits.device)].log_softmax(-1).cpu()
-    corrupt_all = corrupt_logits[predicting.to(corrupt_logits.device)].log_softmax(-1).cpu()
+    # (the checkpoint's unedited run: here the corrupted one)
+    corrupt_all = checkpoint.clean_logits_at(predicting).float().log_softmax(-1).cpu()
     chosen = _resolve_targets(pair, targets, clean_all.gather(-1, answer_ids[:, None])[:, 0],
                               corrupt_all.gather(-1, answer_ids[:, None])[:, 0])
     clean_ids = answer_ids[chosen]
