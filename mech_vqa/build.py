@@ -18,20 +18,24 @@ IMAGE_TOKEN = "<image>"
 PROMPT_WORDS = ("user", "assistant", ":", "?", ".", ",")
 
 
-def word_level_tokenizer(words: Iterable[str], special_tokens: Iterable[str] = ()):
+def word_level_tokenizer(words: Iterable[str], special_tokens: Iterable[str] = (),
+                         extra_special: dict[str, str] | None = None):
     """A fast word-level tokenizer over ``words`` plus the special and prompt tokens.
 
     Text is lower-cased and split on whitespace and punctuation (so ``words`` are lower case);
     ``<image>`` is an added special token so the processor can expand it. Unknown words map to
     ``<unk>``. ``special_tokens``: more tokens matched whole before splitting (Qwen-VL's
-    ``<|image_pad|>`` and its delimiters).
+    ``<|image_pad|>`` and its delimiters). ``extra_special``: more named special tokens
+    (``{"boi_token": "<start_of_image>"}``), each one token and an attribute of the tokenizer, as a
+    family's processor expects.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
     special_tokens = tuple(special_tokens)
-    for word in (*SPECIAL_TOKENS, *special_tokens, *PROMPT_WORDS, *words):
+    extra_special = dict(extra_special or {})
+    for word in (*SPECIAL_TOKENS, *special_tokens, *extra_special.values(), *PROMPT_WORDS, *words):
         if word not in vocab:
             vocab[word] = len(vocab)
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -44,7 +48,7 @@ def word_level_tokenizer(words: Iterable[str], special_tokens: Iterable[str] = (
         pad_token="<pad>",
         bos_token="<s>",
         eos_token="</s>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": IMAGE_TOKEN, **extra_special},
         padding_side="left",
     )
     if special_tokens:
@@ -497,4 +501,182 @@ def qwen_vl_reference(name: str, *, device: str = "meta"):
         tie_word_embeddings=spec["text"]["tie_word_embeddings"])
     with torch.device(device):
         model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
+    return model.eval(), processor
+
+
+GEMMA3_SPECIAL = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+#: a Gemma-like chat format (the real one's turn markers left out): ``user : <start_of_image> {question} model :``
+GEMMA3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} :{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %} <start_of_image>{% else %} {{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %} model :{% endif %}"
+)
+
+
+def gemma3_processor(tokenizer, image_size: int, tokens_per_image: int):
+    """A ``Gemma3Processor``: the image stretched to ``image_size`` (no crop, no pan-and-scan),
+    ``<start_of_image>`` expanded to ``tokens_per_image`` soft tokens and ``<end_of_image>``."""
+    from transformers import Gemma3Processor
+
+    image_processor = _image_processor_class("Gemma3ImageProcessor")(
+        size={"height": image_size, "width": image_size}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE,
+                           image_seq_length=tokens_per_image)
+
+
+def tiny_gemma3(seed: int = 0, *, image_size: int = 32, patch_size: int = 4, tokens_per_side: int = 4,
+                hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, sliding_window: int = 8,
+                final_logit_softcapping: float | None = None):
+    """A tiny random ``Gemma3ForConditionalGeneration`` with its processor: ``(model, processor)``.
+
+    SigLIP on ``image_size`` px with ``patch_size`` px patches, pooled to ``tokens_per_side ** 2``
+    image tokens; text layers alternate sliding (``sliding_window`` keys, shorter than the image) and
+    global attention; every norm weight is randomised (Gemma initialises them at 0, gain 1), so the
+    ``1 + weight`` gains and the sandwich norms matter.
+    """
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    tokenizer = word_level_tokenizer((*TINY_WORDS, "model"), extra_special=GEMMA3_SPECIAL)
+    processor = gemma3_processor(tokenizer, image_size, tokens_per_side ** 2)
+    head_dim = hidden // heads
+    text = Gemma3TextConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+        sliding_window=sliding_window, layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                                   for i in range(layers)],
+        vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        final_logit_softcapping=final_logit_softcapping, tie_word_embeddings=False)
+    vision = SiglipVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=2)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in GEMMA3_SPECIAL.items()}
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_side ** 2,
+                          image_token_index=ids["image_token"], boi_token_index=ids["boi_token"],
+                          eoi_token_index=ids["eoi_token"], pad_token_id=tokenizer.pad_token_id,
+                          tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Gemma3ForConditionalGeneration(config)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "norm" in name and "language_model" in name or "mm_soft_emb_norm" in name:
+                    parameter.normal_(0, 0.5)
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
+    return model.eval(), processor
+
+
+INTERNVL_SPECIAL = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                    "video_token": "<video>"}
+#: ``user : <image> {question} assistant :``, the processor expanding ``<IMG_CONTEXT>``
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} :{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %} <IMG_CONTEXT>{% else %} {{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %} assistant :{% endif %}"
+)
+
+
+def internvl_processor(tokenizer, tile_size: int, tokens_per_tile: int, max_tiles: int = 4):
+    """An image-only ``InternVLProcessor``: GOT-OCR2 tiles of ``tile_size`` (1..``max_tiles`` of them,
+    the grid closest to the image's aspect ratio, the image stretched onto it) plus a thumbnail when
+    there are several; each tile gives ``tokens_per_tile`` ``<IMG_CONTEXT>`` tokens between
+    ``<img>`` and ``</img>``."""
+    from transformers import InternVLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyInternVLProcessor(InternVLProcessor):
+        # transformers' constructor wants a video processor (torchvision); images need none
+        def __init__(self, image_processor=None, tokenizer=None, image_seq_length=256, chat_template=None, **kwargs):
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+            import re
+
+            self.image_seq_length = image_seq_length
+            self.start_image_token, self.end_image_token = tokenizer.start_image_token, tokenizer.end_image_token
+            self.start_image_token_id = tokenizer.start_image_token_id
+            self.end_image_token_id = tokenizer.end_image_token_id
+            self.image_token, self.video_token = tokenizer.context_image_token, tokenizer.video_token
+            self.image_token_id = tokenizer.context_image_token_id
+            self.video_processor = None
+            self.multimodal_pattern = re.compile(
+                f"(?P<image>{re.escape(self.image_token)})|(?P<video>{re.escape(self.video_token)})")
+
+    image_processor = _image_processor_class("GotOcr2ImageProcessor")(
+        size={"height": tile_size, "width": tile_size}, crop_to_patches=True, min_patches=1, max_patches=max_tiles,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return ImageOnlyInternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                      image_seq_length=tokens_per_tile, chat_template=INTERNVL_CHAT_TEMPLATE)
+
+
+def tiny_internvl(seed: int = 0, *, tile_size: int = 32, patch_size: int = 4, max_tiles: int = 4, hidden: int = 64,
+                  layers: int = 2, heads: int = 4, kv_heads: int = 2):
+    """A tiny random ``InternVLForConditionalGeneration`` (InternViT-like tower with a CLS token, pixel
+    shuffle 0.5, Qwen2 text model) with its processor: ``(model, processor)``."""
+    import transformers
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
+
+    tokenizer = word_level_tokenizer(TINY_WORDS, extra_special=INTERNVL_SPECIAL)
+    tokens_per_tile = (tile_size // patch_size // 2) ** 2
+    processor = internvl_processor(tokenizer, tile_size, tokens_per_tile, max_tiles)
+    text = transformers.Qwen2Config(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=len(tokenizer), max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False)
+    vision = InternVLVisionConfig(image_size=[tile_size, tile_size], patch_size=[patch_size, patch_size],
+                                  hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5,
+                            image_token_id=tokenizer.convert_tokens_to_ids(INTERNVL_SPECIAL["context_image_token"]),
+                            image_seq_length=tokens_per_tile, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = InternVLForConditionalGeneration(config)
+    return model.eval(), processor
+
+
+IDEFICS3_SPECIAL = {"fake_image_token": "<fake_token_around_image>", "global_image_token": "<global-img>",
+                    "end_of_utterance_token": "<end_of_utterance>",
+                    **{f"row_{i}_col_{j}_token": f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)}}
+#: ``user : <image> {question} assistant :``, the processor expanding ``<image>`` into tiles and markers
+IDEFICS3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} :{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %} <image>{% else %} {{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %} assistant :{% endif %}"
+)
+
+
+def idefics3_processor(tokenizer, tile_size: int, tokens_per_tile: int, longest_edge: int):
+    """An ``Idefics3Processor``: the image resized to ``longest_edge`` (aspect kept), stretched to
+    multiples of ``tile_size``, cut into tiles (row-major) plus the whole image squashed to one tile;
+    each tile's ``<image>`` tokens follow a ``<row_i_col_j>`` marker, the global image's ``<global-img>``."""
+    from transformers import Idefics3Processor
+
+    image_processor = _image_processor_class("Idefics3ImageProcessor")(
+        size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile_size}, do_image_splitting=True,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=tokens_per_tile,
+                             chat_template=IDEFICS3_CHAT_TEMPLATE)
+
+
+def tiny_idefics3(seed: int = 0, *, tile_size: int = 32, patch_size: int = 4, scale_factor: int = 2,
+                  longest_edge: int = 64, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2):
+    """A tiny random ``Idefics3ForConditionalGeneration`` (SigLIP-like tower, pixel shuffle in the connector,
+    Llama text model) with its processor: ``(model, processor)``; up to 2 x 2 tiles plus the global image."""
+    import transformers
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig
+
+    tokenizer = word_level_tokenizer(TINY_WORDS, extra_special=IDEFICS3_SPECIAL)
+    tokens_per_tile = (tile_size // patch_size // scale_factor) ** 2
+    processor = idefics3_processor(tokenizer, tile_size, tokens_per_tile, longest_edge)
+    text = transformers.LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=len(tokenizer), max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False)
+    vision = Idefics3VisionConfig(image_size=tile_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2)
+    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=scale_factor,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Idefics3ForConditionalGeneration(config)
     return model.eval(), processor

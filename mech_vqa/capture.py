@@ -297,7 +297,7 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
             keep(("resid_pre", layer), _select(x, positions))
         hooks.pre(decoder, resid_pre)
     if "resid_mid" in wants:
-        hooks.pre(decoder.post_attention_layernorm,
+        hooks.pre(adapter.resid_mid_module(layer),
                   lambda m, a, kw: keep(("resid_mid", layer), _select(hidden_of(a, kw), positions)))
     if "resid_post" in wants:
         hooks.post(decoder, lambda m, a, kw, out: keep(
@@ -309,17 +309,20 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
     projections = _plain_projections(adapter, layer) if project_later and (want_k or want_v) else None
     raw = {}
     if projections is None:
-        if want_q:  # queries only at the chosen positions: selected before rotating
+        if want_q:  # queries only at the chosen positions: selected before rotating (QK-norm is per vector)
             hooks.post(adapter.q_proj(layer), lambda m, a, kw, out: raw.__setitem__(
-                "q", adapter.normalise_qk(layer, q=_select(out, positions))[0]))
+                "q", adapter.qk_norm(layer, "q", _select(out, positions))))
         if want_k:
-            hooks.post(adapter.k_proj(layer), lambda m, a, kw, out: raw.__setitem__(
-                "k", adapter.normalise_qk(layer, k=out)[1]))
+            hooks.post(adapter.k_proj(layer), lambda m, a, kw, out: raw.__setitem__("k", adapter.qk_norm(layer, "k", out)))
         if want_v:
             hooks.post(adapter.v_proj(layer),
                        lambda m, a, kw, out: keep(("v", layer), out.unflatten(-1, (n_kv, head_dim))))
-    if want_q or want_k or want_v or "attn_out" in wants or "pattern" in wants:
-        want_out, want_pattern = "attn_out" in wants, "pattern" in wants
+    # a post-normed block (Gemma-3) adds its norm's output, not the attention module's, to the residual
+    out_module = adapter.attn_out_module(layer) if "attn_out" in wants else attn
+    if out_module is not attn:
+        hooks.post(out_module, lambda m, a, kw, out: keep(("attn_out", layer), _select(out, positions)))
+    if want_q or want_k or want_v or (out_module is attn and "attn_out" in wants) or "pattern" in wants:
+        want_out, want_pattern = "attn_out" in wants and out_module is attn, "pattern" in wants
 
         def attn_post(module, args, kwargs, out):
             if want_out:
@@ -350,7 +353,7 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
     if "mlp_act" in wants:
         hooks.pre(adapter.down_proj(layer), lambda m, a, kw: keep(("mlp_act", layer), _select(a[0], positions)))
     if "mlp_out" in wants:
-        hooks.post(adapter.mlp(layer), lambda m, a, kw, out: keep(("mlp_out", layer), _select(out, positions)))
+        hooks.post(adapter.mlp_out_module(layer), lambda m, a, kw, out: keep(("mlp_out", layer), _select(out, positions)))
 
 
 def _plain_projections(adapter: ModelAdapter, layer: int) -> tuple[nn.Module, nn.Module, nn.Module] | None:
@@ -374,9 +377,8 @@ class _Projections:
 
     __slots__ = ("adapter", "hidden", "modules", "versions", "want")
 
-    def __init__(self, hidden: torch.Tensor, modules, want_q: bool, want_k: bool, want_v: bool, adapter=None):
-        self.hidden, self.modules, self.want = hidden, modules, (want_q, want_k, want_v)
-        self.adapter = adapter
+    def __init__(self, hidden: torch.Tensor, modules, want_q: bool, want_k: bool, want_v: bool, adapter: ModelAdapter):
+        self.hidden, self.modules, self.want, self.adapter = hidden, modules, (want_q, want_k, want_v), adapter
         self.versions = tuple(m.weight._version for m in modules)
 
     def project(self, layer: int, positions, keep, shape, *, all_queries: bool = False):
@@ -393,6 +395,7 @@ class _Projections:
         if q is not None and not all_queries:
             q = _select(q, positions)
         k = F.linear(hidden, k_proj.weight, k_proj.bias) if want_k else None
+        # QK-norm (Gemma-3, Qwen3-VL) between projection and rotation, as the attention applies it
         return self.adapter.normalise_qk(layer, q, k)
 
 
@@ -474,12 +477,14 @@ def _rotate(adapter: ModelAdapter, jobs: dict) -> None:
 
 def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.Tensor, k: torch.Tensor,
                    query_positions: torch.Tensor, key_mask: torch.Tensor | None = None,
-                   heads: Sequence[int] | None = None) -> torch.Tensor:
+                   heads: Sequence[int] | None = None, blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention weights at chosen query rows, recomputed from captured rotated ``q`` and ``k``.
 
     Exact for causal softmax attention (what eager attention computes), without eager mode:
     ``softmax(q k^T * scaling + mask)``, the mask being causal, padding and, for a sliding-window
-    layer (:meth:`ModelAdapter.sliding_window`, window ``w``), ``key > query - w``.
+    layer (:meth:`ModelAdapter.sliding_window`, window ``w``), ``key > query - w``. Where ``blocks``
+    marks bidirectional blocks (Gemma-3's image tokens), a query also sees the later keys of its own
+    block: HF's ``AND(window, OR(causal, same block))``.
 
     Args:
         layer: the layer of ``q``/``k``, or one layer per batch row (rows of different layers,
@@ -489,6 +494,8 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
         query_positions: ``[P]`` or ``[B, P]`` sequence positions of the rows of ``q``.
         key_mask: ``[B, S]`` attention mask (1 = real token); None = all real.
         heads: only these query heads (default all): each reads its own key head.
+        blocks: ``[B, S]`` or ``[S]`` block id per position (``-1`` = none), as
+            :meth:`ModelAdapter.attention_blocks` gives it; None = causal everywhere.
 
     Returns: ``[B, n_heads or len(heads), P, S]`` float32.
     """
@@ -513,6 +520,11 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
         query_positions = query_positions.unsqueeze(0).expand(scores.shape[0], -1)
     keys = torch.arange(seq, device=scores.device).view(1, 1, seq)
     allowed = keys <= query_positions.unsqueeze(-1)  # [B, P, S]
+    if blocks is not None:
+        blocks = blocks.to(scores.device)
+        blocks = blocks.unsqueeze(0).expand(scores.shape[0], -1) if blocks.dim() == 1 else blocks
+        query_block = blocks.gather(1, query_positions)  # [B, P]
+        allowed = allowed | ((query_block.unsqueeze(-1) == blocks.unsqueeze(1)) & (query_block >= 0).unsqueeze(-1))
     window_of = {x: adapter.sliding_window(x) for x in distinct}
     windows = [window_of[x] for x in layers]
     if any(w is not None for w in windows):

@@ -141,6 +141,14 @@ class PreparedInput:
             pixel = self.geometry.unpatchify(pixel)
         if pixel.dim() == 4:  # several views (tiles): the first is the whole image
             pixel = pixel[0]
+        whole = self.geometry.view_boxes
+        views = self.pixel_values[0] if self.pixel_values.dim() == 5 else self.pixel_values
+        if views.dim() == 4 and whole is not None and views.shape[0] == whole.shape[0] > 1:
+            # the view showing the whole frame (LLaVA-NeXT's first; InternVL's thumbnail and Idefics3's
+            # global image come last)
+            height, width = self.geometry.image_size
+            frame = torch.tensor([0.0, 0.0, width, height])
+            pixel = views[int((whole == frame).all(1).nonzero()[0])].detach().float().cpu()
         mean = torch.tensor(self.image_mean).view(3, 1, 1)
         std = torch.tensor(self.image_std).view(3, 1, 1)
         return (pixel * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
@@ -236,6 +244,10 @@ def prepare(processor, adapter: ModelAdapter, image, question: str, answer: str 
             full_ids = prompt_ids + answer_ids
             full = dict(prompt_enc, input_ids=torch.tensor([full_ids]),
                         attention_mask=torch.ones(1, len(full_ids), dtype=torch.long))
+            for key in ("token_type_ids", "mm_token_type_ids"):  # image-token marks (Gemma-3, Qwen-VL): the answer is text (0)
+                if key in full:
+                    marks = torch.as_tensor(full[key])
+                    full[key] = torch.nn.functional.pad(marks, (0, len(full_ids) - marks.shape[-1]))
         if len(full_ids) == len(prompt_ids):
             raise ValueError(f"the answer {answer!r} tokenizes to no tokens")
         enc = full
@@ -243,8 +255,12 @@ def prepare(processor, adapter: ModelAdapter, image, question: str, answer: str 
         enc = prompt_enc
     input_ids = torch.as_tensor(enc["input_ids"])
     ids = input_ids[0].tolist()
-    # the image's layout: LLaVA-NeXT's original size, Qwen-VL's patch grid
-    layout = enc.get("image_sizes") if "image_grid_thw" not in enc else enc["image_grid_thw"]
+    # the image's layout: Qwen-VL's patch grid, LLaVA-NeXT's original size; processors that return
+    # neither (InternVL's tiles): the original size, which tiled geometries need
+    if "image_grid_thw" in enc:
+        layout = enc["image_grid_thw"]
+    else:
+        layout = enc.get("image_sizes", torch.tensor([[image.height, image.width]]))
     geometry = adapter.image_geometry(input_ids[0], enc["pixel_values"], layout)
 
     question_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
@@ -326,10 +342,19 @@ def collate(items: list[PreparedInput], pad_token_id: int) -> BatchedInput:
         pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
     extra = {}
     for key, value in items[0].extra.items():
-        if torch.is_tensor(value):
-            rows = [item.extra[key] for item in items]
-            if all(r.dim() == 2 and r.shape[1] == item.seq_len for r, item in zip(rows, items)):
-                # per-token (Qwen-VL's mm_token_type_ids): left-padded like the ids, padding is text (0)
-                rows = [torch.nn.functional.pad(r, (length - r.shape[1], 0)) for r in rows]
-            extra[key] = torch.cat(rows)
+        if torch.is_tensor(value) and value.dim() == 2 and all(
+                item.extra[key].shape[-1] == item.seq_len for item in items):
+            # per-token inputs (Gemma-3's token_type_ids, Qwen-VL's mm_token_type_ids): left-padded like the ids,
+            # padding marked 0 (text)
+            extra[key] = torch.zeros((len(items), length), dtype=value.dtype)
+            for row, item in enumerate(items):
+                extra[key][row, offsets[row]:] = item.extra[key][0]
+        elif torch.is_tensor(value) and value.dim() >= 3 and len({item.extra[key].shape[1] for item in items}) > 1:
+            # per-view inputs (Idefics3's pixel_attention_mask): padded with empty views like the pixels
+            most = max(item.extra[key].shape[1] for item in items)
+            extra[key] = torch.cat([torch.nn.functional.pad(item.extra[key], (0, 0) * (value.dim() - 2)
+                                                            + (0, most - item.extra[key].shape[1]))
+                                    for item in items])
+        elif torch.is_tensor(value):
+            extra[key] = torch.cat([item.extra[key] for item in items])
     return BatchedInput(items, ids, mask, torch.cat(pixels), offsets, extra)

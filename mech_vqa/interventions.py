@@ -10,11 +10,13 @@ Sites and the shape of the slice they edit (``P`` = chosen positions, all by def
 site            hook                            edited slice, value broadcast to it
 ==============  ==============================  ====================================
 ``z``           pre-hook of ``o_proj``          ``[P, len(heads), head_dim]``
-``attn_out``    hook of ``self_attn``           ``[P, d_model]``
-``mlp_out``     hook of ``mlp``                 ``[P, d_model]``
+``attn_out``    hook of ``self_attn`` (*)       ``[P, d_model]``
+``mlp_out``     hook of ``mlp`` (*)             ``[P, d_model]``
 ``resid_pre``   pre-hook of the decoder layer   ``[P, d_model]`` (image positions included)
 ``resid_post``  hook of the decoder layer       ``[P, d_model]``
 ==============  ==============================  ====================================
+
+(*) of the block's post-norm where one normalises the output before the residual add (Gemma-3).
 """
 
 from __future__ import annotations
@@ -136,7 +138,8 @@ def register_interventions(hooks: HookSet, adapter: ModelAdapter, interventions:
                 return args, kwargs
             hooks.pre(adapter.layer(layer), pre_resid)
         else:
-            module = {"attn_out": adapter.attn, "mlp_out": adapter.mlp, "resid_post": adapter.layer}[site](layer)
+            module = {"attn_out": adapter.attn_out_module, "mlp_out": adapter.mlp_out_module,
+                      "resid_post": adapter.layer}[site](layer)
 
             def post(module, args, kwargs, output, edits=edits):
                 if isinstance(output, tuple):

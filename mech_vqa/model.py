@@ -76,6 +76,7 @@ class VQAModel:
         self.model = model
         self.processor = processor
         self.adapter: ModelAdapter = get_adapter(model)
+        self.adapter.bind_processor(processor)  # marker tokens some geometries read (Idefics3's tile markers)
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.backend: Backend = make_backend(backend, self, **({"remote": remote} if remote else {}))
 

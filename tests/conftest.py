@@ -128,6 +128,36 @@ def tiny_qwen3vl_vqa() -> VQAModel:
     return _warmed_up(VQAModel(model, processor, name="tiny-qwen3-vl"))
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3_vqa() -> VQAModel:
+    """Tiny Gemma-3: sandwich norms (randomised 1 + weight gains), QK-norm, sliding (8 keys) and global layers,
+    16 pooled image tokens (2 x 2 SigLIP patches each) attending to each other bidirectionally."""
+    from mech_vqa.build import tiny_gemma3
+
+    model, processor = tiny_gemma3(seed=8)
+    return _warmed_up(VQAModel(model, processor, name="tiny-gemma3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl_vqa() -> VQAModel:
+    """Tiny InternVL: 32 px tiles (1..4 of them, plus a thumbnail beyond one), 8 x 8 patches with a class
+    token, pixel shuffle 0.5 -> 16 tokens per view, Qwen2 text model."""
+    from mech_vqa.build import tiny_internvl
+
+    model, processor = tiny_internvl(seed=10)
+    return _warmed_up(VQAModel(model, processor, name="tiny-internvl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3_vqa() -> VQAModel:
+    """Tiny Idefics3: 32 px tiles (up to 2 x 2) and a global image, <row_i_col_j> markers, 8 x 8 SigLIP
+    patches, pixel shuffle 2 -> 16 tokens per view, Llama text model."""
+    from mech_vqa.build import tiny_idefics3
+
+    model, processor = tiny_idefics3(seed=11)
+    return _warmed_up(VQAModel(model, processor, name="tiny-idefics3"))
+
+
 @pytest.fixture(params=["next", "onevision"])
 def tiled_vqa(request) -> VQAModel:
     """The adapters whose images come as several views (tiles)."""
@@ -136,14 +166,16 @@ def tiled_vqa(request) -> VQAModel:
 
 FAMILIES = {"gqa": "tiny_vqa", "mha": "tiny_mha_vqa", "mistral": "tiny_mistral_vqa", "qwen2": "tiny_qwen2_vqa",
             "gemma": "tiny_gemma_vqa", "next": "tiny_next_vqa", "onevision": "tiny_onevision_vqa",
-            "qwen2vl": "tiny_qwen2vl_vqa", "qwen25vl": "tiny_qwen25vl_vqa", "qwen3vl": "tiny_qwen3vl_vqa"}
+            "qwen2vl": "tiny_qwen2vl_vqa", "qwen25vl": "tiny_qwen25vl_vqa", "qwen3vl": "tiny_qwen3vl_vqa",
+            "gemma3": "tiny_gemma3_vqa", "internvl": "tiny_internvl_vqa", "idefics3": "tiny_idefics3_vqa"}
 
 
 @pytest.fixture(params=list(FAMILIES))
 def any_vqa(request) -> VQAModel:
     """Each layout the adapters support: Llama GQA / MHA, Mistral and Qwen2 with sliding windows, Gemma,
     LLaVA-NeXT and LLaVA-OneVision tiles, Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dynamic resolution, M-RoPE,
-    QK-norm and DeepStack)."""
+    QK-norm and DeepStack), Gemma-3 (sandwich norms, bidirectional image blocks), InternVL and Idefics3
+    (tiles with the whole image last)."""
     return request.getfixturevalue(FAMILIES[request.param])
 
 
@@ -236,15 +268,48 @@ def head_zeroed_by_hand(vqa, layer: int, head: int):
         handle.remove()
 
 
+def text_model(model):
+    """The decoder stack, at the path transformers 5 gives each family (Idefics3 / SmolVLM: ``text_model``)."""
+    inner = model.model
+    return inner.language_model if hasattr(inner, "language_model") else inner.text_model
+
+
+def post_norm_factor(vqa, layer: int, block: str, raw: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``gain * frozen scale`` (float64) that the model's own post-norm applies to a block's raw
+    output ``raw`` ``[..., d]`` (``o_proj`` / ``down_proj`` output), read off the module by running it;
+    ones for pre-norm layers (LLaVA), which add ``raw`` as it is."""
+    decoder = text_model(vqa.model).layers[layer]
+    name = {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}[block]
+    if not hasattr(decoder, "post_feedforward_layernorm"):
+        return torch.ones_like(raw, dtype=torch.float64)
+    with torch.no_grad():
+        return getattr(decoder, name)(raw).double() / raw.double()
+
+
+def image_blocks(inp) -> torch.Tensor | None:
+    """``[S]`` id of the image block (bidirectional under Gemma-3's mask) of each position, -1 for text,
+    from the processor's ``token_type_ids`` (not the adapter); None without them."""
+    marks = inp.extra.get("token_type_ids")
+    if marks is None:
+        return None
+    is_image = marks[0] == 1
+    starts = is_image & ~torch.cat([torch.zeros(1, dtype=torch.bool), is_image[:-1]])
+    return torch.where(is_image, starts.long().cumsum(0) - 1, -1)
+
+
 def first_view_positions(vqa, inp) -> torch.Tensor:
     """Sequence positions of the first view's image tokens, read from the input ids alone: the first
-    ``rows x cols`` image tokens, row-major (CLS dropped; LLaVA-NeXT / OneVision tiles come after;
-    Qwen-VL's grid depends on the image: every image token)."""
+    ``rows x cols`` image tokens, row-major (CLS dropped; LLaVA-NeXT / OneVision tiles come after), or
+    the last ones where the whole image follows its tiles; Qwen-VL's grid depends on the image: every
+    image token."""
     found = (inp.input_ids[0] == vqa.adapter.image_token_id).nonzero().flatten()
     if vqa.adapter.patch_grid is None:
         return found
     rows, cols = vqa.adapter.patch_grid
-    return found[: rows * cols]
+    # InternVL's thumbnail and Idefics3's global image (the whole image) follow their tiles
+    whole_last = type(vqa.model).__name__ in ("InternVLForConditionalGeneration", "Idefics3ForConditionalGeneration",
+                                              "SmolVLMForConditionalGeneration")
+    return found[-rows * cols:] if whole_last else found[: rows * cols]
 
 
 def image_grid(vqa, inp) -> tuple[int, int]:

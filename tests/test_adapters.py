@@ -400,3 +400,429 @@ def test_post_normalised_blocks_are_one_clear_error_at_load():
                                                       image_token_id=base.image_token_id))
     with pytest.raises(AdapterError, match="pre_feedforward_layernorm, post_feedforward_layernorm, attn_logit_softcapping"):
         get_adapter(model)
+
+
+# ------------------------------------------------------------------------------ Gemma-3
+@pytest.mark.parametrize("size", NEXT_SIZES)
+def test_gemma3_positions_hold_the_pooled_patches_inside_each_box(tiny_gemma3_vqa, size):
+    """Each image position holds the projection of the mean of the SigLIP patches whose pixels lie in
+    its box (rebuilt here from the boxes and the tower's own output, not from the projector's pooling),
+    row-major between <start_of_image> and <end_of_image>, which are never image positions."""
+    vqa = tiny_gemma3_vqa
+    inp = vqa.prepare(_gradient_image(*size), "What is the color of the dog?", "The dog is red.")
+    geometry, config = inp.geometry, vqa.model.config
+    tokenizer = vqa.processor.tokenizer
+    ids = inp.input_ids[0]
+    assert geometry.grid == (4, 4) and geometry.image_size == (32, 32) and geometry.n_tokens == 16
+    boi, eoi = tokenizer.convert_tokens_to_ids(["<start_of_image>", "<end_of_image>"])
+    assert ids[geometry.positions[0] - 1] == boi and ids[geometry.positions[-1] + 1] == eoi
+    assert torch.equal(geometry.positions, torch.arange(int(geometry.positions[0]), int(geometry.positions[0]) + 16))
+    assert not set(geometry.positions.tolist()) & set((ids == boi).nonzero().flatten().tolist() +
+                                                      (ids == eoi).nonzero().flatten().tolist())
+    patch = config.vision_config.patch_size
+    side = config.vision_config.image_size // patch
+    with torch.no_grad(), vqa.trace(["resid_pre"], layers=[0]) as cache:
+        vqa.forward(inp)
+        patches = vqa.model.model.vision_tower(inp.pixel_values).last_hidden_state[0]    # [side*side, d_v]
+    centres_x = (torch.arange(side * side) % side + 0.5) * patch
+    centres_y = (torch.arange(side * side) // side + 0.5) * patch
+    projector = vqa.model.model.multi_modal_projector
+    embedded = cache["resid_pre", 0][0, geometry.positions]
+    for token, (x0, y0, x1, y1) in enumerate(geometry.boxes.tolist()):
+        inside = (centres_x > x0) & (centres_x < x1) & (centres_y > y0) & (centres_y < y1)
+        assert int(inside.sum()) == vqa.adapter.patches_per_image_token == 4
+        pooled = patches[inside].mean(0)
+        expected = projector.mm_soft_emb_norm(pooled) @ projector.mm_input_projection_weight
+        torch.testing.assert_close(embedded[token], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", NEXT_SIZES)
+def test_gemma3_boxes_map_back_to_the_original_pixels(tiny_gemma3_vqa, size):
+    """The de-normalised pixels in each token's box equal the original gradient at that box mapped back
+    through ``pixel_transform`` (the processor stretches the image, no crop)."""
+    width, height = size
+    inp = tiny_gemma3_vqa.prepare(_gradient_image(width, height), "What is the color of the dog?", "The dog is red.")
+    pixels = inp.pixel_values[0] * torch.tensor(inp.image_std).view(3, 1, 1) + torch.tensor(inp.image_mean).view(3, 1, 1)
+    sx, sy, dx, dy = inp.pixel_transform
+    assert (dx, dy) == (0.0, 0.0)
+    for x0, y0, x1, y1 in inp.geometry.boxes.long().tolist():
+        cx, cy = ((x0 + x1) / 2 + dx) / sx, ((y0 + y1) / 2 + dy) / sy              # original pixels
+        red, green = pixels[0, y0:y1, x0:x1].mean(), pixels[1, y0:y1, x0:x1].mean()
+        assert float(red) == pytest.approx((cx - 0.5) / (width - 1), abs=0.04)
+        assert float(green) == pytest.approx((cy - 0.5) / (height - 1), abs=0.04)
+
+
+@torch.no_grad()
+def test_gemma3_heads_and_neurons_sum_to_the_post_normed_block_outputs(tiny_gemma3_vqa):
+    """The sandwich norms made linear: with each post-norm's scale frozen at the forward's value, the heads'
+    terms sum to what the attention block adds to the residual stream, the neurons' to the MLP's; the
+    frozen scale is the one the forward used (not 1: undoing the freeze breaks the sum)."""
+    from mech_vqa.methods.mechanistic import capture_target, head_vectors
+
+    vqa, a = tiny_gemma3_vqa, tiny_gemma3_vqa.adapter
+    inp = vqa.prepare(_gradient_image(50, 50), "What is the color of the dog?", "The dog is red.")
+    capture = capture_target(vqa, inp, inp.target(1))
+    heads = head_vectors(capture)[0]                                               # [L, H, d]
+    for layer in range(a.n_layers):
+        torch.testing.assert_close(heads[layer].sum(0), capture.attn_out[0, layer], rtol=1e-5, atol=1e-6)
+        scale, gain = capture.frozen_output_norm(layer, "mlp")
+        neurons = capture.mlp_act[0, layer].float() * a.W_down(layer).float() * (scale[0] * gain).unsqueeze(1)
+        torch.testing.assert_close(neurons.sum(1), capture.mlp_out[0, layer], rtol=1e-5, atol=1e-6)
+        raw = torch.einsum("hd,hdm->m", capture.z[0, layer], a.W_O(layer))
+        assert not torch.allclose(raw, capture.attn_out[0, layer], atol=1e-3)        # the norm does matter
+    assert a.resid_mid_module(0) is vqa.model.model.language_model.layers[0].pre_feedforward_layernorm
+
+
+def test_gemma3_layout_and_attention(tiny_gemma3_vqa):
+    a = tiny_gemma3_vqa.adapter
+    text = tiny_gemma3_vqa.model.config.text_config
+    assert [a.sliding_window(i) for i in range(a.n_layers)] == [8, None]
+    assert a.attention_scaling(0) == text.query_pre_attn_scalar ** -0.5
+    assert a.final_norm_params()["weight"].shape == (a.d_model,)
+    # the bidirectional blocks are the image tokens, one block per image, -1 elsewhere
+    inp = tiny_gemma3_vqa.prepare(_gradient_image(40, 30), "What is the color of the dog?")
+    blocks = a.attention_blocks(inp.input_ids[0])
+    assert set(blocks[inp.geometry.positions].tolist()) == {0}
+    assert (blocks[~torch.isin(torch.arange(inp.seq_len), inp.geometry.positions)] == -1).all()
+    assert torch.equal(blocks >= 0, inp.extra["token_type_ids"][0] == 1)
+
+
+def test_gemma3_scorer_follows_the_forward_on_soft_capping(image):
+    """transformers' Gemma3ForConditionalGeneration returns lm_head's logits uncapped whatever
+    final_logit_softcapping says: the frozen-norm scorer reproduces the model's own log-probability;
+    an adapter whose model caps gets capped logits, exactly."""
+    from mech_vqa import VQAModel
+    from mech_vqa.build import tiny_gemma3
+    from mech_vqa.methods.logprob import FrozenNormScorer
+
+    model, processor = tiny_gemma3(seed=9, final_logit_softcapping=0.02)
+    vqa = VQAModel(model, processor)
+    inp = vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
+    target = inp.target(1)
+    with torch.no_grad(), vqa.trace(["resid_post"], layers=[-1]) as cache:
+        logits = vqa.forward(inp).logits[0, target.position].float()
+    final = cache["resid_post", vqa.adapter.n_layers - 1][:, target.position]
+    scorer = FrozenNormScorer(vqa.adapter, final, [target.token_id])
+    own = float(logits.log_softmax(-1)[target.token_id])
+    assert float(scorer.log_prob(final[:, None])[0, 0]) == pytest.approx(own, abs=1e-5)
+    capped = float((0.02 * torch.tanh(logits / 0.02)).log_softmax(-1)[target.token_id])
+    assert abs(capped - own) > 1e-2
+    vqa.adapter.logit_softcap = lambda: 0.02  # a model that caps (Gemma-2-like): every chunk capped
+    for chunk in (1 << 20, 8):
+        scorer = FrozenNormScorer(vqa.adapter, final, [target.token_id], chunk_elements=chunk)
+        assert float(scorer.log_prob(final[:, None])[0, 0]) == pytest.approx(capped, abs=1e-5)
+
+
+def test_gemma3_refusals_are_one_clear_error(tiny_gemma3_vqa):
+    a = tiny_gemma3_vqa.adapter
+    ids = torch.tensor([1, 2, a.image_token_id] + [a.image_token_id] * 15)
+    with pytest.raises(AdapterError, match="pan-and-scan"):
+        a.image_geometry(ids, torch.zeros(2, 3, 32, 32))
+
+
+def test_gemma3_4b_geometry_at_real_scale():
+    """A meta-device Gemma-3-4B (google/gemma-3-4b-it's config.json values) and a Gemma3Processor at its
+    preprocessor_config.json sizes: 896 px, 256 pooled tokens of 56 px, for every tiled-test image size."""
+    from PIL import Image
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    from mech_vqa.build import GEMMA3_SPECIAL, TINY_WORDS, gemma3_processor
+
+    tokenizer = word_level_tokenizer((*TINY_WORDS, "model"), extra_special=GEMMA3_SPECIAL)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in GEMMA3_SPECIAL.items()}
+    text = Gemma3TextConfig(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
+                            vocab_size=262208)
+    vision = SiglipVisionConfig(image_size=896, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                                num_hidden_layers=27, num_attention_heads=16, vision_use_head=False)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256,
+                          image_token_index=ids["image_token"], boi_token_index=ids["boi_token"],
+                          eoi_token_index=ids["eoi_token"])
+    with torch.device("meta"):
+        model = Gemma3ForConditionalGeneration(config)
+    adapter = get_adapter(model)
+    assert (adapter.n_layers, adapter.n_heads, adapter.n_kv_heads, adapter.head_dim) == (34, 8, 4, 256)
+    assert [adapter.sliding_window(i) for i in range(6)] == [1024] * 5 + [None]   # 5 local : 1 global
+    assert adapter.patches_per_image_token == 16 and adapter.patch_size == 56
+    pooled = model.model.multi_modal_projector(torch.zeros(1, 64 * 64, 1152, device="meta"))
+    processor = gemma3_processor(tokenizer, 896, 256)
+    for width, height in NEXT_SIZES + [(90, 90)]:
+        enc = processor(images=Image.new("RGB", (width, height)), text="user : <start_of_image> dog", return_tensors="pt")
+        assert enc["pixel_values"].shape == (1, 3, 896, 896)
+        geometry = adapter.image_geometry(enc["input_ids"][0], enc["pixel_values"])
+        assert geometry.n_tokens == int((enc["input_ids"] == ids["image_token"]).sum()) == pooled.shape[1] == 256
+        assert geometry.grid == (16, 16) and geometry.image_size == (896, 896)
+        assert geometry.boxes[17].tolist() == [56.0, 56.0, 112.0, 112.0]
+
+
+def test_gemma3_batch_equals_rows_alone_and_nnsight_is_refused(tiny_gemma3_vqa, image):
+    """Left padding carries token_type_ids along (image blocks stay where the ids are); the nnsight
+    backend, which reads a pre-norm layer, refuses the model with one clear error."""
+    from mech_vqa import VQAModel, explain
+    from mech_vqa.backends import BackendNotSupported
+
+    vqa = tiny_gemma3_vqa
+    long = vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
+    short = vqa.prepare(_gradient_image(40, 30), "What is the dog?", "red")
+    together = explain(vqa, vqa.batch([long, short]), heads=[(1, 1), (0, 2)])
+    for row, inp in enumerate([long, short]):
+        alone = explain(vqa, inp, heads=[(1, 1), (0, 2)])
+        torch.testing.assert_close(together[row].heads.scores, alone.heads.scores, rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(together[row].positions.scores, alone.positions.scores, rtol=1e-4, atol=2e-5)
+    pytest.importorskip("nnsight")
+    with pytest.raises(BackendNotSupported, match="overrides output_norm, attention_blocks"):
+        VQAModel(vqa.model, vqa.processor, backend="nnsight")
+
+
+# ------------------------------------------------------------------------------ InternVL
+@pytest.mark.parametrize("size", NEXT_SIZES + [(20, 20)])
+def test_internvl_positions_hold_the_patches_inside_each_box(tiny_internvl_vqa, size):
+    """Each image position holds the projection of exactly the vision patches (class token dropped) whose
+    pixels lie in its box, in the view it belongs to: the projector's input row is those patches'
+    features in some order (the pixel shuffle's channel order, not assumed here)."""
+    vqa = tiny_internvl_vqa
+    inp = vqa.prepare(_gradient_image(*size), "What is the color of the dog?", "The dog is red.")
+    geometry = inp.geometry
+    n_views = inp.pixel_values.shape[0]
+    ids = inp.input_ids[0]
+    assert geometry.n_tokens == int((ids == vqa.adapter.image_token_id).sum()) == 16 * n_views
+    start, end = vqa.processor.tokenizer.convert_tokens_to_ids(["<img>", "</img>"])
+    assert ids[geometry.positions.min() - 1] == start and ids[geometry.positions.max() + 1] == end
+    with torch.no_grad(), vqa.trace(["resid_pre", "vision_features", "projector_out"], layers=[0]) as cache:
+        vqa.forward(inp)
+        patches = vqa.model.model.vision_tower(inp.pixel_values).last_hidden_state[:, 1:]   # [V, 64, d_v]
+    embedded = cache["resid_pre", 0][0, geometry.positions]
+    torch.testing.assert_close(embedded, cache["projector_out"].flatten(0, 1), rtol=0, atol=0)
+    folded = cache["vision_features"].flatten(0, 1).unflatten(-1, (4, -1))          # [n, 4, d_v]
+    frames = torch.tensor([[0.0, 0.0, 32.0, 32.0]]) if geometry.view_boxes is None else geometry.view_boxes
+    centres = (torch.arange(8) + 0.5) * 4                                          # tile pixels
+    # which view (pixel_values index) each token came from: the views follow each other in the prompt
+    source = torch.arange(n_views).repeat_interleave(16)
+    assert torch.equal(geometry.view, (source != n_views - 1).long() if n_views > 1 else torch.zeros(16).long())
+    for token in range(geometry.n_tokens):
+        x0, y0, x1, y1 = frames[source[token]].tolist()
+        sx, sy = (x1 - x0) / 32, (y1 - y0) / 32
+        bx0, by0, bx1, by1 = geometry.boxes[token].tolist()
+        cols = ((x0 + centres * sx > bx0) & (x0 + centres * sx < bx1)).nonzero().flatten()
+        rows = ((y0 + centres * sy > by0) & (y0 + centres * sy < by1)).nonzero().flatten()
+        inside = (rows[:, None] * 8 + cols[None, :]).flatten()
+        assert inside.numel() == vqa.adapter.patches_per_image_token == 4
+        expected = patches[source[token], inside]                                  # [4, d_v]
+        distance = torch.cdist(folded[token], expected)
+        assert float(distance.min(1).values.max()) < 1e-5 and float(distance.min(0).values.max()) < 1e-5
+
+
+@pytest.mark.parametrize("size", NEXT_SIZES)
+def test_internvl_view_boxes_show_what_the_processor_put_in_each_view(tiny_internvl_vqa, size):
+    """De-normalised pixels of every view (tiles, then the thumbnail) equal the original's gradient where
+    view_boxes (frame pixels, mapped back by pixel_transform) says that view looks."""
+    vqa = tiny_internvl_vqa
+    width, height = size
+    inp = vqa.prepare(_gradient_image(width, height), "What is the color of the dog?", "The dog is red.")
+    sx, sy, _, _ = inp.pixel_transform
+    assert inp.geometry.view_boxes is not None and inp.geometry.view_boxes.shape[0] == inp.pixel_values.shape[0]
+    mean, std = torch.tensor(inp.image_mean).view(3, 1, 1), torch.tensor(inp.image_std).view(3, 1, 1)
+    for view, (x0, y0, x1, y1) in enumerate(inp.geometry.view_boxes.tolist()):
+        pixels = inp.pixel_values[view] * std + mean
+        centres = (torch.arange(32) + 0.5) / 32
+        x_orig, y_orig = (x0 + centres * (x1 - x0)) / sx, (y0 + centres * (y1 - y0)) / sy
+        expect_r = ((x_orig - 0.5) / (width - 1)).view(1, -1).expand(32, -1)
+        expect_g = ((y_orig - 0.5) / (height - 1)).view(-1, 1).expand(-1, 32)
+        inside = (((x_orig > 3) & (x_orig < width - 3)).view(1, -1) & ((y_orig > 3) & (y_orig < height - 3)).view(-1, 1))
+        assert float((pixels[0] - expect_r)[inside].abs().max()) < 0.05
+        assert float((pixels[1] - expect_g)[inside].abs().max()) < 0.05
+    # the displayed image is the thumbnail (the whole image), not the first tile
+    shown = torch.from_numpy(inp.display_image()).permute(2, 0, 1)
+    torch.testing.assert_close(shown, (inp.pixel_values[-1] * std + mean).clamp(0, 1))
+
+
+def test_internvl_without_the_original_size_is_one_clear_error(tiny_internvl_vqa):
+    vqa = tiny_internvl_vqa
+    inp = vqa.prepare(_gradient_image(70, 40), "What is the color of the dog?", "The dog is red.")
+    with pytest.raises(AdapterError, match="need the original image size"):
+        vqa.adapter.image_geometry(inp.input_ids[0], inp.pixel_values)
+
+
+def test_internvl3_8b_geometry_at_real_scale():
+    """A meta-device InternVL3-8B (OpenGVLab/InternVL3-8B-hf's config.json values) and a processor at its
+    preprocessor_config.json settings (448 px tiles, 1..12 of them, thumbnail): token counts agree with
+    the processor's, 256 per view, for every tiled-test image size."""
+    from PIL import Image
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+    from mech_vqa.build import INTERNVL_SPECIAL, TINY_WORDS, internvl_processor
+
+    tokenizer = word_level_tokenizer(TINY_WORDS, extra_special=INTERNVL_SPECIAL)
+    text = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=151674)
+    vision = InternVLVisionConfig(image_size=[448, 448], patch_size=[14, 14], hidden_size=1024, intermediate_size=4096,
+                                  num_hidden_layers=24, num_attention_heads=16)
+    config = InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(config)
+    adapter = get_adapter(model)
+    assert (adapter.n_layers, adapter.n_heads, adapter.n_kv_heads, adapter.head_dim) == (28, 28, 4, 128)
+    assert adapter.patch_grid == (16, 16) and adapter.patch_size == 28 and adapter.patches_per_image_token == 4
+    processor = internvl_processor(tokenizer, 448, 256, max_tiles=12)
+    for width, height in NEXT_SIZES + [(90, 90), (1000, 600)]:
+        image = Image.new("RGB", (width, height))
+        enc = processor(images=image, text="user : <IMG_CONTEXT> dog", return_tensors="pt")
+        n_views = enc["pixel_values"].shape[0]
+        features = model.model.get_image_features(enc["pixel_values"].to("meta")).pooler_output
+        geometry = adapter.image_geometry(enc["input_ids"][0], enc["pixel_values"], torch.tensor([[height, width]]))
+        assert geometry.n_tokens == int((enc["input_ids"] == config.image_token_id).sum()) == features.shape[0] * 256
+        assert features.shape[:2] == (n_views, 256) and geometry.grid == (16, 16)
+        if n_views > 1:  # the tiles cover the frame exactly once
+            tiles = geometry.view_boxes[:-1]
+            area = ((tiles[:, 2] - tiles[:, 0]) * (tiles[:, 3] - tiles[:, 1])).sum()
+            assert float(area) == pytest.approx(448 * 448)
+
+
+def test_internvl_methods_on_tiles_and_on_one_tile(tiny_internvl_vqa):
+    """Token-level methods run on every tile; pixel-perturbation methods refuse tiles riding along the
+    batch axis with one clear error naming the fix, and run once the image is one tile."""
+    from mech_vqa import compare, explain
+
+    vqa = tiny_internvl_vqa
+    tiled = vqa.prepare(_gradient_image(70, 40), "What is the color of the dog?", "The dog is red.")
+    result = explain(vqa, tiled, heads=[(1, 1)])
+    assert result.positions.scores.shape[-1] == tiled.seq_len
+    with pytest.raises(NotImplementedError, match="max_patches = 1"):
+        compare(vqa, tiled, progress=False, methods=["mechanistic"])
+    processor = vqa.processor.image_processor
+    saved = processor.max_patches
+    try:  # the baselines go through the same processor: one tile while the comparison runs
+        processor.max_patches = 1
+        single = vqa.prepare(_gradient_image(70, 40), "What is the color of the dog?", "The dog is red.")
+        assert single.pixel_values.shape[0] == 1 and single.geometry.view_boxes is None
+        frame = compare(vqa, single, progress=False, methods=["mechanistic", "igos+"],
+                        options={"igos+": {"iterations": 2}}, head_claims=None).to_dataframe()
+    finally:
+        processor.max_patches = saved
+    assert list(frame["method"]) == ["mechanistic", "igos+"]
+
+
+# ------------------------------------------------------------------------------ Idefics3 / SmolVLM
+@pytest.mark.parametrize("size", NEXT_SIZES + [(20, 20)])
+def test_idefics3_positions_hold_the_patches_inside_each_box_and_markers_are_not_patches(tiny_idefics3_vqa, size):
+    """Each image position holds the projection of exactly the patches in its box, in its view; the tile
+    grid follows the <row_i_col_j> markers, which (with <fake_token_around_image> and <global-img>) are
+    geometry.markers and hold their word embeddings, never a patch; painting covers image tokens only."""
+    vqa = tiny_idefics3_vqa
+    inp = vqa.prepare(_gradient_image(*size), "What is the color of the dog?", "The dog is red.")
+    geometry, tokenizer = inp.geometry, vqa.processor.tokenizer
+    ids = inp.input_ids[0]
+    n_views = inp.pixel_values.shape[1]
+    assert geometry.n_tokens == 16 * n_views
+    tokens = tokenizer.convert_ids_to_tokens(ids[geometry.markers])
+    assert all(t.startswith("<row_") or t in ("<fake_token_around_image>", "<global-img>") for t in tokens)
+    assert sum(t.startswith("<row_") for t in tokens) == (n_views - 1 if n_views > 1 else 0)
+    assert not set(geometry.markers.tolist()) & set(geometry.positions.tolist())
+    folded = []
+    handle = vqa.model.model.connector.modality_projection.register_forward_pre_hook(
+        lambda m, args: folded.append(args[0]))
+    try:
+        with torch.no_grad(), vqa.trace(["resid_pre", "projector_out"], layers=[0]) as cache:
+            vqa.forward(inp)
+            patches = vqa.model.model.vision_model(inp.pixel_values[0]).last_hidden_state         # [V, 64, d_v]
+    finally:
+        handle.remove()
+    embedded = cache["resid_pre", 0][0]
+    torch.testing.assert_close(embedded[geometry.positions], cache["projector_out"].flatten(0, 1), rtol=0, atol=0)
+    words = vqa.model.model.text_model.embed_tokens(ids[geometry.markers])
+    torch.testing.assert_close(embedded[geometry.markers], words, rtol=0, atol=0)   # a marker is never a patch
+    folded = folded[0].flatten(0, 1).unflatten(-1, (4, -1))                          # [n, 4, d_v]
+    frames = torch.tensor([[0.0, 0.0, 32.0, 32.0]]) if geometry.view_boxes is None else geometry.view_boxes
+    source = torch.arange(n_views).repeat_interleave(16)
+    centres = (torch.arange(8) + 0.5) * 4
+    for token in range(geometry.n_tokens):
+        x0, y0, x1, y1 = frames[source[token]].tolist()
+        sx, sy = (x1 - x0) / 32, (y1 - y0) / 32
+        bx0, by0, bx1, by1 = geometry.boxes[token].tolist()
+        cols = ((x0 + centres * sx > bx0) & (x0 + centres * sx < bx1)).nonzero().flatten()
+        rows = ((y0 + centres * sy > by0) & (y0 + centres * sy < by1)).nonzero().flatten()
+        inside = (rows[:, None] * 8 + cols[None, :]).flatten()
+        assert inside.numel() == 4
+        distance = torch.cdist(folded[token], patches[source[token], inside])
+        assert float(distance.min(1).values.max()) < 1e-5 and float(distance.min(0).values.max()) < 1e-5
+    # a painted map covers the frame with image tokens' values only
+    painted = geometry.paint(torch.arange(float(geometry.n_tokens)), view=0 if n_views == 1 else 1)
+    assert painted.shape == (32, 32) and set(painted.unique().long().tolist()) <= set(range(geometry.n_tokens))
+
+
+@pytest.mark.parametrize("size", NEXT_SIZES)
+def test_idefics3_view_boxes_show_what_the_processor_put_in_each_view(tiny_idefics3_vqa, size):
+    vqa = tiny_idefics3_vqa
+    width, height = size
+    inp = vqa.prepare(_gradient_image(width, height), "What is the color of the dog?", "The dog is red.")
+    sx, sy, _, _ = inp.pixel_transform
+    mean, std = torch.tensor(inp.image_mean).view(3, 1, 1), torch.tensor(inp.image_std).view(3, 1, 1)
+    for view, (x0, y0, x1, y1) in enumerate(inp.geometry.view_boxes.tolist()):
+        pixels = inp.pixel_values[0, view] * std + mean
+        centres = (torch.arange(32) + 0.5) / 32
+        x_orig, y_orig = (x0 + centres * (x1 - x0)) / sx, (y0 + centres * (y1 - y0)) / sy
+        expect_r = ((x_orig - 0.5) / (width - 1)).view(1, -1).expand(32, -1)
+        expect_g = ((y_orig - 0.5) / (height - 1)).view(-1, 1).expand(-1, 32)
+        inside = (((x_orig > 3) & (x_orig < width - 3)).view(1, -1) & ((y_orig > 3) & (y_orig < height - 3)).view(-1, 1))
+        assert float((pixels[0] - expect_r)[inside].abs().max()) < 0.06
+        assert float((pixels[1] - expect_g)[inside].abs().max()) < 0.06
+    shown = torch.from_numpy(inp.display_image()).permute(2, 0, 1)
+    torch.testing.assert_close(shown, (inp.pixel_values[0, -1] * std + mean).clamp(0, 1))   # the global image
+
+
+def test_idefics3_without_the_processor_is_one_clear_error(tiny_idefics3_vqa):
+    vqa = tiny_idefics3_vqa
+    inp = vqa.prepare(_gradient_image(70, 40), "What is the color of the dog?", "The dog is red.")
+    with pytest.raises(AdapterError, match="bind_processor"):
+        get_adapter(vqa.model).image_geometry(inp.input_ids[0], inp.pixel_values)
+
+
+def test_idefics3_batch_of_different_tile_counts_equals_rows_alone(tiny_idefics3_vqa):
+    """Rows with 5 and 3 views: pixels and pixel_attention_mask padded with empty views the model drops."""
+    from mech_vqa import explain
+
+    vqa = tiny_idefics3_vqa
+    wide = vqa.prepare(_gradient_image(200, 30), "What is the dog?", "red")
+    square = vqa.prepare(_gradient_image(50, 50), "What is the color of the dog?", "The dog is red.")
+    assert (wide.pixel_values.shape[1], square.pixel_values.shape[1]) == (3, 5)
+    together = explain(vqa, vqa.batch([wide, square]), heads=[(1, 1)])
+    for row, inp in enumerate([wide, square]):
+        alone = explain(vqa, inp, heads=[(1, 1)])
+        torch.testing.assert_close(together[row].positions.scores, alone.positions.scores, rtol=1e-4, atol=2e-5)
+
+
+def test_smolvlm2_geometry_at_real_scale():
+    """A meta-device SmolVLM (SmolVLM2-2.2B-Instruct's sizes as published in its config.json: SigLIP 384 px,
+    14 px patches, pixel shuffle 3 -> 81 tokens per view; 1536 px longest edge) and an Idefics3 processor at
+    those settings (SmolVLM's own needs num2words and a video processor; its image prompt is the same):
+    token counts agree with the processor's and with the connector's output, for every tiled-test size."""
+    from PIL import Image
+    from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMVisionConfig
+
+    from mech_vqa.build import IDEFICS3_SPECIAL, TINY_WORDS, idefics3_processor
+
+    tokenizer = word_level_tokenizer(TINY_WORDS, extra_special=IDEFICS3_SPECIAL)
+    text = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=49280)
+    vision = SmolVLMVisionConfig(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                                 num_hidden_layers=27, num_attention_heads=16)
+    config = SmolVLMConfig(vision_config=vision, text_config=text, scale_factor=3,
+                           image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    with torch.device("meta"):
+        model = SmolVLMForConditionalGeneration(config)
+    adapter = get_adapter(model)
+    processor = idefics3_processor(tokenizer, 384, 81, 1536)
+    adapter.bind_processor(processor)
+    assert adapter.patch_grid == (9, 9) and adapter.patches_per_image_token == 9
+    for width, height in NEXT_SIZES + [(90, 90), (1000, 600)]:
+        enc = processor(images=Image.new("RGB", (width, height)), text="user : <image> dog", return_tensors="pt")
+        n_views = enc["pixel_values"].shape[1]
+        features = model.model.connector(torch.zeros(n_views, 27 * 27, 1152, device="meta"))
+        geometry = adapter.image_geometry(enc["input_ids"][0], enc["pixel_values"])
+        assert geometry.n_tokens == int((enc["input_ids"] == config.image_token_id).sum()) == features.shape[0] * 81
+        assert features.shape[1] == 81 and geometry.grid == (9, 9)
+        assert geometry.markers.numel() >= 3 and not set(geometry.markers.tolist()) & set(geometry.positions.tolist())
+        if n_views > 1:
+            tiles = geometry.view_boxes[:-1]
+            assert float(((tiles[:, 2] - tiles[:, 0]) * (tiles[:, 3] - tiles[:, 1])).sum()) == pytest.approx(384 ** 2)

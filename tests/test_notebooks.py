@@ -15,10 +15,10 @@ pytest.importorskip("ipykernel", reason=_HOW)
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_all_four_exist():
+def test_all_five_exist():
     names = [p.name for p in NOTEBOOKS]
     assert names == ["01_quickstart.ipynb", "02_compare_methods.ipynb", "03_ablation_study.ipynb",
-                     "04_real_checkpoint.ipynb"]
+                     "04_real_checkpoint.ipynb", "05_information_flow.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

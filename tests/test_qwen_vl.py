@@ -214,7 +214,7 @@ def test_every_method_and_batched_equals_single(qwen_vqa, image):
     result = compare(vqa, inp, tokens=[3], progress=False, box=[0, 0, 16, 16],
                      options={"igos": {"iterations": 1, "n_steps": 2, "mask_size": 4}})
     assert {row["method"] for row in result.table} == {"mechanistic", "logit_lens", "raw_attention", "relevancy",
-                                                      "causal", "igos+", "igos++"}
+                                                      "causal", "igos+", "igos++", "tam"}
     assert all(m.scores.shape == inp.geometry.grid for name, m in result.maps.items() if not name.startswith("igos"))
     assert result.maps["igos++"].scores.shape == (4, 6)                  # square cells on the 32 x 48 image
     assert all(np.isfinite([row["insertion_auc_raw"], row["deletion_auc_raw"]]).all() for row in result.table)

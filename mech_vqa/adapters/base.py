@@ -32,6 +32,8 @@ class ImageGeometry:
         patch_layout: for models fed flattened patches (Qwen-VL), ``{"patch", "merge", "temporal",
             "channels"}`` of the processor's flattening (:func:`~mech_vqa.adapters.qwen_vl.patchify`);
             None when ``pixel_values`` are images.
+        markers: sequence positions of the image's structural tokens (tile markers, image
+            boundaries) that are not patches: never painted; None when the family has none known.
 
     With several views, every token's ``rowcol`` is on its own view's grid and its ``boxes`` are in
     the first view's pixels, so maps of any view can be drawn over the first view's image.
@@ -45,6 +47,7 @@ class ImageGeometry:
     view: torch.Tensor
     view_boxes: torch.Tensor | None = None
     patch_layout: dict | None = None
+    markers: torch.Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -512,8 +515,65 @@ class ModelAdapter:
 
     def normalise_qk(self, layer: int, q: torch.Tensor | None = None, k: torch.Tensor | None = None):
         """Raw projections ``[B, S, heads * hd]`` -> what the layer rotates (QK-norm where the model has
-        one); ``(q, k)``, None passed through."""
-        return q, k
+        one, :meth:`qk_norm`); ``(q, k)``, None passed through."""
+        return (None if q is None else self.qk_norm(layer, "q", q),
+                None if k is None else self.qk_norm(layer, "k", k))
+
+    # ------------------------------------------------- block outputs, attention masks, logit caps
+    # Defaults describe a pre-norm Llama-like layer with causal attention: a family that differs
+    # (Gemma-3's sandwich norms, bidirectional image blocks) overrides these, and captures, the
+    # interventions, attention_rows and the frozen-norm scorer follow.
+    def attn_out_module(self, layer: int) -> nn.Module:
+        """The module whose output is what the attention block adds to the residual stream."""
+        return self.attn(layer)
+
+    def mlp_out_module(self, layer: int) -> nn.Module:
+        """The module whose output is what the MLP block adds to the residual stream."""
+        return self.mlp(layer)
+
+    def resid_mid_module(self, layer: int) -> nn.Module:
+        """The module whose input is the residual stream between the attention and MLP blocks."""
+        return self.layer(layer).post_attention_layernorm
+
+    def output_norm(self, layer: int, block: str) -> nn.Module | None:
+        """The RMS norm applied to block ``block``'s (``"attn"`` / ``"mlp"``) output before the
+        residual add (Gemma-3's post-norms), or None when the raw output is added."""
+        return None
+
+    def frozen_output_norm(self, layer: int, block: str, raw: torch.Tensor):
+        """``(scale [..., 1], gain [d])`` float32 such that the block adds ``raw * scale * gain`` for
+        the raw block output ``raw`` ``[..., d]`` (``o_proj`` / ``down_proj`` output), with the norm's
+        scale frozen at ``raw``'s value; None when the block adds ``raw`` itself.
+
+        With the scale frozen, the post-normed output is linear in ``raw``: each head's (neuron's)
+        share ``raw_j * scale * gain`` sums to the block output exactly.
+        """
+        norm = self.output_norm(layer, block)
+        if norm is None:
+            return None
+        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+        scale = torch.rsqrt(raw.float().pow(2).mean(-1, keepdim=True) + eps)
+        return scale, _rms_gain(norm, eps).detach().float().to(raw.device)
+
+    def qk_norm(self, layer: int, which: str, x: torch.Tensor) -> torch.Tensor:
+        """Raw projections ``[..., heads * head_dim]`` of ``which`` ("q" / "k") as the attention uses
+        them before the rotation (QK-norm); unchanged when the layer has none."""
+        return x
+
+    def attention_blocks(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """``[B, S]``: the bidirectional block each position belongs to (``-1``: plain causal), as
+        the model's own mask builds it, or None when attention is causal everywhere."""
+        return None
+
+    @property
+    def patches_per_image_token(self) -> int:
+        """Vision-tower patch tokens merged into one image token by the connector (1: LLaVA's MLP
+        maps each patch to its own token; Gemma-3 average-pools, pixel-shuffle connectors merge)."""
+        return 1
+
+    def logit_softcap(self) -> float | None:
+        """``c`` when the model's forward returns ``c * tanh(logits / c)`` (None: plain logits)."""
+        return None
 
     # ------------------------------------------------------------------------ geometry
     @property
@@ -522,6 +582,10 @@ class ModelAdapter:
 
     def tokens_per_image(self) -> int:
         raise NotImplementedError
+
+    def bind_processor(self, processor) -> None:
+        """Read what the geometry needs from the processor (``VQAModel`` calls it): the ids of marker
+        tokens that only the tokenizer knows (Idefics3's ``<row_i_col_j>``). Default: nothing."""
 
     def image_geometry(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                        image_sizes: torch.Tensor | None = None) -> ImageGeometry:

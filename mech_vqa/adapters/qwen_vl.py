@@ -121,6 +121,10 @@ class QwenVLAdapter(LlavaAdapter):
         return int(self.vision_config.spatial_merge_size)
 
     @property
+    def patches_per_image_token(self) -> int:
+        return self.merge_size ** 2  # the merger folds merge x merge ViT patches into each token
+
+    @property
     def temporal_patch_size(self) -> int:
         return int(self.vision_config.temporal_patch_size)
 
@@ -345,12 +349,9 @@ class Qwen3VLAdapter(QwenVLAdapter):
             out[layer] = added
         return out
 
-    def normalise_qk(self, layer: int, q: torch.Tensor | None = None, k: torch.Tensor | None = None):
+    def qk_norm(self, layer: int, which: str, x: torch.Tensor) -> torch.Tensor:
         # QK-norm: an RMS norm over each head's vector, before the rotation (the layer's own modules)
         attn = self.attn(layer)
-        if q is not None:
-            q = attn.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
-        if k is not None:
-            k = attn.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(-2)
-        return q, k
+        norm = attn.q_norm if which == "q" else attn.k_norm
+        return norm(x.unflatten(-1, (-1, self.head_dim))).flatten(-2)
 

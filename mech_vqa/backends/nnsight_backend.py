@@ -156,6 +156,18 @@ class NNsightBackend(Backend):
         if remote is not True and remote not in (False, "local"):
             raise ValueError(f"remote must be False (in process), 'local' (nnsight's offline simulation of a "
                              f"remote call) or True (NDIF), got {remote!r}")
+        from ..adapters import ModelAdapter
+
+        # QK-norm (Qwen3-VL) is followed: _fill_qk applies adapter.normalise_qk to the raw projections
+        differs = [name for name in ("output_norm", "attention_blocks", "logit_softcap")
+                   if getattr(type(vqa.adapter), name) is not getattr(ModelAdapter, name)]
+        if differs:
+            # its reading places (_SLOTS) are a pre-norm Llama layer's: post-norms and bidirectional
+            # blocks are read by the hooks backend only
+            raise BackendNotSupported(
+                f"the nnsight backend reads a pre-norm Llama-like layer; {type(vqa.model).__name__}'s adapter "
+                f"overrides {', '.join(differs)} (post-normed blocks, bidirectional image attention, logit "
+                "soft-capping), which only the hooks backend follows: use backend='hooks'")
         super().__init__(vqa)
         self.nnsight = import_nnsight()
         if remote is True:
@@ -310,7 +322,8 @@ class NNsightBackend(Backend):
         adapter = self.vqa.adapter
         from ..adapters.base import ModelAdapter
 
-        plain_qk = type(adapter).normalise_qk is ModelAdapter.normalise_qk
+        plain_qk = (type(adapter).normalise_qk is ModelAdapter.normalise_qk
+                    and type(adapter).qk_norm is ModelAdapter.qk_norm)
         return plain_qk and not adapter.deepstack_layers()
 
     def _final_norm(self) -> dict:

@@ -178,7 +178,7 @@ def causal_explanations(vqa, inp: PreparedInput, target=None, *, heads=None, lay
         vqa.forward(inp, **logits_at(vqa, [resolved.position])[0])  # the logits are not used
     seq = inp.seq_len
     attention = attention_rows(adapter, layer, cache["q", layer], cache["k", layer], torch.arange(seq),
-                               inp.attention_mask)[0]  # [heads, seq, seq]
+                               inp.attention_mask, blocks=adapter.attention_blocks(inp.input_ids[0]))[0]  # [H, seq, seq]
     return [_explain_head(vqa, inp, resolved, attention[head], layer, head, threshold=threshold,
                           max_image_nodes=max_image_nodes, n_samples=n_samples, alpha=alpha, radius=radius,
                           max_condition_size=max_condition_size, box=box) for head in heads]

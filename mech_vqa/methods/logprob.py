@@ -11,6 +11,9 @@ with the final norm's scale frozen at its value for the real last-layer output `
     logits(v) = W_U n(v) (+ b_U)                          [vocab]
     lp(v)     = log_softmax(logits(v))[y]
 
+Where the model soft-caps its logits (:meth:`~mech_vqa.adapters.ModelAdapter.logit_softcap`),
+``logits(v)`` is capped the same way, chunk by chunk, before the log-softmax.
+
 ``gamma`` is the gain the norm applies (its weight; ``1 + weight`` for Gemma's norm), as
 :meth:`~mech_vqa.adapters.ModelAdapter.final_norm_params` reads it. Freezing makes ``logits`` affine in ``v``: ``logits(x + u) = logits(x) + s * W_U (gamma * u)``.
 :class:`FrozenNormScorer` uses this to score many vectors ``x + u`` cheaply when every ``u`` lies
@@ -69,6 +72,12 @@ def normalise(adapter: ModelAdapter, resid: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _softcap(adapter) -> float | None:
+    """The model's logit soft-cap (None for adapters that predate it, or duck-typed ones without it)."""
+    method = getattr(adapter, "logit_softcap", None)
+    return None if method is None else method()
+
+
 def _chunk_size(adapter: ModelAdapter, rows: int, chunk_elements: int) -> int:
     return int(min(adapter.vocab_size, max(1, chunk_elements // max(rows, 1))))
 
@@ -86,6 +95,7 @@ def vocab_sweep(adapter: ModelAdapter, normed: torch.Tensor, *, k: int = 0, toke
     normed = normed.float().to(W_U.device)
     n = normed.shape[0]
     vocab = W_U.shape[0]
+    cap = _softcap(adapter)
     chunk = _chunk_size(adapter, n, chunk_elements)
     lse = normed.new_full((n,), float("-inf"))
     top_logits = normed.new_full((n, 0), float("-inf"))
@@ -95,6 +105,8 @@ def vocab_sweep(adapter: ModelAdapter, normed: torch.Tensor, *, k: int = 0, toke
         logits = normed @ W_U[start:start + chunk].float().T  # [N, C]
         if b_U is not None:
             logits = logits + b_U[start:start + chunk].float()
+        if cap is not None:
+            logits = logits.div_(cap).tanh_().mul_(cap)
         lse = torch.logaddexp(lse, logits.logsumexp(-1))
         if k:
             merged = torch.cat([top_logits, logits], dim=1)
@@ -109,7 +121,7 @@ def vocab_sweep(adapter: ModelAdapter, normed: torch.Tensor, *, k: int = 0, toke
         logits = normed @ W_U[token_ids].float().T
         if b_U is not None:
             logits = logits + b_U[token_ids].float()
-        out["logits"] = logits
+        out["logits"] = logits if cap is None else logits.div_(cap).tanh_().mul_(cap)
     return out
 
 
@@ -195,6 +207,12 @@ class FrozenNormScorer:
         unembed = self.adapter.unembed
         W_U, b_U = unembed.weight, getattr(unembed, "bias", None)
         batch, vocab = self.batch_size, W_U.shape[0]
+        cap = _softcap(self.adapter)
+        if cap is not None:  # the model returns c * tanh(logits / c): so does every chunk here, exactly
+            linear_logits = chunk_logits
+
+            def chunk_logits(W, b):
+                return linear_logits(W, b).div_(cap).tanh_().mul_(cap)
         chunk = _chunk_size(self.adapter, batch * n_vectors, self.chunk_elements)
         if chunk >= vocab:  # the whole vocabulary in one block: a plain log-softmax, no running sums
             logits = chunk_logits(W_U.float(), None if b_U is None else b_U.float())

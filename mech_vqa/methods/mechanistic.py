@@ -71,6 +71,8 @@ class TargetCapture:
     final: torch.Tensor
     model_logprob: torch.Tensor
     scorer: FrozenNormScorer
+    #: ``[B, S]`` bidirectional blocks of the attention mask (Gemma-3's images), None = causal
+    attention_blocks: torch.Tensor | None = None
 
     @property
     def adapter(self):
@@ -94,6 +96,23 @@ class TargetCapture:
     def v(self) -> PerLayer:
         """``v[layer]``: ``[B, S, KV, hd]`` values, or None where not kept."""
         return PerLayer(self.cache, "v", self.kv_layers, self.adapter.n_layers)
+
+    def frozen_output_norm(self, layer: int, block: str = "attn"):
+        """``(scale [B, 1], gain [d])`` of layer ``layer``'s post-norm at ``t`` (None without one): the
+        raw block output is rebuilt from what was captured at ``t`` (``z`` through ``o_proj``, or
+        ``mlp_act`` through ``down_proj``), as the model computed it before its norm."""
+        adapter = self.adapter
+        if adapter.output_norm(layer, block) is None:
+            return None
+        if block == "attn":
+            module, inputs = adapter.o_proj(layer), self.z[:, layer].flatten(-2)
+        else:
+            if self.mlp_act is None:
+                raise ValueError("the MLP's post-norm scale needs mlp_act; capture with capture_target(..., mlp_act=True)")
+            module, inputs = adapter.down_proj(layer), self.mlp_act[:, layer]
+        with torch.no_grad():
+            raw = module(inputs.to(module.weight.dtype))
+        return adapter.frozen_output_norm(layer, block, raw)
 
     def meta(self, row: int) -> dict:
         """Metadata for row ``row``'s results (model id, prompt, target)."""
@@ -168,6 +187,7 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
     token_ids = torch.tensor([t.token_id for t in targets], device=adapter.device)
     model_logprob = logits.float().log_softmax(-1).gather(1, token_ids.view(-1, 1))[:, 0]
     mask = inp.attention_mask.to(adapter.device)
+    blocks = adapter.attention_blocks(inp.input_ids)
     return TargetCapture(
         vqa=vqa, items=items, targets=targets, positions=positions, offsets=offsets, attention_mask=mask,
         resid_pre=stacked("resid_pre"), attn_out=stacked("attn_out"), mlp_out=stacked("mlp_out"),
@@ -176,6 +196,7 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
         final=final,
         model_logprob=model_logprob,
         scorer=FrozenNormScorer(adapter, final, [t.token_id for t in targets], chunk_elements=chunk_elements),
+        attention_blocks=None if blocks is None else blocks.to(adapter.device),
     )
 
 
@@ -183,6 +204,8 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
 def head_vectors(capture: TargetCapture, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, L, H, d]`` float32: what each head writes at ``t``, ``h_lj = z_lj @ W_O[j]``.
 
+    Where a post-norm follows the attention (Gemma-3), ``h_lj = (z_lj @ W_O[j]) * s_l * gain_l``
+    with the norm's scale ``s_l`` frozen at the forward's value: the heads then sum to ``attn_out``.
     ``out``: a ``[B, L, H, d]`` float32 tensor to ADD the head vectors into (saves a copy).
     """
     adapter = capture.adapter
@@ -193,11 +216,16 @@ def head_vectors(capture: TargetCapture, out: torch.Tensor | None = None) -> tor
     step = max(1, HEAD_CHUNK_ELEMENTS // (adapter.head_dim * adapter.d_model))
     for layer in range(n_layers):
         W_O = adapter.W_O(layer)
+        frozen = capture.frozen_output_norm(layer, "attn")
+        target = out[:, layer] if frozen is None else torch.zeros_like(out[:, layer])
         for start in range(0, n_heads, step):
             heads = slice(start, start + step)
             # [h, B, d] += [h, B, hd] @ [h, hd, d], in place in ``out``
-            out[:, layer, heads].transpose(0, 1).baddbmm_(capture.z[:, layer, heads].float().transpose(0, 1),
-                                                          W_O[heads].float())
+            target[:, heads].transpose(0, 1).baddbmm_(capture.z[:, layer, heads].float().transpose(0, 1),
+                                                      W_O[heads].float())
+        if frozen is not None:
+            scale, gain = frozen
+            out[:, layer].addcmul_(target, scale.view(batch, 1, 1) * gain)
     return out
 
 
@@ -270,12 +298,17 @@ def position_scores(capture: TargetCapture, layer: int, head: int, rows=None) ->
     scorer = capture.scorer if index == slice(None) else capture.scorer.select(rows)
     group = adapter.n_heads // adapter.n_kv_heads
     query_positions = capture.positions[index].view(-1, 1)
+    blocks = None if capture.attention_blocks is None else capture.attention_blocks[index]
     pattern = attention_rows(adapter, layer, capture.query(layer)[index].unsqueeze(1), capture.k[layer][index],
-                             query_positions, capture.attention_mask[index], heads=[head])
+                             query_positions, capture.attention_mask[index], heads=[head], blocks=blocks)
     attention = pattern[:, 0, 0]  # [b, S]: A_lj[t, :]
     values = capture.v[layer][index, :, head // group].float()  # [b, S, hd]
-    lp, lp_base = scorer.log_prob_in_basis(
-        capture.resid_pre[index, layer], attention.unsqueeze(-1) * values, adapter.W_O(layer)[head])
+    coefficients, basis = attention.unsqueeze(-1) * values, adapter.W_O(layer)[head]
+    frozen = capture.frozen_output_norm(layer, "attn")
+    if frozen is not None:  # post-norm: the frozen scale per row into the coefficients, the gain into the basis
+        coefficients = coefficients * frozen[0][index].view(-1, 1, 1)
+        basis = basis.float() * frozen[1]
+    lp, lp_base = scorer.log_prob_in_basis(capture.resid_pre[index, layer], coefficients, basis)
     return lp - lp_base.unsqueeze(1), attention
 
 

@@ -40,18 +40,27 @@ def neuron_increase_from_capture(capture, layers=None, *, k: int = 10, n_tokens:
     scores = []
     for layer in tqdm(layers, desc="neurons", disable=not progress, leave=False):
         base = capture.resid_pre[:, layer].float() + capture.attn_out[:, layer].float()
-        lp, lp_base = capture.scorer.log_prob_along_columns(base, capture.mlp_act[:, layer], adapter.W_down(layer))
+        coefficients, directions = capture.mlp_act[:, layer], adapter.W_down(layer)
+        frozen = capture.frozen_output_norm(layer, "mlp")
+        if frozen is not None:  # post-norm (Gemma-3): neuron k adds c_k W_down[:, k] * s * gain, s frozen
+            coefficients = coefficients.float() * frozen[0]
+            directions = directions.float() * frozen[1].unsqueeze(1)
+        lp, lp_base = capture.scorer.log_prob_along_columns(base, coefficients, directions)
         scores.append(lp - lp_base.unsqueeze(1))
     scores = torch.stack(scores, dim=1)  # [B, n_layers, d_mlp]
     coefficients = capture.mlp_act[:, layers].float()
+    # what each neuron adds per unit of activation: W_down's column, through a post-norm frozen at t
+    frozen = [capture.frozen_output_norm(layer, "mlp") for layer in layers]
     k = min(k, adapter.d_mlp)
     top = scores.topk(k, dim=-1).indices  # [B, n_layers, k]
     gamma = adapter.final_norm_params()["weight"].float()
     results = []
     for row in range(scores.shape[0]):
         # The contribution of each top neuron, c_k * W_down[:, k], read in vocabulary space.
-        contributions = torch.stack([adapter.W_down(layer).float()[:, top[row, i]] * coefficients[row, i, top[row, i]]
-                                     for i, layer in enumerate(layers)])  # [n_layers, d, k]
+        contributions = torch.stack([
+            adapter.W_down(layer).float()[:, top[row, i]] * coefficients[row, i, top[row, i]]
+            * (1 if frozen[i] is None else frozen[i][0][row] * frozen[i][1].unsqueeze(1))
+            for i, layer in enumerate(layers)])  # [n_layers, d, k]
         directions = (contributions * gamma.view(1, -1, 1)).transpose(1, 2).flatten(0, 1)  # [n_layers*k, d]
         promoted_ids = vocab_sweep(adapter, directions, k=n_tokens, bias=False)["top_ids"]
         promoted = [[capture.vqa.to_str_tokens(ids) for ids in promoted_ids.view(len(layers), k, -1)[i]]

@@ -98,7 +98,8 @@ def answer_attention(vqa, inp: PreparedInput, targets=None, *, layers: Sequence[
     q = torch.stack([cache["q", l][0] for l in layer_list])
     k = torch.stack([cache["k", l][0] for l in layer_list])
     mask = inp.attention_mask.to(q.device).expand(len(layer_list), -1)
-    weights = attention_rows(adapter, layer_list, q, k, positions, mask)  # [L, H, T, S]
+    blocks = adapter.attention_blocks(inp.input_ids[0])  # Gemma-3's bidirectional image block, else None
+    weights = attention_rows(adapter, layer_list, q, k, positions, mask, blocks=blocks)  # [L, H, T, S]
     geometry = inp.geometry
     return AnswerAttention(
         weights=weights.cpu(), layers=layer_list, targets=[t.to_dict() for t in targets],

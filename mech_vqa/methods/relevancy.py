@@ -113,6 +113,11 @@ def relevancy(vqa, inp: PreparedInput, targets=None, *, row_normalize: bool = Fa
                                   f"{adapter.vision_relevancy_refusal}; use vision=False (the LLM stage)")
     if vision and int(geometry.view.max()) > 0:
         raise NotImplementedError("vision-tower relevancy supports one image view (LLaVA-1.5 style); use vision=False")
+    if vision and adapter.patches_per_image_token != 1:
+        raise NotImplementedError(
+            f"vision-tower relevancy seeds each vision patch with its image token's relevancy, but "
+            f"{type(model).__name__}'s connector merges {adapter.patches_per_image_token} patches into each image "
+            "token, so no patch has a token of its own; use stage='llm' (vision=False), which is exact")
     llm_modules = [adapter.attn(layer) for layer in range(adapter.n_layers)]
     vision_modules = ([layer.self_attn for layer in vision_encoder_layers(adapter)[:vision_layers_used(adapter)]]
                       if vision else [])

@@ -146,6 +146,15 @@ class AnswerScorer:
     """
 
     def __init__(self, vqa, inp: PreparedInput, answer_indices: Sequence[int] | None = None):
+        if inp.pixel_values.dim() == 4 and inp.pixel_values.shape[0] > 1:
+            # InternVL: the image's tiles and thumbnail ride along pixel_values' batch axis, where the scorer
+            # puts its perturbed copies
+            raise NotImplementedError(
+                f"this input's {inp.pixel_values.shape[0]} image views (tiles) ride along pixel_values' batch axis, "
+                "so pixel-perturbation methods (token selection, iGOS, insertion / deletion, knock-outs, compare) "
+                "cannot batch perturbed copies of it; prepare the image as one tile and keep it so while the method runs (InternVL: "
+                "vqa.processor.image_processor.max_patches = 1) or use the token-level methods (mechanistic, "
+                "logit lens, attention, relevancy, causal, ablation), which handle every tile")
         n_answer = int(inp.answer_positions.numel())
         if n_answer == 0:
             raise ValueError("this input has no answer tokens to score; prepare it with an answer "
@@ -171,8 +180,13 @@ class AnswerScorer:
     def _inputs(self, pixels: torch.Tensor) -> dict:
         n = pixels.shape[0]
         ids = self.input_ids.to(self.device).expand(n, -1)
-        extra = {k: (v.to(self.device).expand(n, *v.shape[1:]) if torch.is_tensor(v) else v)
+        length = ids.shape[1]
+        # per-token inputs (Gemma-3's token_type_ids) are cut with the ids
+        extra = {k: (v[..., :length] if torch.is_tensor(v) and v.dim() == 2 and v.shape[-1] == self.inp.seq_len else v)
                  for k, v in self.inp.extra.items()}
+        # contiguous: Idefics3 views its pixel_attention_mask, which an expanded (stride-0) tensor refuses
+        extra = {k: (v.to(self.device).expand(n, *v.shape[1:]).contiguous() if torch.is_tensor(v) else v)
+                 for k, v in extra.items()}
         return self.vqa.adapter.model_inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids),
                                               "pixel_values": pixels.to(self.device, self.dtype), **extra})
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import assert_same_state, first_view_positions, hook_snapshot, image_grid, model_state
+from conftest import assert_same_state, first_view_positions, hook_snapshot, image_grid, model_state, text_model
 from mech_vqa import VQAModel
 from mech_vqa.methods.logit_lens import logit_lens
 from mech_vqa.results import PatchMap, Result
@@ -38,16 +38,19 @@ def test_every_stage_equals_hand_norm(any_vqa, inp):
     a, model = any_vqa.adapter, any_vqa.model
     with any_vqa.trace(["projector_out", "resid_pre", "resid_post"]) as c:
         any_vqa.forward(inp)
-    # after layer l: what layer l + 1 reads (Qwen3-VL's DeepStack adds to a layer's output before that), and
-    # the last layer's output
+    # the projector rows of the whole-image view (first, or after the tiles for InternVL / Idefics3); after
+    # layer l: what layer l + 1 reads (Qwen3-VL's DeepStack adds to a layer's output before that), and the
+    # last layer's output
     image = first_view_positions(any_vqa, inp)
-    stages = ([c["projector_out"][0]] + [c["resid_pre", l][0, image] for l in range(1, a.n_layers)]
+    whole = -1 if any_vqa.adapter.patch_grid is not None and image[-1] == (
+        inp.input_ids[0] == a.image_token_id).nonzero().max() else 0
+    stages = ([c["projector_out"][whole]] + [c["resid_pre", l][0, image] for l in range(1, a.n_layers)]
               + [c["resid_post", a.n_layers - 1][0, image]])
     lens = logit_lens(any_vqa, inp, word="dog", k=3)
     assert lens.top_ids.shape == (a.n_layers + 1, len(first_view_positions(any_vqa, inp)), 3)
     dog = any_vqa.tokenizer.convert_tokens_to_ids("dog")
     for stage, resid in enumerate(stages):
-        probs = model.lm_head(model.model.language_model.norm(resid)).float().softmax(-1)  # the model's own norm
+        probs = model.lm_head(text_model(model).norm(resid)).float().softmax(-1)  # the model's own norm
         torch.testing.assert_close(lens.word_probs[stage], probs[:, dog], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(lens.top_probs[stage], probs.topk(3, dim=-1).values, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(lens.patch_map("input").scores.flatten(), lens.word_probs[0])

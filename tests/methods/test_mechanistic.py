@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from conftest import assert_same_state, first_view_positions, hook_snapshot, image_grid, model_state
+from conftest import (assert_same_state, first_view_positions, hook_snapshot, image_grid, model_state, post_norm_factor,
+                      text_model)
 from mech_vqa import VQAModel
 from mech_vqa.inputs import Target
 from mech_vqa.methods.logprob import FrozenNormScorer
@@ -28,7 +29,7 @@ class HandScorer:
     """lp(v) written from the raw modules in float64, no chunking, no shared code."""
 
     def __init__(self, model, final_r, token_id):
-        norm = model.model.language_model.norm
+        norm = text_model(model).norm
         # gain * frozen scale, elementwise, from the model's own norm at r (Llama: w; Gemma: 1 + w)
         self.gain_scale = norm(final_r[None])[0].double() / final_r.double()
         self.W_U = model.lm_head.weight.double()
@@ -54,17 +55,20 @@ def hand_attributions(vqa, inp, target, heads):
         a_l, m_l = c["attn_out", layer][0, t].double(), c["mlp_out", layer][0, t].double()
         attn[layer] = lp(x + a_l) - lp(x)
         mlp[layer] = lp(x + a_l + m_l) - lp(x + a_l)
-        weight = model.model.language_model.layers[layer].self_attn.o_proj.weight.double()  # [d, H*hd]
+        weight = text_model(model).layers[layer].self_attn.o_proj.weight.double()  # [d, H*hd]
+        # Gemma-3: the post-attention norm, its scale frozen at the forward's raw output (else ones)
+        factor = post_norm_factor(vqa, layer, "attn", a.o_proj(layer)(c["z", layer][0, t].flatten()))
         for j in range(n_heads):
-            h = weight[:, j * hd:(j + 1) * hd] @ c["z", layer][0, t, j].double()
+            h = factor * (weight[:, j * hd:(j + 1) * hd] @ c["z", layer][0, t, j].double())
             head[layer, j] = lp(x + h) - lp(x)
     positions = torch.zeros(len(heads), inp.seq_len)
     for i, (layer, j) in enumerate(heads):
         x = c["resid_pre", layer][0, t].double()
-        w_o = model.model.language_model.layers[layer].self_attn.o_proj.weight.double()[:, j * hd:(j + 1) * hd]
+        w_o = text_model(model).layers[layer].self_attn.o_proj.weight.double()[:, j * hd:(j + 1) * hd]
+        factor = post_norm_factor(vqa, layer, "attn", a.o_proj(layer)(c["z", layer][0, t].flatten()))
         for p in range(inp.seq_len):
             weight = c["pattern", layer][0, j, t, p].double()
-            h = weight * (w_o @ c["v", layer][0, p, j // group].double())
+            h = factor * weight * (w_o @ c["v", layer][0, p, j // group].double())
             positions[i, p] = lp(x + h) - lp(x)
     final = lp(c["resid_post", n_layers - 1][0, t])
     return attn, mlp, head, positions, final
@@ -106,7 +110,8 @@ def test_decompositions_sum(any_vqa, inp):
     result = head_positions(any_vqa, inp, pairs, target)
     for i, (layer, j) in enumerate(pairs):
         per_position = result.attention[i].unsqueeze(1) * capture.v[layer][0, :, j // group]  # [S, hd]
-        summed = per_position.sum(0) @ a.W_O(layer)[j]
+        factor = post_norm_factor(any_vqa, layer, "attn", a.o_proj(layer)(capture.z[0, layer].flatten())).float()
+        summed = factor * (per_position.sum(0) @ a.W_O(layer)[j])
         torch.testing.assert_close(summed, heads[0, layer, j], rtol=1e-5, atol=1e-6)
         assert result.attention[i, target.position + 1:].abs().max() == 0  # causal
     # lp of the last layer's output through the frozen norm = the model's log-softmax at t

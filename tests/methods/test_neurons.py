@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import assert_same_state, hook_snapshot, model_state
+from conftest import assert_same_state, hook_snapshot, model_state, post_norm_factor, text_model
 from mech_vqa.methods.neurons import neuron_increase
 from mech_vqa.results import Result
 
@@ -20,7 +20,7 @@ def test_neuron_increase_equals_hand_loop(any_vqa, inp):
     t = target.position
     with any_vqa.trace(["resid_pre", "attn_out", "mlp_out", "mlp_act", "resid_post"]) as c:
         any_vqa.forward(inp)
-    norm = model.model.language_model.norm
+    norm = text_model(model).norm
     final = c["resid_post", a.n_layers - 1][0, t]
     # gain * frozen scale, elementwise, from the model's own norm at r (Llama: w; Gemma: 1 + w)
     gain_scale = norm(final[None])[0].double() / final.double()
@@ -36,7 +36,10 @@ def test_neuron_increase_equals_hand_loop(any_vqa, inp):
     for i, layer in enumerate(layers):
         base = (c["resid_pre", layer][0, t] + c["attn_out", layer][0, t]).double()
         coefficients = c["mlp_act", layer][0, t].double()
-        w_down = model.model.language_model.layers[layer].mlp.down_proj.weight.double()  # [d, d_mlp]
+        w_down = text_model(model).layers[layer].mlp.down_proj.weight.double()  # [d, d_mlp]
+        # Gemma-3: through the post-feed-forward norm, its scale frozen at the forward's (else ones)
+        factor = post_norm_factor(any_vqa, layer, "mlp", a.down_proj(layer)(c["mlp_act", layer][0, t]))
+        w_down = factor.unsqueeze(1) * w_down
         # the neurons' contributions add up to the MLP output
         torch.testing.assert_close((w_down * coefficients).sum(1), c["mlp_out", layer][0, t].double(),
                                    rtol=1e-5, atol=1e-6)

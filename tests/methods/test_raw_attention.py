@@ -23,7 +23,18 @@ def eager_attentions(vqa, inp) -> torch.Tensor:
 
 def image_cells(vqa, inp):
     """The first view's image-token positions and their (row, col), from the input ids (row-major)."""
-    cols = image_grid(vqa, inp)[1]
+    config = vqa.model.config
+    pooled = getattr(config, "mm_tokens_per_image", None)  # Gemma-3 average-pools the patches to this many tokens
+    if vqa.adapter.patch_grid is None:  # Qwen-VL: the grid depends on the image
+        cols = image_grid(vqa, inp)[1]
+    elif pooled:
+        cols = round(pooled ** 0.5)
+    elif hasattr(config, "downsample_ratio"):  # InternVL: the pixel shuffle folds 2 x 2 patches per token
+        cols = round(config.image_seq_length ** 0.5)
+    elif hasattr(config, "scale_factor"):  # Idefics3: the connector's pixel shuffle
+        cols = config.vision_config.image_size // config.vision_config.patch_size // config.scale_factor
+    else:
+        cols = config.vision_config.image_size // config.vision_config.patch_size
     positions = first_view_positions(vqa, inp)
     index = torch.arange(positions.numel())
     return positions, index // cols, index % cols

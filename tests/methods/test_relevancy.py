@@ -26,9 +26,12 @@ def reference_relevancy(vqa, inp, answer_index: int, row_normalize: bool = False
     for p in model.parameters():
         p.requires_grad_(False)
     vision_probs = []
-    handles = [layer.self_attn.register_forward_hook(lambda m, a, out: vision_probs.append(out[1]))
-               for layer in (model.model.vision_tower.encoder.layers if not vqa.adapter.vision_relevancy_refusal
-                             else [])]
+    # no vision stage where the connector merges patches (Gemma-3's pooling, InternVL's pixel shuffle) or
+    # where the ViT gives no attention probabilities (Qwen-VL)
+    merged = vqa.adapter.patches_per_image_token > 1
+    no_vision = merged or bool(vqa.adapter.vision_relevancy_refusal)
+    handles = [] if no_vision else [layer.self_attn.register_forward_hook(lambda m, a, out: vision_probs.append(out[1]))
+                                    for layer in model.model.vision_tower.encoder.layers]
     inputs = vqa.adapter.model_inputs(inp.model_inputs())
     inputs["pixel_values"] = inputs["pixel_values"].clone().requires_grad_(True)
     out = model(**inputs, output_attentions=True, use_cache=False)
@@ -49,7 +52,7 @@ def reference_relevancy(vqa, inp, answer_index: int, row_normalize: bool = False
     if row_normalize:
         off = row - torch.eye(seq)[position]
         row = off / off.sum() + torch.eye(seq)[position]
-    if inp.pixel_values.dim() == 5 or vqa.adapter.vision_relevancy_refusal:  # tiles, Qwen-VL: no vision stage
+    if inp.pixel_values.dim() == 5 or no_vision:  # tiled (LLaVA-NeXT), merged patches or Qwen-VL: no vision stage
         return row.detach(), None
     image = (inp.input_ids[0] == model.config.image_token_id).nonzero().flatten()
     n_tokens = vision_probs[0].shape[-1]
@@ -83,6 +86,11 @@ def test_relevancy_equals_step_by_step_recomputation(any_vqa, any_prepared, row_
         with pytest.raises(NotImplementedError, match="return no attention probabilities"):
             relevancy(any_vqa, any_prepared, [0], vision=True, progress=False)
         tiled = True
+    merged = any_vqa.adapter.patches_per_image_token > 1  # pooling / pixel shuffle: no vision token per image token
+    if merged and not tiled:
+        with pytest.raises(NotImplementedError, match="merges 4 patches into each image token"):
+            relevancy(any_vqa, any_prepared, [0], vision=True, progress=False)
+    tiled = tiled or merged
     result = relevancy(any_vqa, any_prepared, [0, 3], vision=not tiled, row_normalize=row_normalize, progress=False)
     assert isinstance(result, RelevancyMaps)
     for column, answer_index in enumerate([0, 3]):
