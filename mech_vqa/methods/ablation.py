@@ -23,8 +23,9 @@ Where (``ablate(..., where=...)``):
   any row between them); every earlier position keeps its clean residual stream, keys and values
   at every layer. The clean run is kept as a KV cache and only the answer rows are recomputed per
   ablation (:class:`~mech_vqa.runner.AnswerRowRunner`), a decoding step's arithmetic instead of a
-  forward's; ablations of different layers share a batch (each pass then reads every weight once). It measures the component's *direct* role at the answer position (what the answer
-  row itself reads and writes through it), not its effect through the context. An ablation that
+  forward's; ablations of different layers share a batch (each pass then reads every weight once).
+  It measures the component's *direct* role at the answer position (what the answer row itself
+  reads and writes through it), not its effect through the context. An ablation that
   edits an earlier position (an image-token ablation) cannot run this way and is an error.
 """
 

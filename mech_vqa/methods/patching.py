@@ -596,8 +596,8 @@ def restore(vqa, pair: PatchPair, restorations: Sequence[Restoration], *, target
               "pair_info": {k: v for k, v in pair.info.items() if k != "corrupt_image"},
               "question": clean.question, "answer": clean.answer, "prompt": clean.prompt,
               "str_tokens": list(clean.str_tokens), "n_layers": vqa.adapter.n_layers, "n_heads": vqa.adapter.n_heads,
-              "batch_size": batch_size, "where": where, "min_gap": min_gap, "flag": flag, "backend": getattr(vqa.backend, "name", ""),
-              "runtime_s": time.perf_counter() - start},
+              "batch_size": batch_size, "where": where, "min_gap": min_gap, "flag": flag,
+              "backend": getattr(vqa.backend, "name", ""), "runtime_s": time.perf_counter() - start},
     )
 
 

@@ -340,7 +340,7 @@ def test_answer_row_patching_equals_full_recomputation_of_answer_row_restoration
     # through restore: one target's row, scores and fractions as on the full path
     target = [len(rows) - 1]
     result = restore(any_vqa, pair, answer, targets=target, metric="logprob", where="answer", batch_size=7)
-    answer_one, full_one = _answer_row_restorations(any_vqa, rows[-1:])
+    _, full_one = _answer_row_restorations(any_vqa, rows[-1:])
     reference = restore(any_vqa, pair, full_one, targets=target, metric="logprob")
     torch.testing.assert_close(result.patched, reference.patched, **TOL)
     assert result.info["where"] == "answer" and abs(result.corrupt_score - reference.corrupt_score) < 1e-5
