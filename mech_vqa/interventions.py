@@ -108,6 +108,8 @@ def _apply(x: torch.Tensor, edits: list[Intervention], adapter: ModelAdapter, pe
             heads = list(edit.heads) if edit.heads is not None else slice(None)
             for h in edit.heads or ():
                 adapter.check_head(h)
+            if isinstance(positions, list) and isinstance(heads, list):  # every named head at every named position
+                positions, heads = torch.tensor(positions)[:, None], torch.tensor(heads)[None, :]
             idx = (positions, heads)
         else:
             idx = (positions,)

@@ -58,19 +58,47 @@ def last_mlp_only_at(hooks: HookSet, adapter, rows: torch.Tensor) -> None:
     hooks.post(mlp, scatter_back)
 
 
-def _clean_logits(vqa, inp, rows) -> torch.Tensor:
-    """``[1, S, vocab]`` fp32 logits of the clean forward; with ``rows``, only those are computed
-    (HF's ``logits_to_keep``) and the others are NaN."""
+def _clean_logits(vqa, inp, rows) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The clean forward's fp32 logits: ``(rows, [1, len(rows), vocab])`` at ``rows`` only (HF's
+    ``logits_to_keep``), or ``(None, [1, S, vocab])`` at every position."""
     if rows is None or "logits_to_keep" not in inspect.signature(vqa.model.forward).parameters:
-        return vqa.forward(inp).logits.float()
+        return None, vqa.forward(inp).logits.float()
     rows = torch.as_tensor(rows, dtype=torch.long).flatten() % inp.seq_len
-    kept = vqa.forward(inp, logits_to_keep=rows.to(vqa.device)).logits.float()        # [1, len(rows), vocab]
-    logits = kept.new_full((1, inp.seq_len, kept.shape[-1]), float("nan"))
-    logits[:, rows.to(kept.device)] = kept
-    return logits
+    return rows, vqa.forward(inp, logits_to_keep=rows.to(vqa.device)).logits.float()  # [1, len(rows), vocab]
 
 
-class ResidualCheckpoint:
+class _CleanLogits:
+    """The clean run's logits, at every position or at a few rows only, read through
+    :meth:`clean_logits_at` (no ``[1, S, vocab]`` tensor is built unless ``clean_logits`` is read)."""
+
+    _kept_rows: torch.Tensor | None
+    _kept: torch.Tensor
+
+    @property
+    def clean_logits(self) -> torch.Tensor:
+        """``[1, S, vocab]`` fp32; NaN at the rows that were not computed."""
+        if self._kept_rows is None:
+            return self._kept
+        logits = self._kept.new_full((1, self.inputs[0].shape[1], self._kept.shape[-1]), float("nan"))
+        logits[:, self._kept_rows.to(logits.device)] = self._kept
+        return logits
+
+    def clean_logits_at(self, positions) -> torch.Tensor:
+        """``[P, vocab]`` fp32 clean logits at ``positions`` (which must be among the computed rows)."""
+        positions = torch.as_tensor(positions, dtype=torch.long).flatten()
+        if self._kept_rows is None:
+            return self._kept[0, positions.to(self._kept.device)]
+        seq_len = self.inputs[0].shape[1]
+        index = {int(row): i for i, row in enumerate(self._kept_rows)}
+        missing = sorted({int(p) % seq_len for p in positions} - set(index))
+        if missing:
+            raise ValueError(f"the clean logits were computed at rows {sorted(index)} only, not at {missing}; "
+                             "pass those positions as rows when building the checkpoint")
+        picked = torch.tensor([index[int(p) % seq_len] for p in positions], device=self._kept.device)
+        return self._kept[0, picked]
+
+
+class ResidualCheckpoint(_CleanLogits):
     """The clean run's residual stream entering each layer, plus each layer's call arguments."""
 
     def __init__(self, vqa, inp, rows: Sequence[int] | torch.Tensor | None = None):
@@ -105,7 +133,7 @@ class ResidualCheckpoint:
                     hooks.pre(self.adapter.text_model, record_added)
                 for layer in range(self.adapter.n_layers):
                     hooks.pre(self.adapter.layer(layer), record)
-                self.clean_logits = _clean_logits(vqa, inp, rows)  # [1, S, vocab]
+                self._kept_rows, self._kept = _clean_logits(vqa, inp, rows)
             finally:
                 hooks.remove()
         if len(self.inputs) != self.adapter.n_layers:
@@ -155,6 +183,11 @@ class FullForwardRuns:
         with torch.no_grad():
             self.clean_logits = vqa.forward(self.one).logits.float()  # [1, S, vocab]
 
+    def clean_logits_at(self, positions) -> torch.Tensor:
+        """``[P, vocab]`` fp32 clean logits at ``positions``."""
+        positions = torch.as_tensor(positions, dtype=torch.long).flatten()
+        return self.clean_logits[0, positions.to(self.clean_logits.device)]
+
     @torch.no_grad()
     def run_from(self, layer: int, batch: int, positions: Sequence[int] | torch.Tensor,
                  interventions: Sequence[Intervention] = ()) -> torch.Tensor:
@@ -196,18 +229,79 @@ class _RecordKeysValues:
 
 
 class _PrefixKeysValues:
-    """Stands in for HF's cache object when rows ``first..`` are recomputed: puts the clean run's
-    keys and values of rows ``< first`` in front of the new rows', for every batch row. Nothing is
-    stored, so one prefix serves any number of runs."""
+    """Stands in for HF's cache object when rows ``first..`` are recomputed: hands the new rows' keys
+    and values back unchanged and leaves the clean run's keys and values of rows ``< first`` (one copy,
+    shared by every batch row) for :func:`_answer_rows_attention`, which the attention calls next.
+    Nothing is stored, so one prefix serves any number of runs."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         self.keys, self.values = keys, values  # [1, kv_heads, first, head_dim]
 
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        batch = key_states.shape[0]
-        keys = torch.cat([self.keys.expand(batch, -1, -1, -1).to(key_states), key_states], dim=-2)
-        values = torch.cat([self.values.expand(batch, -1, -1, -1).to(value_states), value_states], dim=-2)
-        return keys, values
+        _PENDING_PREFIX[:] = [(self.keys.to(key_states), self.values.to(value_states))]
+        return key_states, value_states
+
+
+_PENDING_PREFIX: list = []
+"""The prefix the attention call under way reads (set by :meth:`_PrefixKeysValues.update`, taken once)."""
+
+ANSWER_ROWS_ATTENTION = "mech_vqa_answer_rows"
+"""The name under which :func:`_answer_rows_attention` is registered in transformers' AttentionInterface."""
+
+
+def _fold(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[B, kv_heads * g, R, n] -> [kv_heads, B * g * R, n]``: every batch row's queries of one key head
+    side by side, so one product per key head reads the shared prefix once."""
+    batch, heads, rows, n = x.shape
+    return x.reshape(batch, kv_heads, heads // kv_heads, rows, n).transpose(0, 1).reshape(kv_heads, -1, n)
+
+
+def _unfold(x: torch.Tensor, batch: int, heads: int, rows: int) -> torch.Tensor:
+    """The inverse of :func:`_fold`: ``[kv_heads, B * g * R, n] -> [B, heads, R, n]``."""
+    kv_heads, _, n = x.shape
+    return x.view(kv_heads, batch, heads // kv_heads, rows, n).transpose(0, 1).reshape(batch, heads, rows, n)
+
+
+def _answer_rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                           **kwargs):
+    """Attention of the recomputed rows over the shared clean prefix and their own new keys.
+
+    The prefix ``[1, kv_heads, P, d]`` is never copied per batch row (a ``torch.cat`` of it per row and
+    layer was most of a sweep's time): the queries of all batch rows are folded into one matrix per key
+    head against it, and each batch row's own keys ``[B, kv_heads, R, d]`` are scored apart. Scores are
+    those of eager attention (scaling, optional soft-capping, the mask: bool True = attend or additive
+    float over ``P + R`` keys), softmax in fp32. Returns ``([B, R, heads, d], None)`` as HF's functions do.
+    """
+    batch, heads, rows, dim = query.shape
+    kv_heads = key.shape[1]
+    prefix_keys, prefix_values = _PENDING_PREFIX.pop() if _PENDING_PREFIX else (None, None)
+    scaling = dim ** -0.5 if scaling is None else scaling
+    own = torch.matmul(query.reshape(batch, kv_heads, -1, dim), key.transpose(-1, -2)).view(batch, heads, rows, -1)
+    scores = own
+    if prefix_keys is not None:
+        folded = _fold(query, kv_heads)  # [kv, B * g * R, d]
+        before = _unfold(torch.bmm(folded, prefix_keys[0].transpose(-1, -2)), batch, heads, rows)
+        scores = torch.cat([before, own], dim=-1)
+    scores = scores.float() * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        mask = attention_mask[..., -scores.shape[-1]:]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    weights = scores.softmax(-1).to(value.dtype)
+    prefix = 0 if prefix_keys is None else prefix_keys.shape[-2]
+    out = torch.matmul(weights[..., prefix:].reshape(batch, kv_heads, -1, weights.shape[-1] - prefix),
+                       value).view(batch, heads, rows, dim)
+    if prefix_keys is not None:
+        out = out + _unfold(torch.bmm(_fold(weights[..., :prefix], kv_heads), prefix_values[0]), batch, heads, rows)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_answer_rows_attention() -> None:
+    from transformers.modeling_utils import AttentionInterface
+
+    if ANSWER_ROWS_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ANSWER_ROWS_ATTENTION, _answer_rows_attention)
 
 
 def _cache_keyword(layer_module) -> str:
@@ -249,9 +343,12 @@ class AnswerRowRunner(ResidualCheckpoint):
     leaves every earlier row's residual stream, keys and values exactly as in the clean run. So one
     clean forward records, per decoder layer, the residual entering it, its call arguments and the
     keys and values of every position (a KV cache); :meth:`run_rows` then runs only rows
-    ``first..last`` through layers ``layer..`` for a batch of interventions, with the clean keys and
-    values of rows ``< first`` put in front of theirs. The arithmetic per run is that of a
-    ``last - first + 1``-token decoding step, not of a forward.
+    ``first..last`` through layers ``layer..`` for a batch of interventions, attending to the clean keys
+    and values of rows ``< first`` and to their own. The arithmetic per run is that of a
+    ``last - first + 1``-token decoding step, not of a forward; the prefix is read once per layer for
+    the whole batch (never copied per batch row: :func:`_answer_rows_attention`, registered in
+    transformers' AttentionInterface and selected on the text layers' configs for the run only), and
+    with ``rows`` given, the clean run computes the last layer's MLP and the logits at those rows alone.
 
     What it computes differs in meaning from :meth:`ResidualCheckpoint.run_from` with an edit of
     all positions: there every position from the edited layer on sees the edit, and later layers'
@@ -273,6 +370,7 @@ class AnswerRowRunner(ResidualCheckpoint):
         from .backends import require_hooks
 
         require_hooks(vqa, "AnswerRowRunner (it calls decoder layers directly)")
+        _register_answer_rows_attention()
         config = vqa.model.config
         self.attn_implementation = getattr(getattr(config, "text_config", config), "_attn_implementation", None)
         if self.attn_implementation not in ("eager", "sdpa"):
@@ -289,6 +387,8 @@ class AnswerRowRunner(ResidualCheckpoint):
             return hook
 
         try:
+            if rows is not None:  # only `rows` of the last layer's output are read: its MLP runs there alone
+                last_mlp_only_at(hooks, adapter, torch.as_tensor(rows, dtype=torch.long).flatten() % inp.seq_len)
             for layer, recorder in enumerate(self.recorders):
                 hooks.pre(adapter.attn(layer), keep_keys_values(recorder))
             super().__init__(vqa, inp, rows)
@@ -354,7 +454,7 @@ class AnswerRowRunner(ResidualCheckpoint):
     @torch.no_grad()
     def run_rows(self, layer: int, batch: int, positions: Sequence[int] | torch.Tensor,
                  interventions: Sequence[Intervention] = (), *, first: int | None = None,
-                 blocked=None) -> torch.Tensor:
+                 blocked=None, joins: Sequence[int] | None = None, log_softmax: bool = True) -> torch.Tensor:
         """Log-probabilities ``[batch, P, vocab]`` (fp32) at ``positions``, recomputing rows ``first..``.
 
         Args:
@@ -367,11 +467,28 @@ class AnswerRowRunner(ResidualCheckpoint):
                 ``positions`` are never computed (nothing before them can read them).
             blocked: ``blocked(layer, first, last) -> bool [batch, 1|n_heads, R, last + 1] | None``,
                 attention edges to remove (see the class docstring).
+            joins: per batch row, the layer it starts at (non-decreasing, the first ``layer``): a row
+                joins the batch at its layer with the clean residual entering it, so a batch mixing
+                layers reads every weight once per layer without recomputing the clean layers before
+                each row's edits (every edit of a row at a layer ``>=`` its join; not with ``blocked``).
+            log_softmax: False returns the fp32 logits instead (a caller that needs a few tokens'
+                log-probabilities takes one logsumexp instead of a ``[batch, P, vocab]`` log-softmax).
         """
         layer = self.adapter.check_layer(layer)
         early = [edit.layer for edit in interventions if self.adapter.check_layer(edit.layer) < layer]
         if early:
             raise ValueError(f"interventions at layers {sorted(set(early))} precede the resume layer {layer}")
+        starts = [layer] * batch if joins is None else [self.adapter.check_layer(j) for j in joins]
+        if len(starts) != batch or starts[0] != layer or any(b < a for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"joins must give one non-decreasing layer per batch row ({batch}), the first equal to "
+                             f"the start layer {layer}; got {list(joins)}")
+        if joins is not None and blocked is not None:
+            raise ValueError("joins (a batch that grows over the layers) cannot be combined with attention edits")
+        late = [edit.layer for edit in interventions
+                if any(self.adapter.check_layer(edit.layer) < starts[row]
+                       for row in (range(batch) if edit.rows is None else edit.rows) if row < batch)]
+        if late:
+            raise ValueError(f"interventions at layers {sorted(set(late))} edit batch rows that join later")
         positions = torch.as_tensor(positions, dtype=torch.long, device=self.inputs[0].device).flatten() % self.seq_len
         last = int(positions.max())
         first = int(positions.min()) if first is None else int(first)
@@ -380,17 +497,29 @@ class AnswerRowRunner(ResidualCheckpoint):
                              "unembedded position)")
         count = last + 1 - first
         edits = [_rows_edit(edit, first, count, self.seq_len) for edit in interventions]
-        hidden = self.inputs[layer][:, first:last + 1].expand(batch, -1, -1).clone()
+        joining = [starts.count(index) for index in range(self.adapter.n_layers)]  # rows joining at each layer
+        hidden = self.inputs[layer][:, first:last + 1].expand(joining[layer], -1, -1).clone()
         local = positions - first
         hooks = HookSet()
+        # the layers' attention through _answer_rows_attention (the shared prefix, never copied per row);
+        # preserved_state puts each config's attention implementation back
+        configs = {id(c): c for c in (getattr(self.adapter.attn(i), "config", None)
+                                      for i in range(layer, self.adapter.n_layers)) if c is not None}
         with preserved_state(self.vqa.model):
             try:
+                for config in configs.values():
+                    config._attn_implementation_internal = ANSWER_ROWS_ATTENTION
                 last_mlp_only_at(hooks, self.adapter, local)
                 register_interventions(hooks, self.adapter, edits)
                 for index in range(layer, self.adapter.n_layers):
+                    if index > layer and joining[index]:
+                        hidden = torch.cat([hidden, self.inputs[index][:, first:last + 1].expand(
+                            joining[index], -1, -1).to(hidden)])
+                    _PENDING_PREFIX.clear()
                     out = self.adapter.layer(index)(hidden, **self._layer_kwargs(index, first, last, blocked))
                     hidden = out[0] if isinstance(out, tuple) else out
             finally:
+                _PENDING_PREFIX.clear()
                 hooks.remove()
-        final = self.adapter.final_norm(hidden[:, local])
-        return self.adapter.unembed(final).float().log_softmax(-1)
+        logits = self.adapter.unembed(self.adapter.final_norm(hidden[:, local])).float()
+        return logits.log_softmax(-1) if log_softmax else logits

@@ -43,3 +43,30 @@ def test_run_from_equals_the_clean_forward_at_every_layer(tiny_vqa, prepared):
     for layer in range(tiny_vqa.adapter.n_layers):
         resumed = checkpoint.run_from(layer, 2, positions)
         torch.testing.assert_close(resumed, clean.expand(2, -1, -1), rtol=0, atol=1e-5)
+
+
+def test_answer_rows_joining_at_their_layers_equal_separate_runs(tiny_vqa, prepared):
+    """A batch whose rows join at their own layers gives each row what a run from that layer gives."""
+    import pytest
+
+    from mech_vqa.interventions import Intervention
+    from mech_vqa.runner import AnswerRowRunner
+
+    positions = (prepared.answer_positions - 1).tolist()
+    runner = AnswerRowRunner(tiny_vqa, prepared, positions)
+    layers = [0, 0, 1, tiny_vqa.adapter.n_layers - 1]
+    edits = [Intervention("z", layer, heads=row % tiny_vqa.adapter.n_heads, rows=(row,))
+             for row, layer in enumerate(layers)]
+    joined = runner.run_rows(0, len(layers), positions, edits, joins=layers)
+    for row, layer in enumerate(layers):
+        alone = runner.run_rows(layer, 1, positions, [Intervention("z", layer, heads=row % tiny_vqa.adapter.n_heads)])
+        torch.testing.assert_close(joined[row], alone[0], rtol=0, atol=1e-5)
+    logits = runner.run_rows(0, len(layers), positions, edits, joins=layers, log_softmax=False)
+    torch.testing.assert_close(logits.log_softmax(-1), joined, rtol=0, atol=1e-5)
+    torch.testing.assert_close(runner.clean_logits_at(positions), runner.clean_logits[0, positions], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="join later"):
+        runner.run_rows(0, 2, positions, [Intervention("z", 0, heads=0, rows=(1,))], joins=[0, 1])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        runner.run_rows(0, 2, positions, joins=[1, 0])
+    with pytest.raises(ValueError, match="computed at rows"):
+        runner.clean_logits_at([0])

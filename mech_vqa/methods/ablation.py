@@ -23,8 +23,9 @@ Where (``ablate(..., where=...)``):
   any row between them); every earlier position keeps its clean residual stream, keys and values
   at every layer. The clean run is kept as a KV cache and only the answer rows are recomputed per
   ablation (:class:`~mech_vqa.runner.AnswerRowRunner`), a decoding step's arithmetic instead of a
-  forward's. It measures the component's *direct* role at the answer position (what the answer
-  row itself reads and writes through it), not its effect through the context. An ablation that
+  forward's; ablations of different layers share a batch (each pass then reads every weight once).
+  It measures the component's *direct* role at the answer position (what the answer row itself
+  reads and writes through it), not its effect through the context. An ablation that
   edits an earlier position (an image-token ablation) cannot run this way and is an error.
 """
 
@@ -187,24 +188,38 @@ def ablate(vqa, inp, ablations: Sequence[Ablation], *, targets=None, batch_size:
     else:
         checkpoint = checkpoint_for(vqa, inp, positions)  # whole forwards on backends other than hooks
         run = checkpoint.run_from
-    clean = checkpoint.clean_logits[0, positions].log_softmax(-1)
+    clean = checkpoint.clean_logits_at(positions).log_softmax(-1)
     clean_lp = clean.gather(-1, token_ids[:, None].to(clean.device))[:, 0].cpu()
     clean_argmax = clean.argmax(-1).cpu()
 
-    groups: dict[int, list[int]] = defaultdict(list)
-    for index, ablation in enumerate(ablations):
-        groups[ablation.first_layer].append(index)
+    if where == "answer":
+        # a chunk mixes layers (sorted; each row joins the pass at its own layer): the answer rows cost
+        # little per layer, while each pass reads every weight after its first layer once
+        order = sorted(range(len(ablations)), key=lambda index: ablations[index].first_layer)
+        chunks = [(ablations[members[0]].first_layer, members)
+                  for members in (order[i:i + batch_size] for i in range(0, len(order), batch_size))]
+    else:
+        groups: dict[int, list[int]] = defaultdict(list)
+        for index, ablation in enumerate(ablations):
+            groups[ablation.first_layer].append(index)
+        chunks = [(layer, members[i:i + batch_size]) for layer, members in sorted(groups.items())
+                  for i in range(0, len(members), batch_size)]
     delta = torch.zeros(len(ablations), len(targets))
     argmax = torch.zeros(len(ablations), len(targets), dtype=torch.long)
-    chunks = [(layer, members[i:i + batch_size]) for layer, members in sorted(groups.items())
-              for i in range(0, len(members), batch_size)]
     for layer, members in tqdm(chunks, desc="ablations", disable=not progress):
         edits = [dataclasses.replace(edit, rows=(row,)) for row, index in enumerate(members)
                  for edit in ablations[index].interventions]
-        logprobs = run(layer, len(members), positions, edits).cpu()
-        chosen = logprobs.gather(-1, token_ids.view(1, -1, 1).expand(len(members), -1, 1))[..., 0]
+        if where == "answer":  # rows join at their first layer; the target's log-prob from one logsumexp
+            logits = run(layer, len(members), positions, edits, joins=[ablations[i].first_layer for i in members],
+                         log_softmax=False)
+            index = token_ids.view(1, -1, 1).expand(len(members), -1, 1).to(logits.device)
+            chosen = (logits.gather(-1, index)[..., 0] - logits.logsumexp(-1)).cpu()
+            argmax[members] = logits.argmax(-1).cpu()
+        else:
+            logprobs = run(layer, len(members), positions, edits).cpu()
+            chosen = logprobs.gather(-1, token_ids.view(1, -1, 1).expand(len(members), -1, 1))[..., 0]
+            argmax[members] = logprobs.argmax(-1)
         delta[members] = chosen - clean_lp
-        argmax[members] = logprobs.argmax(-1)
     flipped = (argmax != clean_argmax).any(-1)
     return AblationResult(
         delta=delta, clean_logprob=clean_lp, flipped=flipped, ablated_argmax=argmax,

@@ -164,7 +164,7 @@ def knockout(vqa, inp, pairs: Sequence = DEFAULT_PAIRS, *, window: int | None = 
 
     runner = AnswerRowRunner(vqa, inp, rows)
     device = runner.inputs[0].device
-    clean = runner.clean_logits[0, rows].log_softmax(-1)
+    clean = runner.clean_logits_at(rows).log_softmax(-1)
     clean_logprob = clean.gather(-1, token_ids[:, None].to(clean.device))[:, 0].sum().cpu()
 
     # edges[pair]: [last + 1, last + 1] bool, query row (target) x key (source) to remove

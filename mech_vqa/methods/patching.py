@@ -40,9 +40,25 @@ recomputed and only the target rows are unembedded. On backends other than hooks
 whole forward through ``vqa.trace`` (:class:`~mech_vqa.runner.FullForwardRuns`): same numbers.
 
 :func:`activation_patching` runs the usual set in one call; :func:`patched_log_probs` returns the full
-log-probabilities (for checks). Restorations here rewrite every position they name in a full-sequence
-run; the answer-row fast path (restore only the predicting rows, reuse the prefix's keys and values)
-is issue 17's ``where="answer"``, not built here (see the hook point in ``_runs``).
+log-probabilities (for checks).
+
+Where (``restore(..., where=...)``, also :func:`activation_patching` and :func:`patched_log_probs`):
+
+- ``"full"`` (default): a restoration rewrites every position it names (all of them for a head, an MLP
+  or a whole-layer residual) in a full-sequence run of the corrupted input from its layer on. A
+  restoration at a position ``p`` before the answer changes, from that layer on, the residual
+  stream, keys and values of ``p`` and of every later position, so the answer sees the restored
+  activation both directly and through everything the later context computes from it.
+- ``"answer"``: only the answer rows are restored and recomputed (the scored predicting rows, from the
+  first to the last, :class:`~mech_vqa.runner.AnswerRowRunner`): the corrupted run is kept as a KV
+  cache, computed once, and every earlier position keeps its corrupted residual stream, keys and
+  values at every layer; each restoration recomputes only the answer rows (a decoding step's
+  arithmetic), many restorations in one batch whatever their layers. A head, MLP or whole-layer
+  residual restoration then restores only what the answer rows themselves read and write through
+  that component, not its effect through the context; a restoration that names an explicit position
+  inside the answer rows means exactly what it means on the full path (nothing before it changes),
+  and both paths agree there. A restoration at any earlier position (an image patch, the question, a
+  group reaching before the answer rows) cannot run this way and is an error (use ``where="full"``).
 
 Pairs: :func:`counterfactual_pair` (the organism's scene with one object's colour or pattern
 changed: the queried object's, which changes the answer, or a distractor's, a control whose gap
@@ -63,10 +79,11 @@ from tqdm.auto import tqdm
 from ..inputs import PreparedInput
 from ..interventions import Intervention
 from ..results.patching import ALL, GROUP, PatchingResult
-from ..runner import checkpoint_for
+from ..runner import AnswerRowRunner, checkpoint_for
 
 SITES = ("resid_pre", "z", "mlp_out")
 METRICS = ("auto", "logit_diff", "logprob")
+WHERE = ("full", "answer")
 MIN_GAP = 1e-3
 """Below this clean-vs-corrupted score gap (in the metric's units) the fraction is undefined (NaN)."""
 
@@ -405,20 +422,58 @@ def _intervention(r: Restoration, row: int, values: dict) -> Intervention:
 
 
 def _runs(checkpoint, restorations: Sequence[Restoration], values: dict, positions: torch.Tensor, batch_size: int,
-          progress: bool = False):
-    """Yield ``(restoration indices, log-probs [len(indices), P, V] fp32 at positions)`` chunk by chunk:
-    restorations grouped by layer, each group resumed from its layer on the corrupted residual stream."""
-    groups: dict[int, list[int]] = defaultdict(list)
-    for index, r in enumerate(restorations):
-        groups[r.layer].append(index)
-    chunks = [(layer, members[i:i + batch_size]) for layer, members in sorted(groups.items())
-              for i in range(0, len(members), batch_size)]
+          progress: bool = False, where: str = "full"):
+    """Yield ``(restoration indices, log-probs [len(indices), P, V] fp32 at positions)`` chunk by chunk.
+
+    ``full``: restorations grouped by layer, each group resumed from its layer on the corrupted residual
+    stream. ``answer``: only the answer rows are recomputed, so a chunk mixes layers (sorted by layer): one
+    pass reads every weight once for the whole chunk, each row joining it at its own layer.
+    """
+    if where == "answer":
+        order = sorted(range(len(restorations)), key=lambda index: restorations[index].layer)
+        chunks = [(restorations[members[0]].layer, members)
+                  for members in (order[i:i + batch_size] for i in range(0, len(order), batch_size))]
+        def run(layer, batch, positions, edits, members):  # rows join the batch at their own layer
+            return checkpoint.run_rows(layer, batch, positions, edits,
+                                       joins=[restorations[index].layer for index in members])
+    else:
+        groups: dict[int, list[int]] = defaultdict(list)
+        for index, r in enumerate(restorations):
+            groups[r.layer].append(index)
+        chunks = [(layer, members[i:i + batch_size]) for layer, members in sorted(groups.items())
+                  for i in range(0, len(members), batch_size)]
+        def run(layer, batch, positions, edits, members):
+            return checkpoint.run_from(layer, batch, positions, edits)
     for layer, members in tqdm(chunks, desc="restorations", disable=not progress):
         edits = [_intervention(restorations[index], row, values) for row, index in enumerate(members)]
-        # Hook point for the answer-row fast path (issue 17, where="answer"): restorations that touch
-        # only the predicting rows could reuse the corrupted prefix's keys and values instead of this
-        # full-sequence run from `layer`.
-        yield members, checkpoint.run_from(layer, len(members), positions, edits).float().cpu()
+        yield members, run(layer, len(members), positions, edits, members).float().cpu()
+
+
+def _restoration_name(r: Restoration) -> str:
+    where = r.label if r.group else "all" if r.position == ALL else str(r.position)
+    return f"L{r.layer}{f'H{r.head}' if r.head != ALL else ''}.{r.site}@{where}"
+
+
+def _check_answer_rows(restorations: Sequence[Restoration], positions: torch.Tensor) -> None:
+    """One error naming the restorations that reach before the answer rows (``where="answer"``)."""
+    first, last = int(positions.min()), int(positions.max())
+    outside = [r for r in restorations
+               if any(not first <= p <= last for p in (r.group or ([] if r.position == ALL else [r.position])))]
+    if outside:
+        names = ", ".join(_restoration_name(r) for r in outside[:5]) + (" ..." if len(outside) > 5 else "")
+        raise ValueError(
+            f"{len(outside)} restoration(s) touch positions outside the answer rows {first}..{last} ({names}); "
+            "where='answer' keeps every earlier position's corrupted keys and values, so it can restore only those "
+            "rows: use where='full' for them, or restore whole heads / MLPs / layers (position -1), which "
+            "where='answer' restores at the answer rows")
+
+
+def _corrupt_runner(vqa, pair: PatchPair, where: str, rows: torch.Tensor):
+    if where not in WHERE:
+        raise ValueError(f"unknown where={where!r}; choose one of {WHERE}")
+    if where == "answer":  # the corrupted run's keys and values, computed once; its logits at `rows` only
+        return AnswerRowRunner(vqa, pair.corrupt, rows)
+    return checkpoint_for(vqa, pair.corrupt)  # whole forwards on backends other than hooks
 
 
 def _check_restorations(vqa, pair: PatchPair, restorations) -> list[Restoration]:
@@ -440,25 +495,29 @@ def _check_restorations(vqa, pair: PatchPair, restorations) -> list[Restoration]
 
 
 def patched_log_probs(vqa, pair: PatchPair, restorations: Sequence[Restoration], positions=None, *,
-                      batch_size: int = 16) -> dict:
+                      batch_size: int = 16, where: str = "full") -> dict:
     """Full log-probabilities (fp32) at ``positions`` (default: the answer tokens' predicting positions):
-    ``{"clean": [P, V], "corrupt": [P, V], "patched": [n, P, V]}``, one row per restoration."""
+    ``{"clean": [P, V], "corrupt": [P, V], "patched": [n, P, V]}``, one row per restoration. ``where``: as
+    for :func:`restore` (``answer``: the rows from the first to the last of ``positions`` are recomputed)."""
     restorations = _check_restorations(vqa, pair, restorations)
     if positions is None:
         positions = pair.clean.answer_positions - 1
     positions = torch.as_tensor([pair.clean.check_position(int(p)) for p in torch.as_tensor(positions).flatten()])
+    checkpoint = _corrupt_runner(vqa, pair, where, positions)
+    if where == "answer":
+        _check_answer_rows(restorations, positions)
     values, clean_logits = _clean_values(vqa, pair, restorations)
-    checkpoint = checkpoint_for(vqa, pair.corrupt)
     patched = torch.zeros(len(restorations), len(positions), clean_logits.shape[-1])
-    for members, logprobs in _runs(checkpoint, restorations, values, positions, batch_size):
+    for members, logprobs in _runs(checkpoint, restorations, values, positions, batch_size, where=where):
         patched[members] = logprobs
     return {"clean": clean_logits[positions.to(clean_logits.device)].log_softmax(-1).cpu(),
-            "corrupt": checkpoint.clean_logits[0, positions.to(clean_logits.device)].float().log_softmax(-1).cpu(),
+            "corrupt": checkpoint.clean_logits_at(positions).float().log_softmax(-1).cpu(),
             "patched": patched}
 
 
 def restore(vqa, pair: PatchPair, restorations: Sequence[Restoration], *, targets=None, metric: str = "auto",
-            batch_size: int = 16, min_gap: float = MIN_GAP, progress: bool = False) -> PatchingResult:
+            batch_size: int = 16, min_gap: float = MIN_GAP, progress: bool = False,
+            where: str = "full") -> PatchingResult:
     """Run every restoration on the corrupted input and score how much of the clean answer returns.
 
     Args:
@@ -469,6 +528,11 @@ def restore(vqa, pair: PatchPair, restorations: Sequence[Restoration], *, target
         metric: ``auto`` / ``logit_diff`` / ``logprob`` (module docstring).
         batch_size: restorations per forward.
         min_gap: fractions are NaN when ``|s(x) - s(x')|`` is below it (``info["flag"]`` says so).
+        where: ``full`` (default) restores every position a restoration names in a full-sequence run;
+            ``answer`` restores and recomputes only the answer rows (the scored targets' predicting rows,
+            first to last) on the corrupted run's cached prefix: heads, MLPs and whole-layer residuals are
+            restored at those rows only, and a restoration of an earlier position is an error (module
+            docstring: the difference in meaning). Hooks backend only.
 
     Returns a :class:`~mech_vqa.results.patching.PatchingResult`.
     """
@@ -477,15 +541,15 @@ def restore(vqa, pair: PatchPair, restorations: Sequence[Restoration], *, target
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     metric = _resolve_metric(metric, pair)
     start = time.perf_counter()
-    values, clean_logits = _clean_values(vqa, pair, restorations)
-    checkpoint = checkpoint_for(vqa, pair.corrupt)  # whole forwards on backends other than hooks
-    corrupt_logits = checkpoint.clean_logits[0].float()  # (the checkpoint's unedited run: here the corrupted one)
-
     answers = pair.clean.answer_positions
     answer_ids = pair.clean.input_ids[0, answers]
     predicting = answers - 1
+    checkpoint = _corrupt_runner(vqa, pair, where, predicting)
+    values, clean_logits = _clean_values(vqa, pair, restorations)
+
     clean_all = clean_logits[predicting.to(clean_logits.device)].log_softmax(-1).cpu()
-    corrupt_all = corrupt_logits[predicting.to(corrupt_logits.device)].log_softmax(-1).cpu()
+    # (the checkpoint's unedited run: here the corrupted one)
+    corrupt_all = checkpoint.clean_logits_at(predicting).float().log_softmax(-1).cpu()
     chosen = _resolve_targets(pair, targets, clean_all.gather(-1, answer_ids[:, None])[:, 0],
                               corrupt_all.gather(-1, answer_ids[:, None])[:, 0])
     clean_ids = answer_ids[chosen]
@@ -494,11 +558,13 @@ def restore(vqa, pair: PatchPair, restorations: Sequence[Restoration], *, target
         raise ValueError("a chosen target has the same token in both answers: its logit difference is 0 by definition; "
                          "choose targets where the answers differ or use metric='logprob'")
     positions = predicting[chosen]
+    if where == "answer":
+        _check_answer_rows(restorations, positions)
     clean_score = float(_score(clean_all[chosen][None], clean_ids, corrupt_ids)[0])
     corrupt_score = float(_score(corrupt_all[chosen][None], clean_ids, corrupt_ids)[0])
 
     patched = torch.zeros(len(restorations))
-    for members, logprobs in _runs(checkpoint, restorations, values, positions, batch_size, progress):
+    for members, logprobs in _runs(checkpoint, restorations, values, positions, batch_size, progress, where):
         patched[members] = _score(logprobs, clean_ids, corrupt_ids)
     gap = clean_score - corrupt_score
     flag = None
@@ -530,8 +596,8 @@ def restore(vqa, pair: PatchPair, restorations: Sequence[Restoration], *, target
               "pair_info": {k: v for k, v in pair.info.items() if k != "corrupt_image"},
               "question": clean.question, "answer": clean.answer, "prompt": clean.prompt,
               "str_tokens": list(clean.str_tokens), "n_layers": vqa.adapter.n_layers, "n_heads": vqa.adapter.n_heads,
-              "batch_size": batch_size, "min_gap": min_gap, "flag": flag, "backend": getattr(vqa.backend, "name", ""),
-              "runtime_s": time.perf_counter() - start},
+              "batch_size": batch_size, "where": where, "min_gap": min_gap, "flag": flag,
+              "backend": getattr(vqa.backend, "name", ""), "runtime_s": time.perf_counter() - start},
     )
 
 
@@ -540,7 +606,13 @@ def activation_patching(vqa, pair: PatchPair, *, layers=None, positions=None, he
     """Residual (layer x position, plus whole layers), every head and every MLP output, with ``groups``
     the residual at groups of positions (True: :func:`pair_groups`), and with ``image_layer`` the image
     positions at that layer, in one :func:`restore` (``kwargs`` go there). ``positions=()`` skips the
-    single-position residual grid (costly on large models: layers x positions restorations)."""
+    single-position residual grid (costly on large models: layers x positions restorations).
+
+    With ``where="answer"`` (see :func:`restore`) the default grid is the whole-layer residual at the answer
+    rows only (``positions`` defaults to ``()``), and groups or image positions before the answer rows are
+    an error."""
+    if kwargs.get("where") == "answer" and positions is None:
+        positions = ()
     restorations = residual_restorations(vqa, pair, layers, positions)
     if groups:
         restorations += group_restorations(vqa, pair_groups(pair) if groups is True else groups, layers)

@@ -303,3 +303,73 @@ def test_patch_task_without_a_scene_uses_the_blurred_image(tiny_vqa, image):
     assert row["pair"]["kind"] == "blur" and row["metric"] == "logprob" and len(row["targets"]) == 1
     assert set(row["group_fraction"]) == {"image", "object", "question", "answer"}
     assert row["patch_layer"] == tiny_vqa.adapter.n_layers // 2 and "pointing_game" in row
+
+
+# ------------------------------------------------------------------ where="answer": the answer-row path
+def _answer_row_restorations(vqa, rows):
+    """Restorations that touch only ``rows`` on the full path, and the same ones as the answer-row path
+    takes them (heads / MLPs / whole layers there restore the answer rows only)."""
+    layers = range(vqa.adapter.n_layers)
+    heads = range(vqa.adapter.n_heads)
+    answer = ([Restoration("resid_pre", layer) for layer in layers]
+              + [Restoration("z", layer, head=head) for layer in layers for head in heads]
+              + [Restoration("mlp_out", layer) for layer in layers]
+              + [Restoration("resid_pre", layer, rows[-1]) for layer in layers])
+    group = tuple(rows)
+    full = ([Restoration("resid_pre", layer, group=group, label="answer") for layer in layers]
+            + [Restoration("z", layer, head=head, group=group, label="answer") for layer in layers for head in heads]
+            + [Restoration("mlp_out", layer, group=group, label="answer") for layer in layers]
+            + [Restoration("resid_pre", layer, rows[-1]) for layer in layers])
+    return answer, full
+
+
+def test_answer_row_patching_equals_full_recomputation_of_answer_row_restorations(any_vqa, image, other_image):
+    """where='answer' (the corrupted prefix's KV cache, answer rows recomputed) equals the full-sequence
+    run of the same restorations restricted to the answer rows, on every layout, and batched equals
+    one at a time."""
+    pair = PatchPair(any_vqa.prepare(image, QUESTION, ANSWER), any_vqa.prepare(other_image, QUESTION, ANSWER))
+    rows = (pair.clean.answer_positions - 1).tolist()
+    answer, full = _answer_row_restorations(any_vqa, rows)
+    fast = patched_log_probs(any_vqa, pair, answer, where="answer", batch_size=64)
+    slow = patched_log_probs(any_vqa, pair, full)
+    torch.testing.assert_close(fast["corrupt"], slow["corrupt"], **TOL)
+    torch.testing.assert_close(fast["patched"], slow["patched"], **TOL)
+    assert (fast["patched"] - fast["corrupt"]).abs().max() > 1e-3  # the restorations do change the answer
+    one = patched_log_probs(any_vqa, pair, answer, where="answer", batch_size=1)
+    torch.testing.assert_close(fast["patched"], one["patched"], **TOL)
+    # through restore: one target's row, scores and fractions as on the full path
+    target = [len(rows) - 1]
+    result = restore(any_vqa, pair, answer, targets=target, metric="logprob", where="answer", batch_size=7)
+    _, full_one = _answer_row_restorations(any_vqa, rows[-1:])
+    reference = restore(any_vqa, pair, full_one, targets=target, metric="logprob")
+    torch.testing.assert_close(result.patched, reference.patched, **TOL)
+    assert result.info["where"] == "answer" and abs(result.corrupt_score - reference.corrupt_score) < 1e-5
+
+
+def test_answer_row_patching_differs_from_full_sequence_restoration(tiny_vqa, pair):
+    """The two paths mean different things: a layer-0 MLP restored everywhere also changes the earlier
+    positions the answer reads from; at the answer rows only it does not."""
+    restorations = mlp_restorations(tiny_vqa, layers=[0])
+    fast = restore(tiny_vqa, pair, restorations, metric="logprob", where="answer")
+    full = restore(tiny_vqa, pair, restorations, metric="logprob")
+    assert abs(float(fast.patched[0]) - float(full.patched[0])) > 1e-4
+
+
+def test_answer_row_patching_bad_input(tiny_vqa, pair):
+    before = [Restoration("resid_pre", 1, _question_position(pair.clean))]
+    with pytest.raises(ValueError, match=r"outside the answer rows .*where='full'"):
+        restore(tiny_vqa, pair, before, metric="logprob", where="answer")
+    with pytest.raises(ValueError, match="outside the answer rows"):
+        activation_patching(tiny_vqa, pair, metric="logprob", where="answer", image_layer=1)
+    with pytest.raises(ValueError, match="unknown where"):
+        restore(tiny_vqa, pair, head_restorations(tiny_vqa), where="prefix")
+    nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
+    from mech_vqa.backends import BackendNotSupported
+
+    with pytest.raises(BackendNotSupported, match="AnswerRowRunner"):
+        restore(nns, pair, head_restorations(tiny_vqa), metric="logprob", where="answer")
+    hooks, state = hook_snapshot(tiny_vqa.model), model_state(tiny_vqa.model)
+    result = activation_patching(tiny_vqa, pair, metric="logprob", where="answer")
+    assert hook_snapshot(tiny_vqa.model) == hooks
+    assert_same_state(state, model_state(tiny_vqa.model))
+    assert len(result.patched) == tiny_vqa.adapter.n_layers * (2 + tiny_vqa.adapter.n_heads)
