@@ -610,6 +610,33 @@ class ModelAdapter:
         return (out_w / width, out_h / height, 0.0, 0.0)
 
 
+class PixelShuffleTiles:
+    """Geometry shared by families whose connector folds ``shuffle x shuffle`` vision patches of a square
+    tile into one image token (InternVL, Idefics3 / SmolVLM). Subclasses give ``tile_size``,
+    ``vision_patch`` (pixels per vision patch) and ``shuffle``; list it before the adapter base class."""
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        side = self.tile_size // self.vision_patch // self.shuffle
+        return side, side
+
+    @property
+    def patch_size(self) -> int:
+        return self.tile_size // self.patch_grid[0]
+
+    @property
+    def has_cls_token(self) -> bool:
+        return False  # image tokens are all patches (InternVL's "default" strategy drops the CLS before the shuffle)
+
+    @property
+    def patches_per_image_token(self) -> int:
+        return self.shuffle ** 2
+
+    def tokens_per_image(self) -> int:
+        rows, cols = self.patch_grid
+        return rows * cols
+
+
 _ADAPTERS: list[type[ModelAdapter]] = []
 
 

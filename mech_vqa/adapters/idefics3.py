@@ -27,12 +27,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AdapterError, ImageGeometry, register_adapter
+from .base import AdapterError, ImageGeometry, PixelShuffleTiles, register_adapter
 from .llava import LlavaAdapter
 
 
 @register_adapter
-class Idefics3Adapter(LlavaAdapter):
+class Idefics3Adapter(PixelShuffleTiles, LlavaAdapter):
     layers_path = "model.text_model.layers"
     final_norm_path = "model.text_model.norm"
     embed_path = "model.text_model.embed_tokens"
@@ -71,30 +71,13 @@ class Idefics3Adapter(LlavaAdapter):
         return int(self.model.config.scale_factor)
 
     @property
-    def patch_grid(self) -> tuple[int, int]:
-        side = self.tile_size // self.model.config.vision_config.patch_size // self.shuffle
-        return side, side
-
-    @property
-    def patch_size(self) -> int:
-        return self.tile_size // self.patch_grid[0]
-
-    @property
-    def has_cls_token(self) -> bool:
-        return False
-
-    @property
-    def patches_per_image_token(self) -> int:
-        return self.shuffle ** 2
-
-    def tokens_per_image(self) -> int:
-        rows, cols = self.patch_grid
-        return rows * cols
+    def vision_patch(self) -> int:
+        return int(self.model.config.vision_config.patch_size)
 
     def _shuffled_patches(self) -> torch.Tensor:
         """``[tokens per view, s^2, 2]``: ``(row, col)`` of the patches the connector's own
         ``pixel_shuffle`` folds into each token, in its token order."""
-        g = self.tile_size // self.model.config.vision_config.patch_size
+        g = self.tile_size // self.vision_patch
         index = torch.stack(torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij"), -1).float()
         folded = self.projector.pixel_shuffle(index.view(1, g * g, 2), self.shuffle)
         return folded.reshape(-1, self.shuffle ** 2, 2).long()

@@ -26,12 +26,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AdapterError, ImageGeometry, register_adapter
+from .base import AdapterError, ImageGeometry, PixelShuffleTiles, register_adapter
 from .llava import LlavaAdapter
 
 
 @register_adapter
-class InternVLAdapter(LlavaAdapter):
+class InternVLAdapter(PixelShuffleTiles, LlavaAdapter):
     @classmethod
     def handles(cls, model: nn.Module) -> bool:
         return type(model).__name__ == "InternVLForConditionalGeneration"
@@ -50,27 +50,6 @@ class InternVLAdapter(LlavaAdapter):
     def shuffle(self) -> int:
         """Patches per side folded into one token (``1 / downsample_ratio``)."""
         return int(round(1 / self.model.config.downsample_ratio))
-
-    @property
-    def patch_grid(self) -> tuple[int, int]:
-        side = self.tile_size // self.vision_patch // self.shuffle
-        return side, side
-
-    @property
-    def patch_size(self) -> int:
-        return self.tile_size // self.patch_grid[0]
-
-    @property
-    def has_cls_token(self) -> bool:
-        return False  # the "default" strategy drops it before the shuffle; image tokens are all patches
-
-    @property
-    def patches_per_image_token(self) -> int:
-        return self.shuffle ** 2
-
-    def tokens_per_image(self) -> int:
-        rows, cols = self.patch_grid
-        return rows * cols
 
     def _shuffled_patches(self) -> torch.Tensor:
         """``[tokens per view, shuffle^2, 2]``: the ``(row, col)`` of the vision patches the model's own
