@@ -636,6 +636,34 @@ class PixelShuffleTiles:
         rows, cols = self.patch_grid
         return rows * cols
 
+    def _tiled_layout(self, tiles: list[tuple[int, int]], rows: int, cols: int) -> dict:
+        """``rowcol``, ``boxes``, ``view`` and ``view_boxes`` of every image token for tile views at 0-based
+        ``(row, col)`` of a ``rows x cols`` grid, in that order, then the whole image (the last view, the
+        frame all boxes are drawn in). Each token's box is read from the patches the connector's own
+        ``pixel_shuffle`` folds into it (``_shuffled_patches``)."""
+        frame, cell, side = self.tile_size, self.vision_patch, self.patch_grid[0]
+        patches = self._shuffled_patches()                                      # [n, k, 2] local (row, col)
+        low, high = patches.amin(1), patches.amax(1)                           # [n, 2]
+        if not bool(((high - low + 1) == self.shuffle).all()):
+            raise AdapterError("the connector's pixel_shuffle does not fold square blocks of patches into one token")
+        local_rc = low // self.shuffle
+        local_boxes = torch.cat([low.flip(1) * cell, (high.flip(1) + 1) * cell], 1).float()   # x0, y0, x1, y1
+        boxes, rowcol, view, view_boxes = [], [], [], []
+        for tile in [*tiles, None]:
+            if tile is None:  # the whole image
+                box = torch.tensor([0.0, 0.0, frame, frame])
+                rowcol.append(local_rc)
+            else:
+                r, c = tile
+                box = torch.tensor([c * frame / cols, r * frame / rows, (c + 1) * frame / cols, (r + 1) * frame / rows])
+                rowcol.append(local_rc + torch.tensor([r * side, c * side]))
+            scale = (box[2:] - box[:2]) / frame
+            boxes.append(local_boxes * scale.repeat(2) + box[:2].repeat(2))
+            view.append(torch.full((len(local_rc),), 0 if tile is None else 1))
+            view_boxes.append(box)
+        return {"rowcol": torch.cat(rowcol), "boxes": torch.cat(boxes), "view": torch.cat(view).long(),
+                "view_boxes": torch.stack(view_boxes) if tiles else None}
+
 
 _ADAPTERS: list[type[ModelAdapter]] = []
 

@@ -112,35 +112,12 @@ class Idefics3Adapter(PixelShuffleTiles, LlavaAdapter):
                 raise AdapterError(f"{n_views - 1} tiles of image tokens but {len(tiles)} <row_i_col_j> markers")
         rows = max((r for r, _ in tiles), default=1)
         cols = max((c for _, c in tiles), default=1)
-        frame, side = self.tile_size, self.patch_grid[0]
-        cell = self.model.config.vision_config.patch_size
-        patches = self._shuffled_patches()
-        low, high = patches.amin(1), patches.amax(1)
-        if not bool(((high - low + 1) == self.shuffle).all()):
-            raise AdapterError("the connector's pixel_shuffle does not fold square blocks of patches into one token")
-        local_rc = low // self.shuffle
-        local_boxes = torch.cat([low.flip(1) * cell, (high.flip(1) + 1) * cell], 1).float()   # x0, y0, x1, y1
-        boxes, rowcol, view, view_boxes = [], [], [], []
-        for index in range(n_views):
-            whole = index == n_views - 1
-            if whole:
-                box = torch.tensor([0.0, 0.0, frame, frame])
-                rowcol.append(local_rc)
-            else:
-                r, c = tiles[index][0] - 1, tiles[index][1] - 1
-                box = torch.tensor([c * frame / cols, r * frame / rows, (c + 1) * frame / cols, (r + 1) * frame / rows])
-                rowcol.append(local_rc + torch.tensor([r * side, c * side]))
-            scale = (box[2:] - box[:2]) / frame
-            boxes.append(local_boxes * scale.repeat(2) + box[:2].repeat(2))
-            view.append(torch.full((per_view,), 0 if whole else 1))
-            view_boxes.append(box)
         marker_ids = [] if self.marker_ids is None else list(self.marker_ids["tiles"]) + self.marker_ids["other"]
         start, end = int(found.min()), int(found.max())
         span = torch.arange(max(start - 2, 0), min(end + 2, ids.numel() - 1) + 1)
         markers = span[torch.isin(ids[span], torch.tensor(marker_ids, dtype=ids.dtype))] if marker_ids else None
-        return ImageGeometry(positions=found, rowcol=torch.cat(rowcol), boxes=torch.cat(boxes),
-                             grid=self.patch_grid, image_size=(frame, frame), view=torch.cat(view).long(),
-                             view_boxes=torch.stack(view_boxes) if n_views > 1 else None, markers=markers)
+        return ImageGeometry(positions=found, grid=self.patch_grid, image_size=(self.tile_size, self.tile_size),
+                             markers=markers, **self._tiled_layout([(r - 1, c - 1) for r, c in tiles], rows, cols))
 
     def pixel_transform(self, image_processor, original_size, model_size) -> tuple[float, float, float, float]:
         width, height = original_size  # the frame is the whole image squashed to one tile

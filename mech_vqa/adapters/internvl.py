@@ -90,33 +90,9 @@ class InternVLAdapter(PixelShuffleTiles, LlavaAdapter):
                                f"{n_views * per_view}; one image per prompt, expanded by the processor")
         n_tiles = n_views - 1 if n_views > 1 else 1
         cols, rows = self._tile_grid(image_sizes, n_tiles)
-        frame, cell = self.tile_size, self.vision_patch
-        patches = self._shuffled_patches()                                      # [n, k, 2] local (row, col)
-        side = self.patch_grid[0]
-        low, high = patches.amin(1), patches.amax(1)                           # [n, 2]
-        if not bool(((high - low + 1) == self.shuffle).all()):
-            raise AdapterError("the model's pixel_shuffle does not fold square blocks of patches into one token")
-        local_rc = low // self.shuffle
-        y0, x0 = patches[..., 0].amin(1) * cell, patches[..., 1].amin(1) * cell  # tile pixels
-        y1, x1 = (patches[..., 0].amax(1) + 1) * cell, (patches[..., 1].amax(1) + 1) * cell
-        local_boxes = torch.stack([x0, y0, x1, y1], 1).float()
-        boxes, rowcol, view, view_boxes = [], [], [], []
-        for index in range(n_views):
-            thumbnail = n_views == 1 or index == n_views - 1
-            if thumbnail:
-                box = torch.tensor([0.0, 0.0, frame, frame])
-                rowcol.append(local_rc)
-            else:
-                r, c = divmod(index, cols)
-                box = torch.tensor([c * frame / cols, r * frame / rows, (c + 1) * frame / cols, (r + 1) * frame / rows])
-                rowcol.append(local_rc + torch.tensor([r * side, c * side]))
-            scale = (box[2:] - box[:2]) / frame
-            boxes.append(local_boxes * scale.repeat(2) + box[:2].repeat(2))
-            view.append(torch.full((per_view,), 0 if thumbnail else 1))
-            view_boxes.append(box)
-        return ImageGeometry(positions=found, rowcol=torch.cat(rowcol), boxes=torch.cat(boxes),
-                             grid=self.patch_grid, image_size=(frame, frame), view=torch.cat(view).long(),
-                             view_boxes=torch.stack(view_boxes) if n_views > 1 else None)
+        tiles = [divmod(index, cols) for index in range(n_views - 1)] if n_views > 1 else []   # thumbnail last
+        return ImageGeometry(positions=found, grid=self.patch_grid, image_size=(self.tile_size, self.tile_size),
+                             **self._tiled_layout(tiles, rows, cols))
 
     def pixel_transform(self, image_processor, original_size, model_size) -> tuple[float, float, float, float]:
         width, height = original_size  # the frame is the whole image stretched to the tile size
