@@ -367,7 +367,7 @@ def _plain_projections(adapter: ModelAdapter, layer: int) -> tuple[nn.Module, nn
     for module in modules:
         if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
             return None
-        if hasattr(module, "_hf_hook"):  # accelerate's dispatch: weights may be offloaded again after the forward
+        if "_hf_hook" in module.__dict__:  # accelerate's dispatch: weights may be offloaded again after the forward
             return None
     return modules
 
@@ -399,6 +399,7 @@ class _Projections:
         return self.adapter.normalise_qk(layer, q, k)
 
 
+@torch.no_grad()  # pending work belongs to a detached capture (its inputs may be inference tensors)
 def _finish_rotations(cache: ActivationCache, layers=None) -> None:
     """Rotate the pending queries / keys of ``layers`` (default all), layers sharing angles together."""
     if layers is None:
