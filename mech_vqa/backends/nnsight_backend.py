@@ -105,11 +105,14 @@ def check_ndif(nnsight, model) -> None:
 # Where each name is read, per decoder layer, in the order a forward reaches them (nnsight waits for
 # each place in turn, so one trace must visit them in execution order). ``element`` picks an item of a
 # tuple output (attention returns (output, weights)); ``pe`` is the attention's rotary (cos, sin).
+# ``attn_out`` / ``mlp_out`` / ``resid_mid`` are read where the adapter says: a block's post-norm
+# (Gemma-3's sandwich norms) runs after the block module, hence the half steps of _POST_NORM_SLOTS.
 _SLOTS = {"resid_pre": ("layer", "input", 0), "pe": ("attn", "pe", 1), "q": ("q_proj", "output", 2),
           "k": ("k_proj", "output", 3), "v": ("v_proj", "output", 4), "z": ("o_proj", "input", 5),
-          "attn_out": ("attn", "output", 6), "pattern": ("attn", "output", 6),
-          "resid_mid": ("post_attention_layernorm", "input", 7), "mlp_act": ("down_proj", "input", 8),
-          "mlp_out": ("mlp", "output", 9), "resid_post": ("layer", "output", 10)}
+          "attn_out": ("attn_out", "output", 6), "pattern": ("attn", "output", 6),
+          "resid_mid": ("resid_mid", "input", 7), "mlp_act": ("down_proj", "input", 8),
+          "mlp_out": ("mlp_out", "output", 9), "resid_post": ("layer", "output", 10)}
+_POST_NORM_SLOTS = {"attn_out": 6.5, "mlp_out": 9.5}
 _PER_LAYER = 11
 _EDIT_SLOTS = {"z": "z", "attn_out": "attn_out", "mlp_out": "mlp_out", "resid_pre": "resid_pre",
                "resid_post": "resid_post"}
@@ -157,18 +160,6 @@ class NNsightBackend(Backend):
         if remote is not True and remote not in (False, "local"):
             raise ValueError(f"remote must be False (in process), 'local' (nnsight's offline simulation of a "
                              f"remote call) or True (NDIF), got {remote!r}")
-        from ..adapters import ModelAdapter
-
-        # QK-norm (Qwen3-VL) is followed: _fill_qk applies adapter.normalise_qk to the raw projections
-        differs = [name for name in ("output_norm", "attention_blocks", "logit_softcap")
-                   if getattr(type(vqa.adapter), name) is not getattr(ModelAdapter, name)]
-        if differs:
-            # its reading places (_SLOTS) are a pre-norm Llama layer's: post-norms and bidirectional
-            # blocks are read by the hooks backend only
-            raise BackendNotSupported(
-                f"the nnsight backend reads a pre-norm Llama-like layer; {type(vqa.model).__name__}'s adapter "
-                f"overrides {', '.join(differs)} (post-normed blocks, bidirectional image attention, logit "
-                "soft-capping), which only the hooks backend follows: use backend='hooks'")
         super().__init__(vqa)
         self.nnsight = import_nnsight()
         if remote is True:
@@ -221,10 +212,20 @@ class NNsightBackend(Backend):
     def _layer_module(self, kind: str, layer: int):
         adapter = self.vqa.adapter
         getters = {"layer": adapter.layer, "attn": adapter.attn, "q_proj": adapter.q_proj, "k_proj": adapter.k_proj,
-                   "v_proj": adapter.v_proj, "o_proj": adapter.o_proj, "mlp": adapter.mlp,
-                   "down_proj": adapter.down_proj,
-                   "post_attention_layernorm": lambda i: adapter.layer(i).post_attention_layernorm}
+                   "v_proj": adapter.v_proj, "o_proj": adapter.o_proj, "down_proj": adapter.down_proj,
+                   "attn_out": adapter.attn_out_module, "mlp_out": adapter.mlp_out_module,
+                   "resid_mid": adapter.resid_mid_module}
         return getters[kind](layer)
+
+    def _slot(self, name: str, layer: int) -> tuple[str, str, float]:
+        """``(module path, "input" / "output" / "pe", order within the layer)`` where ``name`` is read."""
+        kind, where, slot = _SLOTS[name]
+        module = self._layer_module(kind, layer)
+        if name in _POST_NORM_SLOTS:
+            block = self.vqa.adapter.attn(layer) if name == "attn_out" else self.vqa.adapter.mlp(layer)
+            if module is not block:   # read at the block's post-norm, which runs after the block module
+                slot = _POST_NORM_SLOTS[name]
+        return self._path(module), where, slot
 
     # ----------------------------------------------------------------------------- trace
     @contextlib.contextmanager
@@ -258,8 +259,7 @@ class NNsightBackend(Backend):
         steps: dict[tuple[str, str], _Step] = {}
 
         def step(layer, name) -> _Step:
-            module_kind, where, slot = _SLOTS[name]
-            path = self._path(self._layer_module(module_kind, layer))
+            path, where, slot = self._slot(name, layer)
             if (path, where) not in steps:
                 steps[path, where] = _Step(layer * _PER_LAYER + slot, path, where)
             return steps[path, where]
@@ -323,12 +323,15 @@ class NNsightBackend(Backend):
         # The in-trace scorers rotate raw q/k projections and take each layer's output as the next
         # layer's input: adapters with QK-norm (Qwen3-VL) or DeepStack additions score on the client
         # (same numbers, activations come back) until those steps are shipped too.
+        # So do adapters whose layer is not a pre-norm Llama one with causal attention and plain logits
+        # (Gemma-3's post-norms and bidirectional image blocks, soft-capped logits): the in-trace
+        # scorers add raw block outputs and rebuild a causal mask.
         adapter = self.vqa.adapter
         from ..adapters.base import ModelAdapter
 
-        plain_qk = (type(adapter).normalise_qk is ModelAdapter.normalise_qk
-                    and type(adapter).qk_norm is ModelAdapter.qk_norm)
-        return plain_qk and not adapter.deepstack_layers()
+        overridden = [name for name in ("normalise_qk", "qk_norm", "output_norm", "attention_blocks", "logit_softcap")
+                      if getattr(type(adapter), name) is not getattr(ModelAdapter, name)]
+        return not overridden and not adapter.deepstack_layers()
 
     def _final_norm(self) -> dict:
         """The final norm as what the remote side needs besides its weights: LayerNorm or RMS, eps, and

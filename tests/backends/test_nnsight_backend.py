@@ -26,12 +26,7 @@ _WRAPPED: dict = {}
 TOL = dict(rtol=0, atol=1e-5)
 
 
-#: Gemma-3's post-norms, QK-norm and image blocks are the hooks backend's only (the nnsight backend refuses
-#: them: test_gemma3_batch_equals_rows_alone_and_nnsight_is_refused)
-NNSIGHT_FAMILIES = [name for name in FAMILIES if name != "gemma3"]
-
-
-@pytest.fixture(params=NNSIGHT_FAMILIES)
+@pytest.fixture(params=list(FAMILIES))
 def family(request) -> VQAModel:
     return request.getfixturevalue(FAMILIES[request.param])
 
