@@ -32,7 +32,7 @@ import torch
 
 from ..capture import NAMES, ActivationCache, CaptureError, _layer_plan, _normalise_positions, _select
 from ..hooks import preserved_state
-from ..interventions import Intervention
+from ..interventions import AttentionEdit, Intervention, check_explicit_masks
 from . import nnsight_ops
 from .base import Backend, BackendNotSupported
 
@@ -129,6 +129,7 @@ class _Spec:
     detach: bool
     interventions: tuple[Intervention, ...]
     cache: ActivationCache
+    attention_edits: tuple[AttentionEdit, ...] = ()
 
 
 @dataclass
@@ -139,8 +140,9 @@ class _Step:
     path: str
     where: str                 # "input", "output" or "pe"
     per_head: bool = False
-    edits: list | None = None
+    edits: list | None = None      # interventions' tuples; at an attention's inputs ("pe"): (first, blocked)
     captures: list | None = None   # (key, element, positions, dim, check_positions)
+    layer: int | None = None
 
 
 class NNsightBackend(Backend):
@@ -231,7 +233,7 @@ class NNsightBackend(Backend):
     @contextlib.contextmanager
     def trace(self, names: Sequence[str] = (), *, layers: Iterable[int] | Mapping[str, Iterable[int]] | None = None,
               positions=None, to_cpu: bool = False, detach: bool = True,
-              interventions: Sequence[Intervention] = ()):
+              interventions: Sequence[Intervention] = (), attention_edits: Sequence[AttentionEdit] = ()):
         adapter = self.vqa.adapter
         unknown = [n for n in names if n not in NAMES]
         if unknown:
@@ -247,8 +249,12 @@ class NNsightBackend(Backend):
             adapter.check_layer(edit.layer)
             for head in edit.heads or ():
                 adapter.check_head(head)
+        for edit in attention_edits:
+            edit.check(adapter)
+        if attention_edits:
+            check_explicit_masks(self.vqa.model)
         spec = _Spec(tuple(names), plan, _normalise_positions(positions), to_cpu, detach,
-                     tuple(interventions), ActivationCache(names, layer_list, adapter))
+                     tuple(interventions), ActivationCache(names, layer_list, adapter), tuple(attention_edits))
         self._active.append(spec)
         try:
             yield spec.cache
@@ -261,13 +267,16 @@ class NNsightBackend(Backend):
         def step(layer, name) -> _Step:
             path, where, slot = self._slot(name, layer)
             if (path, where) not in steps:
-                steps[path, where] = _Step(layer * _PER_LAYER + slot, path, where)
+                steps[path, where] = _Step(layer * _PER_LAYER + slot, path, where, layer=layer)
             return steps[path, where]
 
         adapter = self.vqa.adapter
         projector = self._path(adapter.projector)
         whole_vision = adapter.projector is adapter.vision_tower
         for index, spec in enumerate(self._active if specs is None else specs):
+            for edit in spec.attention_edits:   # the mask the attention receives, read with its rotary angles
+                target = step(edit.layer, "pe")
+                target.edits = (target.edits or []) + [(edit.first, edit.blocked)]
             for edit in spec.interventions:
                 target = step(edit.layer, _EDIT_SLOTS[edit.site])
                 target.per_head = edit.site == "z"
@@ -301,11 +310,16 @@ class NNsightBackend(Backend):
                         ((index, name, layer), element, positions, dim, name == "resid_pre")]
         return sorted(steps.values(), key=lambda s: s.order)
 
+    def _step_args(self, step: _Step) -> tuple:
+        """What :func:`_run_trace` needs of a step (envoys and plain values; an attention edit carries its layer)."""
+        edits = (step.layer, step.edits) if step.where == "pe" and step.edits else step.edits
+        return self._envoy(step.path), step.where, edits, step.per_head, step.captures or []
+
     def forward(self, inputs: dict, **kwargs):
         adapter = self.vqa.adapter
         self._grid = inputs.get("image_grid_thw")   # Qwen2.5-VL's window order needs it to read ViT features
         self._shape = tuple(inputs["input_ids"].shape)
-        steps = [(self._envoy(s.path), s.where, s.edits, s.per_head, s.captures or []) for s in self._steps()]
+        steps = [self._step_args(s) for s in self._steps()]
         wants_pattern = any("pattern" in spec.names for spec in self._active)
         with preserved_state(self.vqa.model, eager=wants_pattern), _controllers_installed(self._controllers):
             saved, output = _run_trace(self.envoy, self.nnsight, nnsight_ops, steps, inputs, kwargs, self.remote,
@@ -366,7 +380,7 @@ class NNsightBackend(Backend):
     def _forward_reduced(self, spec: _Spec, inputs: dict, reducer, weights: dict, args: dict, **kwargs):
         """One trace recording ``spec``'s captures, then ``reducer(values, weights, output, **args)``
         inside it: only what the reducer returns is saved (and, remotely, sent back)."""
-        steps = [(self._envoy(s.path), s.where, s.edits, s.per_head, s.captures or []) for s in self._steps([spec])]
+        steps = [self._step_args(s) for s in self._steps([spec])]
         with preserved_state(self.vqa.model), _controllers_installed(self._controllers):
             result, _ = _run_trace(self.envoy, self.nnsight, nnsight_ops, steps, inputs, kwargs, self.remote,
                                    self.vqa.adapter.n_heads, self.vqa.adapter.head_dim,
@@ -601,7 +615,15 @@ def _run_trace(root, nnsight, ops, steps, inputs, kwargs, remote, n_heads, head_
                     saved[key] = (call["deepstack_visual_embeds"], call["visual_pos_masks"])
                 continue
             if where == "pe":
-                cos, sin = envoy.inputs[1]["position_embeddings"]
+                args, call = envoy.inputs
+                if edits:   # attention edits: (layer, [(first, blocked)]) applied to the mask the attention receives
+                    hidden = args[0] if args else call["hidden_states"]
+                    call = {**call, "attention_mask": ops.block_edges(call.get("attention_mask"), edits[1], edits[0],
+                                                                      hidden.shape[0], hidden.shape[1])}
+                    envoy.inputs = (args, call)
+                if not captures:
+                    continue
+                cos, sin = call["position_embeddings"]
                 for key, _, positions, dim, _ in captures:
                     saved[key] = (ops.select(cos, positions, dim), ops.select(sin, positions, dim))
                 continue
