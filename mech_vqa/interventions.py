@@ -187,7 +187,8 @@ def check_explicit_masks(model) -> None:
 
 def register_attention_edits(hooks: HookSet, adapter: ModelAdapter, edits: Sequence[AttentionEdit]) -> None:
     """One pre-hook per edited layer's attention, replacing the mask it receives (hooks backend)."""
-    from .backends.nnsight_ops import block_edges   # torch-only: the same code runs inside nnsight traces
+    # torch-only: the same code runs inside nnsight traces
+    from .backends.nnsight_ops import block_edges
 
     groups: dict[int, list] = defaultdict(list)
     for edit in edits:

@@ -341,11 +341,16 @@ class NNsightBackend(Backend):
         # (Gemma-3's post-norms and bidirectional image blocks, soft-capped logits): the in-trace
         # scorers add raw block outputs and rebuild a causal mask.
         adapter = self.vqa.adapter
-        from ..adapters.base import ModelAdapter
+        return not _overrides(adapter, "normalise_qk", "qk_norm", "output_norm", "attention_blocks",
+                              "logit_softcap") and not adapter.deepstack_layers()
 
-        overridden = [name for name in ("normalise_qk", "qk_norm", "output_norm", "attention_blocks", "logit_softcap")
-                      if getattr(type(adapter), name) is not getattr(ModelAdapter, name)]
-        return not overridden and not adapter.deepstack_layers()
+    @property
+    def lens_near_model(self) -> bool:
+        """Whether the logit lens's sweep runs inside the trace: it reads only each layer's output, the
+        final norm and the unembedding, so QK-norm, post-norms and attention blocks (Gemma-3) do not
+        matter; DeepStack additions (read by the method) and soft-capped logits keep it on the client."""
+        adapter = self.vqa.adapter
+        return not _overrides(adapter, "logit_softcap") and not adapter.deepstack_layers()
 
     def _final_norm(self) -> dict:
         """The final norm as what the remote side needs besides its weights: LayerNorm or RMS, eps, and
@@ -539,6 +544,14 @@ class NNsightBackend(Backend):
         cos, sin = saved[index, "pe", layer]   # at the q rows when k is not asked, else at every position
         k = saved[index, "k", layer] if "k" in wants else None
         q = saved[index, "q", layer] if "q" in wants else None
+        if self.remote is True and _overrides(adapter, "normalise_qk", "qk_norm") and any(
+                p.device.type == "meta" for p in adapter.attn(layer).parameters()):
+            raise BackendNotSupported(
+                f"{type(self.vqa.model).__name__} normalises queries and keys (QK-norm) between the projection and "
+                "the rotation, which this backend applies on the client with the norms' weights, and this NDIF "
+                "client holds none (remote=True builds it weightless): capture q / k and score explain (head- and "
+                "position-level increases) with the weights in this process (remote='local' or False, or "
+                "backend='hooks'); the logit lens, ablations and knockout run remotely")
         q, k = adapter.normalise_qk(layer, q, k)   # QK-norm (Qwen3-VL) sits between projection and rotation
         q = None if q is None else q.unflatten(-1, (adapter.n_heads, adapter.head_dim)).transpose(1, 2)
         k = None if k is None else k.unflatten(-1, (adapter.n_kv_heads, adapter.head_dim)).transpose(1, 2)
@@ -552,6 +565,13 @@ class NNsightBackend(Backend):
             keep(("q", layer), q_rot.transpose(1, 2))
         if k_rot is not None:
             keep(("k", layer), k_rot.transpose(1, 2))
+
+
+def _overrides(adapter, *names: str) -> bool:
+    """Whether ``adapter``'s class overrides any of the :class:`~mech_vqa.adapters.ModelAdapter` methods ``names``."""
+    from ..adapters.base import ModelAdapter
+
+    return any(getattr(type(adapter), name) is not getattr(ModelAdapter, name) for name in names)
 
 
 _ABSENT = object()

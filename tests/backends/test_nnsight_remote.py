@@ -255,3 +255,42 @@ def test_api_key_is_never_logged_or_written(ndif, folder, tmp_path, capsys, capl
         assert key.encode() not in path.read_bytes(), path
     for text in (out.out, out.err, caplog.text, repr(client), repr(client.backend)):
         assert key not in text
+
+
+def test_gemma3_weightless_client(monkeypatch, tmp_path, tiny_gemma3_vqa, image):
+    """Gemma-3 from a weightless NDIF client: the logit lens (swept on the server), ablations and knockout give
+    the hooks backend's numbers; what needs the QK-norm's weights on the client is one clear error."""
+    import nnsight
+
+    from mech_vqa.methods.ablation import ablate, block_ablations
+    from mech_vqa.methods.knockout import knockout
+    from mech_vqa.methods.logit_lens import logit_lens
+    from mech_vqa.methods.mechanistic import explain
+
+    hooks = tiny_gemma3_vqa
+    folder = tmp_path / "tiny-gemma3"
+    hooks.model.save_pretrained(folder)
+    hooks.processor.save_pretrained(folder)
+    server = StandInServer(folder, hooks.processor)
+    monkeypatch.setattr(CONFIG.API, "APIKEY", "test-key-not-a-secret")
+    monkeypatch.setattr(nnsight, "status", lambda: Status({str(folder): {"repo_id": str(folder), "state": "RUNNING"}}))
+    monkeypatch.setitem(nnsight_hf._ID_CACHE, str(folder), "test-org/tiny-gemma3")
+    monkeypatch.setattr(RemoteBackend, "request", lambda self, request, tracer: server.request(self, request, tracer))
+    client = VQAModel.from_pretrained(str(folder), backend="nnsight", remote=True)
+    assert {p.device.type for p in client.model.parameters()} == {"meta"}
+    inp = client.prepare(image, QUESTION, ANSWER, generate=False)
+    reference = hooks.prepare(image, QUESTION, ANSWER, generate=False)
+    pairs = ((hooks, reference), (client, inp))
+
+    expected, got = (logit_lens(vqa, x, word="red", k=3) for vqa, x in pairs)
+    assert torch.equal(got.top_ids, expected.top_ids)
+    torch.testing.assert_close(got.top_probs, expected.top_probs, **TOL)
+    last = hooks.adapter.n_layers - 1
+    expected, got = (knockout(vqa, x, windows=[(0, 1), (0, last + 1)], progress=False) for vqa, x in pairs)
+    assert expected.relative_change.abs().max() > 1e-4
+    torch.testing.assert_close(got.knocked_logprob, expected.knocked_logprob, **TOL)
+    for where in ("full", "answer"):
+        expected, got = (ablate(vqa, x, block_ablations(hooks), progress=False, where=where) for vqa, x in pairs)
+        torch.testing.assert_close(got.delta, expected.delta, **TOL)
+    with pytest.raises(BackendNotSupported, match=r"normalises queries and keys \(QK-norm\).*remote='local'"):
+        explain(client, inp, heads=1, progress=False)
