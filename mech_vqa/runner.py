@@ -17,7 +17,9 @@ run's at every layer: :class:`AnswerRowRunner` keeps the clean run's keys and va
 cache) and :meth:`AnswerRowRunner.run_rows` recomputes only those rows, batched over
 interventions, with optional attention-edge edits (the attention knockout's). Ablation uses it for
 ``where="answer"``; any method that edits only the answer rows (patching at the answer position)
-can call ``AnswerRowRunner(vqa, inp).run_rows(layer, batch, positions, interventions)``.
+can call ``answer_rows_for(vqa, inp).run_rows(layer, batch, positions, interventions)``: on backends
+other than hooks that is :class:`FullForwardAnswerRows`, the same numbers by whole forwards through
+``vqa.trace`` (attention edits through :class:`~mech_vqa.interventions.AttentionEdit`).
 """
 
 from __future__ import annotations
