@@ -354,13 +354,16 @@ def qwen_vl_processor(tokenizer, *, patch_size: int = 14, merge_size: int = 2, t
 
 def image_only_processor(source: str):
     """A saved Qwen-VL processor reloaded without its video processor (when torchvision, which the video
-    processor needs, is not installed), or None for other families."""
+    processor needs, is not installed), a saved Mistral-3 ``PixtralProcessor`` reloaded without torchvision,
+    or None for other families."""
     import json
     from pathlib import Path
 
     from transformers import AutoConfig, AutoTokenizer
 
     family = getattr(AutoConfig.from_pretrained(source), "model_type", None)
+    if family == "mistral3":  # transformers' own class and files; its PIL image processor needs no torchvision
+        return pixtral_processor_class().from_pretrained(source)
     if family not in QWEN_FAMILIES:
         return None
     tokenizer = AutoTokenizer.from_pretrained(source)

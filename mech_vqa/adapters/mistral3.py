@@ -21,7 +21,8 @@ the markers' positions are ``geometry.markers``, checked against the ``[IMG_BREA
 when the processor is bound, and never painted. Boxes are in the pixels of the resized image (the
 frame); ``pixel_transform`` is the processor's stretch, so masks for iGOS / insertion / deletion are laid
 over ``pixel_values`` as they are. Vision-stage relevancy is refused where the merger folds several
-patches into a token (every published checkpoint); the LLM stage is exact.
+patches into a token (``patches_per_image_token``: every published checkpoint merges 2 x 2), with one
+error naming that; the LLM stage is exact.
 """
 
 from __future__ import annotations
@@ -49,15 +50,6 @@ class Mistral3Adapter(LlavaAdapter):
         ids = {"break": getattr(processor, "image_break_token_id", None),
                "end": getattr(processor, "image_end_token_id", None)}
         self.marker_ids = {k: int(v) for k, v in ids.items() if v is not None} or None
-
-    @property
-    def vision_relevancy_refusal(self) -> str | None:
-        m = self.merge_size
-        if m == 1:
-            return None
-        return (f"its patch merger (Mistral3PatchMerger) folds every {m} x {m} block of vision patches into one image "
-                "token through a learned linear layer, so no vision patch has an image token of its own to seed "
-                "Chefer's rule with")
 
     # ------------------------------------------------------------------------ geometry
     @property
