@@ -83,7 +83,7 @@ def test_mistral3_positions_hold_the_merged_patches_inside_each_box_and_markers_
     torch.testing.assert_close(embedded[geometry.markers], words, rtol=0, atol=0)   # a marker is never a patch
     assert _boxes_hold_their_patches(vqa, geometry, merged, grid)
     # a painted map covers the resized image with image tokens' values only, row-major
-    painted = geometry.paint(torch.arange(float(geometry.n_tokens)))
+    painted = geometry.paint(torch.arange(float(geometry.n_tokens)), view=0)
     assert painted.shape == resized
     assert torch.equal(painted[::8, ::8].flatten(), torch.arange(float(geometry.n_tokens)))
 
