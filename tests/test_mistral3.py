@@ -6,8 +6,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-
 from conftest import ANSWER, QUESTION
+
 from mech_vqa import AdapterError
 
 SIZES = [(70, 40), (40, 70), (50, 50), (200, 30), (20, 20)]   # (width, height): wide, tall, square, very wide, small

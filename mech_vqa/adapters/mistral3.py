@@ -130,8 +130,8 @@ class Mistral3Adapter(LlavaAdapter):
             raise AdapterError(f"the prompt has no image token (id {self.image_token_id}); put the processor's image "
                                "token ('[IMG]') in the text, or build inputs with VQAModel.prepare()")
         if found.numel() != rows * cols:
-            raise AdapterError(f"the prompt has {found.numel()} image tokens but this {width} x {height} px image gives "
-                               f"{rows} x {cols} = {rows * cols}; let the processor expand '[IMG]' (pass images= "
+            raise AdapterError(f"the prompt has {found.numel()} image tokens but this {width} x {height} px image "
+                               f"gives {rows} x {cols} = {rows * cols}; let the processor expand '[IMG]' (pass images= "
                                "together with text=) instead of writing image tokens by hand")
         # rows of `cols` tokens, each followed by one marker ([IMG_BREAK], the last [IMG_END])
         start = int(found[0])
