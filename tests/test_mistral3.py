@@ -27,18 +27,24 @@ def _merged_features(vqa, inp):
     from one forward: what the model put at each position, what its projector made, and the patches its
     merger folded (its merging layer's input, channel-major), next to the tower's own normed patch grid."""
     projector = vqa.model.model.multi_modal_projector
-    folded = []
-    handle = projector.patch_merger.merging_layer.register_forward_pre_hook(lambda m, args: folded.append(args[0]))
+    folded, rope = [], []
+    handles = [projector.patch_merger.merging_layer.register_forward_pre_hook(lambda m, args: folded.append(args[0])),
+               vqa.model.model.vision_tower.patch_positional_embedding.register_forward_pre_hook(
+                   lambda m, args: rope.append(args[1]))]
     try:
         with torch.no_grad(), vqa.trace(["resid_pre", "projector_out"], layers=[0]) as cache:
             vqa.forward(inp)
             tower = vqa.model.model.vision_tower(inp.pixel_values, image_sizes=inp.extra["image_sizes"])
             patches = projector.norm(tower.last_hidden_state[0])
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     height, width = (int(v) for v in inp.extra["image_sizes"][0])
     patch, m = vqa.adapter.patch_size, vqa.adapter.merge_size
     grid = patches.view(height // patch, width // patch, -1)
+    # the tower's 2D RoPE positions are each patch's (row, col) on the raster grid the boxes are drawn on
+    raster = torch.stack(torch.meshgrid(torch.arange(height // patch), torch.arange(width // patch), indexing="ij"), -1)
+    assert torch.equal(rope[0].cpu(), raster.view(-1, 2))
     merged = folded[0].unflatten(-1, (-1, m * m)).transpose(1, 2)                 # [n, m^2, d_v]
     return cache["resid_pre", 0][0], cache["projector_out"][0], merged, grid
 
