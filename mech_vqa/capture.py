@@ -247,9 +247,10 @@ def trace(
             else:
                 if "vision_features" in wants:
                     hooks.pre(adapter.projector,
-                              lambda m, a, kw: keep("vision_features", a[0] if a else next(iter(kw.values()))))
+                              lambda m, a, kw: keep("vision_features",
+                                                    adapter.vision_rows(a[0] if a else next(iter(kw.values())))))
                 if "projector_out" in wants:
-                    hooks.post(adapter.projector, lambda m, a, kw, out: keep("projector_out", out))
+                    hooks.post(adapter.projector, lambda m, a, kw, out: keep("projector_out", adapter.vision_rows(out)))
             yield cache
         finally:
             hooks.remove()

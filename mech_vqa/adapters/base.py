@@ -211,6 +211,11 @@ def _rms_gain(norm: nn.Module, eps: float) -> torch.Tensor:
     ``norm(1) = gain / sqrt(1 + eps)``. A norm that is neither form is one clear error.
     """
     weight = norm.weight.detach()
+    if weight.device.type == "meta":
+        raise AdapterError(f"the weight of {type(norm).__name__} is on the meta device, not in this process (a "
+                           "weightless remote=True nnsight client, or a layer offloaded by accelerate), and this score "
+                           "reads it here for this model: run with the weights in this process (remote='local' or "
+                           "False, or backend='hooks')")
     with torch.no_grad():
         ones = torch.ones(1, weight.shape[-1], dtype=weight.dtype, device=weight.device)
         gain = type(norm).forward(norm, ones).float()[0] * (1 + eps) ** 0.5
@@ -504,6 +509,12 @@ class ModelAdapter:
         """``{"projector_out", "vision_features"}`` from the output of ``projector`` when it is a whole
         vision module (Qwen-VL); None: the projector's own input and output are those (LLaVA)."""
         return None
+
+    def vision_rows(self, value: torch.Tensor) -> torch.Tensor:
+        """The projector's input / output as captured (``vision_features`` / ``projector_out``) with one
+        row per image batch, ``[n_images, n, d]``: as it is for most families; Mistral-3's model squeezes
+        that axis before its projector, so it restores it."""
+        return value
 
     def deepstack_layers(self) -> list[int]:
         """Decoder layers after which the model adds vision features to the residual stream outside the
