@@ -507,6 +507,9 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
     group = adapter.n_heads // adapter.n_kv_heads
     if heads is None:
         k = k.float().repeat_interleave(group, dim=2)  # [B, S, H, hd]
+    elif len(heads) == 1:  # one head (the usual map): views, no gathers
+        head = adapter.check_head(int(heads[0]))
+        q, k = q.narrow(2, head, 1), k.narrow(2, head // group, 1).float()
     else:
         heads = [adapter.check_head(int(h)) for h in heads]
         q = q[:, :, heads]
@@ -515,7 +518,7 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
     scales = {x: adapter.attention_scaling(x) for x in distinct}
     scaling = scales[layers[0]] if len(scales) == 1 else torch.tensor(
         [scales[x] for x in layers], device=k.device).view(-1, 1, 1, 1)
-    scores = torch.matmul(q.float().transpose(1, 2), k.permute(0, 2, 3, 1)) * scaling  # [B, H, P, S]
+    scores = torch.matmul(q.float().transpose(1, 2), k.permute(0, 2, 3, 1)).mul_(scaling)  # [B, H, P, S]
     seq = k.shape[1]
     query_positions = query_positions.to(scores.device)
     if query_positions.dim() == 1:
@@ -533,6 +536,5 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
         width = torch.tensor([w if w is not None else seq + 1 for w in windows], device=scores.device)
         allowed = allowed & (keys > (query_positions - width.view(-1, 1)).unsqueeze(-1))
     if key_mask is not None:
-        allowed = allowed & key_mask.to(scores.device).bool().unsqueeze(1)
-    scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
-    return scores.softmax(dim=-1)
+        allowed &= key_mask.to(scores.device).bool().unsqueeze(1)
+    return scores.masked_fill_(~allowed.unsqueeze(1), float("-inf")).softmax(dim=-1)

@@ -264,7 +264,7 @@ class FrozenNormScorer:
         base_normed = self.frozen_norm(base)  # [B, d]
         coefficients = coefficients.float().to(base_normed.device) * self.scale.view(batch, 1, 1)
         # Row n (all zero) scores the base itself, through the same arithmetic as the others.
-        coefficients = torch.cat([coefficients, coefficients.new_zeros(batch, 1, rank)], dim=1)  # [B, N+1, r]
+        coefficients = torch.nn.functional.pad(coefficients, (0, 0, 0, 1))  # [B, N+1, r]
         rows = torch.cat([basis.float().to(base_normed.device) * self.gamma, base_normed])  # [r + B, d]
 
         def chunk_logits(W, b):

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..capture import ActivationCache, PerLayer, attention_rows
 from ..inputs import BatchedInput, PreparedInput, Target, check_box
+from ..results.base import release_inference
 from ..results.mechanistic import Explanation, HeadIncrease, HeadPositions, LayerIncrease
 from .logprob import CHUNK_ELEMENTS, FrozenNormScorer, check_token_ids
 
@@ -351,11 +352,12 @@ def _head_positions(item: PreparedInput, row_heads, scores: torch.Tensor, attent
     """One row's result from its increases and attention ``[n_heads, S]`` (the row's own coordinates)."""
     geometry = item.geometry
     image_scores = geometry.to_grid(scores[:, geometry.positions])
+    with torch.inference_mode(False):  # copies of the input's own tensors: ordinary ones in any mode
+        image, boxes, view = torch.from_numpy(item.display_image()), geometry.boxes.clone(), geometry.view.clone()
     return HeadPositions(
         scores=scores, image_scores=image_scores, attention=attention, heads=[list(h) for h in row_heads],
         str_tokens=list(item.str_tokens), image_positions=geometry.positions.tolist(),
-        image_size=list(geometry.image_size), image=torch.from_numpy(item.display_image()),
-        image_boxes=geometry.boxes.clone(), image_view=geometry.view.clone(), **meta)
+        image_size=list(geometry.image_size), image=image, image_boxes=boxes, image_view=view, **meta)
 
 
 def _check_heads_argument(adapter, heads) -> None:
@@ -425,18 +427,23 @@ def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top",
         out = [Explanation(layers=lr, heads=hr, positions=pr, patch_map=pr.patch_map(box=bx, view=view), neurons=None)
                for lr, hr, pr, bx in zip(layer_results, head_results, positions, boxes)]
         return out if isinstance(inp, BatchedInput) else out[0]
-    capture = capture_target(vqa, inp, target, kv_layers=kv_layers, mlp_act=neurons is not False,
-                             chunk_elements=chunk_elements)
-    layer_results, head_results = layer_and_head_increase(capture)
-    positions = position_increase(capture, _head_sets(heads, head_results), progress=progress)
-    neuron_results = [None] * len(positions)
-    if neurons is not False:
-        from .neurons import neuron_increase_from_capture
+    # nothing here needs autograd: the backend's cheapest read-only mode for the forward and the
+    # scoring alike; the results' tensors are made ordinary ones on the way out
+    with vqa.backend.read_only():
+        capture = capture_target(vqa, inp, target, kv_layers=kv_layers, mlp_act=neurons is not False,
+                                 chunk_elements=chunk_elements)
+        layer_results, head_results = layer_and_head_increase(capture)
+        positions = position_increase(capture, _head_sets(heads, head_results), progress=progress)
+        neuron_results = [None] * len(positions)
+        if neurons is not False:
+            from .neurons import neuron_increase_from_capture
 
-        layers = None if neurons is True else neurons
-        neuron_results = neuron_increase_from_capture(capture, layers=layers, k=k, progress=progress)
-    out = [Explanation(layers=lr, heads=hr, positions=pr, patch_map=pr.patch_map(box=bx, view=view), neurons=nr)
-           for lr, hr, pr, nr, bx in zip(layer_results, head_results, positions, neuron_results, boxes)]
+            layers = None if neurons is True else neurons
+            neuron_results = neuron_increase_from_capture(capture, layers=layers, k=k, progress=progress)
+        out = [Explanation(layers=lr, heads=hr, positions=pr, patch_map=pr.patch_map(box=bx, view=view),
+                           neurons=nr)
+               for lr, hr, pr, nr, bx in zip(layer_results, head_results, positions, neuron_results, boxes)]
+    release_inference(out)
     return out if isinstance(inp, BatchedInput) else out[0]
 
 
