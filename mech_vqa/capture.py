@@ -130,6 +130,12 @@ def _select(x: torch.Tensor, positions: torch.Tensor | None, dim: int = 1) -> to
     return x.gather(dim, index)
 
 
+def _split_heads(x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """``[..., n_heads * head_dim]`` -> ``[..., n_heads, head_dim]`` (a view where possible; ``Tensor.unflatten``
+    does the same through a Python wrapper that hooks run per layer per call)."""
+    return x.reshape(*x.shape[:-1], n_heads, head_dim)
+
+
 def _normalise_positions(positions) -> torch.Tensor | None:
     if positions is None:
         return None
@@ -317,7 +323,7 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
             hooks.post(adapter.k_proj(layer), lambda m, a, kw, out: raw.__setitem__("k", adapter.qk_norm(layer, "k", out)))
         if want_v:
             hooks.post(adapter.v_proj(layer),
-                       lambda m, a, kw, out: keep(("v", layer), out.unflatten(-1, (n_kv, head_dim))))
+                       lambda m, a, kw, out: keep(("v", layer), _split_heads(out, n_kv, head_dim)))
     # a post-normed block (Gemma-3) adds its norm's output, not the attention module's, to the residual
     out_module = adapter.attn_out_module(layer) if "attn_out" in wants else attn
     if out_module is not attn:
@@ -350,7 +356,7 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
         hooks.post(attn, attn_post)
     if "z" in wants:
         hooks.pre(adapter.o_proj(layer), lambda m, a, kw: keep(
-            ("z", layer), _select(a[0], positions).unflatten(-1, (n_heads, head_dim))))
+            ("z", layer), _split_heads(_select(a[0], positions), n_heads, head_dim)))
     if "mlp_act" in wants:
         hooks.pre(adapter.down_proj(layer), lambda m, a, kw: keep(("mlp_act", layer), _select(a[0], positions)))
     if "mlp_out" in wants:
@@ -391,7 +397,7 @@ class _Projections:
         (q_proj, k_proj, v_proj), (want_q, want_k, want_v) = self.modules, self.want
         hidden = self.hidden
         if want_v:
-            keep(("v", layer), F.linear(hidden, v_proj.weight, v_proj.bias).unflatten(-1, (shape[1], shape[2])))
+            keep(("v", layer), _split_heads(F.linear(hidden, v_proj.weight, v_proj.bias), shape[1], shape[2]))
         q = F.linear(hidden, q_proj.weight, q_proj.bias) if want_q else None
         if q is not None and not all_queries:
             q = _select(q, positions)
@@ -431,8 +437,8 @@ def _rotate_layer(adapter: ModelAdapter, layer: int, job: tuple) -> None:
     """Project and rotate one layer's queries and keys (a pending :class:`_Projections` job)."""
     projections, _, (cos, sin), positions, keep, (n_heads, n_kv, head_dim) = job
     q, k = projections.project(layer, positions, keep, job[5], all_queries=True)
-    q_rot, k_rot = adapter.rotate_qk(layer, q.unflatten(-1, (n_heads, head_dim)).transpose(1, 2),
-                                     k.unflatten(-1, (n_kv, head_dim)).transpose(1, 2), (cos, sin))
+    q_rot, k_rot = adapter.rotate_qk(layer, _split_heads(q, n_heads, head_dim).transpose(1, 2),
+                                     _split_heads(k, n_kv, head_dim).transpose(1, 2), (cos, sin))
     keep(("q", layer), _select(q_rot.transpose(1, 2), positions))
     keep(("k", layer), k_rot.transpose(1, 2))
 

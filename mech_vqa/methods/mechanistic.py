@@ -219,9 +219,10 @@ def head_vectors(capture: TargetCapture, out: torch.Tensor | None = None) -> tor
         W_O = adapter.W_O(layer)
         frozen = capture.frozen_output_norm(layer, "attn")
         target = out[:, layer] if frozen is None else torch.zeros_like(out[:, layer])
-        for start in range(0, n_heads, step):
+        if step >= n_heads:  # every head in one product: [H, B, d] += [H, B, hd] @ [H, hd, d], in ``out``
+            target.transpose(0, 1).baddbmm_(capture.z[:, layer].float().transpose(0, 1), W_O.float())
+        for start in range(0, n_heads if step < n_heads else 0, step):
             heads = slice(start, start + step)
-            # [h, B, d] += [h, B, hd] @ [h, hd, d], in place in ``out``
             target[:, heads].transpose(0, 1).baddbmm_(capture.z[:, layer, heads].float().transpose(0, 1),
                                                       W_O[heads].float())
         if frozen is not None:
@@ -259,14 +260,18 @@ def _layer_and_head_results(lp: torch.Tensor, model_logprob: torch.Tensor, metas
                             n_heads: int) -> tuple[list[LayerIncrease], list[HeadIncrease]]:
     """Results from the scores ``lp`` ``[B, 3L + L*H + 1]`` of ``[x_l, x_l + a_l, x_l + a_l + m_l, x_l + h_lj,
     final]`` (wherever they were computed)."""
-    base, attn, mlp = lp[:, :n_layers], lp[:, n_layers:2 * n_layers], lp[:, 2 * n_layers:3 * n_layers]
-    heads = lp[:, 3 * n_layers:-1].view(-1, n_layers, n_heads) - base.unsqueeze(2)
     layer_results, head_results = [], []
+    # results hold ordinary tensors also when the scores were made in inference mode (differences and
+    # copies made outside it are ordinary; views of its tensors would not be)
+    with torch.inference_mode(False):
+        base, attn, mlp = lp[:, :n_layers], lp[:, n_layers:2 * n_layers], lp[:, 2 * n_layers:3 * n_layers]
+        heads = (lp[:, 3 * n_layers:-1].view(-1, n_layers, n_heads) - base.unsqueeze(2)).cpu()
+        attn_increase, mlp_increase, base = (attn - base).cpu(), (mlp - attn).cpu(), base.cpu().clone()
+    final, model_logprob = lp[:, -1].tolist(), model_logprob.tolist()
     for row, meta in enumerate(metas):
-        layer_results.append(LayerIncrease(attention=(attn - base)[row].cpu(), mlp=(mlp - attn)[row].cpu(),
-                                           base=base[row].cpu(), final_logprob=float(lp[row, -1]),
-                                           model_logprob=float(model_logprob[row]), **meta))
-        head_results.append(HeadIncrease(scores=heads[row].cpu(), **meta))
+        layer_results.append(LayerIncrease(attention=attn_increase[row], mlp=mlp_increase[row], base=base[row],
+                                           final_logprob=final[row], model_logprob=model_logprob[row], **meta))
+        head_results.append(HeadIncrease(scores=heads[row], **meta))
     return layer_results, head_results
 
 
@@ -339,11 +344,12 @@ def position_increase(capture: TargetCapture, heads, *, progress: bool = False) 
         for i, row in enumerate(rows_for_head):
             computed[layer, head, row] = (increase[i], attention[i])
     results = []
-    for row, row_heads in enumerate(per_row):
-        offset = int(capture.offsets[row])
-        scores = torch.stack([computed[l, j, row][0][offset:] for l, j in row_heads]).cpu()
-        attention = torch.stack([computed[l, j, row][1][offset:] for l, j in row_heads]).cpu()
-        results.append(_head_positions(capture.items[row], row_heads, scores, attention, capture.meta(row)))
+    with torch.inference_mode(False):  # stacked copies: ordinary tensors whatever mode scored them
+        for row, row_heads in enumerate(per_row):
+            offset = int(capture.offsets[row])
+            scores = torch.stack([computed[l, j, row][0][offset:] for l, j in row_heads]).cpu()
+            attention = torch.stack([computed[l, j, row][1][offset:] for l, j in row_heads]).cpu()
+            results.append(_head_positions(capture.items[row], row_heads, scores, attention, capture.meta(row)))
     return results
 
 
@@ -352,12 +358,11 @@ def _head_positions(item: PreparedInput, row_heads, scores: torch.Tensor, attent
     """One row's result from its increases and attention ``[n_heads, S]`` (the row's own coordinates)."""
     geometry = item.geometry
     image_scores = geometry.to_grid(scores[:, geometry.positions])
-    with torch.inference_mode(False):  # copies of the input's own tensors: ordinary ones in any mode
-        image, boxes, view = torch.from_numpy(item.display_image()), geometry.boxes.clone(), geometry.view.clone()
     return HeadPositions(
         scores=scores, image_scores=image_scores, attention=attention, heads=[list(h) for h in row_heads],
         str_tokens=list(item.str_tokens), image_positions=geometry.positions.tolist(),
-        image_size=list(geometry.image_size), image=image, image_boxes=boxes, image_view=view, **meta)
+        image_size=list(geometry.image_size), image=torch.from_numpy(item.display_image()),
+        image_boxes=geometry.boxes.clone(), image_view=geometry.view.clone(), **meta)
 
 
 def _check_heads_argument(adapter, heads) -> None:
@@ -428,7 +433,7 @@ def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top",
                for lr, hr, pr, bx in zip(layer_results, head_results, positions, boxes)]
         return out if isinstance(inp, BatchedInput) else out[0]
     # nothing here needs autograd: the backend's cheapest read-only mode for the forward and the
-    # scoring alike; the results' tensors are made ordinary ones on the way out
+    # scoring alike (the results are assembled from ordinary tensors)
     with vqa.backend.read_only():
         capture = capture_target(vqa, inp, target, kv_layers=kv_layers, mlp_act=neurons is not False,
                                  chunk_elements=chunk_elements)
@@ -440,10 +445,9 @@ def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top",
 
             layers = None if neurons is True else neurons
             neuron_results = neuron_increase_from_capture(capture, layers=layers, k=k, progress=progress)
-        out = [Explanation(layers=lr, heads=hr, positions=pr, patch_map=pr.patch_map(box=bx, view=view),
-                           neurons=nr)
-               for lr, hr, pr, nr, bx in zip(layer_results, head_results, positions, neuron_results, boxes)]
-    release_inference(out)
+    release_inference(neuron_results)
+    out = [Explanation(layers=lr, heads=hr, positions=pr, patch_map=pr.patch_map(box=bx, view=view), neurons=nr)
+           for lr, hr, pr, nr, bx in zip(layer_results, head_results, positions, neuron_results, boxes)]
     return out if isinstance(inp, BatchedInput) else out[0]
 
 
