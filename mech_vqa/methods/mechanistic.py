@@ -294,27 +294,31 @@ def position_scores(capture: TargetCapture, layer: int, head: int, rows=None) ->
     ``rows`` selects batch rows (default all); positions are batch coordinates (padding gives 0).
     """
     adapter = capture.adapter
-    if capture.k[layer] is None:
+    keys = capture.k[layer]
+    if keys is None:
         raise ValueError(f"layer {layer}'s keys and values were not captured; capture with "
                          f"capture_target(..., kv_layers='all') or a list that includes {layer}")
     n_rows = len(capture.items)
     rows = list(range(n_rows)) if rows is None else [int(r) for r in rows]
-    # every row: plain slices (a list index is a gather per tensor)
-    index = slice(None) if rows == list(range(n_rows)) else rows
-    scorer = capture.scorer if index == slice(None) else capture.scorer.select(rows)
+    every_row = rows == list(range(n_rows))
+
+    def of_rows(x: torch.Tensor) -> torch.Tensor:  # every row: the tensor itself (a list index is a gather)
+        return x if every_row else x[rows]
+
+    scorer = capture.scorer if every_row else capture.scorer.select(rows)
     group = adapter.n_heads // adapter.n_kv_heads
-    query_positions = capture.positions[index].view(-1, 1)
-    blocks = None if capture.attention_blocks is None else capture.attention_blocks[index]
-    pattern = attention_rows(adapter, layer, capture.query(layer)[index].unsqueeze(1), capture.k[layer][index],
-                             query_positions, capture.attention_mask[index], heads=[head], blocks=blocks)
+    blocks = None if capture.attention_blocks is None else of_rows(capture.attention_blocks)
+    pattern = attention_rows(adapter, layer, of_rows(capture.query(layer)).unsqueeze(1), of_rows(keys),
+                             of_rows(capture.positions).view(-1, 1), of_rows(capture.attention_mask), heads=[head],
+                             blocks=blocks)
     attention = pattern[:, 0, 0]  # [b, S]: A_lj[t, :]
-    values = capture.v[layer][index, :, head // group].float()  # [b, S, hd]
+    values = of_rows(capture.v[layer])[:, :, head // group].float()  # [b, S, hd]
     coefficients, basis = attention.unsqueeze(-1) * values, adapter.W_O(layer)[head]
     frozen = capture.frozen_output_norm(layer, "attn")
     if frozen is not None:  # post-norm: the frozen scale per row into the coefficients, the gain into the basis
-        coefficients = coefficients * frozen[0][index].view(-1, 1, 1)
+        coefficients = coefficients * of_rows(frozen[0]).view(-1, 1, 1)
         basis = basis.float() * frozen[1]
-    lp, lp_base = scorer.log_prob_in_basis(capture.resid_pre[index, layer], coefficients, basis)
+    lp, lp_base = scorer.log_prob_in_basis(of_rows(capture.resid_pre)[:, layer], coefficients, basis)
     return lp - lp_base.unsqueeze(1), attention
 
 
