@@ -90,8 +90,7 @@ def vocab_sweep(adapter: ModelAdapter, normed: torch.Tensor, *, k: int = 0, toke
     (float32): the full-vocabulary logsumexp, a running top-k and the logits of chosen tokens, without
     ever holding ``[N, vocab]``.
     """
-    unembed = adapter.unembed
-    W_U, b_U = unembed.weight, (getattr(unembed, "bias", None) if bias else None)
+    W_U, b_U = adapter.W_U(), (adapter.b_U() if bias else None)
     normed = normed.float().to(W_U.device)
     n = normed.shape[0]
     vocab = W_U.shape[0]
@@ -204,8 +203,7 @@ class FrozenNormScorer:
         ``chunk_logits`` must return a fresh tensor: it is overwritten in place (no temporaries, so
         peak memory stays one block of logits).
         """
-        unembed = self.adapter.unembed
-        W_U, b_U = unembed.weight, getattr(unembed, "bias", None)
+        W_U, b_U = self.adapter.W_U(), self.adapter.b_U()
         batch, vocab = self.batch_size, W_U.shape[0]
         cap = _softcap(self.adapter)
         if cap is not None:  # the model returns c * tanh(logits / c): so does every chunk here, exactly
