@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -39,6 +40,7 @@ def main(folder: str, out: str) -> None:
     from transformers import AutoModelForImageTextToText
 
     from mech_vqa import VQAModel
+    from mech_vqa.backends import BackendNotSupported
     from mech_vqa.build import tiny_llava
     from mech_vqa.interventions import Intervention
     from mech_vqa.methods.ablation import ablate, head_ablations
@@ -106,6 +108,10 @@ def main(folder: str, out: str) -> None:
     _close("head ablation delta", got.delta, expected.delta, report)
     _close("head ablation clean", got.clean_logprob, expected.clean_logprob, report)
     assert torch.equal(got.ablated_argmax, expected.ablated_argmax)
+
+    with pytest.raises(BackendNotSupported, match=r"tensor-parallel \(tp_size=2.*nnsight 0\.8\.1.*backend='hooks'"):
+        VQAModel(sharded, processor, backend="nnsight")
+    report["nnsight refused"] = 0.0
 
     assert hook_snapshot(sharded) == hooks_before, "a hook of ours was left on the sharded model"
     after = _instance_forwards(sharded)
