@@ -47,7 +47,7 @@ from torch import nn
 from .adapters import ModelAdapter, get_adapter
 from .hooks import HookSet, preserved_state
 from .interventions import Intervention, register_interventions
-from .tensor_parallel import TensorParallelError, TensorParallelLayout, layout_of
+from .tensor_parallel import TensorParallelError, TensorParallelLayout, gather_heads, layout_of
 
 LAYER_NAMES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "mlp_act",
                "deepstack")
@@ -302,17 +302,8 @@ class _Whole:
         return x if split is None else self.layout.gather(x, *split)
 
     def heads(self, q_proj: nn.Module, pattern: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-        """Attention weights ``[B, local heads, P, S]`` -> ``[B, n_heads, P, S]``: a rank's attention runs on
-        the heads of its slice of the query projection's output."""
-        if self.layout is None:
-            return pattern
-        heads = self.layout.local_heads(q_proj, "output", head_dim)
-        if heads is None:
-            return pattern
-        if heads != self.layout.local_range(n_heads):
-            raise TensorParallelError(f"this rank holds heads {heads.start}..{heads.stop - 1} of {n_heads}, not an "
-                                      "even share; use a tp_size that divides the heads")
-        return self.layout.gather(pattern, 1, n_heads)
+        """Attention weights ``[B, local heads, P, S]`` -> ``[B, n_heads, P, S]``."""
+        return gather_heads(self.layout, q_proj, pattern, n_heads, head_dim)
 
 
 def _whole_vision(adapter: ModelAdapter) -> bool:

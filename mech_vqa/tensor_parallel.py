@@ -200,6 +200,28 @@ def layout_of(model: nn.Module) -> TensorParallelLayout | None:
     return cached[1]
 
 
+def gather_heads(layout: TensorParallelLayout | None, q_proj: nn.Module, x: torch.Tensor, n_heads: int,
+                 head_dim: int, dim: int = 1) -> torch.Tensor:
+    """A per-head tensor of one attention layer (its weights, their gradients), ``x`` with this rank's heads
+    along ``dim``, made whole: a rank's attention runs on the heads of its slice of the query projection's
+    output. Unchanged on a model that is not tensor-parallel or whose heads are whole."""
+    if layout is None:
+        return x
+    heads = layout.local_heads(q_proj, "output", head_dim)
+    if heads is None:
+        return x
+    if heads != layout.local_range(n_heads):
+        raise TensorParallelError(f"this rank holds heads {heads.start}..{heads.stop - 1} of {n_heads}, not an even "
+                                  "share; use a tp_size that divides the heads")
+    return layout.gather(x, dim, n_heads)
+
+
+def whole_heads(adapter, layer: int, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """:func:`gather_heads` for layer ``layer`` of the adapter's model (for methods that record attention
+    weights with hooks of their own)."""
+    return gather_heads(layout_of(adapter.model), adapter.q_proj(layer), x, adapter.n_heads, adapter.head_dim, dim)
+
+
 def full_parameter(value: torch.Tensor) -> torch.Tensor:
     """A parameter as the whole tensor: a sharded one (DTensor) gathered across its mesh (a collective:
     every rank reads it), any other as it is."""

@@ -46,7 +46,9 @@ def main(folder: str, out: str) -> None:
     from mech_vqa.methods.ablation import ablate, head_ablations
     from mech_vqa.methods.logit_lens import logit_lens
     from mech_vqa.methods.mechanistic import explain
+    from mech_vqa.methods.neurons import neuron_increase
     from mech_vqa.methods.raw_attention import raw_attention_map
+    from mech_vqa.methods.relevancy import relevancy
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -88,6 +90,11 @@ def main(folder: str, out: str) -> None:
     _close("logit_lens word_probs", got.word_probs, expected.word_probs, report)
 
     _close("raw_attention", raw_attention_map(tp, inp).scores, raw_attention_map(ref, inp).scores, report)
+
+    got, expected = neuron_increase(tp, inp, k=3, progress=False), neuron_increase(ref, inp, k=3, progress=False)
+    _close("neuron_increase", got.scores, expected.scores, report)
+    # gradients through the sharded attention, each rank's heads gathered for the head mean
+    _close("relevancy rows", relevancy(tp, inp, progress=False).rows, relevancy(ref, inp, progress=False).rows, report)
 
     # heads 1 and 2 of 4 live on different ranks (head j on rank j // 2): each rank edits its own
     value = torch.randn(2, 16)

@@ -1,8 +1,9 @@
 """Tensor parallelism (transformers' ``tp_plan="auto"``) on CPU: 2 gloo ranks under torchrun.
 
 The ranks run tests/tensor_parallel_worker.py: each holds half the heads and MLP neurons of the tiny
-LLaVA, and checks that captures, explain, the logit lens, raw attention, interventions on heads of
-either rank and a head-ablation sweep equal the unsharded model's to 1e-5, with no hook of ours left.
+LLaVA, and checks that captures, explain, the logit lens, raw attention, neuron increases, relevancy
+(gradients through the sharded attention), interventions on heads of either rank and a head-ablation
+sweep equal the unsharded model's to 1e-5, with no hook of ours left.
 """
 
 import json
@@ -22,7 +23,7 @@ REPO = WORKER.parents[1]
 COMPARED = {"logits", "capture ('z', 0)", "capture ('q', 1)", "capture ('k', 1)", "capture ('v', 1)",
             "capture ('pattern', 1)", "capture ('mlp_act', 1)", "explain layers.attention", "explain layers.mlp",
             "explain heads", "explain positions", "explain patch_map", "logit_lens top_probs",
-            "logit_lens word_probs", "raw_attention", "intervention logits", "intervention z",
+            "logit_lens word_probs", "raw_attention", "neuron_increase", "relevancy rows", "intervention logits", "intervention z",
             "head ablation delta", "nnsight refused", "hooks_left"}
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
