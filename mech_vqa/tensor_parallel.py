@@ -23,6 +23,7 @@ import re
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -226,3 +227,13 @@ def full_parameter(value: torch.Tensor) -> torch.Tensor:
     """A parameter as the whole tensor: a sharded one (DTensor) gathered across its mesh (a collective:
     every rank reads it), any other as it is."""
     return value.full_tensor() if is_dtensor(value) else value
+
+
+def call_on_whole(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a whole input ``x`` outside the forward: a linear layer that tensor parallelism
+    sharded (its forward then takes and gives one rank's slices) is applied with its whole weight."""
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear) and is_dtensor(weight):
+        bias = module.bias
+        return F.linear(x.to(weight.dtype), full_parameter(weight), None if bias is None else full_parameter(bias))
+    return module(x.to(weight.dtype) if weight is not None else x)
