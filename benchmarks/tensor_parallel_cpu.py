@@ -99,19 +99,20 @@ def main() -> None:
 
 
 FAMILIES = {  # the tiny layouts of tests/conftest.py, same seeds
-    "gqa": ("tiny_llava", dict(seed=0, kv_heads=2)),
-    "mha": ("tiny_llava", dict(seed=1, kv_heads=None, layers=3)),
-    "mistral": ("tiny_llava", dict(seed=2, kv_heads=2, text_model="mistral", sliding_window=8)),
-    "qwen2": ("tiny_llava", dict(seed=3, kv_heads=2, text_model="qwen2", sliding_window=8, vision_model="siglip")),
-    "gemma": ("tiny_llava", dict(seed=7, kv_heads=2, text_model="gemma")),
-    "next": ("tiny_llava_next", dict(seed=5)),
-    "onevision": ("tiny_llava_onevision", dict(seed=6)),
-    "qwen2vl": ("tiny_qwen_vl", dict(seed=8, family="qwen2_vl")),
-    "qwen25vl": ("tiny_qwen_vl", dict(seed=9, family="qwen2_5_vl")),
-    "qwen3vl": ("tiny_qwen_vl", dict(seed=10, family="qwen3_vl")),
-    "gemma3": ("tiny_gemma3", dict(seed=8)),
-    "internvl": ("tiny_internvl", dict(seed=10)),
-    "idefics3": ("tiny_idefics3", dict(seed=11)),
+    "gqa": ("tiny_llava", {"seed": 0, "kv_heads": 2}),
+    "mha": ("tiny_llava", {"seed": 1, "kv_heads": None, "layers": 3}),
+    "mistral": ("tiny_llava", {"seed": 2, "kv_heads": 2, "text_model": "mistral", "sliding_window": 8}),
+    "qwen2": ("tiny_llava", {"seed": 3, "kv_heads": 2, "text_model": "qwen2", "sliding_window": 8,
+                             "vision_model": "siglip"}),
+    "gemma": ("tiny_llava", {"seed": 7, "kv_heads": 2, "text_model": "gemma"}),
+    "next": ("tiny_llava_next", {"seed": 5}),
+    "onevision": ("tiny_llava_onevision", {"seed": 6}),
+    "qwen2vl": ("tiny_qwen_vl", {"seed": 8, "family": "qwen2_vl"}),
+    "qwen25vl": ("tiny_qwen_vl", {"seed": 9, "family": "qwen2_5_vl"}),
+    "qwen3vl": ("tiny_qwen_vl", {"seed": 10, "family": "qwen3_vl"}),
+    "gemma3": ("tiny_gemma3", {"seed": 8}),
+    "internvl": ("tiny_internvl", {"seed": 10}),
+    "idefics3": ("tiny_idefics3", {"seed": 11}),
 }
 
 

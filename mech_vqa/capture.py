@@ -47,7 +47,7 @@ from torch import nn
 from .adapters import ModelAdapter, get_adapter
 from .hooks import HookSet, preserved_state
 from .interventions import Intervention, register_interventions
-from .tensor_parallel import TensorParallelError, TensorParallelLayout, gather_heads, layout_of
+from .tensor_parallel import TensorParallelLayout, gather_heads, layout_of
 
 LAYER_NAMES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "mlp_act",
                "deepstack")
@@ -239,9 +239,6 @@ def trace(
                 _register_deepstack(hooks, adapter, [layer for layer, w in plan.items() if "deepstack" in w],
                                     keep, positions)
             vision_wants = [name for name in MODEL_NAMES if name in wants]
-            if vision_wants and layout is not None and _whole_vision(adapter):
-                raise TensorParallelError("vision captures of a whole vision module (Qwen-VL) are not read on a "
-                                          "tensor-parallel model yet; capture the text model's names only")
             if vision_wants and _whole_vision(adapter):
                 # the projector is a whole vision module (Qwen-VL): both read from its output, as the adapter says
                 def vision_post(module, args, kwargs, out):
@@ -360,7 +357,8 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
     # a post-normed block (Gemma-3) adds its norm's output, not the attention module's, to the residual
     out_module = adapter.attn_out_module(layer) if "attn_out" in wants else attn
     if out_module is not attn:
-        hooks.post(out_module, lambda m, a, kw, out: keep(("attn_out", layer), whole.output(m, _select(out, positions))))
+        hooks.post(out_module, lambda m, a, kw, out: keep(("attn_out", layer),
+                                                          whole.output(m, _select(out, positions))))
     if want_q or want_k or want_v or (out_module is attn and "attn_out" in wants) or "pattern" in wants:
         want_out, want_pattern = "attn_out" in wants and out_module is attn, "pattern" in wants
 

@@ -63,6 +63,22 @@ def _whole_output_styles() -> tuple[type, ...]:
     return (tp.TensorParallelLayer, tp.EmbeddingParallel, tp.AllReduceParallel)
 
 
+def _weight_input_placement(module: nn.Module):
+    """How ``module``'s weight splits its input features (its last dim), None when whole or not sharded:
+    ``Shard(-1)`` for a plain split, the placement itself (raised on by the caller) for any other."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    weight = getattr(module, "weight", None)
+    if not is_dtensor(weight) or weight.ndim < 2:
+        return None
+    placement = weight.placements[0]
+    if isinstance(placement, Replicate):
+        return None
+    if type(placement) is Shard:
+        return Shard(-1) if placement.dim % weight.ndim == weight.ndim - 1 else None
+    return placement  # strided (packed) shards: not gathered here
+
+
 def _placement_dim(placements) -> int | None:
     """The dim a layout splits (``Shard(d)``), None for a whole one (``Replicate``); a layout that is
     neither (partial sums, strided shards of packed weights) raises."""
@@ -119,9 +135,14 @@ class TensorParallelLayout:
             return None
         style = self._styles[style_name]
         layouts = getattr(style, f"{side}_layouts", None)
+        if layouts is None and side == "input":
+            # a style that takes its input as it comes: split where its weight's input features are
+            layouts = _weight_input_placement(module)
+            if layouts is None:
+                return None
         if layouts is None:
-            if side == "input" or type(style) in _whole_output_styles():
-                return None  # a style that takes its input as it comes / hands back whole outputs
+            if type(style) in _whole_output_styles():
+                return None
             raise TensorParallelError(
                 f"{type(module).__name__} {self._names.get(id(module))!r} is sharded with style {style_name!r}, whose "
                 f"{side} layout the capture layer cannot read; capture elsewhere or load without tp_plan")

@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import ANSWER, QUESTION, hook_snapshot  # noqa: E402
+from conftest import ANSWER, QUESTION, hook_snapshot
 
-TOL = dict(rtol=0, atol=1e-5)
+TOL = {"rtol": 0, "atol": 1e-5}
 
 
 def _close(name: str, got, expected, report: dict) -> None:
@@ -72,7 +72,7 @@ def main(folder: str, out: str) -> None:
         ref.forward(inp)
     with torch.no_grad(), tp.trace(names, positions=[3, 7]) as got:
         tp.forward(inp)
-    for key in expected.keys():
+    for key in expected.store:
         _close(f"capture {key}", got[key], expected[key], report)
 
     got, expected = explain(tp, inp, heads=2, progress=False), explain(ref, inp, heads=2, progress=False)

@@ -424,13 +424,6 @@ class ModelAdapter:
     def b_O(self, layer: int) -> torch.Tensor | None:
         return module_parameter(self.o_proj(layer), "bias")
 
-    def W_U(self) -> torch.Tensor:
-        """``[vocab, d_model]``: the unembedding's weight (whole, also when tensor parallelism shards it)."""
-        return module_parameter(self.unembed, "weight")
-
-    def b_U(self) -> torch.Tensor | None:
-        return module_parameter(self.unembed, "bias")
-
     def W_down(self, layer: int) -> torch.Tensor:
         """``[d_model, d_mlp]``: neuron k of the MLP writes ``c_k * W_down[:, k]``."""
         return module_parameter(self.down_proj(layer), "weight")

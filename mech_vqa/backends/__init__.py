@@ -70,6 +70,5 @@ def make_backend(name: str | Backend, vqa, **options) -> Backend:
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
 
 
-__all__ = ["BACKENDS", "Backend", "BackendNotSupported", "HooksBackend", "check_tensor_parallel",
-           "check_readout_not_offloaded", "make_backend",
-           "require_hooks"]
+__all__ = ["BACKENDS", "Backend", "BackendNotSupported", "HooksBackend", "check_readout_not_offloaded",
+           "check_tensor_parallel", "make_backend", "require_hooks"]
