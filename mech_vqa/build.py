@@ -354,13 +354,16 @@ def qwen_vl_processor(tokenizer, *, patch_size: int = 14, merge_size: int = 2, t
 
 def image_only_processor(source: str):
     """A saved Qwen-VL processor reloaded without its video processor (when torchvision, which the video
-    processor needs, is not installed), or None for other families."""
+    processor needs, is not installed), a saved Mistral-3 ``PixtralProcessor`` reloaded without torchvision,
+    or None for other families."""
     import json
     from pathlib import Path
 
     from transformers import AutoConfig, AutoTokenizer
 
     family = getattr(AutoConfig.from_pretrained(source), "model_type", None)
+    if family == "mistral3":  # transformers' own class and files; its PIL image processor needs no torchvision
+        return pixtral_processor_class().from_pretrained(source)
     if family not in QWEN_FAMILIES:
         return None
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -679,4 +682,89 @@ def tiny_idefics3(seed: int = 0, *, tile_size: int = 32, patch_size: int = 4, sc
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Idefics3ForConditionalGeneration(config)
+    return model.eval(), processor
+
+
+MISTRAL3_SPECIAL = {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
+#: ``user : [IMG] {question} assistant :``, the processor expanding ``[IMG]`` into rows closed by
+#: ``[IMG_BREAK]`` and the last by ``[IMG_END]``
+MISTRAL3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} :{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %} [IMG]{% else %} {{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %} assistant :{% endif %}"
+)
+
+
+def pixtral_processor_class():
+    """transformers' own ``PixtralProcessor`` class, also where torchvision is not installed.
+
+    Its module imports one helper, ``get_resize_output_image_size``, from the torchvision image processor
+    module (only to count tokens); the PIL image processor module defines the same function. While the
+    processor module is imported (once), the PIL one stands in for the torchvision one; the stand-in is
+    removed right after, so nothing else sees it. With torchvision installed, the plain import runs.
+    """
+    import importlib
+    import sys
+    import types
+
+    name = "transformers.models.pixtral.processing_pixtral"
+    if name in sys.modules:
+        return sys.modules[name].PixtralProcessor
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        from transformers.models.pixtral import image_processing_pil_pixtral as pil
+
+        heavy = "transformers.models.pixtral.image_processing_pixtral"
+        stand_in = types.ModuleType(heavy)
+        stand_in.get_resize_output_image_size = pil.get_resize_output_image_size
+        sys.modules[heavy] = stand_in
+        try:
+            return importlib.import_module(name).PixtralProcessor
+        finally:
+            if sys.modules.get(heavy) is stand_in:
+                del sys.modules[heavy]
+    return importlib.import_module(name).PixtralProcessor
+
+
+def pixtral_processor(tokenizer, *, patch_size: int, spatial_merge_size: int, longest_edge: int,
+                      chat_template: str | None = MISTRAL3_CHAT_TEMPLATE):
+    """A ``PixtralProcessor`` with the PIL image processor (CLIP normalisation): the image resized to fit
+    ``longest_edge`` (aspect kept, floored), then stretched to whole tokens of ``patch_size *
+    spatial_merge_size`` px; ``[IMG]`` becomes one ``[IMG]`` per token, each row closed by ``[IMG_BREAK]``,
+    the last by ``[IMG_END]``."""
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": longest_edge},
+                                               patch_size={"height": patch_size, "width": patch_size})
+    return pixtral_processor_class()(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                                     spatial_merge_size=spatial_merge_size, chat_template=chat_template)
+
+
+def tiny_mistral3(seed: int = 0, *, patch_size: int = 4, spatial_merge_size: int = 2, longest_edge: int = 64,
+                  hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2):
+    """A tiny random ``Mistral3ForConditionalGeneration`` (Pixtral tower with 2D RoPE, RMS norm and patch
+    merger in the projector, Mistral text model) with its processor: ``(model, processor)``. Images up to
+    ``longest_edge`` px, one token per ``patch_size * spatial_merge_size`` px square."""
+    import transformers
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
+
+    tokenizer = word_level_tokenizer(TINY_WORDS, extra_special=MISTRAL3_SPECIAL)
+    processor = pixtral_processor(tokenizer, patch_size=patch_size, spatial_merge_size=spatial_merge_size,
+                                  longest_edge=longest_edge)
+    text = transformers.MistralConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, head_dim=hidden // heads, vocab_size=len(tokenizer), max_position_embeddings=1024,
+        sliding_window=None, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    vision = PixtralVisionConfig(image_size=longest_edge, patch_size=patch_size, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=2)
+    config = Mistral3Config(vision_config=vision, text_config=text, spatial_merge_size=spatial_merge_size,
+                            image_token_index=tokenizer.convert_tokens_to_ids(MISTRAL3_SPECIAL["image_token"]),
+                            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Mistral3ForConditionalGeneration(config)
+        with torch.no_grad():  # initialised at 1: make the projector's norm gain matter
+            model.model.multi_modal_projector.norm.weight.normal_(1, 0.5)
     return model.eval(), processor

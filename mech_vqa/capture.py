@@ -250,10 +250,11 @@ def trace(
             else:
                 whole = _Whole(layout)
                 if "vision_features" in wants:
-                    hooks.pre(adapter.projector, lambda m, a, kw: keep(
-                        "vision_features", whole.input(m, a[0] if a else next(iter(kw.values())))))
+                    hooks.pre(adapter.projector, lambda m, a, kw: keep("vision_features", adapter.vision_rows(
+                        whole.input(m, a[0] if a else next(iter(kw.values()))))))
                 if "projector_out" in wants:
-                    hooks.post(adapter.projector, lambda m, a, kw, out: keep("projector_out", whole.output(m, out)))
+                    hooks.post(adapter.projector, lambda m, a, kw, out: keep(
+                        "projector_out", adapter.vision_rows(whole.output(m, out))))
             yield cache
         finally:
             hooks.remove()

@@ -340,6 +340,11 @@ def collate(items: list[PreparedInput], pad_token_id: int) -> BatchedInput:
     elif pixels[0].dim() == 5:  # tiled images: pad every row to the most views (the model reads image_sizes)
         most = max(p.shape[1] for p in pixels)
         pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
+    elif len({tuple(p.shape[-2:]) for p in pixels}) > 1:
+        # images of their own sizes (Mistral-3): zero-padded right and bottom, as the processor batches them; the
+        # model crops each row back to its image_sizes
+        height, width = max(p.shape[-2] for p in pixels), max(p.shape[-1] for p in pixels)
+        pixels = [torch.nn.functional.pad(p, (0, width - p.shape[-1], 0, height - p.shape[-2])) for p in pixels]
     extra = {}
     for key, value in items[0].extra.items():
         if torch.is_tensor(value) and value.dim() == 2 and all(

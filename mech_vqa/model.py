@@ -111,11 +111,13 @@ class VQAModel:
                 model = AutoModelForImageTextToText.from_pretrained(source, **model_kwargs)
             try:
                 processor = AutoProcessor.from_pretrained(source)
-            except OSError as err:
-                # Qwen-VL processors insist on a video processor, which needs torchvision; images need none
+            except (OSError, ImportError) as err:
+                # Qwen-VL processors insist on a video processor, and transformers' PixtralProcessor (Mistral-3)
+                # is marked as needing torchvision; images need neither
                 from .build import image_only_processor
 
-                if "video processor" not in str(err) or (processor := image_only_processor(source)) is None:
+                wants_torchvision = "video processor" in str(err) or "Torchvision" in str(err)
+                if not wants_torchvision or (processor := image_only_processor(source)) is None:
                     raise
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             if type(err).__name__ == "AdapterError" or isinstance(err, ModelLoadError):

@@ -158,6 +158,16 @@ def tiny_idefics3_vqa() -> VQAModel:
     return _warmed_up(VQAModel(model, processor, name="tiny-idefics3"))
 
 
+@pytest.fixture(scope="session")
+def tiny_mistral3_vqa() -> VQAModel:
+    """Tiny Mistral-3: Pixtral tower (4 px patches, 2D RoPE), patch merger 2 x 2 -> 8 px tokens, images up to
+    64 px (aspect kept), rows of [IMG] closed by [IMG_BREAK] / [IMG_END], Mistral text model."""
+    from mech_vqa.build import tiny_mistral3
+
+    model, processor = tiny_mistral3(seed=12)
+    return _warmed_up(VQAModel(model, processor, name="tiny-mistral3"))
+
+
 @pytest.fixture(params=["next", "onevision"])
 def tiled_vqa(request) -> VQAModel:
     """The adapters whose images come as several views (tiles)."""
@@ -167,7 +177,8 @@ def tiled_vqa(request) -> VQAModel:
 FAMILIES = {"gqa": "tiny_vqa", "mha": "tiny_mha_vqa", "mistral": "tiny_mistral_vqa", "qwen2": "tiny_qwen2_vqa",
             "gemma": "tiny_gemma_vqa", "next": "tiny_next_vqa", "onevision": "tiny_onevision_vqa",
             "qwen2vl": "tiny_qwen2vl_vqa", "qwen25vl": "tiny_qwen25vl_vqa", "qwen3vl": "tiny_qwen3vl_vqa",
-            "gemma3": "tiny_gemma3_vqa", "internvl": "tiny_internvl_vqa", "idefics3": "tiny_idefics3_vqa"}
+            "gemma3": "tiny_gemma3_vqa", "internvl": "tiny_internvl_vqa", "idefics3": "tiny_idefics3_vqa",
+            "mistral3": "tiny_mistral3_vqa"}
 
 
 @pytest.fixture(params=list(FAMILIES))
@@ -175,7 +186,7 @@ def any_vqa(request) -> VQAModel:
     """Each layout the adapters support: Llama GQA / MHA, Mistral and Qwen2 with sliding windows, Gemma,
     LLaVA-NeXT and LLaVA-OneVision tiles, Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dynamic resolution, M-RoPE,
     QK-norm and DeepStack), Gemma-3 (sandwich norms, bidirectional image blocks), InternVL and Idefics3
-    (tiles with the whole image last)."""
+    (tiles with the whole image last), Mistral-3 (variable-size images with row-break markers, patch merger)."""
     return request.getfixturevalue(FAMILIES[request.param])
 
 

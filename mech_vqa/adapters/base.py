@@ -501,6 +501,12 @@ class ModelAdapter:
         vision module (Qwen-VL); None: the projector's own input and output are those (LLaVA)."""
         return None
 
+    def vision_rows(self, value: torch.Tensor) -> torch.Tensor:
+        """The projector's input / output as captured (``vision_features`` / ``projector_out``) with one
+        row per image batch, ``[n_images, n, d]``: as it is for most families; Mistral-3's model squeezes
+        that axis before its projector, so it restores it."""
+        return value
+
     def deepstack_layers(self) -> list[int]:
         """Decoder layers after which the model adds vision features to the residual stream outside the
         layer modules (Qwen3-VL's DeepStack); empty for most families."""

@@ -497,7 +497,7 @@ class NNsightBackend(Backend):
                 if (index, "vision_output") in saved:   # a whole vision module's output (Qwen-VL)
                     keep(name, adapter.vision_outputs(saved[index, "vision_output"], self._grid)[name])
                 else:
-                    keep(name, saved[index, name])
+                    keep(name, adapter.vision_rows(saved[index, name]))
                 continue
             for layer, layer_names in spec.plan.items():
                 if name in ("q", "k") or name not in layer_names:

@@ -95,8 +95,16 @@ def baseline_image(image, kind: str = "blur", *, kernel_size: int | None = None,
 
 def preprocess_image(processor, image) -> torch.Tensor:
     """``pixel_values`` of ``image`` through the processor's image processor (as ``prepare`` does)."""
+    from transformers.processing_utils import ProcessorMixin
+
     image = check_image(image)
-    pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    own = getattr(type(processor), "_process_images", None)
+    if own is not None and own is not ProcessorMixin._process_images:
+        # the processor sets its image processor's options itself (Pixtral: whole tokens of patch * merge px,
+        # where the image processor alone rounds to patches): its own image path, as prepare's call takes it
+        pixels = processor._process_images(image, return_tensors="pt")[0]["pixel_values"]
+    else:
+        pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
     # a processor that returns one flat list of patches (Qwen-VL) gets the row dimension prepare gives it
     return pixels.unsqueeze(0) if pixels.dim() == 2 else pixels
 
