@@ -113,6 +113,7 @@ FAMILIES = {  # the tiny layouts of tests/conftest.py, same seeds
     "gemma3": ("tiny_gemma3", {"seed": 8}),
     "internvl": ("tiny_internvl", {"seed": 10}),
     "idefics3": ("tiny_idefics3", {"seed": 11}),
+    "mistral3": ("tiny_mistral3", {"seed": 12}),
 }
 
 
