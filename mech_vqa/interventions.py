@@ -185,3 +185,60 @@ def register_interventions(hooks: HookSet, adapter: ModelAdapter, interventions:
                     return (_apply(output[0], edits, adapter, False), *output[1:])
                 return _apply(output, edits, adapter, False)
             hooks.post(module, post)
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionEdit:
+    """Remove attention edges in decoder layer ``layer`` (the attention knockout's edit).
+
+    ``blocked`` ``[batch, 1 | n_heads, R, K]`` bool: True removes the edge from query row ``first + r`` to
+    key ``k`` (``1``: in every head), by the attention mask: its pre-softmax score becomes ``-inf``, its
+    weight exactly zero, and the row's softmax renormalises over its remaining edges. Every backend applies
+    it to the mask the layer's attention receives (:func:`~mech_vqa.backends.nnsight_ops.block_edges`);
+    it needs eager or SDPA attention, which take explicit masks.
+    """
+
+    layer: int
+    blocked: torch.Tensor
+    first: int = 0
+
+    def __post_init__(self):
+        if not torch.is_tensor(self.blocked) or self.blocked.dtype != torch.bool or self.blocked.dim() != 4:
+            raise ValueError("AttentionEdit.blocked must be a bool tensor [batch, 1 | n_heads, rows, keys]")
+        if self.first < 0:
+            raise ValueError(f"AttentionEdit.first must be >= 0, got {self.first}")
+
+    def check(self, adapter: ModelAdapter) -> None:
+        adapter.check_layer(self.layer)
+        if self.blocked.shape[1] not in (1, adapter.n_heads):
+            raise ValueError(f"AttentionEdit.blocked has {self.blocked.shape[1]} heads; give 1 (every head) or "
+                             f"the model's {adapter.n_heads}")
+
+
+def check_explicit_masks(model) -> None:
+    """One clear error unless the text layers take explicit attention masks (eager or SDPA attention)."""
+    config = getattr(model, "config", None)
+    implementation = getattr(getattr(config, "text_config", config), "_attn_implementation", None)
+    if implementation not in ("eager", "sdpa"):
+        raise ValueError(f"attention edits need 'sdpa' or 'eager' attention (they edit the explicit mask), not "
+                         f"{implementation!r}; load the model with attn_implementation='sdpa'")
+
+
+def register_attention_edits(hooks: HookSet, adapter: ModelAdapter, edits: Sequence[AttentionEdit]) -> None:
+    """One pre-hook per edited layer's attention, replacing the mask it receives (hooks backend)."""
+    # torch-only: the same code runs inside nnsight traces
+    from .backends.nnsight_ops import block_edges
+
+    groups: dict[int, list] = defaultdict(list)
+    for edit in edits:
+        edit.check(adapter)
+        groups[adapter.check_layer(edit.layer)].append((edit.first, edit.blocked))
+    for layer, items in groups.items():
+        def pre_attention(module, args, kwargs, layer=layer, items=items):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if "attention_mask" not in kwargs:
+                raise RuntimeError(f"layer {layer}'s attention was called without an attention_mask keyword; this "
+                                   "model family cannot take attention edits")
+            mask = block_edges(kwargs["attention_mask"], items, layer, hidden.shape[0], hidden.shape[1])
+            return args, {**kwargs, "attention_mask": mask}
+        hooks.pre(adapter.attn(layer), pre_attention)

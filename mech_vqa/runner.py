@@ -17,7 +17,9 @@ run's at every layer: :class:`AnswerRowRunner` keeps the clean run's keys and va
 cache) and :meth:`AnswerRowRunner.run_rows` recomputes only those rows, batched over
 interventions, with optional attention-edge edits (the attention knockout's). Ablation uses it for
 ``where="answer"``; any method that edits only the answer rows (patching at the answer position)
-can call ``AnswerRowRunner(vqa, inp).run_rows(layer, batch, positions, interventions)``.
+can call ``answer_rows_for(vqa, inp).run_rows(layer, batch, positions, interventions)``: on backends
+other than hooks that is :class:`FullForwardAnswerRows`, the same numbers by whole forwards through
+``vqa.trace`` (attention edits through :class:`~mech_vqa.interventions.AttentionEdit`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from .hooks import HookSet, preserved_state
-from .interventions import Intervention, register_interventions
+from .interventions import AttentionEdit, Intervention, check_explicit_masks, register_interventions
 
 
 def last_mlp_only_at(hooks: HookSet, adapter, rows: torch.Tensor) -> None:
@@ -335,6 +337,32 @@ def _rows_edit(edit: Intervention, first: int, count: int, seq_len: int) -> Inte
     return dataclasses.replace(edit, value=value)
 
 
+def _check_rows_run(adapter, layer, batch, positions, interventions, first, blocked, joins, seq_len, device):
+    """:meth:`AnswerRowRunner.run_rows`'s arguments checked: ``(layer, starts per row, positions, first, last)``."""
+    layer = adapter.check_layer(layer)
+    early = [edit.layer for edit in interventions if adapter.check_layer(edit.layer) < layer]
+    if early:
+        raise ValueError(f"interventions at layers {sorted(set(early))} precede the resume layer {layer}")
+    starts = [layer] * batch if joins is None else [adapter.check_layer(j) for j in joins]
+    if len(starts) != batch or starts[0] != layer or any(b < a for a, b in zip(starts, starts[1:])):
+        raise ValueError(f"joins must give one non-decreasing layer per batch row ({batch}), the first equal to "
+                         f"the start layer {layer}; got {list(joins)}")
+    if joins is not None and blocked is not None:
+        raise ValueError("joins (a batch that grows over the layers) cannot be combined with attention edits")
+    late = [edit.layer for edit in interventions
+            if any(adapter.check_layer(edit.layer) < starts[row]
+                   for row in (range(batch) if edit.rows is None else edit.rows) if row < batch)]
+    if late:
+        raise ValueError(f"interventions at layers {sorted(set(late))} edit batch rows that join later")
+    positions = torch.as_tensor(positions, dtype=torch.long, device=device).flatten() % seq_len
+    last = int(positions.max())
+    first = int(positions.min()) if first is None else int(first)
+    if not 0 <= first <= int(positions.min()):
+        raise ValueError(f"first recomputed row {first} must lie in 0..{int(positions.min())} (the first "
+                         "unembedded position)")
+    return layer, starts, positions, first, last
+
+
 class AnswerRowRunner(ResidualCheckpoint):
     """Recompute only the last rows of the sequence, reusing the clean run for every earlier row.
 
@@ -362,7 +390,8 @@ class AnswerRowRunner(ResidualCheckpoint):
     zero and the row's softmax renormalises over the remaining edges (the attention knockout of
     Geva et al. 2023 / Zhang et al. 2025). A query row left with no edge at all is an error.
 
-    Hooks backend only (it calls decoder layers directly).
+    Hooks backend only (it calls decoder layers directly); :func:`answer_rows_for` gives
+    :class:`FullForwardAnswerRows` on other backends.
     """
 
     def __init__(self, vqa, inp, rows: Sequence[int] | torch.Tensor | None = None):
@@ -399,6 +428,8 @@ class AnswerRowRunner(ResidualCheckpoint):
             raise RuntimeError(f"the attention of layers {missing} did not pass keys/values through its cache "
                                "argument; this model family is not supported by the answer-row path")
         self.seq_len = self.inputs[0].shape[1]
+        #: where the clean run's residual stream lies (attention edits may be built there)
+        self.device = self.inputs[0].device
 
     # ------------------------------------------------------------------ per-layer arguments
     def allowed(self, layer: int, first: int, last: int) -> torch.Tensor:
@@ -474,27 +505,8 @@ class AnswerRowRunner(ResidualCheckpoint):
             log_softmax: False returns the fp32 logits instead (a caller that needs a few tokens'
                 log-probabilities takes one logsumexp instead of a ``[batch, P, vocab]`` log-softmax).
         """
-        layer = self.adapter.check_layer(layer)
-        early = [edit.layer for edit in interventions if self.adapter.check_layer(edit.layer) < layer]
-        if early:
-            raise ValueError(f"interventions at layers {sorted(set(early))} precede the resume layer {layer}")
-        starts = [layer] * batch if joins is None else [self.adapter.check_layer(j) for j in joins]
-        if len(starts) != batch or starts[0] != layer or any(b < a for a, b in zip(starts, starts[1:])):
-            raise ValueError(f"joins must give one non-decreasing layer per batch row ({batch}), the first equal to "
-                             f"the start layer {layer}; got {list(joins)}")
-        if joins is not None and blocked is not None:
-            raise ValueError("joins (a batch that grows over the layers) cannot be combined with attention edits")
-        late = [edit.layer for edit in interventions
-                if any(self.adapter.check_layer(edit.layer) < starts[row]
-                       for row in (range(batch) if edit.rows is None else edit.rows) if row < batch)]
-        if late:
-            raise ValueError(f"interventions at layers {sorted(set(late))} edit batch rows that join later")
-        positions = torch.as_tensor(positions, dtype=torch.long, device=self.inputs[0].device).flatten() % self.seq_len
-        last = int(positions.max())
-        first = int(positions.min()) if first is None else int(first)
-        if not 0 <= first <= int(positions.min()):
-            raise ValueError(f"first recomputed row {first} must lie in 0..{int(positions.min())} (the first "
-                             "unembedded position)")
+        layer, starts, positions, first, last = _check_rows_run(self.adapter, layer, batch, positions, interventions,
+                                                                first, blocked, joins, self.seq_len, self.device)
         count = last + 1 - first
         edits = [_rows_edit(edit, first, count, self.seq_len) for edit in interventions]
         joining = [starts.count(index) for index in range(self.adapter.n_layers)]  # rows joining at each layer
@@ -523,3 +535,88 @@ class AnswerRowRunner(ResidualCheckpoint):
                 hooks.remove()
         logits = self.adapter.unembed(self.adapter.final_norm(hidden[:, local])).float()
         return logits.log_softmax(-1) if log_softmax else logits
+
+
+class FullForwardAnswerRows(_CleanLogits):
+    """:class:`AnswerRowRunner`'s interface by whole forwards through ``vqa.trace`` / ``vqa.forward``.
+
+    For backends other than hooks (nnsight, locally or remotely), where calling decoder layers directly
+    would bypass the backend. :meth:`run_rows` computes what :meth:`AnswerRowRunner.run_rows` does:
+    interventions edit only rows ``first..last`` (an edit of all positions is cut to them, as there) and
+    attention edits go to the masks the layers receive (:class:`~mech_vqa.interventions.AttentionEdit`).
+    Every earlier row is then the clean run's at every layer (causal attention), so the numbers are
+    those of the answer-row path; each run recomputes the whole sequence (the vision tower included),
+    which costs a forward per batch instead of a decoding step. ``joins`` need no special handling here:
+    a row's clean layers before its first edit are recomputed as they were.
+    """
+
+    def __init__(self, vqa, inp, rows: Sequence[int] | torch.Tensor | None = None):
+        self.vqa = vqa
+        self.adapter = vqa.adapter
+        self.one = inp.model_inputs(vqa.device, vqa.adapter.vision_dtype())
+        self.seq_len = int(inp.seq_len)
+        self.device = vqa.device
+        with torch.no_grad():
+            self._kept_rows, self._kept = _clean_logits(vqa, inp, rows)
+
+    @property
+    def clean_logits(self) -> torch.Tensor:
+        """``[1, S, vocab]`` fp32; NaN at the rows that were not computed."""
+        if self._kept_rows is None:
+            return self._kept
+        logits = self._kept.new_full((1, self.seq_len, self._kept.shape[-1]), float("nan"))
+        logits[:, self._kept_rows.to(logits.device)] = self._kept
+        return logits
+
+    def clean_logits_at(self, positions) -> torch.Tensor:
+        """``[P, vocab]`` fp32 clean logits at ``positions`` (which must be among the computed rows)."""
+        positions = torch.as_tensor(positions, dtype=torch.long).flatten() % self.seq_len
+        if self._kept_rows is None:
+            return self._kept[0, positions.to(self._kept.device)]
+        index = {int(row): i for i, row in enumerate(self._kept_rows)}
+        missing = sorted({int(p) for p in positions} - set(index))
+        if missing:
+            raise ValueError(f"the clean logits were computed at rows {sorted(index)} only, not at {missing}; "
+                             "pass those positions as rows when building the runner")
+        return self._kept[0, torch.tensor([index[int(p)] for p in positions], device=self._kept.device)]
+
+    @torch.no_grad()
+    def run_rows(self, layer: int, batch: int, positions: Sequence[int] | torch.Tensor,
+                 interventions: Sequence[Intervention] = (), *, first: int | None = None,
+                 blocked=None, joins: Sequence[int] | None = None, log_softmax: bool = True) -> torch.Tensor:
+        """As :meth:`AnswerRowRunner.run_rows` (same arguments, same numbers), by one whole forward."""
+        layer, _, positions, first, last = _check_rows_run(self.adapter, layer, batch, positions, interventions,
+                                                           first, blocked, joins, self.seq_len, self.device)
+        count = last + 1 - first
+        edits = [_absolute(_rows_edit(edit, first, count, self.seq_len), first, count) for edit in interventions]
+        attention = []
+        for index in range(layer, self.adapter.n_layers) if blocked is not None else ():
+            mask = blocked(index, first, last)
+            if mask is not None:
+                attention.append(AttentionEdit(index, mask.bool(), first))
+        if attention:
+            check_explicit_masks(self.vqa.model)
+        # every tensor once per row, as FullForwardRuns batches them (flat patch lists and views included)
+        inputs = {k: v.repeat(batch, *[1] * (v.dim() - 1)) if torch.is_tensor(v) else v for k, v in self.one.items()}
+        keep = {"logits_to_keep": positions} if "logits_to_keep" in inspect.signature(
+            self.vqa.model.forward).parameters else {}
+        with self.vqa.trace((), interventions=edits, attention_edits=attention):
+            logits = self.vqa.forward(inputs, **keep).logits
+        logits = (logits if keep else logits[:, positions]).float()
+        return logits.log_softmax(-1) if log_softmax else logits
+
+
+def _absolute(edit: Intervention, first: int, count: int) -> Intervention:
+    """An edit of the recomputed rows (positions relative to ``first``, None = all of them) at absolute positions."""
+    import dataclasses
+
+    positions = range(count) if edit.positions is None else edit.positions
+    return dataclasses.replace(edit, positions=tuple(first + p for p in positions))
+
+
+def answer_rows_for(vqa, inp, rows=None):
+    """An :class:`AnswerRowRunner` on the hooks backend (clean logits at ``rows`` only, when given),
+    :class:`FullForwardAnswerRows` (same numbers, whole forwards through the backend) on any other."""
+    if getattr(getattr(vqa, "backend", None), "name", "hooks") == "hooks":
+        return AnswerRowRunner(vqa, inp, rows)
+    return FullForwardAnswerRows(vqa, inp, rows)

@@ -555,11 +555,10 @@ def test_gemma3_4b_geometry_at_real_scale():
         assert geometry.boxes[17].tolist() == [56.0, 56.0, 112.0, 112.0]
 
 
-def test_gemma3_batch_equals_rows_alone_and_nnsight_is_refused(tiny_gemma3_vqa, image):
-    """Left padding carries token_type_ids along (image blocks stay where the ids are); the nnsight
-    backend, which reads a pre-norm layer, refuses the model with one clear error."""
+def test_gemma3_batch_equals_rows_alone_on_both_backends(tiny_gemma3_vqa, image):
+    """Left padding carries token_type_ids along (image blocks stay where the ids are), on the hooks
+    backend and through one nnsight trace (post-norms, QK-norm and image blocks followed there too)."""
     from mech_vqa import VQAModel, explain
-    from mech_vqa.backends import BackendNotSupported
 
     vqa = tiny_gemma3_vqa
     long = vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
@@ -570,8 +569,10 @@ def test_gemma3_batch_equals_rows_alone_and_nnsight_is_refused(tiny_gemma3_vqa, 
         torch.testing.assert_close(together[row].heads.scores, alone.heads.scores, rtol=1e-4, atol=2e-5)
         torch.testing.assert_close(together[row].positions.scores, alone.positions.scores, rtol=1e-4, atol=2e-5)
     pytest.importorskip("nnsight")
-    with pytest.raises(BackendNotSupported, match="overrides output_norm, attention_blocks"):
-        VQAModel(vqa.model, vqa.processor, backend="nnsight")
+    nns = VQAModel(vqa.model, vqa.processor, name=vqa.name, backend="nnsight")
+    for got, expected in zip(explain(nns, nns.batch([long, short]), heads=[(1, 1), (0, 2)]), together):
+        torch.testing.assert_close(got.heads.scores, expected.heads.scores, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.positions.scores, expected.positions.scores, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ InternVL

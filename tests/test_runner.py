@@ -70,3 +70,49 @@ def test_answer_rows_joining_at_their_layers_equal_separate_runs(tiny_vqa, prepa
         runner.run_rows(0, 2, positions, joins=[1, 0])
     with pytest.raises(ValueError, match="computed at rows"):
         runner.clean_logits_at([0])
+
+
+def test_full_forward_answer_rows_equal_the_answer_row_runner(any_vqa, image):
+    """FullForwardAnswerRows (whole forwards through vqa.trace, interventions cut to rows first..last,
+    attention edges removed through the masks the layers receive) gives AnswerRowRunner's numbers on every
+    layout: edits of all positions, per-head and explicit-position edits, rows joining late, per-head and
+    all-head attention edits."""
+    from conftest import ANSWER, QUESTION
+    from mech_vqa.interventions import Intervention
+    from mech_vqa.runner import AnswerRowRunner, FullForwardAnswerRows
+
+    vqa = any_vqa
+    inp = vqa.prepare(image, QUESTION, ANSWER)
+    a = vqa.adapter
+    positions = (inp.answer_positions - 1).tolist()
+    first, last = positions[0] - 2, positions[-1]
+    fast, whole = AnswerRowRunner(vqa, inp, positions), FullForwardAnswerRows(vqa, inp, positions)
+    torch.testing.assert_close(whole.clean_logits_at(positions), fast.clean_logits_at(positions), rtol=0, atol=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    top = a.n_layers - 1
+    edits = [Intervention("z", 0, heads=[0, a.n_heads - 1], rows=(0,)),
+             Intervention("z", top, heads=[1, 2], positions=[positions[0], last], mode="replace",
+                          value=torch.randn(a.head_dim, generator=generator), rows=(1,)),
+             Intervention("mlp_out", top, positions=[last], rows=(2,)),
+             Intervention("resid_post", top, mode="replace", value=torch.randn(a.d_model, generator=generator),
+                          rows=(2,))]
+    joins = [0, top, top]
+    expected = fast.run_rows(0, 3, positions, edits, first=first, joins=joins)
+    got = whole.run_rows(0, 3, positions, edits, first=first, joins=joins)
+    assert (expected - fast.clean_logits_at(positions).log_softmax(-1)).abs().max() > 1e-4   # the edits matter
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+    count = last + 1 - first
+
+    def blocked(layer, first_row, last_row):
+        assert (first_row, last_row) == (first, last)
+        mask = torch.rand(2, a.n_heads if layer == top else 1, count, last + 1, generator=generator) < 0.5
+        mask[..., torch.arange(count), first + torch.arange(count)] = False   # every row keeps itself
+        return mask
+
+    state = generator.get_state()
+    expected = fast.run_rows(0, 2, positions, first=first, blocked=blocked)
+    generator.set_state(state)
+    got = whole.run_rows(0, 2, positions, first=first, blocked=blocked)
+    assert (expected - fast.clean_logits_at(positions).log_softmax(-1)).abs().max() > 1e-4
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

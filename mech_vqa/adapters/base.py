@@ -213,6 +213,11 @@ def _rms_gain(norm: nn.Module, eps: float) -> torch.Tensor:
     ``norm(1) = gain / sqrt(1 + eps)``. A norm that is neither form is one clear error.
     """
     weight = norm.weight.detach()
+    if weight.device.type == "meta":
+        raise AdapterError(f"the weight of {type(norm).__name__} is on the meta device, not in this process (a "
+                           "weightless remote=True nnsight client, or a layer offloaded by accelerate), and this score "
+                           "reads it here for this model: run with the weights in this process (remote='local' or "
+                           "False, or backend='hooks')")
     with torch.no_grad():
         ones = torch.ones(1, weight.shape[-1], dtype=weight.dtype, device=weight.device)
         gain = type(norm).forward(norm, ones).float()[0] * (1 + eps) ** 0.5

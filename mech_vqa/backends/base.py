@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 
 import torch
 
 from ..capture import ActivationCache, trace
-from ..interventions import Intervention
+from ..hooks import HookSet
+from ..interventions import AttentionEdit, Intervention, register_attention_edits
 
 
 class BackendNotSupported(NotImplementedError):
@@ -21,7 +23,9 @@ class Backend:
     ``trace(...)`` is a context manager yielding an :class:`~mech_vqa.capture.ActivationCache` that
     is filled by the ``forward(...)`` calls made inside it (nested traces all see the same forward);
     names, shapes and :class:`~mech_vqa.interventions.Intervention` semantics are those of
-    :func:`mech_vqa.capture.trace` for every backend.
+    :func:`mech_vqa.capture.trace` for every backend. ``attention_edits``
+    (:class:`~mech_vqa.interventions.AttentionEdit`) remove attention edges through the masks the
+    layers' attention receives, the same way on every backend.
     """
 
     name = "base"
@@ -31,7 +35,8 @@ class Backend:
 
     def trace(self, names: Sequence[str] = (), *, layers: Iterable[int] | None = None, positions=None,
               to_cpu: bool = False, detach: bool = True,
-              interventions: Sequence[Intervention] = ()) -> AbstractContextManager[ActivationCache]:
+              interventions: Sequence[Intervention] = (),
+              attention_edits: Sequence[AttentionEdit] = ()) -> AbstractContextManager[ActivationCache]:
         raise NotImplementedError
 
     def forward(self, inputs: dict, **kwargs):
@@ -51,8 +56,20 @@ class HooksBackend(Backend):
 
     name = "hooks"
 
-    def trace(self, names=(), **kwargs):
-        return trace(self.vqa.model, self.vqa.adapter, names, **kwargs)
+    def trace(self, names=(), *, attention_edits: Sequence[AttentionEdit] = (), **kwargs):
+        if not attention_edits:
+            return trace(self.vqa.model, self.vqa.adapter, names, **kwargs)
+        return self._trace_with_edges(names, attention_edits, kwargs)
+
+    @contextlib.contextmanager
+    def _trace_with_edges(self, names, attention_edits, kwargs):
+        hooks = HookSet()
+        try:
+            register_attention_edits(hooks, self.vqa.adapter, attention_edits)
+            with trace(self.vqa.model, self.vqa.adapter, names, **kwargs) as cache:
+                yield cache
+        finally:
+            hooks.remove()
 
     def forward(self, inputs: dict, **kwargs):
         return self.vqa.model(**inputs, **kwargs)

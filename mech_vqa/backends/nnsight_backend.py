@@ -32,7 +32,7 @@ import torch
 
 from ..capture import NAMES, ActivationCache, CaptureError, _layer_plan, _normalise_positions, _select
 from ..hooks import preserved_state
-from ..interventions import Intervention
+from ..interventions import AttentionEdit, Intervention, check_explicit_masks
 from . import nnsight_ops
 from .base import Backend, BackendNotSupported
 
@@ -105,11 +105,14 @@ def check_ndif(nnsight, model) -> None:
 # Where each name is read, per decoder layer, in the order a forward reaches them (nnsight waits for
 # each place in turn, so one trace must visit them in execution order). ``element`` picks an item of a
 # tuple output (attention returns (output, weights)); ``pe`` is the attention's rotary (cos, sin).
+# ``attn_out`` / ``mlp_out`` / ``resid_mid`` are read where the adapter says: a block's post-norm
+# (Gemma-3's sandwich norms) runs after the block module, hence the half steps of _POST_NORM_SLOTS.
 _SLOTS = {"resid_pre": ("layer", "input", 0), "pe": ("attn", "pe", 1), "q": ("q_proj", "output", 2),
           "k": ("k_proj", "output", 3), "v": ("v_proj", "output", 4), "z": ("o_proj", "input", 5),
-          "attn_out": ("attn", "output", 6), "pattern": ("attn", "output", 6),
-          "resid_mid": ("post_attention_layernorm", "input", 7), "mlp_act": ("down_proj", "input", 8),
-          "mlp_out": ("mlp", "output", 9), "resid_post": ("layer", "output", 10)}
+          "attn_out": ("attn_out", "output", 6), "pattern": ("attn", "output", 6),
+          "resid_mid": ("resid_mid", "input", 7), "mlp_act": ("down_proj", "input", 8),
+          "mlp_out": ("mlp_out", "output", 9), "resid_post": ("layer", "output", 10)}
+_POST_NORM_SLOTS = {"attn_out": 6.5, "mlp_out": 9.5}
 _PER_LAYER = 11
 _EDIT_SLOTS = {"z": "z", "attn_out": "attn_out", "mlp_out": "mlp_out", "resid_pre": "resid_pre",
                "resid_post": "resid_post"}
@@ -126,6 +129,7 @@ class _Spec:
     detach: bool
     interventions: tuple[Intervention, ...]
     cache: ActivationCache
+    attention_edits: tuple[AttentionEdit, ...] = ()
 
 
 @dataclass
@@ -136,8 +140,9 @@ class _Step:
     path: str
     where: str                 # "input", "output" or "pe"
     per_head: bool = False
-    edits: list | None = None
+    edits: list | None = None      # interventions' tuples; at an attention's inputs ("pe"): (first, blocked)
     captures: list | None = None   # (key, element, positions, dim, check_positions)
+    layer: int | None = None
 
 
 class NNsightBackend(Backend):
@@ -157,18 +162,6 @@ class NNsightBackend(Backend):
         if remote is not True and remote not in (False, "local"):
             raise ValueError(f"remote must be False (in process), 'local' (nnsight's offline simulation of a "
                              f"remote call) or True (NDIF), got {remote!r}")
-        from ..adapters import ModelAdapter
-
-        # QK-norm (Qwen3-VL) is followed: _fill_qk applies adapter.normalise_qk to the raw projections
-        differs = [name for name in ("output_norm", "attention_blocks", "logit_softcap")
-                   if getattr(type(vqa.adapter), name) is not getattr(ModelAdapter, name)]
-        if differs:
-            # its reading places (_SLOTS) are a pre-norm Llama layer's: post-norms and bidirectional
-            # blocks are read by the hooks backend only
-            raise BackendNotSupported(
-                f"the nnsight backend reads a pre-norm Llama-like layer; {type(vqa.model).__name__}'s adapter "
-                f"overrides {', '.join(differs)} (post-normed blocks, bidirectional image attention, logit "
-                "soft-capping), which only the hooks backend follows: use backend='hooks'")
         super().__init__(vqa)
         self.nnsight = import_nnsight()
         if remote is True:
@@ -221,16 +214,26 @@ class NNsightBackend(Backend):
     def _layer_module(self, kind: str, layer: int):
         adapter = self.vqa.adapter
         getters = {"layer": adapter.layer, "attn": adapter.attn, "q_proj": adapter.q_proj, "k_proj": adapter.k_proj,
-                   "v_proj": adapter.v_proj, "o_proj": adapter.o_proj, "mlp": adapter.mlp,
-                   "down_proj": adapter.down_proj,
-                   "post_attention_layernorm": lambda i: adapter.layer(i).post_attention_layernorm}
+                   "v_proj": adapter.v_proj, "o_proj": adapter.o_proj, "down_proj": adapter.down_proj,
+                   "attn_out": adapter.attn_out_module, "mlp_out": adapter.mlp_out_module,
+                   "resid_mid": adapter.resid_mid_module}
         return getters[kind](layer)
+
+    def _slot(self, name: str, layer: int) -> tuple[str, str, float]:
+        """``(module path, "input" / "output" / "pe", order within the layer)`` where ``name`` is read."""
+        kind, where, slot = _SLOTS[name]
+        module = self._layer_module(kind, layer)
+        if name in _POST_NORM_SLOTS:
+            block = self.vqa.adapter.attn(layer) if name == "attn_out" else self.vqa.adapter.mlp(layer)
+            if module is not block:   # read at the block's post-norm, which runs after the block module
+                slot = _POST_NORM_SLOTS[name]
+        return self._path(module), where, slot
 
     # ----------------------------------------------------------------------------- trace
     @contextlib.contextmanager
     def trace(self, names: Sequence[str] = (), *, layers: Iterable[int] | Mapping[str, Iterable[int]] | None = None,
               positions=None, to_cpu: bool = False, detach: bool = True,
-              interventions: Sequence[Intervention] = ()):
+              interventions: Sequence[Intervention] = (), attention_edits: Sequence[AttentionEdit] = ()):
         adapter = self.vqa.adapter
         unknown = [n for n in names if n not in NAMES]
         if unknown:
@@ -246,8 +249,12 @@ class NNsightBackend(Backend):
             adapter.check_layer(edit.layer)
             for head in edit.heads or ():
                 adapter.check_head(head)
+        for edit in attention_edits:
+            edit.check(adapter)
+        if attention_edits:
+            check_explicit_masks(self.vqa.model)
         spec = _Spec(tuple(names), plan, _normalise_positions(positions), to_cpu, detach,
-                     tuple(interventions), ActivationCache(names, layer_list, adapter))
+                     tuple(interventions), ActivationCache(names, layer_list, adapter), tuple(attention_edits))
         self._active.append(spec)
         try:
             yield spec.cache
@@ -258,16 +265,18 @@ class NNsightBackend(Backend):
         steps: dict[tuple[str, str], _Step] = {}
 
         def step(layer, name) -> _Step:
-            module_kind, where, slot = _SLOTS[name]
-            path = self._path(self._layer_module(module_kind, layer))
+            path, where, slot = self._slot(name, layer)
             if (path, where) not in steps:
-                steps[path, where] = _Step(layer * _PER_LAYER + slot, path, where)
+                steps[path, where] = _Step(layer * _PER_LAYER + slot, path, where, layer=layer)
             return steps[path, where]
 
         adapter = self.vqa.adapter
         projector = self._path(adapter.projector)
         whole_vision = adapter.projector is adapter.vision_tower
         for index, spec in enumerate(self._active if specs is None else specs):
+            for edit in spec.attention_edits:   # the mask the attention receives, read with its rotary angles
+                target = step(edit.layer, "pe")
+                target.edits = (target.edits or []) + [(edit.first, edit.blocked)]
             for edit in spec.interventions:
                 target = step(edit.layer, _EDIT_SLOTS[edit.site])
                 target.per_head = edit.site == "z"
@@ -301,11 +310,16 @@ class NNsightBackend(Backend):
                         ((index, name, layer), element, positions, dim, name == "resid_pre")]
         return sorted(steps.values(), key=lambda s: s.order)
 
+    def _step_args(self, step: _Step) -> tuple:
+        """What :func:`_run_trace` needs of a step (envoys and plain values; an attention edit carries its layer)."""
+        edits = (step.layer, step.edits) if step.where == "pe" and step.edits else step.edits
+        return self._envoy(step.path), step.where, edits, step.per_head, step.captures or []
+
     def forward(self, inputs: dict, **kwargs):
         adapter = self.vqa.adapter
         self._grid = inputs.get("image_grid_thw")   # Qwen2.5-VL's window order needs it to read ViT features
         self._shape = tuple(inputs["input_ids"].shape)
-        steps = [(self._envoy(s.path), s.where, s.edits, s.per_head, s.captures or []) for s in self._steps()]
+        steps = [self._step_args(s) for s in self._steps()]
         wants_pattern = any("pattern" in spec.names for spec in self._active)
         with preserved_state(self.vqa.model, eager=wants_pattern), _controllers_installed(self._controllers):
             saved, output = _run_trace(self.envoy, self.nnsight, nnsight_ops, steps, inputs, kwargs, self.remote,
@@ -323,12 +337,20 @@ class NNsightBackend(Backend):
         # The in-trace scorers rotate raw q/k projections and take each layer's output as the next
         # layer's input: adapters with QK-norm (Qwen3-VL) or DeepStack additions score on the client
         # (same numbers, activations come back) until those steps are shipped too.
+        # So do adapters whose layer is not a pre-norm Llama one with causal attention and plain logits
+        # (Gemma-3's post-norms and bidirectional image blocks, soft-capped logits): the in-trace
+        # scorers add raw block outputs and rebuild a causal mask.
         adapter = self.vqa.adapter
-        from ..adapters.base import ModelAdapter
+        return not _overrides(adapter, "normalise_qk", "qk_norm", "output_norm", "attention_blocks",
+                              "logit_softcap") and not adapter.deepstack_layers()
 
-        plain_qk = (type(adapter).normalise_qk is ModelAdapter.normalise_qk
-                    and type(adapter).qk_norm is ModelAdapter.qk_norm)
-        return plain_qk and not adapter.deepstack_layers()
+    @property
+    def lens_near_model(self) -> bool:
+        """Whether the logit lens's sweep runs inside the trace: it reads only each layer's output, the
+        final norm and the unembedding, so QK-norm, post-norms and attention blocks (Gemma-3) do not
+        matter; DeepStack additions (read by the method) and soft-capped logits keep it on the client."""
+        adapter = self.vqa.adapter
+        return not _overrides(adapter, "logit_softcap") and not adapter.deepstack_layers()
 
     def _final_norm(self) -> dict:
         """The final norm as what the remote side needs besides its weights: LayerNorm or RMS, eps, and
@@ -363,7 +385,7 @@ class NNsightBackend(Backend):
     def _forward_reduced(self, spec: _Spec, inputs: dict, reducer, weights: dict, args: dict, **kwargs):
         """One trace recording ``spec``'s captures, then ``reducer(values, weights, output, **args)``
         inside it: only what the reducer returns is saved (and, remotely, sent back)."""
-        steps = [(self._envoy(s.path), s.where, s.edits, s.per_head, s.captures or []) for s in self._steps([spec])]
+        steps = [self._step_args(s) for s in self._steps([spec])]
         with preserved_state(self.vqa.model), _controllers_installed(self._controllers):
             result, _ = _run_trace(self.envoy, self.nnsight, nnsight_ops, steps, inputs, kwargs, self.remote,
                                    self.vqa.adapter.n_heads, self.vqa.adapter.head_dim,
@@ -522,6 +544,14 @@ class NNsightBackend(Backend):
         cos, sin = saved[index, "pe", layer]   # at the q rows when k is not asked, else at every position
         k = saved[index, "k", layer] if "k" in wants else None
         q = saved[index, "q", layer] if "q" in wants else None
+        if self.remote is True and _overrides(adapter, "normalise_qk", "qk_norm") and any(
+                p.device.type == "meta" for p in adapter.attn(layer).parameters()):
+            raise BackendNotSupported(
+                f"{type(self.vqa.model).__name__} normalises queries and keys (QK-norm) between the projection and "
+                "the rotation, which this backend applies on the client with the norms' weights, and this NDIF "
+                "client holds none (remote=True builds it weightless): capture q / k and score explain (head- and "
+                "position-level increases) with the weights in this process (remote='local' or False, or "
+                "backend='hooks'); the logit lens, ablations and knockout run remotely")
         q, k = adapter.normalise_qk(layer, q, k)   # QK-norm (Qwen3-VL) sits between projection and rotation
         q = None if q is None else q.unflatten(-1, (adapter.n_heads, adapter.head_dim)).transpose(1, 2)
         k = None if k is None else k.unflatten(-1, (adapter.n_kv_heads, adapter.head_dim)).transpose(1, 2)
@@ -535,6 +565,13 @@ class NNsightBackend(Backend):
             keep(("q", layer), q_rot.transpose(1, 2))
         if k_rot is not None:
             keep(("k", layer), k_rot.transpose(1, 2))
+
+
+def _overrides(adapter, *names: str) -> bool:
+    """Whether ``adapter``'s class overrides any of the :class:`~mech_vqa.adapters.ModelAdapter` methods ``names``."""
+    from ..adapters.base import ModelAdapter
+
+    return any(getattr(type(adapter), name) is not getattr(ModelAdapter, name) for name in names)
 
 
 _ABSENT = object()
@@ -598,7 +635,15 @@ def _run_trace(root, nnsight, ops, steps, inputs, kwargs, remote, n_heads, head_
                     saved[key] = (call["deepstack_visual_embeds"], call["visual_pos_masks"])
                 continue
             if where == "pe":
-                cos, sin = envoy.inputs[1]["position_embeddings"]
+                args, call = envoy.inputs
+                if edits:   # attention edits: (layer, [(first, blocked)]) applied to the mask the attention receives
+                    hidden = args[0] if args else call["hidden_states"]
+                    call = {**call, "attention_mask": ops.block_edges(call.get("attention_mask"), edits[1], edits[0],
+                                                                      hidden.shape[0], hidden.shape[1])}
+                    envoy.inputs = (args, call)
+                if not captures:
+                    continue
+                cos, sin = call["position_embeddings"]
                 for key, _, positions, dim, _ in captures:
                     saved[key] = (ops.select(cos, positions, dim), ops.select(sin, positions, dim))
                 continue

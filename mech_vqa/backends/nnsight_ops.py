@@ -42,12 +42,50 @@ def apply_edits(x: torch.Tensor, edits, n_heads: int, head_dim: int, per_head: b
         row_index = list(rows) if rows is not None else slice(None)
         position_index = list(positions) if positions is not None else slice(None)
         target = view[row_index]  # advanced indexing copies: edit the copy, then write it back
-        idx = (position_index, list(heads) if heads is not None else slice(None)) if per_head else (position_index,)
+        head_index = list(heads) if heads is not None else slice(None)
+        if per_head and isinstance(position_index, list) and isinstance(head_index, list):
+            # every named head at every named position (paired lists would pick one head per position)
+            position_index, head_index = torch.tensor(position_index)[:, None], torch.tensor(head_index)[None, :]
+        idx = (position_index, head_index) if per_head else (position_index,)
         current = target[(slice(None), *idx)]
         new = torch.zeros_like(current) if mode == "zero" else value.to(current).expand_as(current)
         target[(slice(None), *idx)] = new
         view[row_index] = target
     return x
+
+
+def block_edges(mask, edits, layer: int, batch: int, seq: int):
+    """The attention mask of one layer with attention edges removed (the knockout's), for every backend.
+
+    ``mask``: what the layer's attention received: None (plain causal, SDPA's shortcut), bool ``[b, 1, S, S]``
+    (SDPA, True = attend) or additive float (eager, 0 = attend, the dtype's minimum = blocked); ``edits``:
+    ``[(first, blocked)]`` with ``blocked`` ``[batch, 1 | heads, R, K]`` bool, True removing the edge from
+    query row ``first + r`` to key ``k``. Returns ``[batch, 1 | heads, S, S]`` of the same kind (bool for
+    None), with ``-inf`` at the removed edges of a float mask: the softmax gives them exactly zero weight and
+    renormalises each row over its remaining edges. Raises ValueError when an edited row is left with no
+    edge at all (its softmax would be undefined).
+    """
+    heads = max(int(blocked.shape[1]) for _, blocked in edits)
+    device = edits[0][1].device if mask is None else mask.device
+    if mask is None:
+        keys = torch.arange(seq, device=device)
+        mask = (keys.view(1, -1) <= keys.view(-1, 1)).view(1, 1, seq, seq)
+    mask = mask[..., :seq, :seq].expand(batch, heads, seq, seq)
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    removed = torch.zeros(batch, heads, seq, seq, dtype=torch.bool, device=device)
+    for first, blocked in edits:
+        rows, keys = int(blocked.shape[-2]), int(blocked.shape[-1])
+        removed[:, :, first:first + rows, :keys] |= blocked.to(device).expand(batch, heads, rows, keys)
+    empty = ~(allowed & ~removed).any(-1) & removed.any(-1)
+    if bool(empty.any()):
+        where = empty.nonzero()[0].tolist()
+        raise ValueError(
+            f"the attention edit leaves query position {where[2]} at layer {layer} with no key to attend to (every "
+            "allowed edge blocked); keep at least one source position per row, e.g. do not block a token's edge "
+            "to itself when it attends to nothing else")
+    if mask.dtype == torch.bool:
+        return mask & ~removed
+    return mask.masked_fill(removed, float("-inf"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ..interventions import Intervention
 from ..results.ablation import AblationResult
-from ..runner import AnswerRowRunner, checkpoint_for
+from ..runner import answer_rows_for, checkpoint_for
 
 MODES = ("zero", "mean", "resample")
 WHERE = ("full", "answer")
@@ -167,8 +167,8 @@ def ablate(vqa, inp, ablations: Sequence[Ablation], *, targets=None, batch_size:
     """Run every ablation on ``inp`` and measure the answer targets (default: all answer tokens).
 
     ``where``: ``"full"`` ablates at every position the ablation names, ``"answer"`` at the answer
-    rows only, recomputing nothing else (hooks backend; see the module docstring for the difference
-    in meaning).
+    rows only, recomputing nothing else on the hooks backend (whole forwards with the same numbers on
+    others; see the module docstring for the difference in meaning).
     """
     if where not in WHERE:
         raise ValueError(f"unknown where={where!r}; choose one of {WHERE}")
@@ -183,7 +183,7 @@ def ablate(vqa, inp, ablations: Sequence[Ablation], *, targets=None, batch_size:
     positions = torch.tensor([t.position for t in targets])
     token_ids = torch.tensor([t.token_id for t in targets])
     if where == "answer":
-        checkpoint = AnswerRowRunner(vqa, inp, positions)
+        checkpoint = answer_rows_for(vqa, inp, positions)  # whole forwards on backends other than hooks
         run = checkpoint.run_rows
     else:
         checkpoint = checkpoint_for(vqa, inp, positions)  # whole forwards on backends other than hooks

@@ -37,7 +37,9 @@ Cost. Layers before a window are unchanged, and so is every row before the first
 target group (causal attention): each run recomputes only rows ``first..last`` from the window's
 first layer on, with the clean run's keys and values of earlier rows
 (:class:`~mech_vqa.runner.AnswerRowRunner`); runs that share a first layer and first row are
-batched. A knockout into ``last`` is a one-row decoding step per layer. Hooks backend only.
+batched. A knockout into ``last`` is a one-row decoding step per layer. On other backends (nnsight,
+locally or remotely) each batch is one whole forward whose layers' attention masks carry the blocked
+edges (:class:`~mech_vqa.runner.FullForwardAnswerRows`): the same numbers, at a forward's cost.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..results.knockout import KnockoutResult
-from ..runner import AnswerRowRunner
+from ..runner import answer_rows_for
 
 GROUPS = ("image", "question", "last", "all")
 DEFAULT_PAIRS = (("image", "question"), ("image", "last"), ("question", "last"))
@@ -128,9 +130,6 @@ def knockout(vqa, inp, pairs: Sequence = DEFAULT_PAIRS, *, window: int | None = 
         targets: answer targets to measure (default: the first answer token).
         batch_size: knockouts per batched run.
     """
-    from ..backends import require_hooks
-
-    require_hooks(vqa, "knockout (it runs decoder layers directly with edited attention masks)")
     adapter = vqa.adapter
     n_layers = adapter.n_layers
     if batch_size < 1:
@@ -162,8 +161,8 @@ def knockout(vqa, inp, pairs: Sequence = DEFAULT_PAIRS, *, window: int | None = 
             groups[_label(group)] = positions
     labels = [(_label(s), _label(t)) for s, t in pairs]
 
-    runner = AnswerRowRunner(vqa, inp, rows)
-    device = runner.inputs[0].device
+    runner = answer_rows_for(vqa, inp, rows)
+    device = runner.device
     clean = runner.clean_logits_at(rows).log_softmax(-1)
     clean_logprob = clean.gather(-1, token_ids[:, None].to(clean.device))[:, 0].sum().cpu()
 

@@ -179,7 +179,7 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
     kv = list(layers) if kv_layers == "all" else sorted({adapter.check_layer(int(x)) for x in (kv_layers or [])})
     # logits only at each row's t: the model's own log p(y | t) comes out of the same forward
     with target_trace(vqa, positions, kv, mlp_act=mlp_act) as cache:
-        logits = vqa.forward(inp, logits_to_keep=positions.view(-1, 1).to(adapter.device)).logits[:, 0]
+        logits = vqa.forward(inp, logits_to_keep=positions.view(-1, 1).to(vqa.device)).logits[:, 0]
 
     def stacked(name):  # [B, L, ...] at t: each layer's capture is [B, 1, ...]
         return torch.cat([cache[name, layer] for layer in layers], dim=1)

@@ -79,7 +79,7 @@ from tqdm.auto import tqdm
 from ..inputs import PreparedInput
 from ..interventions import Intervention
 from ..results.patching import ALL, GROUP, PatchingResult
-from ..runner import AnswerRowRunner, checkpoint_for
+from ..runner import answer_rows_for, checkpoint_for
 
 SITES = ("resid_pre", "z", "mlp_out")
 METRICS = ("auto", "logit_diff", "logprob")
@@ -472,7 +472,7 @@ def _corrupt_runner(vqa, pair: PatchPair, where: str, rows: torch.Tensor):
     if where not in WHERE:
         raise ValueError(f"unknown where={where!r}; choose one of {WHERE}")
     if where == "answer":  # the corrupted run's keys and values, computed once; its logits at `rows` only
-        return AnswerRowRunner(vqa, pair.corrupt, rows)
+        return answer_rows_for(vqa, pair.corrupt, rows)  # whole forwards on backends other than hooks
     return checkpoint_for(vqa, pair.corrupt)  # whole forwards on backends other than hooks
 
 
@@ -532,7 +532,8 @@ def restore(vqa, pair: PatchPair, restorations: Sequence[Restoration], *, target
             ``answer`` restores and recomputes only the answer rows (the scored targets' predicting rows,
             first to last) on the corrupted run's cached prefix: heads, MLPs and whole-layer residuals are
             restored at those rows only, and a restoration of an earlier position is an error (module
-            docstring: the difference in meaning). Hooks backend only.
+            docstring: the difference in meaning). Other backends than hooks run it as whole forwards
+            with the same numbers (:class:`~mech_vqa.runner.FullForwardAnswerRows`).
 
     Returns a :class:`~mech_vqa.results.patching.PatchingResult`.
     """

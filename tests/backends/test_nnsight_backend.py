@@ -26,12 +26,7 @@ _WRAPPED: dict = {}
 TOL = dict(rtol=0, atol=1e-5)
 
 
-#: Gemma-3's post-norms, QK-norm and image blocks are the hooks backend's only (the nnsight backend refuses
-#: them: test_gemma3_batch_equals_rows_alone_and_nnsight_is_refused)
-NNSIGHT_FAMILIES = [name for name in FAMILIES if name != "gemma3"]
-
-
-@pytest.fixture(params=NNSIGHT_FAMILIES)
+@pytest.fixture(params=list(FAMILIES))
 def family(request) -> VQAModel:
     return request.getfixturevalue(FAMILIES[request.param])
 
@@ -61,7 +56,10 @@ def _edits(vqa, inp):
                          positions=[inp.seq_len - 3]),
             Intervention("mlp_out", 0, positions=[inp.seq_len - 1]),
             Intervention("resid_post", 0, positions=[1]),
-            Intervention("z", last, mode="replace", value=torch.ones(a.head_dim), heads=[0, a.n_heads - 1])]
+            Intervention("z", last, mode="replace", value=torch.ones(a.head_dim), heads=[0, a.n_heads - 1]),
+            # every named head at every named position (not paired one to one)
+            Intervention("z", 0, mode="mean", value=torch.full((a.head_dim,), 0.5), heads=[0, a.n_heads - 1],
+                         positions=[1, inp.seq_len - 1])]
 
 
 def _assert_same_cache(reference, other):
@@ -138,6 +136,9 @@ def test_logit_lens_equals_hooks(pair, inp):
     hooks, nns = pair
     expected = logit_lens(hooks, inp, word="red", k=3)
     got = logit_lens(nns, inp, word="red", k=3)
+    if not hooks.adapter.deepstack_layers():   # swept inside the trace (Gemma-3 too): only the maps come back
+        stages, patches = got.top_ids.shape[:2]
+        assert nns.backend.last_saved_bytes == stages * patches * (3 * (4 + 8) + 4)
     assert torch.equal(got.top_ids, expected.top_ids)
     torch.testing.assert_close(got.top_probs, expected.top_probs, **TOL)
     torch.testing.assert_close(got.word_probs, expected.word_probs, **TOL)
@@ -475,3 +476,46 @@ def test_explicit_heads_scored_next_to_the_model(tiny_mistral_vqa, image):
     assert got.positions.heads == expected.positions.heads == [list(p) for p in pairs]
     torch.testing.assert_close(got.positions.scores, expected.positions.scores, **TOL)
     torch.testing.assert_close(got.positions.attention, expected.positions.attention, **TOL)
+
+
+@torch.no_grad()
+def test_knockout_and_answer_rows_equal_hooks(pair, inp):
+    """Attention knockout and the answer-row path (ablate / restore with where="answer"): the hooks backend's
+    answer-row runner against whole nnsight forwards whose layers receive the blocked masks and the
+    interventions cut to the answer rows, in process and through the simulated remote call."""
+    from mech_vqa.methods.ablation import ablate, block_ablations, head_ablations
+    from mech_vqa.methods.knockout import knockout
+    from mech_vqa.runner import FullForwardAnswerRows
+
+    hooks, nns = pair
+    last = hooks.adapter.n_layers - 1
+    windows = [(0, 1), (0, last + 1)]
+    expected = knockout(hooks, inp, windows=windows, heads=nns.backend.remote == "local", progress=False)
+    got, _ = assert_leaves_model_as_found(nns, inp, lambda x: knockout(nns, x, windows=windows,
+                                                                       heads=expected.per_head, progress=False))
+    assert expected.relative_change.abs().max() > 1e-4   # the knockouts did change the answer
+    torch.testing.assert_close(got.knocked_logprob, expected.knocked_logprob, **TOL)
+    torch.testing.assert_close(got.clean_logprob, expected.clean_logprob, **TOL)
+    ablations = head_ablations(hooks, layers=[0, last]) + block_ablations(hooks, layers=[last])
+    expected = ablate(hooks, inp, ablations, batch_size=4, progress=False, where="answer")
+    got = ablate(nns, inp, ablations, batch_size=4, progress=False, where="answer")
+    assert expected.delta.abs().max() > 1e-4
+    torch.testing.assert_close(got.delta, expected.delta, **TOL)
+    assert torch.equal(got.ablated_argmax, expected.ablated_argmax)
+    assert isinstance(FullForwardAnswerRows(nns, inp), FullForwardAnswerRows)
+
+
+@pytest.mark.parametrize("remote", [False, "local"])
+def test_answer_row_patching_equals_hooks(tiny_vqa, image, remote):
+    from PIL import Image
+
+    from mech_vqa.methods.patching import PatchPair, head_restorations, mlp_restorations, restore
+
+    pair = PatchPair(tiny_vqa.prepare(image, QUESTION, ANSWER),
+                     tiny_vqa.prepare(Image.new("RGB", image.size, "red"), QUESTION, ANSWER))
+    nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, name=tiny_vqa.name, backend="nnsight", remote=remote)
+    restorations = head_restorations(tiny_vqa) + mlp_restorations(tiny_vqa)
+    expected = restore(tiny_vqa, pair, restorations, metric="logprob", where="answer")
+    got = restore(nns, pair, restorations, metric="logprob", where="answer")
+    assert (expected.patched - expected.patched[0]).abs().max() > 1e-4
+    torch.testing.assert_close(got.patched, expected.patched, **TOL)

@@ -200,3 +200,97 @@ def test_cli_remote_ndif_rows_and_resume_after_a_network_failure(ndif, folder, t
                 assert abs(row[key] - value) <= 1e-5, key
     assert main(common + ["--out", str(tmp_path / "x.jsonl"), "--remote", "ndif"]) == 2
     assert "add --backend nnsight" in capsys.readouterr().err
+
+
+def test_weightless_client_runs_knockout_and_answer_rows(ndif, folder, tiny_vqa, image):
+    """Knockout and the answer-row ablation from a weightless NDIF client: each batch is one whole forward on
+    the server, the blocked edges and the interventions shipped with the trace."""
+    from mech_vqa.methods.ablation import ablate, head_ablations
+    from mech_vqa.methods.knockout import knockout
+
+    client = VQAModel.from_pretrained(str(folder), backend="nnsight", remote=True)
+    inp = client.prepare(image, QUESTION, ANSWER, generate=False)
+    reference = tiny_vqa.prepare(image, QUESTION, ANSWER, generate=False)
+    windows = [(0, 1), (0, tiny_vqa.adapter.n_layers)]
+    expected, got = (knockout(vqa, x, windows=windows, heads=True, progress=False)
+                     for vqa, x in ((tiny_vqa, reference), (client, inp)))
+    assert expected.relative_change.abs().max() > 1e-4
+    torch.testing.assert_close(got.knocked_logprob, expected.knocked_logprob, **TOL)
+    expected, got = (ablate(vqa, x, head_ablations(tiny_vqa), progress=False, where="answer")
+                     for vqa, x in ((tiny_vqa, reference), (client, inp)))
+    torch.testing.assert_close(got.delta, expected.delta, **TOL)
+
+
+def test_api_key_is_never_logged_or_written(ndif, folder, tmp_path, capsys, caplog):
+    """The NDIF key (from nnsight's config) appears in no log record, no output, no result row or saved
+    result, and in no repr of the client, through a whole remote CLI run and a saved explain result."""
+    import json
+    import logging
+
+    from PIL import Image
+
+    from mech_vqa.cli import main
+    from mech_vqa.methods.mechanistic import explain
+
+    key = CONFIG.API.APIKEY
+    assert key
+    caplog.set_level(logging.DEBUG)
+    Image.new("RGB", (48, 40), "red").save(tmp_path / "0.png")
+    row = {"image": "0.png", "question": QUESTION, "answer": ANSWER, "box": [0, 0, 24, 20]}
+    (tmp_path / "data.jsonl").write_text(json.dumps(row) + "\n")
+    from mech_vqa.dataset import read_results
+
+    for task in ("explain", "knockout"):
+        assert main(["run", task, str(tmp_path / "data.jsonl"), "--model", str(folder), "--no-progress", "--out",
+                     str(tmp_path / f"{task}.jsonl"), "--backend", "nnsight", "--remote", "ndif"]) == 0
+        assert [r["status"] for r in read_results(tmp_path / f"{task}.jsonl")] == ["ok"]
+    client = VQAModel.from_pretrained(str(folder), backend="nnsight", remote=True)
+    result = explain(client, client.prepare(Image.open(tmp_path / "0.png"), QUESTION, ANSWER, generate=False),
+                     heads=1, progress=False)
+    result.save(tmp_path / "saved")
+    out = capsys.readouterr()
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".jsonl" and path.stem == "knockout" for path in written)
+    for path in written:
+        assert key.encode() not in path.read_bytes(), path
+    for text in (out.out, out.err, caplog.text, repr(client), repr(client.backend)):
+        assert key not in text
+
+
+def test_gemma3_weightless_client(monkeypatch, tmp_path, tiny_gemma3_vqa, image):
+    """Gemma-3 from a weightless NDIF client: the logit lens (swept on the server), ablations and knockout give
+    the hooks backend's numbers; what needs the QK-norm's weights on the client is one clear error."""
+    import nnsight
+
+    from mech_vqa.methods.ablation import ablate, block_ablations
+    from mech_vqa.methods.knockout import knockout
+    from mech_vqa.methods.logit_lens import logit_lens
+    from mech_vqa.methods.mechanistic import explain
+
+    hooks = tiny_gemma3_vqa
+    folder = tmp_path / "tiny-gemma3"
+    hooks.model.save_pretrained(folder)
+    hooks.processor.save_pretrained(folder)
+    server = StandInServer(folder, hooks.processor)
+    monkeypatch.setattr(CONFIG.API, "APIKEY", "test-key-not-a-secret")
+    monkeypatch.setattr(nnsight, "status", lambda: Status({str(folder): {"repo_id": str(folder), "state": "RUNNING"}}))
+    monkeypatch.setitem(nnsight_hf._ID_CACHE, str(folder), "test-org/tiny-gemma3")
+    monkeypatch.setattr(RemoteBackend, "request", lambda self, request, tracer: server.request(self, request, tracer))
+    client = VQAModel.from_pretrained(str(folder), backend="nnsight", remote=True)
+    assert {p.device.type for p in client.model.parameters()} == {"meta"}
+    inp = client.prepare(image, QUESTION, ANSWER, generate=False)
+    reference = hooks.prepare(image, QUESTION, ANSWER, generate=False)
+    pairs = ((hooks, reference), (client, inp))
+
+    expected, got = (logit_lens(vqa, x, word="red", k=3) for vqa, x in pairs)
+    assert torch.equal(got.top_ids, expected.top_ids)
+    torch.testing.assert_close(got.top_probs, expected.top_probs, **TOL)
+    last = hooks.adapter.n_layers - 1
+    expected, got = (knockout(vqa, x, windows=[(0, 1), (0, last + 1)], progress=False) for vqa, x in pairs)
+    assert expected.relative_change.abs().max() > 1e-4
+    torch.testing.assert_close(got.knocked_logprob, expected.knocked_logprob, **TOL)
+    for where in ("full", "answer"):
+        expected, got = (ablate(vqa, x, block_ablations(hooks), progress=False, where=where) for vqa, x in pairs)
+        torch.testing.assert_close(got.delta, expected.delta, **TOL)
+    with pytest.raises(BackendNotSupported, match=r"normalises queries and keys \(QK-norm\).*remote='local'"):
+        explain(client, inp, heads=1, progress=False)

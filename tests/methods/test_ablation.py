@@ -135,10 +135,14 @@ def test_answer_row_path_bad_input(tiny_vqa, prepared):
         ablate(tiny_vqa, prepared, head_ablations(tiny_vqa), progress=False, where="everywhere")
     from mech_vqa import VQAModel
     from mech_vqa.backends import BackendNotSupported
+    from mech_vqa.runner import AnswerRowRunner
 
+    pytest.importorskip("nnsight")
     nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
+    with pytest.raises(ValueError, match="where='full'"):   # the same check on whole forwards
+        ablate(nns, prepared, [image_edit], progress=False, where="answer")
     with pytest.raises(BackendNotSupported, match="AnswerRowRunner .* nnsight backend"):
-        ablate(nns, prepared, head_ablations(tiny_vqa), progress=False, where="answer")
+        AnswerRowRunner(nns, prepared)   # used directly it still calls decoder layers: hooks only
     hooks, state = hook_snapshot(tiny_vqa.model), model_state(tiny_vqa.model)
     ablate(tiny_vqa, prepared, head_ablations(tiny_vqa), progress=False, where="answer")
     assert hook_snapshot(tiny_vqa.model) == hooks

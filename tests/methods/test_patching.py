@@ -363,11 +363,10 @@ def test_answer_row_patching_bad_input(tiny_vqa, pair):
         activation_patching(tiny_vqa, pair, metric="logprob", where="answer", image_layer=1)
     with pytest.raises(ValueError, match="unknown where"):
         restore(tiny_vqa, pair, head_restorations(tiny_vqa), where="prefix")
+    pytest.importorskip("nnsight")
     nns = VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
-    from mech_vqa.backends import BackendNotSupported
-
-    with pytest.raises(BackendNotSupported, match="AnswerRowRunner"):
-        restore(nns, pair, head_restorations(tiny_vqa), metric="logprob", where="answer")
+    with pytest.raises(ValueError, match=r"outside the answer rows .*where='full'"):   # the same check there
+        restore(nns, pair, before, metric="logprob", where="answer")
     hooks, state = hook_snapshot(tiny_vqa.model), model_state(tiny_vqa.model)
     result = activation_patching(tiny_vqa, pair, metric="logprob", where="answer")
     assert hook_snapshot(tiny_vqa.model) == hooks
