@@ -29,7 +29,7 @@ import torch
 
 from .adapters import ModelAdapter
 from .hooks import HookSet
-from .tensor_parallel import layout_of
+from .tensor_parallel import layout_of, local_head_mask
 
 SITES = ("z", "attn_out", "mlp_out", "resid_pre", "resid_post")
 MODES = ("zero", "mean", "replace")
@@ -240,5 +240,5 @@ def register_attention_edits(hooks: HookSet, adapter: ModelAdapter, edits: Seque
                 raise RuntimeError(f"layer {layer}'s attention was called without an attention_mask keyword; this "
                                    "model family cannot take attention edits")
             mask = block_edges(kwargs["attention_mask"], items, layer, hidden.shape[0], hidden.shape[1])
-            return args, {**kwargs, "attention_mask": mask}
+            return args, {**kwargs, "attention_mask": local_head_mask(adapter, layer, mask)}
         hooks.pre(adapter.attn(layer), pre_attention)

@@ -244,6 +244,17 @@ def whole_heads(adapter, layer: int, x: torch.Tensor, dim: int = 1) -> torch.Ten
     return gather_heads(layout_of(adapter.model), adapter.q_proj(layer), x, adapter.n_heads, adapter.head_dim, dim)
 
 
+def local_head_mask(adapter, layer: int, mask):
+    """An attention mask ``[B, heads | 1, Q, K]`` for layer ``layer`` cut to the heads this rank's attention
+    runs (per-head masks: the attention knockout's); unchanged on a model that is not tensor-parallel, for
+    a mask shared by every head, or None."""
+    if mask is None or mask.dim() != 4 or mask.shape[1] == 1 or mask.shape[1] != adapter.n_heads:
+        return mask
+    layout = layout_of(adapter.model)
+    heads = None if layout is None else layout.local_heads(adapter.q_proj(layer), "output", adapter.head_dim)
+    return mask if heads is None else mask[:, heads.start:heads.stop]
+
+
 def full_parameter(value: torch.Tensor) -> torch.Tensor:
     """A parameter as the whole tensor: a sharded one (DTensor) gathered across its mesh (a collective:
     every rank reads it), any other as it is."""

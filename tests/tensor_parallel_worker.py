@@ -44,6 +44,7 @@ def main(folder: str, out: str) -> None:
     from mech_vqa.build import tiny_llava
     from mech_vqa.interventions import Intervention
     from mech_vqa.methods.ablation import ablate, head_ablations
+    from mech_vqa.methods.knockout import knockout
     from mech_vqa.methods.logit_lens import logit_lens
     from mech_vqa.methods.mechanistic import explain
     from mech_vqa.methods.neurons import neuron_increase
@@ -115,6 +116,10 @@ def main(folder: str, out: str) -> None:
     _close("head ablation delta", got.delta, expected.delta, report)
     _close("head ablation clean", got.clean_logprob, expected.clean_logprob, report)
     assert torch.equal(got.ablated_argmax, expected.ablated_argmax)
+
+    # per-head attention knockout: each rank's attention takes the mask rows of its own heads
+    got, expected = knockout(tp, inp, heads=True, progress=False), knockout(ref, inp, heads=True, progress=False)
+    _close("knockout per head", got.knocked_logprob, expected.knocked_logprob, report)
 
     with pytest.raises(BackendNotSupported, match=r"tensor-parallel \(tp_size=2.*nnsight 0\.8\.1.*backend='hooks'"):
         VQAModel(sharded, processor, backend="nnsight")

@@ -2,8 +2,8 @@
 
 The ranks run tests/tensor_parallel_worker.py: each holds half the heads and MLP neurons of the tiny
 LLaVA, and checks that captures, explain, the logit lens, raw attention, neuron increases, relevancy
-(gradients through the sharded attention), interventions on heads of either rank and a head-ablation
-sweep equal the unsharded model's to 1e-5, with no hook of ours left.
+(gradients through the sharded attention), interventions on heads of either rank, a head-ablation
+sweep and a per-head attention knockout equal the unsharded model's to 1e-5, with no hook of ours left.
 """
 
 import json
@@ -24,7 +24,7 @@ COMPARED = {"logits", "capture ('z', 0)", "capture ('q', 1)", "capture ('k', 1)"
             "capture ('pattern', 1)", "capture ('mlp_act', 1)", "explain layers.attention", "explain layers.mlp",
             "explain heads", "explain positions", "explain patch_map", "logit_lens top_probs",
             "logit_lens word_probs", "raw_attention", "neuron_increase", "relevancy rows", "intervention logits",
-            "intervention z", "head ablation delta", "nnsight refused", "hooks_left"}
+            "intervention z", "head ablation delta", "knockout per head", "nnsight refused", "hooks_left"}
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
