@@ -47,6 +47,7 @@ from torch import nn
 from .adapters import ModelAdapter, get_adapter
 from .hooks import HookSet, preserved_state
 from .interventions import Intervention, register_interventions
+from .tensor_parallel import TensorParallelLayout, gather_heads, layout_of
 
 LAYER_NAMES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "mlp_act",
                "deepstack")
@@ -228,6 +229,7 @@ def trace(
             raise IndexError(f"capture position {bounds[0]} is outside the sequence of length {seq}")
 
     shape = (adapter.n_heads, adapter.n_kv_heads, adapter.head_dim)
+    layout = layout_of(model)
     hooks = HookSet()
     # A capture changes nothing of the model but its hooks, and its attention implementation when it
     # needs the weights: only then does it pay for the full state guard (a walk over every module and
@@ -237,7 +239,8 @@ def trace(
             register_interventions(hooks, adapter, interventions)
             for layer, layer_wants in plan.items():
                 _register_layer(hooks, adapter, layer, layer_wants, keep, positions, check_positions, shape,
-                                cache.pending if detach else None, project_later=detach and not to_cpu)
+                                cache.pending if detach else None, project_later=detach and not to_cpu,
+                                whole=_Whole(layout))
             if "deepstack" in wants:
                 _register_deepstack(hooks, adapter, [layer for layer, w in plan.items() if "deepstack" in w],
                                     keep, positions)
@@ -251,12 +254,13 @@ def trace(
                             keep(name, value)
                 hooks.post(adapter.projector, vision_post)
             else:
+                whole = _Whole(layout)
                 if "vision_features" in wants:
-                    hooks.pre(adapter.projector,
-                              lambda m, a, kw: keep("vision_features",
-                                                    adapter.vision_rows(a[0] if a else next(iter(kw.values())))))
+                    hooks.pre(adapter.projector, lambda m, a, kw: keep("vision_features", adapter.vision_rows(
+                        whole.input(m, a[0] if a else next(iter(kw.values()))))))
                 if "projector_out" in wants:
-                    hooks.post(adapter.projector, lambda m, a, kw, out: keep("projector_out", adapter.vision_rows(out)))
+                    hooks.post(adapter.projector, lambda m, a, kw, out: keep(
+                        "projector_out", adapter.vision_rows(whole.output(m, out))))
             yield cache
         finally:
             hooks.remove()
@@ -277,20 +281,52 @@ def _register_deepstack(hooks: HookSet, adapter: ModelAdapter, layers: list[int]
     hooks.pre(adapter.text_model, record)
 
 
+class _Whole:
+    """Puts back together what a hook sees of a tensor-parallel module's input or output: the slices
+    its style splits (read once per module from the model's plan) gathered across the TP group; on
+    any other model, or a module whose input / output is whole on every rank, the tensor itself."""
+
+    __slots__ = ("layout", "splits")
+
+    def __init__(self, layout: TensorParallelLayout | None):
+        self.layout, self.splits = layout, {}
+
+    def _split(self, module: nn.Module, side: str):
+        key = (id(module), side)
+        if key not in self.splits:
+            self.splits[key] = self.layout.split(module, side)
+        return self.splits[key]
+
+    def input(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        split = None if self.layout is None else self._split(module, "input")
+        return x if split is None else self.layout.gather(x, *split)
+
+    def output(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        split = None if self.layout is None else self._split(module, "output")
+        return x if split is None else self.layout.gather(x, *split)
+
+    def heads(self, q_proj: nn.Module, pattern: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+        """Attention weights ``[B, local heads, P, S]`` -> ``[B, n_heads, P, S]``."""
+        return gather_heads(self.layout, q_proj, pattern, n_heads, head_dim)
+
+
 def _whole_vision(adapter: ModelAdapter) -> bool:
     """Whether the adapter's ``projector`` is its whole vision module, read through ``vision_outputs``."""
     return adapter.projector is adapter.vision_tower
 
 
 def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: set, keep, positions, check_positions,
-                    shape: tuple[int, int, int], pending: dict | None, project_later: bool = False):
+                    shape: tuple[int, int, int], pending: dict | None, project_later: bool = False,
+                    whole: _Whole | None = None):
     """One hook per module and kind at most, each doing everything asked of that module.
 
     ``pending``: where raw queries / keys wait to be rotated at the first read of the cache, all
     layers sharing the same angles in one call (None: rotate in the hook, inside the graph).
     ``project_later``: q, k and v of layers that keep keys or values may be projected at that read
-    from the attention block's input (kept on its device until then)."""
+    from the attention block's input (kept on its device until then).
+    ``whole``: gathers the slices of a tensor-parallel model (every hook reads through it)."""
     n_heads, n_kv, head_dim = shape
+    whole = whole or _Whole(None)
     decoder = adapter.layer(layer)
     attn = adapter.attn(layer)
 
@@ -301,14 +337,14 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
         def resid_pre(module, args, kwargs):
             x = hidden_of(args, kwargs)
             check_positions(x.shape[1])
-            keep(("resid_pre", layer), _select(x, positions))
+            keep(("resid_pre", layer), whole.input(module, _select(x, positions)))
         hooks.pre(decoder, resid_pre)
     if "resid_mid" in wants:
         hooks.pre(adapter.resid_mid_module(layer),
-                  lambda m, a, kw: keep(("resid_mid", layer), _select(hidden_of(a, kw), positions)))
+                  lambda m, a, kw: keep(("resid_mid", layer), whole.input(m, _select(hidden_of(a, kw), positions))))
     if "resid_post" in wants:
         hooks.post(decoder, lambda m, a, kw, out: keep(
-            ("resid_post", layer), _select(out[0] if isinstance(out, tuple) else out, positions)))
+            ("resid_post", layer), whole.output(m, _select(out[0] if isinstance(out, tuple) else out, positions))))
     want_q, want_k, want_v = "q" in wants, "k" in wants, "v" in wants
     # Where keys or values are kept at every position, the attention block's input is too: q, k and v
     # are then computed from it when first read (the projection the model ran, on the same tensor),
@@ -318,29 +354,32 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
     if projections is None:
         if want_q:  # queries only at the chosen positions: selected before rotating (QK-norm is per vector)
             hooks.post(adapter.q_proj(layer), lambda m, a, kw, out: raw.__setitem__(
-                "q", adapter.qk_norm(layer, "q", _select(out, positions))))
+                "q", adapter.qk_norm(layer, "q", whole.output(m, _select(out, positions)))))
         if want_k:
-            hooks.post(adapter.k_proj(layer), lambda m, a, kw, out: raw.__setitem__("k", adapter.qk_norm(layer, "k", out)))
+            hooks.post(adapter.k_proj(layer), lambda m, a, kw, out: raw.__setitem__(
+                "k", adapter.qk_norm(layer, "k", whole.output(m, out))))
         if want_v:
             hooks.post(adapter.v_proj(layer),
-                       lambda m, a, kw, out: keep(("v", layer), _split_heads(out, n_kv, head_dim)))
+                       lambda m, a, kw, out: keep(("v", layer), _split_heads(whole.output(m, out), n_kv, head_dim)))
     # a post-normed block (Gemma-3) adds its norm's output, not the attention module's, to the residual
     out_module = adapter.attn_out_module(layer) if "attn_out" in wants else attn
     if out_module is not attn:
-        hooks.post(out_module, lambda m, a, kw, out: keep(("attn_out", layer), _select(out, positions)))
+        hooks.post(out_module, lambda m, a, kw, out: keep(("attn_out", layer),
+                                                          whole.output(m, _select(out, positions))))
     if want_q or want_k or want_v or (out_module is attn and "attn_out" in wants) or "pattern" in wants:
         want_out, want_pattern = "attn_out" in wants and out_module is attn, "pattern" in wants
 
         def attn_post(module, args, kwargs, out):
             if want_out:
-                keep(("attn_out", layer), _select(out[0], positions))
+                keep(("attn_out", layer), whole.output(module, _select(out[0], positions)))
             if want_pattern:
                 if out[1] is None:
                     raise CaptureError(
                         f"layer {layer} returned no attention weights even in eager mode; this model cannot "
                         "give attention patterns (capture 'q' and 'k' and use attention_rows instead)"
                     )
-                keep(("pattern", layer), _select(out[1], positions, dim=2))
+                keep(("pattern", layer), whole.heads(adapter.q_proj(layer), _select(out[1], positions, dim=2),
+                                                     n_heads, head_dim))
             if projections is not None:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 if hidden.requires_grad:
@@ -356,11 +395,13 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
         hooks.post(attn, attn_post)
     if "z" in wants:
         hooks.pre(adapter.o_proj(layer), lambda m, a, kw: keep(
-            ("z", layer), _split_heads(_select(a[0], positions), n_heads, head_dim)))
+            ("z", layer), _split_heads(whole.input(m, _select(a[0], positions)), n_heads, head_dim)))
     if "mlp_act" in wants:
-        hooks.pre(adapter.down_proj(layer), lambda m, a, kw: keep(("mlp_act", layer), _select(a[0], positions)))
+        hooks.pre(adapter.down_proj(layer), lambda m, a, kw: keep(("mlp_act", layer),
+                                                                 whole.input(m, _select(a[0], positions))))
     if "mlp_out" in wants:
-        hooks.post(adapter.mlp_out_module(layer), lambda m, a, kw, out: keep(("mlp_out", layer), _select(out, positions)))
+        hooks.post(adapter.mlp_out_module(layer), lambda m, a, kw, out: keep(
+            ("mlp_out", layer), whole.output(m, _select(out, positions))))
 
 
 def _plain_projections(adapter: ModelAdapter, layer: int) -> tuple[nn.Module, nn.Module, nn.Module] | None:
@@ -373,6 +414,8 @@ def _plain_projections(adapter: ModelAdapter, layer: int) -> tuple[nn.Module, nn
         return None
     for module in modules:
         if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+            return None
+        if "forward" in module.__dict__:  # a forward replaced on the instance (tensor parallelism, a wrapper)
             return None
         if "_hf_hook" in module.__dict__:  # accelerate's dispatch: weights may be offloaded again after the forward
             return None

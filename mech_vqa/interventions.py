@@ -29,6 +29,7 @@ import torch
 
 from .adapters import ModelAdapter
 from .hooks import HookSet
+from .tensor_parallel import layout_of, local_head_mask
 
 SITES = ("z", "attn_out", "mlp_out", "resid_pre", "resid_post")
 MODES = ("zero", "mean", "replace")
@@ -91,11 +92,40 @@ def zero_block(layer: int, block: str = "attn", **kw) -> Intervention:
     return Intervention(f"{block}_out", layer, **kw)
 
 
-def _apply(x: torch.Tensor, edits: list[Intervention], adapter: ModelAdapter, per_head: bool) -> torch.Tensor:
-    """Return ``x`` ``[B, S, D]`` with ``edits`` applied (a copy; the input is not modified)."""
+def _local_edits(edits: list[Intervention], heads_here: range, n_heads: int) -> list[Intervention]:
+    """``edits`` of site ``z`` as they apply to the heads ``heads_here`` one tensor-parallel rank holds:
+    head numbers made local, values cut to those heads, edits of heads held elsewhere dropped."""
+    local = []
+    for edit in edits:
+        named = list(edit.heads) if edit.heads is not None else list(range(n_heads))
+        for h in named:
+            if not 0 <= h < n_heads:
+                raise IndexError(f"head {h} is out of range: the model has {n_heads} heads (0..{n_heads - 1})")
+        keep = [i for i, h in enumerate(named) if h in heads_here]
+        if not keep:
+            continue
+        value = edit.value
+        # a value broadcasts to [..., len(heads), head_dim]: a heads dim, where it has one, is its dim -2
+        if value is not None and value.dim() >= 2 and value.shape[-2] == len(named) and len(named) > 1:
+            value = value.index_select(-2, torch.tensor(keep, device=value.device))
+        local.append(Intervention("z", edit.layer, heads=[named[i] - heads_here.start for i in keep],
+                                  positions=edit.positions, mode=edit.mode, value=value, rows=edit.rows))
+    return local
+
+
+def _apply(x: torch.Tensor, edits: list[Intervention], adapter: ModelAdapter, per_head: bool,
+           heads_here: range | None = None) -> torch.Tensor:
+    """Return ``x`` ``[B, S, D]`` with ``edits`` applied (a copy; the input is not modified).
+
+    ``heads_here``: the heads a tensor-parallel rank's ``x`` holds (site ``z``), None for all."""
+    n_heads = adapter.n_heads
+    if per_head and heads_here is not None:
+        edits, n_heads = _local_edits(edits, heads_here, n_heads), len(heads_here)
+        if not edits:
+            return x
     x = x.clone()
     batch, seq = x.shape[:2]
-    view = x.view(batch, seq, adapter.n_heads, adapter.head_dim) if per_head else x
+    view = x.view(batch, seq, n_heads, adapter.head_dim) if per_head else x
     for edit in edits:
         rows = list(edit.rows) if edit.rows is not None else slice(None)
         if edit.rows is not None and max(edit.rows) >= batch:
@@ -106,8 +136,9 @@ def _apply(x: torch.Tensor, edits: list[Intervention], adapter: ModelAdapter, pe
         target = view[rows]  # advanced indexing copies: edit the copy, then write it back
         if per_head:
             heads = list(edit.heads) if edit.heads is not None else slice(None)
-            for h in edit.heads or ():
-                adapter.check_head(h)
+            if heads_here is None:
+                for h in edit.heads or ():
+                    adapter.check_head(h)
             if isinstance(positions, list) and isinstance(heads, list):  # every named head at every named position
                 positions, heads = torch.tensor(positions)[:, None], torch.tensor(heads)[None, :]
             idx = (positions, heads)
@@ -121,15 +152,23 @@ def _apply(x: torch.Tensor, edits: list[Intervention], adapter: ModelAdapter, pe
 
 
 def register_interventions(hooks: HookSet, adapter: ModelAdapter, interventions: Sequence[Intervention]) -> None:
-    """Register one hook per (site, layer) applying every intervention for it."""
+    """Register one hook per (site, layer) applying every intervention for it.
+
+    On a tensor-parallel model (:mod:`mech_vqa.tensor_parallel`) whose ``o_proj`` input is split, each
+    rank edits the heads it holds (head j on the rank whose slice of the features holds
+    ``j * head_dim``: rank ``j // (n_heads / tp_size)``); other sites are whole on every rank."""
+    layout = layout_of(adapter.model) if interventions else None
     groups: dict[tuple[str, int], list[Intervention]] = defaultdict(list)
     for edit in interventions:
         groups[(edit.site, adapter.check_layer(edit.layer))].append(edit)
     for (site, layer), edits in groups.items():
         if site == "z":
-            def pre_z(module, args, kwargs, edits=edits):
-                return (_apply(args[0], edits, adapter, per_head=True), *args[1:]), kwargs
-            hooks.pre(adapter.o_proj(layer), pre_z)
+            o_proj = adapter.o_proj(layer)
+            heads_here = None if layout is None else layout.local_heads(o_proj, "input", adapter.head_dim)
+
+            def pre_z(module, args, kwargs, edits=edits, heads_here=heads_here):
+                return (_apply(args[0], edits, adapter, True, heads_here), *args[1:]), kwargs
+            hooks.pre(o_proj, pre_z)
         elif site == "resid_pre":
             def pre_resid(module, args, kwargs, edits=edits):
                 if args:
@@ -201,5 +240,5 @@ def register_attention_edits(hooks: HookSet, adapter: ModelAdapter, edits: Seque
                 raise RuntimeError(f"layer {layer}'s attention was called without an attention_mask keyword; this "
                                    "model family cannot take attention edits")
             mask = block_edges(kwargs["attention_mask"], items, layer, hidden.shape[0], hidden.shape[1])
-            return args, {**kwargs, "attention_mask": mask}
+            return args, {**kwargs, "attention_mask": local_head_mask(adapter, layer, mask)}
         hooks.pre(adapter.attn(layer), pre_attention)

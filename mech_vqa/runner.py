@@ -31,6 +31,7 @@ import torch
 
 from .hooks import HookSet, preserved_state
 from .interventions import AttentionEdit, Intervention, check_explicit_masks, register_interventions
+from .tensor_parallel import local_head_mask
 
 
 def last_mlp_only_at(hooks: HookSet, adapter, rows: torch.Tensor) -> None:
@@ -476,7 +477,7 @@ class AnswerRowRunner(ResidualCheckpoint):
             if edit is not None:
                 mask = mask.masked_fill(edit, float("-inf")) if mask.shape == edit.shape else \
                     torch.where(edit, torch.tensor(float("-inf"), dtype=mask.dtype, device=mask.device), mask)
-        kwargs["attention_mask"] = mask
+        kwargs["attention_mask"] = local_head_mask(self.adapter, layer, mask)  # a tensor-parallel rank's heads
         recorder = self.recorders[layer]
         kwargs[self.cache_keyword] = (_PrefixKeysValues(recorder.keys[..., :first, :], recorder.values[..., :first, :])
                                       if first > 0 else None)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..tensor_parallel import full_parameter
+
 
 @dataclass(frozen=True)
 class ImageGeometry:
@@ -230,10 +232,11 @@ def _rms_gain(norm: nn.Module, eps: float) -> torch.Tensor:
 def module_parameter(module: nn.Module, name: str) -> torch.Tensor | None:
     """``module.<name>`` as a usable tensor, also when accelerate offloaded it (``device_map`` with
     "cpu" / "disk" entries): its dispatch hook keeps the weight in ``weights_map`` and leaves a meta
-    tensor on the module between forwards."""
+    tensor on the module between forwards), and when tensor parallelism sharded it (a DTensor: gathered
+    across the TP group, a collective every rank makes)."""
     value = getattr(module, name, None)
     if value is None or value.device.type != "meta":
-        return value
+        return full_parameter(value) if value is not None else None
     weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
     if weights is not None:
         try:

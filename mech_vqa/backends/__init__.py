@@ -17,20 +17,27 @@ from .base import Backend, BackendNotSupported, HooksBackend, require_hooks
 BACKENDS = ("hooks", "nnsight")
 
 
-def check_not_tensor_parallel(model) -> None:
-    """One clear error for a model loaded with transformers' tensor parallelism (``tp_plan``).
+def check_tensor_parallel(model, backend: str) -> None:
+    """One clear error for a tensor-parallel model (transformers' ``tp_plan``) where it cannot run.
 
-    Each rank then holds a slice of the heads and of the MLP: hooks would record partial ``z`` / ``q``
-    / ``k`` / ``v`` (measured: ``z`` of 2 of 4 heads per rank on 2 gloo ranks), and nnsight 0.8.1's
-    gathering of sharded activations does not import with transformers 5.24 (``_get_parameter_plan``
-    is gone). ``device_map`` sharding (whole layers per device) works on both backends.
+    The hooks backend reads it: the capture layer gathers the slices of heads / neurons each rank holds
+    and methods read whole weights (:mod:`mech_vqa.tensor_parallel`). The nnsight backend cannot:
+    nnsight 0.8.1 takes over any model transformers sharded with its own gathering, which does not
+    import with transformers 5.24 (``_get_parameter_plan`` moved out of
+    ``transformers.distributed.tensor_parallel``).
     """
-    size = getattr(model, "_tp_size", None) or getattr(model, "tp_size", None)
-    if size is not None and int(size) > 1:
+    from ..tensor_parallel import layout_of, tp_size
+
+    size = tp_size(model)
+    if size <= 1:
+        return
+    if backend != "hooks":
         raise BackendNotSupported(
-            f"this model is tensor-parallel (tp_size={int(size)}, loaded with tp_plan): every rank holds a slice of "
-            "the heads, so no backend here records whole activations yet; load it with device_map='auto' (whole "
-            "layers per device) instead")
+            f"this model is tensor-parallel (tp_size={size}, loaded with tp_plan) and the {backend} backend cannot "
+            "trace it: nnsight 0.8.1's gathering of sharded activations does not import with transformers 5.24 "
+            "(_get_parameter_plan is gone from transformers.distributed.tensor_parallel); use backend='hooks', "
+            "which gathers the shards itself, or device_map='auto' (whole layers per device)")
+    layout_of(model)  # a model marked tensor-parallel without sharded parameters: its error now
 
 
 def check_readout_not_offloaded(adapter) -> None:
@@ -47,8 +54,9 @@ def check_readout_not_offloaded(adapter) -> None:
 
 def make_backend(name: str | Backend, vqa, **options) -> Backend:
     """The backend called ``name`` for ``vqa`` (``options`` go to the nnsight backend: ``remote``)."""
-    check_not_tensor_parallel(vqa.model)
     check_readout_not_offloaded(vqa.adapter)
+    if isinstance(name, Backend) or name in BACKENDS:
+        check_tensor_parallel(vqa.model, name.name if isinstance(name, Backend) else name)
     if isinstance(name, Backend):
         return name
     if name == "hooks":
@@ -62,6 +70,5 @@ def make_backend(name: str | Backend, vqa, **options) -> Backend:
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
 
 
-__all__ = ["BACKENDS", "Backend", "BackendNotSupported", "HooksBackend", "check_not_tensor_parallel",
-           "check_readout_not_offloaded", "make_backend",
-           "require_hooks"]
+__all__ = ["BACKENDS", "Backend", "BackendNotSupported", "HooksBackend", "check_readout_not_offloaded",
+           "check_tensor_parallel", "make_backend", "require_hooks"]

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters import ModelAdapter
+from ..adapters.base import module_parameter
 
 #: Default size, in float32 elements, of one chunk of logits ``[B, N, chunk]`` (2 MiB): small enough
 #: for the in-place log-sum-exp passes to stay in cache, large enough for efficient GEMMs. Measured on
@@ -90,8 +91,8 @@ def vocab_sweep(adapter: ModelAdapter, normed: torch.Tensor, *, k: int = 0, toke
     (float32): the full-vocabulary logsumexp, a running top-k and the logits of chosen tokens, without
     ever holding ``[N, vocab]``.
     """
-    unembed = adapter.unembed
-    W_U, b_U = unembed.weight, (getattr(unembed, "bias", None) if bias else None)
+    unembed = adapter.unembed   # its parameters whole, also where tensor parallelism shards them
+    W_U, b_U = module_parameter(unembed, "weight"), (module_parameter(unembed, "bias") if bias else None)
     normed = normed.float().to(W_U.device)
     n = normed.shape[0]
     vocab = W_U.shape[0]
@@ -205,7 +206,7 @@ class FrozenNormScorer:
         peak memory stays one block of logits).
         """
         unembed = self.adapter.unembed
-        W_U, b_U = unembed.weight, getattr(unembed, "bias", None)
+        W_U, b_U = module_parameter(unembed, "weight"), module_parameter(unembed, "bias")
         batch, vocab = self.batch_size, W_U.shape[0]
         cap = _softcap(self.adapter)
         if cap is not None:  # the model returns c * tanh(logits / c): so does every chunk here, exactly

@@ -34,6 +34,7 @@ from ..capture import ActivationCache, PerLayer, attention_rows
 from ..inputs import BatchedInput, PreparedInput, Target, check_box
 from ..results.base import release_inference
 from ..results.mechanistic import Explanation, HeadIncrease, HeadPositions, LayerIncrease
+from ..tensor_parallel import call_on_whole
 from .logprob import CHUNK_ELEMENTS, FrozenNormScorer, check_token_ids
 
 #: float32 elements of W_O converted at once when forming head vectors (8 MiB)
@@ -112,7 +113,7 @@ class TargetCapture:
                 raise ValueError("the MLP's post-norm scale needs mlp_act; capture with capture_target(..., mlp_act=True)")
             module, inputs = adapter.down_proj(layer), self.mlp_act[:, layer]
         with torch.no_grad():
-            raw = module(inputs.to(module.weight.dtype))
+            raw = call_on_whole(module, inputs)
         return adapter.frozen_output_norm(layer, block, raw)
 
     def meta(self, row: int) -> dict:

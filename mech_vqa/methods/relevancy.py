@@ -44,6 +44,7 @@ from ..hooks import HookSet, preserved_state
 from ..inputs import PreparedInput
 from ..results.attention import RelevancyMaps
 from ..results.patch_map import PatchMap
+from ..tensor_parallel import whole_heads
 from .raw_attention import check_single_input, logits_at, resolve_targets
 
 
@@ -185,6 +186,8 @@ def _rows_with_hooks(vqa, inp: PreparedInput, targets, row_normalize: bool, visi
                 hooks.remove()
                 llm_probs = [recorded[m] for m in llm_modules]
                 vision_probs = [recorded[m] for m in vision_modules]
+                # a tensor-parallel rank records its own heads: the head mean needs them all
+                llm_whole = [whole_heads(adapter, layer, probs.detach()) for layer, probs in enumerate(llm_probs)]
                 for target in tqdm(targets, desc="relevancy", disable=not progress):
                     column = target.position if kept is None else int((kept == target.position).nonzero())
                     raw_logit = logits[0, column, target.token_id].float()
@@ -192,7 +195,8 @@ def _rows_with_hooks(vqa, inp: PreparedInput, targets, row_normalize: bool, visi
                     with torch.no_grad():
                         one_hot = torch.zeros(seq, device=adapter.device)
                         one_hot[target.position] = 1.0
-                        row = _propagate(one_hot, llm_probs, list(grads[:len(llm_probs)]))
+                        llm_grads = [whole_heads(adapter, layer, g) for layer, g in enumerate(grads[:len(llm_probs)])]
+                        row = _propagate(one_hot, llm_whole, llm_grads)
                         if row_normalize:
                             rest = row - one_hot
                             total = rest.sum()

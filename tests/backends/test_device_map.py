@@ -82,15 +82,23 @@ def test_dispatched_model_gives_the_same_results(tiny_vqa, dispatched, image, ba
     assert hook_snapshot(vqa.model) == torch_hooks                # none of ours left
 
 
-@pytest.mark.parametrize("backend", ["hooks", "nnsight"])
-def test_tensor_parallel_model_is_one_clear_error(tiny_vqa, monkeypatch, backend):
-    """transformers marks a model loaded with ``tp_plan`` by ``_tp_size`` / ``tp_size`` (checked with 2 gloo
-    ranks on CPU: each rank's ``z`` then holds half the heads); both backends refuse it before any forward."""
+def test_tensor_parallel_model_on_nnsight_is_one_clear_error(tiny_vqa, monkeypatch):
+    """transformers marks a model loaded with ``tp_plan`` by ``_tp_size``; the nnsight backend refuses it before
+    any forward (nnsight 0.8.1's gathering does not import with transformers 5.24) and names the hooks backend,
+    which runs it (tests/test_tensor_parallel.py, 2 gloo ranks)."""
     from mech_vqa.backends import BackendNotSupported
 
     monkeypatch.setattr(tiny_vqa.model, "_tp_size", 2, raising=False)
-    with pytest.raises(BackendNotSupported, match=r"tensor-parallel \(tp_size=2.*device_map='auto'"):
-        VQAModel(tiny_vqa.model, tiny_vqa.processor, backend=backend)
+    with pytest.raises(BackendNotSupported, match=r"tensor-parallel \(tp_size=2.*_get_parameter_plan.*backend='hooks'"):
+        VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
+
+
+def test_tensor_parallel_mark_without_shards_is_one_clear_error(tiny_vqa, monkeypatch):
+    from mech_vqa.tensor_parallel import TensorParallelError
+
+    monkeypatch.setattr(tiny_vqa.model, "_tp_size", 2, raising=False)
+    with pytest.raises(TensorParallelError, match=r"tp_size=2\) but holds no sharded \(DTensor\) parameter"):
+        VQAModel(tiny_vqa.model, tiny_vqa.processor)
 
 
 def test_offloaded_readout_is_one_clear_error(tiny_vqa, tmp_path):
