@@ -186,8 +186,8 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
         return torch.cat([cache[name, layer] for layer in layers], dim=1)
 
     final = cache["resid_post", adapter.n_layers - 1][:, 0]
-    token_ids = torch.tensor([t.token_id for t in targets], device=adapter.device)
-    model_logprob = logits.float().log_softmax(-1).gather(1, token_ids.view(-1, 1))[:, 0]
+    scorer = FrozenNormScorer(adapter, final, [t.token_id for t in targets], chunk_elements=chunk_elements)
+    model_logprob = logits.float().log_softmax(-1).gather(1, scorer.targets.view(-1, 1).to(logits.device))[:, 0]
     mask = inp.attention_mask.to(adapter.device)
     blocks = adapter.attention_blocks(inp.input_ids)
     return TargetCapture(
@@ -197,7 +197,7 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
         mlp_act=stacked("mlp_act") if mlp_act else None,
         final=final,
         model_logprob=model_logprob,
-        scorer=FrozenNormScorer(adapter, final, [t.token_id for t in targets], chunk_elements=chunk_elements),
+        scorer=scorer,
         attention_blocks=None if blocks is None else blocks.to(adapter.device),
     )
 
