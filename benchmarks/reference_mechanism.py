@@ -225,7 +225,7 @@ def run_model(name, vqa, image, thread_counts, repeats, captured_forward: bool) 
 
         @torch.no_grad()
         def captured():  # the forward explain runs, with its capture set up and removed
-            with target_trace(vqa, t, every_layer, mlp_act=False):
+            with target_trace(vqa, t, every_layer, mlp_act=False), vqa.backend.read_only():
                 vqa.forward(inp, logits_to_keep=1)
 
         fns.update({"plain forward": plain, "captured forward": captured})

@@ -131,6 +131,12 @@ def _select(x: torch.Tensor, positions: torch.Tensor | None, dim: int = 1) -> to
     return x.gather(dim, index)
 
 
+def _split_heads(x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """``[..., n_heads * head_dim]`` -> ``[..., n_heads, head_dim]`` (a view where possible; ``Tensor.unflatten``
+    does the same through a Python wrapper that hooks run per layer per call)."""
+    return x.reshape(*x.shape[:-1], n_heads, head_dim)
+
+
 def _normalise_positions(positions) -> torch.Tensor | None:
     if positions is None:
         return None
@@ -354,7 +360,7 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
                 "k", adapter.qk_norm(layer, "k", whole.output(m, out))))
         if want_v:
             hooks.post(adapter.v_proj(layer),
-                       lambda m, a, kw, out: keep(("v", layer), whole.output(m, out).unflatten(-1, (n_kv, head_dim))))
+                       lambda m, a, kw, out: keep(("v", layer), _split_heads(whole.output(m, out), n_kv, head_dim)))
     # a post-normed block (Gemma-3) adds its norm's output, not the attention module's, to the residual
     out_module = adapter.attn_out_module(layer) if "attn_out" in wants else attn
     if out_module is not attn:
@@ -389,7 +395,7 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
         hooks.post(attn, attn_post)
     if "z" in wants:
         hooks.pre(adapter.o_proj(layer), lambda m, a, kw: keep(
-            ("z", layer), whole.input(m, _select(a[0], positions)).unflatten(-1, (n_heads, head_dim))))
+            ("z", layer), _split_heads(whole.input(m, _select(a[0], positions)), n_heads, head_dim)))
     if "mlp_act" in wants:
         hooks.pre(adapter.down_proj(layer), lambda m, a, kw: keep(("mlp_act", layer),
                                                                  whole.input(m, _select(a[0], positions))))
@@ -411,7 +417,7 @@ def _plain_projections(adapter: ModelAdapter, layer: int) -> tuple[nn.Module, nn
             return None
         if "forward" in module.__dict__:  # a forward replaced on the instance (tensor parallelism, a wrapper)
             return None
-        if hasattr(module, "_hf_hook"):  # accelerate's dispatch: weights may be offloaded again after the forward
+        if "_hf_hook" in module.__dict__:  # accelerate's dispatch: weights may be offloaded again after the forward
             return None
     return modules
 
@@ -434,7 +440,7 @@ class _Projections:
         (q_proj, k_proj, v_proj), (want_q, want_k, want_v) = self.modules, self.want
         hidden = self.hidden
         if want_v:
-            keep(("v", layer), F.linear(hidden, v_proj.weight, v_proj.bias).unflatten(-1, (shape[1], shape[2])))
+            keep(("v", layer), _split_heads(F.linear(hidden, v_proj.weight, v_proj.bias), shape[1], shape[2]))
         q = F.linear(hidden, q_proj.weight, q_proj.bias) if want_q else None
         if q is not None and not all_queries:
             q = _select(q, positions)
@@ -443,6 +449,7 @@ class _Projections:
         return self.adapter.normalise_qk(layer, q, k)
 
 
+@torch.no_grad()  # pending work belongs to a detached capture (its inputs may be inference tensors)
 def _finish_rotations(cache: ActivationCache, layers=None) -> None:
     """Rotate the pending queries / keys of ``layers`` (default all), layers sharing angles together."""
     if layers is None:
@@ -473,8 +480,8 @@ def _rotate_layer(adapter: ModelAdapter, layer: int, job: tuple) -> None:
     """Project and rotate one layer's queries and keys (a pending :class:`_Projections` job)."""
     projections, _, (cos, sin), positions, keep, (n_heads, n_kv, head_dim) = job
     q, k = projections.project(layer, positions, keep, job[5], all_queries=True)
-    q_rot, k_rot = adapter.rotate_qk(layer, q.unflatten(-1, (n_heads, head_dim)).transpose(1, 2),
-                                     k.unflatten(-1, (n_kv, head_dim)).transpose(1, 2), (cos, sin))
+    q_rot, k_rot = adapter.rotate_qk(layer, _split_heads(q, n_heads, head_dim).transpose(1, 2),
+                                     _split_heads(k, n_kv, head_dim).transpose(1, 2), (cos, sin))
     keep(("q", layer), _select(q_rot.transpose(1, 2), positions))
     keep(("k", layer), k_rot.transpose(1, 2))
 
@@ -549,6 +556,9 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
     group = adapter.n_heads // adapter.n_kv_heads
     if heads is None:
         k = k.float().repeat_interleave(group, dim=2)  # [B, S, H, hd]
+    elif len(heads) == 1:  # one head (the usual map): views, no gathers
+        head = adapter.check_head(int(heads[0]))
+        q, k = q.narrow(2, head, 1), k.narrow(2, head // group, 1).float()
     else:
         heads = [adapter.check_head(int(h)) for h in heads]
         q = q[:, :, heads]
@@ -557,7 +567,7 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
     scales = {x: adapter.attention_scaling(x) for x in distinct}
     scaling = scales[layers[0]] if len(scales) == 1 else torch.tensor(
         [scales[x] for x in layers], device=k.device).view(-1, 1, 1, 1)
-    scores = torch.matmul(q.float().transpose(1, 2), k.permute(0, 2, 3, 1)) * scaling  # [B, H, P, S]
+    scores = torch.matmul(q.float().transpose(1, 2), k.permute(0, 2, 3, 1)).mul_(scaling)  # [B, H, P, S]
     seq = k.shape[1]
     query_positions = query_positions.to(scores.device)
     if query_positions.dim() == 1:
@@ -575,6 +585,5 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
         width = torch.tensor([w if w is not None else seq + 1 for w in windows], device=scores.device)
         allowed = allowed & (keys > (query_positions - width.view(-1, 1)).unsqueeze(-1))
     if key_mask is not None:
-        allowed = allowed & key_mask.to(scores.device).bool().unsqueeze(1)
-    scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
-    return scores.softmax(dim=-1)
+        allowed &= key_mask.to(scores.device).bool().unsqueeze(1)
+    return scores.masked_fill_(~allowed.unsqueeze(1), float("-inf")).softmax(dim=-1)

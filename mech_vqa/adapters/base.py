@@ -255,6 +255,13 @@ def _corners(mode: str) -> dict:
 _PATH_PARTS: dict[str, tuple[str, ...]] = {}
 
 
+def _child(module: nn.Module, name: str) -> nn.Module:
+    """``module.<name>`` for a submodule, read from ``_modules`` directly: ``nn.Module.__getattr__`` is a
+    Python fallback that captures would pay for every module they hook, per layer, per call."""
+    child = module._modules.get(name)
+    return child if child is not None else getattr(module, name)
+
+
 class AdapterError(ValueError):
     """A model the adapters cannot handle, or an input that does not match the model."""
 
@@ -313,25 +320,25 @@ class ModelAdapter:
         return layers[index] if module is None else module
 
     def attn(self, index: int) -> nn.Module:
-        return self.layer(index).self_attn
+        return _child(self.layer(index), "self_attn")
 
     def q_proj(self, index: int) -> nn.Module:
-        return self.attn(index).q_proj
+        return _child(self.attn(index), "q_proj")
 
     def k_proj(self, index: int) -> nn.Module:
-        return self.attn(index).k_proj
+        return _child(self.attn(index), "k_proj")
 
     def v_proj(self, index: int) -> nn.Module:
-        return self.attn(index).v_proj
+        return _child(self.attn(index), "v_proj")
 
     def o_proj(self, index: int) -> nn.Module:
-        return self.attn(index).o_proj
+        return _child(self.attn(index), "o_proj")
 
     def mlp(self, index: int) -> nn.Module:
-        return self.layer(index).mlp
+        return _child(self.layer(index), "mlp")
 
     def down_proj(self, index: int) -> nn.Module:
-        return self.mlp(index).down_proj
+        return _child(self.mlp(index), "down_proj")
 
     @property
     def final_norm(self) -> nn.Module:
@@ -424,7 +431,7 @@ class ModelAdapter:
     def W_O(self, layer: int) -> torch.Tensor:
         """``[n_heads, head_dim, d_model]``: head j writes ``z_j @ W_O[j]`` into the residual."""
         weight = module_parameter(self.o_proj(layer), "weight")  # [d_model, n_heads * head_dim]
-        return weight.T.reshape(self.n_heads, self.head_dim, self.d_model)
+        return weight.T.unflatten(0, (self.n_heads, -1))
 
     def b_O(self, layer: int) -> torch.Tensor | None:
         return module_parameter(self.o_proj(layer), "bias")
@@ -547,7 +554,7 @@ class ModelAdapter:
 
     def resid_mid_module(self, layer: int) -> nn.Module:
         """The module whose input is the residual stream between the attention and MLP blocks."""
-        return self.layer(layer).post_attention_layernorm
+        return _child(self.layer(layer), "post_attention_layernorm")
 
     def output_norm(self, layer: int, block: str) -> nn.Module | None:
         """The RMS norm applied to block ``block``'s (``"attn"`` / ``"mlp"``) output before the

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..capture import ActivationCache, PerLayer, attention_rows
 from ..inputs import BatchedInput, PreparedInput, Target, check_box
+from ..results.base import release_inference
 from ..results.mechanistic import Explanation, HeadIncrease, HeadPositions, LayerIncrease
 from ..tensor_parallel import call_on_whole
 from .logprob import CHUNK_ELEMENTS, FrozenNormScorer, check_token_ids
@@ -178,15 +179,15 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
     layers = range(adapter.n_layers)
     kv = list(layers) if kv_layers == "all" else sorted({adapter.check_layer(int(x)) for x in (kv_layers or [])})
     # logits only at each row's t: the model's own log p(y | t) comes out of the same forward
-    with target_trace(vqa, positions, kv, mlp_act=mlp_act) as cache:
+    with target_trace(vqa, positions, kv, mlp_act=mlp_act) as cache, vqa.backend.read_only():
         logits = vqa.forward(inp, logits_to_keep=positions.view(-1, 1).to(vqa.device)).logits[:, 0]
 
     def stacked(name):  # [B, L, ...] at t: each layer's capture is [B, 1, ...]
         return torch.cat([cache[name, layer] for layer in layers], dim=1)
 
     final = cache["resid_post", adapter.n_layers - 1][:, 0]
-    token_ids = torch.tensor([t.token_id for t in targets], device=adapter.device)
-    model_logprob = logits.float().log_softmax(-1).gather(1, token_ids.view(-1, 1))[:, 0]
+    scorer = FrozenNormScorer(adapter, final, [t.token_id for t in targets], chunk_elements=chunk_elements)
+    model_logprob = logits.float().log_softmax(-1).gather(1, scorer.targets.view(-1, 1).to(logits.device))[:, 0]
     mask = inp.attention_mask.to(adapter.device)
     blocks = adapter.attention_blocks(inp.input_ids)
     return TargetCapture(
@@ -196,7 +197,7 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
         mlp_act=stacked("mlp_act") if mlp_act else None,
         final=final,
         model_logprob=model_logprob,
-        scorer=FrozenNormScorer(adapter, final, [t.token_id for t in targets], chunk_elements=chunk_elements),
+        scorer=scorer,
         attention_blocks=None if blocks is None else blocks.to(adapter.device),
     )
 
@@ -219,9 +220,10 @@ def head_vectors(capture: TargetCapture, out: torch.Tensor | None = None) -> tor
         W_O = adapter.W_O(layer)
         frozen = capture.frozen_output_norm(layer, "attn")
         target = out[:, layer] if frozen is None else torch.zeros_like(out[:, layer])
-        for start in range(0, n_heads, step):
+        if step >= n_heads:  # every head in one product: [H, B, d] += [H, B, hd] @ [H, hd, d], in ``out``
+            target.transpose(0, 1).baddbmm_(capture.z[:, layer].float().transpose(0, 1), W_O.float())
+        for start in range(0, n_heads if step < n_heads else 0, step):
             heads = slice(start, start + step)
-            # [h, B, d] += [h, B, hd] @ [h, hd, d], in place in ``out``
             target[:, heads].transpose(0, 1).baddbmm_(capture.z[:, layer, heads].float().transpose(0, 1),
                                                       W_O[heads].float())
         if frozen is not None:
@@ -259,14 +261,18 @@ def _layer_and_head_results(lp: torch.Tensor, model_logprob: torch.Tensor, metas
                             n_heads: int) -> tuple[list[LayerIncrease], list[HeadIncrease]]:
     """Results from the scores ``lp`` ``[B, 3L + L*H + 1]`` of ``[x_l, x_l + a_l, x_l + a_l + m_l, x_l + h_lj,
     final]`` (wherever they were computed)."""
-    base, attn, mlp = lp[:, :n_layers], lp[:, n_layers:2 * n_layers], lp[:, 2 * n_layers:3 * n_layers]
-    heads = lp[:, 3 * n_layers:-1].view(-1, n_layers, n_heads) - base.unsqueeze(2)
     layer_results, head_results = [], []
+    # results hold ordinary tensors also when the scores were made in inference mode (differences and
+    # copies made outside it are ordinary; views of its tensors would not be)
+    with torch.inference_mode(False):
+        base, attn, mlp = lp[:, :n_layers], lp[:, n_layers:2 * n_layers], lp[:, 2 * n_layers:3 * n_layers]
+        heads = (lp[:, 3 * n_layers:-1].view(-1, n_layers, n_heads) - base.unsqueeze(2)).cpu()
+        attn_increase, mlp_increase, base = (attn - base).cpu(), (mlp - attn).cpu(), base.cpu().clone()
+    final, model_logprob = lp[:, -1].tolist(), model_logprob.tolist()
     for row, meta in enumerate(metas):
-        layer_results.append(LayerIncrease(attention=(attn - base)[row].cpu(), mlp=(mlp - attn)[row].cpu(),
-                                           base=base[row].cpu(), final_logprob=float(lp[row, -1]),
-                                           model_logprob=float(model_logprob[row]), **meta))
-        head_results.append(HeadIncrease(scores=heads[row].cpu(), **meta))
+        layer_results.append(LayerIncrease(attention=attn_increase[row], mlp=mlp_increase[row], base=base[row],
+                                           final_logprob=final[row], model_logprob=model_logprob[row], **meta))
+        head_results.append(HeadIncrease(scores=heads[row], **meta))
     return layer_results, head_results
 
 
@@ -289,27 +295,31 @@ def position_scores(capture: TargetCapture, layer: int, head: int, rows=None) ->
     ``rows`` selects batch rows (default all); positions are batch coordinates (padding gives 0).
     """
     adapter = capture.adapter
-    if capture.k[layer] is None:
+    keys = capture.k[layer]
+    if keys is None:
         raise ValueError(f"layer {layer}'s keys and values were not captured; capture with "
                          f"capture_target(..., kv_layers='all') or a list that includes {layer}")
     n_rows = len(capture.items)
     rows = list(range(n_rows)) if rows is None else [int(r) for r in rows]
-    # every row: plain slices (a list index is a gather per tensor)
-    index = slice(None) if rows == list(range(n_rows)) else rows
-    scorer = capture.scorer if index == slice(None) else capture.scorer.select(rows)
+    every_row = rows == list(range(n_rows))
+
+    def of_rows(x: torch.Tensor) -> torch.Tensor:  # every row: the tensor itself (a list index is a gather)
+        return x if every_row else x[rows]
+
+    scorer = capture.scorer if every_row else capture.scorer.select(rows)
     group = adapter.n_heads // adapter.n_kv_heads
-    query_positions = capture.positions[index].view(-1, 1)
-    blocks = None if capture.attention_blocks is None else capture.attention_blocks[index]
-    pattern = attention_rows(adapter, layer, capture.query(layer)[index].unsqueeze(1), capture.k[layer][index],
-                             query_positions, capture.attention_mask[index], heads=[head], blocks=blocks)
+    blocks = None if capture.attention_blocks is None else of_rows(capture.attention_blocks)
+    pattern = attention_rows(adapter, layer, of_rows(capture.query(layer)).unsqueeze(1), of_rows(keys),
+                             of_rows(capture.positions).view(-1, 1), of_rows(capture.attention_mask), heads=[head],
+                             blocks=blocks)
     attention = pattern[:, 0, 0]  # [b, S]: A_lj[t, :]
-    values = capture.v[layer][index, :, head // group].float()  # [b, S, hd]
+    values = of_rows(capture.v[layer])[:, :, head // group].float()  # [b, S, hd]
     coefficients, basis = attention.unsqueeze(-1) * values, adapter.W_O(layer)[head]
     frozen = capture.frozen_output_norm(layer, "attn")
     if frozen is not None:  # post-norm: the frozen scale per row into the coefficients, the gain into the basis
-        coefficients = coefficients * frozen[0][index].view(-1, 1, 1)
+        coefficients = coefficients * of_rows(frozen[0]).view(-1, 1, 1)
         basis = basis.float() * frozen[1]
-    lp, lp_base = scorer.log_prob_in_basis(capture.resid_pre[index, layer], coefficients, basis)
+    lp, lp_base = scorer.log_prob_in_basis(of_rows(capture.resid_pre)[:, layer], coefficients, basis)
     return lp - lp_base.unsqueeze(1), attention
 
 
@@ -339,11 +349,12 @@ def position_increase(capture: TargetCapture, heads, *, progress: bool = False) 
         for i, row in enumerate(rows_for_head):
             computed[layer, head, row] = (increase[i], attention[i])
     results = []
-    for row, row_heads in enumerate(per_row):
-        offset = int(capture.offsets[row])
-        scores = torch.stack([computed[l, j, row][0][offset:] for l, j in row_heads]).cpu()
-        attention = torch.stack([computed[l, j, row][1][offset:] for l, j in row_heads]).cpu()
-        results.append(_head_positions(capture.items[row], row_heads, scores, attention, capture.meta(row)))
+    with torch.inference_mode(False):  # stacked copies: ordinary tensors whatever mode scored them
+        for row, row_heads in enumerate(per_row):
+            offset = int(capture.offsets[row])
+            scores = torch.stack([computed[l, j, row][0][offset:] for l, j in row_heads]).cpu()
+            attention = torch.stack([computed[l, j, row][1][offset:] for l, j in row_heads]).cpu()
+            results.append(_head_positions(capture.items[row], row_heads, scores, attention, capture.meta(row)))
     return results
 
 
@@ -426,16 +437,20 @@ def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top",
         out = [Explanation(layers=lr, heads=hr, positions=pr, patch_map=pr.patch_map(box=bx, view=view), neurons=None)
                for lr, hr, pr, bx in zip(layer_results, head_results, positions, boxes)]
         return out if isinstance(inp, BatchedInput) else out[0]
-    capture = capture_target(vqa, inp, target, kv_layers=kv_layers, mlp_act=neurons is not False,
-                             chunk_elements=chunk_elements)
-    layer_results, head_results = layer_and_head_increase(capture)
-    positions = position_increase(capture, _head_sets(heads, head_results), progress=progress)
-    neuron_results = [None] * len(positions)
-    if neurons is not False:
-        from .neurons import neuron_increase_from_capture
+    # nothing here needs autograd: the backend's cheapest read-only mode for the forward and the
+    # scoring alike (the results are assembled from ordinary tensors)
+    with vqa.backend.read_only():
+        capture = capture_target(vqa, inp, target, kv_layers=kv_layers, mlp_act=neurons is not False,
+                                 chunk_elements=chunk_elements)
+        layer_results, head_results = layer_and_head_increase(capture)
+        positions = position_increase(capture, _head_sets(heads, head_results), progress=progress)
+        neuron_results = [None] * len(positions)
+        if neurons is not False:
+            from .neurons import neuron_increase_from_capture
 
-        layers = None if neurons is True else neurons
-        neuron_results = neuron_increase_from_capture(capture, layers=layers, k=k, progress=progress)
+            layers = None if neurons is True else neurons
+            neuron_results = neuron_increase_from_capture(capture, layers=layers, k=k, progress=progress)
+    release_inference(neuron_results)
     out = [Explanation(layers=lr, heads=hr, positions=pr, patch_map=pr.patch_map(box=bx, view=view), neurons=nr)
            for lr, hr, pr, nr, bx in zip(layer_results, head_results, positions, neuron_results, boxes)]
     return out if isinstance(inp, BatchedInput) else out[0]

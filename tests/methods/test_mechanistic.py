@@ -358,3 +358,28 @@ def test_explain_equals_the_llava_mechanism_notebooks_algorithm(tiny_mha_vqa, im
     inp, target = prompt_and_target(tiny_mha_vqa, reference, image)
     diffs = check_same(tiny_mha_vqa, reference, inp, target)  # raises when they disagree
     assert max(diffs.values()) < 1e-5
+
+
+def test_explain_returns_ordinary_tensors_though_it_scores_in_inference_mode(tiny_vqa, prepared):
+    """explain runs its forward and scoring in the backend's read-only (inference) mode; what it
+    returns must still take in-place edits and autograd like any tensor."""
+    import dataclasses
+
+    from mech_vqa.results.base import Result
+
+    def tensors(value):
+        if isinstance(value, Result):
+            for field in dataclasses.fields(value):
+                yield from tensors(getattr(value, field.name))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from tensors(item)
+        elif torch.is_tensor(value):
+            yield value
+
+    for neurons in (False, True):
+        exp = explain(tiny_vqa, prepared, prepared.target(), neurons=neurons, progress=False)
+        found = list(tensors(exp))
+        assert len(found) >= 10
+        assert not [t.shape for t in found if t.is_inference()]
+        exp.heads.scores.add_(0.0)  # an in-place edit works
