@@ -5,9 +5,9 @@ as the hooks backend returns it (each rank holds 2 of the 4 heads; the capture l
 :mod:`mech_vqa.tensor_parallel`) and its difference from the unsharded one; ``explain``'s head scores,
 the logit lens and a head-ablation sweep against the unsharded model, with the time of ``explain``
 on the sharded model over the unsharded one, and of a plain forward (medians of 7 interleaved rounds;
-tiny model, so collectives' latency dominates); then what the nnsight
-backend does with the same model (one clear refusal: nnsight 0.8.1's own gathering does not import
-with transformers 5.24).
+tiny model, so collectives' latency dominates); then the same on the nnsight backend (nnsight's own
+gathering of sharded activations, in process): its ``explain`` head and position scores against the
+unsharded model's and its time over the hooks backend's on the same sharded model.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/tensor_parallel_cpu.py
 
@@ -86,11 +86,15 @@ def main() -> None:
     sharded_s, whole_s = _seconds(lambda: tp.logits(inp), lambda: ref.logits(inp))
     lines.append(f"plain forward time, sharded / unsharded: {sharded_s * 1e3:.1f} / {whole_s * 1e3:.1f} ms = "
                  f"{sharded_s / whole_s:.2f}x (transformers' own cost of tensor parallelism here)")
-    try:
-        VQAModel(sharded, processor, backend="nnsight")
-        lines.append("nnsight backend: accepted")
-    except Exception as err:  # noqa: BLE001 - report what happens
-        lines.append(f"nnsight backend: {type(err).__name__}: {str(err)[:150]}...")
+    nn = VQAModel(sharded, processor, backend="nnsight")
+    a, b = explain(nn, inp, heads=2, progress=False), explain(ref, inp, heads=2, progress=False)
+    lines.append(f"nnsight backend, explain head scores vs unsharded: "
+                 f"{(a.heads.scores - b.heads.scores).abs().max().item():.1e}, positions "
+                 f"{(a.positions.scores - b.positions.scores).abs().max().item():.1e}")
+    nn_s, hooks_s = _seconds(lambda: explain(nn, inp, heads=2, progress=False),
+                             lambda: explain(tp, inp, heads=2, progress=False))
+    lines.append(f"explain time on the sharded model, nnsight / hooks: {nn_s * 1e3:.1f} / {hooks_s * 1e3:.1f} ms = "
+                 f"{nn_s / hooks_s:.2f}x")
     for line in lines:
         print(f"rank {rank}: {line}")
     sys.stdout.flush()

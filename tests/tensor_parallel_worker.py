@@ -121,9 +121,33 @@ def main(folder: str, out: str) -> None:
     got, expected = knockout(tp, inp, heads=True, progress=False), knockout(ref, inp, heads=True, progress=False)
     _close("knockout per head", got.knocked_logprob, expected.knocked_logprob, report)
 
-    with pytest.raises(BackendNotSupported, match=r"tensor-parallel \(tp_size=2.*nnsight 0\.8\.1.*backend='hooks'"):
-        VQAModel(sharded, processor, backend="nnsight")
-    report["nnsight refused"] = 0.0
+    # the same methods on the nnsight backend, whose own gathering makes the sharded activations whole
+    nn = VQAModel(sharded, processor, name="tp-nnsight", backend="nnsight")
+    _close("nnsight logits", nn.logits(inp), ref.logits(inp), report)
+    got, expected = explain(nn, inp, heads=2, progress=False), explain(ref, inp, heads=2, progress=False)
+    _close("nnsight explain heads", got.heads.scores, expected.heads.scores, report)
+    _close("nnsight explain layers.attention", got.layers.attention, expected.layers.attention, report)
+    assert got.positions.heads == expected.positions.heads
+    _close("nnsight explain positions", got.positions.scores, expected.positions.scores, report)
+    got, expected = logit_lens(nn, inp, word="red", k=3), logit_lens(ref, inp, word="red", k=3)
+    assert torch.equal(got.top_ids, expected.top_ids)
+    _close("nnsight logit_lens word_probs", got.word_probs, expected.word_probs, report)
+    _close("nnsight raw_attention", raw_attention_map(nn, inp).scores, raw_attention_map(ref, inp).scores, report)
+    _close("nnsight neuron_increase", neuron_increase(nn, inp, k=3, progress=False).scores,
+           neuron_increase(ref, inp, k=3, progress=False).scores, report)
+    _close("nnsight relevancy rows", relevancy(nn, inp, progress=False).rows,
+           relevancy(ref, inp, progress=False).rows, report)
+    with torch.no_grad(), nn.trace(["z"], interventions=edits):
+        nn_edited = nn.forward(inp).logits
+    _close("nnsight intervention logits", nn_edited, edited, report)
+    got = ablate(nn, inp, head_ablations(nn, layers=[0, last]), batch_size=4, progress=False)
+    expected = ablate(ref, inp, head_ablations(ref, layers=[0, last]), batch_size=4, progress=False)
+    _close("nnsight head ablation delta", got.delta, expected.delta, report)
+    _close("nnsight knockout per head", knockout(nn, inp, heads=True, progress=False).knocked_logprob,
+           knockout(ref, inp, heads=True, progress=False).knocked_logprob, report)
+    with pytest.raises(BackendNotSupported, match=r"tensor-parallel \(tp_size=2.*in process only.*remote='local'"):
+        VQAModel(sharded, processor, backend="nnsight", remote="local")
+    report["nnsight remote refused"] = 0.0
 
     assert hook_snapshot(sharded) == hooks_before, "a hook of ours was left on the sharded model"
     after = _instance_forwards(sharded)

@@ -24,7 +24,10 @@ COMPARED = {"logits", "capture ('z', 0)", "capture ('q', 1)", "capture ('k', 1)"
             "capture ('pattern', 1)", "capture ('mlp_act', 1)", "explain layers.attention", "explain layers.mlp",
             "explain heads", "explain positions", "explain patch_map", "logit_lens top_probs",
             "logit_lens word_probs", "raw_attention", "neuron_increase", "relevancy rows", "intervention logits",
-            "intervention z", "head ablation delta", "knockout per head", "nnsight refused", "hooks_left"}
+            "intervention z", "head ablation delta", "knockout per head", "nnsight logits", "nnsight explain heads",
+            "nnsight explain layers.attention", "nnsight explain positions", "nnsight logit_lens word_probs",
+            "nnsight raw_attention", "nnsight neuron_increase", "nnsight relevancy rows", "nnsight intervention logits",
+            "nnsight head ablation delta", "nnsight knockout per head", "nnsight remote refused", "hooks_left"}
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")

@@ -17,26 +17,28 @@ from .base import Backend, BackendNotSupported, HooksBackend, require_hooks
 BACKENDS = ("hooks", "nnsight")
 
 
-def check_tensor_parallel(model, backend: str) -> None:
+def check_tensor_parallel(model, backend: str, remote: bool | str = False) -> None:
     """One clear error for a tensor-parallel model (transformers' ``tp_plan``) where it cannot run.
 
     The hooks backend reads it: the capture layer gathers the slices of heads / neurons each rank holds
-    and methods read whole weights (:mod:`mech_vqa.tensor_parallel`). The nnsight backend cannot:
-    nnsight 0.8.1 takes over any model transformers sharded with its own gathering, which does not
-    import with transformers 5.24 (``_get_parameter_plan`` moved out of
-    ``transformers.distributed.tensor_parallel``).
+    and methods read whole weights (:mod:`mech_vqa.tensor_parallel`). The nnsight backend reads it in
+    process, through nnsight's own gathering of sharded activations (every rank runs the same trace);
+    not remotely: a remote service shards the models it hosts itself, and nnsight's offline simulation
+    of a remote call does not run a sharded model (its embedding meets plain tensors and DTensors).
     """
     from ..tensor_parallel import layout_of, tp_size
 
     size = tp_size(model)
     if size <= 1:
         return
-    if backend != "hooks":
+    if backend == "nnsight" and remote:
         raise BackendNotSupported(
-            f"this model is tensor-parallel (tp_size={size}, loaded with tp_plan) and the {backend} backend cannot "
-            "trace it: nnsight 0.8.1's gathering of sharded activations does not import with transformers 5.24 "
-            "(_get_parameter_plan is gone from transformers.distributed.tensor_parallel); use backend='hooks', "
-            "which gathers the shards itself, or device_map='auto' (whole layers per device)")
+            f"this model is tensor-parallel (tp_size={size}, loaded with tp_plan): the nnsight backend runs it in "
+            f"process only, not with remote={remote!r} (NDIF shards the models it hosts itself; nnsight's offline "
+            "simulation of a remote call fails on a sharded model); use remote=False, or backend='hooks'")
+    if backend not in ("hooks", "nnsight"):
+        raise BackendNotSupported(f"the {backend} backend cannot trace a tensor-parallel model (tp_size={size}); "
+                                  "use backend='hooks' or 'nnsight'")
     layout_of(model)  # a model marked tensor-parallel without sharded parameters: its error now
 
 
@@ -56,7 +58,9 @@ def make_backend(name: str | Backend, vqa, **options) -> Backend:
     """The backend called ``name`` for ``vqa`` (``options`` go to the nnsight backend: ``remote``)."""
     check_readout_not_offloaded(vqa.adapter)
     if isinstance(name, Backend) or name in BACKENDS:
-        check_tensor_parallel(vqa.model, name.name if isinstance(name, Backend) else name)
+        check_tensor_parallel(vqa.model, name.name if isinstance(name, Backend) else name,
+                              options.get("remote", False) if not isinstance(name, Backend) else
+                              getattr(name, "remote", False))
     if isinstance(name, Backend):
         return name
     if name == "hooks":

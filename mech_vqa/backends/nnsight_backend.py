@@ -34,6 +34,7 @@ from ..capture import NAMES, ActivationCache, CaptureError, _layer_plan, _normal
 from ..hooks import preserved_state
 from ..interventions import AttentionEdit, Intervention, check_explicit_masks
 from . import nnsight_ops
+from ..tensor_parallel import is_tensor_parallel, local_head_mask, whole_heads
 from .base import Backend, BackendNotSupported
 
 #: the nnsight versions this backend is tested with (also the pin in pyproject.toml)
@@ -164,6 +165,8 @@ class NNsightBackend(Backend):
                              f"remote call) or True (NDIF), got {remote!r}")
         super().__init__(vqa)
         self.nnsight = import_nnsight()
+        if is_tensor_parallel(vqa.model):
+            _tensor_parallel_compat()
         if remote is True:
             check_ndif(self.nnsight, vqa.model)
         from nnsight.modeling.transformers import TransformersModel
@@ -276,7 +279,8 @@ class NNsightBackend(Backend):
         for index, spec in enumerate(self._active if specs is None else specs):
             for edit in spec.attention_edits:   # the mask the attention receives, read with its rotary angles
                 target = step(edit.layer, "pe")
-                target.edits = (target.edits or []) + [(edit.first, edit.blocked)]
+                # per-head edits: a tensor-parallel rank's attention runs only its own heads
+                target.edits = (target.edits or []) + [(edit.first, local_head_mask(adapter, edit.layer, edit.blocked))]
             for edit in spec.interventions:
                 target = step(edit.layer, _EDIT_SLOTS[edit.site])
                 target.per_head = edit.site == "z"
@@ -483,7 +487,8 @@ class NNsightBackend(Backend):
                 torch.enable_grad():
             result = _run_relevancy(self.envoy, self.nnsight, nnsight_ops, first, vision_attns, attns, inputs, kwargs,
                                     self.remote, targets, row_normalize,
-                                    None if image_positions is None else image_positions.cpu())
+                                    None if image_positions is None else image_positions.cpu(),
+                                    _heads_gatherer(adapter))
         self.last_saved_bytes = _nbytes(result)
         return result
 
@@ -576,6 +581,25 @@ def _overrides(adapter, *names: str) -> bool:
 
 _ABSENT = object()
 _SLOTS_SET_BY_NNSIGHT = ("forward", "__nnsight__")
+
+
+def _tensor_parallel_compat() -> None:
+    """Let nnsight 0.8.1 read transformers' tensor-parallel plan on transformers releases that moved its
+    plan matcher: nnsight imports ``_get_parameter_plan`` from ``transformers.distributed.tensor_parallel``,
+    which transformers 5.24 defines in ``transformers.distributed.parallel_utils`` (the same function,
+    the same signature). The name is added where nnsight looks for it, nothing else changes; with a
+    transformers that still has it there, nothing is done."""
+    from transformers.distributed import tensor_parallel
+
+    if hasattr(tensor_parallel, "_get_parameter_plan"):
+        return
+    try:
+        from transformers.distributed.parallel_utils import _get_parameter_plan
+    except ImportError as err:
+        raise BackendNotSupported(
+            "nnsight cannot read this transformers release's tensor-parallel plan (no _get_parameter_plan in "
+            "transformers.distributed); use backend='hooks' for tensor-parallel models") from err
+    tensor_parallel._get_parameter_plan = _get_parameter_plan
 
 
 @contextlib.contextmanager
@@ -726,11 +750,21 @@ def _run_igos(root, nnsight, core, ops, base, rows, token_ids, image, baseline, 
     return result
 
 
+def _heads_gatherer(adapter):
+    """``(layer, x [B, local heads, ...]) -> x [B, heads, ...]`` for a tensor-parallel model (each rank's
+    attention runs its own heads; the ranks' slices are gathered), None for any other. Runs inside an
+    in-process trace only: tensor-parallel models are refused remotely."""
+    if not is_tensor_parallel(adapter.model):
+        return None
+    return lambda layer, x: whole_heads(adapter, layer, x)
+
+
 def _run_relevancy(root, nnsight, ops, first_layer, vision_attns, attns, inputs, kwargs, remote, targets,
-                   row_normalize, image_positions):
+                   row_normalize, image_positions, whole=None):
     """One trace: the forward, then per target the raw logit's backward and its relevancy row (module-level
     for the reason of :func:`_run_trace`). Gradients are served in reverse-forward order: the LLM's last layer
-    first, the vision tower's first layer last."""
+    first, the vision tower's first layer last. ``whole``: :func:`_heads_gatherer`'s function (tensor-parallel
+    models: the probabilities and gradients of every rank's heads)."""
     with root.trace(**inputs, **kwargs, remote=remote):
         first_layer.input.requires_grad_(True)   # a leaf: the graph through every probability exists
         vision_probs = [attn.output[1] for attn in vision_attns]
@@ -743,7 +777,13 @@ def _run_relevancy(root, nnsight, ops, first_layer, vision_attns, attns, inputs,
             with logit.backward(retain_graph=True):
                 grads = [probs[layer].grad for layer in reversed(range(len(probs)))]
                 vision_grads = [vision_probs[layer].grad for layer in reversed(range(len(vision_probs)))]
-            row = ops.relevancy_row(position, probs, grads[::-1], row_normalize)
+            grads = grads[::-1]
+            if whole is not None:
+                probs_whole = [whole(layer, p.detach()) for layer, p in enumerate(probs)]
+                row = ops.relevancy_row(position, probs_whole, [whole(layer, g) for layer, g in enumerate(grads)],
+                                        row_normalize)
+            else:
+                row = ops.relevancy_row(position, probs, grads, row_normalize)
             rows.append(row)
             if vision_probs:
                 vision_rows.append(ops.vision_row(row[image_positions], vision_probs, vision_grads[::-1]))

@@ -82,15 +82,15 @@ def test_dispatched_model_gives_the_same_results(tiny_vqa, dispatched, image, ba
     assert hook_snapshot(vqa.model) == torch_hooks                # none of ours left
 
 
-def test_tensor_parallel_model_on_nnsight_is_one_clear_error(tiny_vqa, monkeypatch):
-    """transformers marks a model loaded with ``tp_plan`` by ``_tp_size``; the nnsight backend refuses it before
-    any forward (nnsight 0.8.1's gathering does not import with transformers 5.24) and names the hooks backend,
-    which runs it (tests/test_tensor_parallel.py, 2 gloo ranks)."""
+def test_tensor_parallel_model_on_remote_nnsight_is_one_clear_error(tiny_vqa, monkeypatch):
+    """transformers marks a model loaded with ``tp_plan`` by ``_tp_size``; the nnsight backend runs it in process
+    (tests/test_tensor_parallel.py, 2 gloo ranks) but refuses it remotely before any forward, naming the fix."""
     from mech_vqa.backends import BackendNotSupported
 
     monkeypatch.setattr(tiny_vqa.model, "_tp_size", 2, raising=False)
-    with pytest.raises(BackendNotSupported, match=r"tensor-parallel \(tp_size=2.*_get_parameter_plan.*backend='hooks'"):
-        VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight")
+    for remote in ("local", True):
+        with pytest.raises(BackendNotSupported, match=r"tensor-parallel \(tp_size=2.*in process only.*remote=False"):
+            VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote=remote)
 
 
 def test_tensor_parallel_mark_without_shards_is_one_clear_error(tiny_vqa, monkeypatch):
