@@ -631,6 +631,31 @@ class ModelAdapter:
         return (out_w / width, out_h / height, 0.0, 0.0)
 
 
+class MergedPatchGrid:
+    """Geometry shared by families whose images keep their own size and whose connector merges
+    ``merge_size x merge_size`` vision patches into one image token (Qwen-VL, Mistral-3 / Pixtral): no
+    fixed patch grid, no CLS token. Subclasses give ``patch_size`` and ``merge_size``; list it before
+    the adapter base class."""
+
+    @property
+    def token_size(self) -> int:
+        """Pixels per side of one image token (``patch_size * merge_size``)."""
+        return self.patch_size * self.merge_size
+
+    @property
+    def patch_grid(self):
+        """None: the grid depends on each image's size (read it from ``inp.geometry.grid``)."""
+        return None
+
+    @property
+    def has_cls_token(self) -> bool:
+        return False
+
+    @property
+    def patches_per_image_token(self) -> int:
+        return self.merge_size ** 2  # the merger folds merge x merge vision patches into each token
+
+
 class PixelShuffleTiles:
     """Geometry shared by families whose connector folds ``shuffle x shuffle`` vision patches of a square
     tile into one image token (InternVL, Idefics3 / SmolVLM). Subclasses give ``tile_size``,

@@ -32,12 +32,12 @@ import types
 import torch
 from torch import nn
 
-from .base import AdapterError, ImageGeometry, register_adapter
+from .base import AdapterError, ImageGeometry, MergedPatchGrid, register_adapter
 from .llava import LlavaAdapter
 
 
 @register_adapter
-class Mistral3Adapter(LlavaAdapter):
+class Mistral3Adapter(MergedPatchGrid, LlavaAdapter):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.marker_ids: dict[str, int] | None = None
@@ -61,24 +61,6 @@ class Mistral3Adapter(LlavaAdapter):
         """Pixels per side of one vision patch (the Pixtral tower's)."""
         size = self.model.config.vision_config.patch_size
         return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-    @property
-    def token_size(self) -> int:
-        """Pixels per side of one image token (``patch * spatial_merge_size``)."""
-        return self.patch_size * self.merge_size
-
-    @property
-    def patch_grid(self):
-        """None: the grid depends on each image's size (read it from ``inp.geometry.grid``)."""
-        return None
-
-    @property
-    def has_cls_token(self) -> bool:
-        return False
-
-    @property
-    def patches_per_image_token(self) -> int:
-        return self.merge_size ** 2
 
     def tokens_per_image(self) -> int:
         raise AdapterError("Mistral-3 images give a number of image tokens that depends on their size; use "

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AdapterError, ImageGeometry, register_adapter
+from .base import AdapterError, ImageGeometry, MergedPatchGrid, register_adapter
 from .llava import LlavaAdapter
 
 
@@ -76,7 +76,7 @@ def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch: int, merge: 
 
 
 @register_adapter
-class QwenVLAdapter(LlavaAdapter):
+class QwenVLAdapter(MergedPatchGrid, LlavaAdapter):
     """Qwen2-VL (and the base of Qwen2.5-VL / Qwen3-VL): dynamic-resolution images, one image per prompt,
     M-RoPE. The text model is Llama-like, so the module access and the rotation are LLaVA's."""
 
@@ -121,26 +121,8 @@ class QwenVLAdapter(LlavaAdapter):
         return int(self.vision_config.spatial_merge_size)
 
     @property
-    def patches_per_image_token(self) -> int:
-        return self.merge_size ** 2  # the merger folds merge x merge ViT patches into each token
-
-    @property
     def temporal_patch_size(self) -> int:
         return int(self.vision_config.temporal_patch_size)
-
-    @property
-    def token_size(self) -> int:
-        """Pixels per image token along each side (``patch * merge``)."""
-        return self.patch_size * self.merge_size
-
-    @property
-    def patch_grid(self):
-        """None: the grid depends on each image's size (read it from ``inp.geometry.grid``)."""
-        return None
-
-    @property
-    def has_cls_token(self) -> bool:
-        return False
 
     @property
     def image_token_id(self) -> int:
