@@ -294,3 +294,47 @@ def test_gemma3_weightless_client(monkeypatch, tmp_path, tiny_gemma3_vqa, image)
         torch.testing.assert_close(got.delta, expected.delta, **TOL)
     with pytest.raises(BackendNotSupported, match=r"normalises queries and keys \(QK-norm\).*remote='local'"):
         explain(client, inp, heads=1, progress=False)
+
+
+def test_qwen3vl_weightless_client(monkeypatch, tmp_path, tiny_qwen3vl_vqa, image):
+    """Qwen3-VL from a weightless NDIF client: the logit lens (DeepStack's additions added and the vocabulary
+    swept on the server), ablations and knockout give the hooks backend's numbers; explain, which needs the
+    QK-norm's weights on the client, is one clear error naming what does run remotely."""
+    import nnsight
+
+    from mech_vqa.methods.ablation import ablate, block_ablations
+    from mech_vqa.methods.knockout import knockout
+    from mech_vqa.methods.logit_lens import logit_lens
+    from mech_vqa.methods.mechanistic import explain
+
+    hooks = tiny_qwen3vl_vqa
+    assert hooks.adapter.deepstack_layers()
+    folder = tmp_path / "tiny-qwen3vl"
+    hooks.model.save_pretrained(folder)
+    hooks.processor.save_pretrained(folder)
+    server = StandInServer(folder, hooks.processor)
+    monkeypatch.setattr(CONFIG.API, "APIKEY", "test-key-not-a-secret")
+    monkeypatch.setattr(nnsight, "status", lambda: Status({str(folder): {"repo_id": str(folder), "state": "RUNNING"}}))
+    monkeypatch.setitem(nnsight_hf._ID_CACHE, str(folder), "test-org/tiny-qwen3vl")
+    monkeypatch.setattr(RemoteBackend, "request", lambda self, request, tracer: server.request(self, request, tracer))
+    client = VQAModel.from_pretrained(str(folder), backend="nnsight", remote=True)
+    assert {p.device.type for p in client.model.parameters()} == {"meta"}
+    inp = client.prepare(image, QUESTION, ANSWER, generate=False)
+    reference = hooks.prepare(image, QUESTION, ANSWER, generate=False)
+    pairs = ((hooks, reference), (client, inp))
+
+    expected, got = (logit_lens(vqa, x, word="red", k=3) for vqa, x in pairs)
+    assert torch.equal(got.top_ids, expected.top_ids)
+    torch.testing.assert_close(got.top_probs, expected.top_probs, **TOL)
+    torch.testing.assert_close(got.word_probs, expected.word_probs, **TOL)
+    stages, patches = got.top_ids.shape[:2]
+    assert client.backend.last_saved_bytes == stages * patches * (3 * (4 + 8) + 4)   # only the maps came back
+    last = hooks.adapter.n_layers - 1
+    expected, got = (knockout(vqa, x, windows=[(0, 1), (0, last + 1)], progress=False) for vqa, x in pairs)
+    assert expected.relative_change.abs().max() > 1e-4
+    torch.testing.assert_close(got.knocked_logprob, expected.knocked_logprob, **TOL)
+    expected, got = (ablate(vqa, x, block_ablations(hooks), progress=False, where="answer") for vqa, x in pairs)
+    torch.testing.assert_close(got.delta, expected.delta, **TOL)
+    with pytest.raises(BackendNotSupported, match=r"normalises queries and keys \(QK-norm\).*remote='local'.*the "
+                                                  r"logit lens, ablations and knockout run remotely"):
+        explain(client, inp, heads=1, progress=False)
