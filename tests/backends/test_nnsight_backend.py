@@ -312,8 +312,8 @@ def test_other_trace_methods_equal_hooks(pair, inp):
 
 
 def test_cli_backend_option(tiny_vqa, tmp_path, capsys):
-    """``mech-vqa run explain --backend nnsight`` writes the hooks backend's rows; a task with a method
-    the remote path cannot run stops with one line naming it, before any row is written."""
+    """``mech-vqa run explain --backend nnsight`` writes the hooks backend's rows, and so does ``run compare
+    --backend nnsight --remote local``, whose relevancy and iGOS differentiate inside the remote trace / session."""
     import json
 
     import numpy as np
