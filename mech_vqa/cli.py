@@ -73,12 +73,13 @@ def _settings(args):
 def _device_map(text: str | None):
     """``--device-map``: a strategy name (auto, balanced, ...) as given, or a JSON object / a ``.json`` file of
     module name -> device (``"cpu"``, ``"cuda:1"``, a GPU index, ``"disk"``), as transformers takes it."""
-    if text is None or not (text.lstrip().startswith("{") or text.endswith(".json")):
+    inline = text is not None and text.lstrip()[:1] in ("{", "[")
+    if text is None or not (inline or text.endswith(".json")):
         return text
     from pathlib import Path
 
     try:
-        mapping = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
+        mapping = json.loads(text if inline else Path(text).read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"--device-map {text!r} is not valid JSON ({err}); give a strategy (auto, balanced, "
                          'sequential) or a JSON object such as \'{"model": "cpu", "lm_head": "cpu"}\'') from None
@@ -100,11 +101,8 @@ def _load(args):
     device_map = _device_map(getattr(args, "device_map", None))
     if device_map is not None:
         options["device_map"] = device_map     # accelerate places the layers; no single --device
-        if getattr(args, "offload_folder", None):
+        if getattr(args, "offload_folder", None):   # safetensors checkpoints offload to disk without one
             options["offload_folder"] = args.offload_folder
-        elif isinstance(device_map, dict) and "disk" in device_map.values():
-            raise ValueError("--device-map puts modules on 'disk': add --offload-folder DIR, where accelerate keeps "
-                             "their weights between forwards")
     elif remote is not True:                   # an NDIF client holds no weights to move
         options["device"] = device
     if args.model in (None, "organism"):
@@ -206,7 +204,8 @@ def _model_options(parser, model_help: str, device: bool = True) -> None:
                                  "a JSON object / .json file of module name -> device, 'disk' included): layers "
                                  "spread over the GPUs, CPU memory and disk; replaces --device")
         parser.add_argument("--offload-folder", default=None,
-                            help="with --device-map: folder for the weights of modules offloaded to disk")
+                            help="with --device-map: folder for the weights of modules offloaded to disk (a "
+                                 "safetensors checkpoint needs none: they are read from its files)")
     parser.add_argument("--threads", type=_positive_int, default=default_threads(),
                         help=f"CPU threads for torch (default {default_threads()}: OMP_NUM_THREADS when set, else "
                              "half the usable cores). More threads than free cores make torch's threads wait "
