@@ -70,6 +70,25 @@ def _settings(args):
     return device, getattr(torch, dtype)
 
 
+def _device_map(text: str | None):
+    """``--device-map``: a strategy name (auto, balanced, ...) as given, or a JSON object / a ``.json`` file of
+    module name -> device (``"cpu"``, ``"cuda:1"``, a GPU index, ``"disk"``), as transformers takes it."""
+    inline = text is not None and text.lstrip()[:1] in ("{", "[")
+    if text is None or not (inline or text.endswith(".json")):
+        return text
+    from pathlib import Path
+
+    try:
+        mapping = json.loads(text if inline else Path(text).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--device-map {text!r} is not valid JSON ({err}); give a strategy (auto, balanced, "
+                         'sequential) or a JSON object such as \'{"model": "cpu", "lm_head": "cpu"}\'') from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise ValueError(f"--device-map {text!r}: a JSON device map is an object of module name -> device, got "
+                         f"{type(mapping).__name__} {mapping!r}")
+    return mapping
+
+
 def _load(args):
     from .model import VQAModel
 
@@ -79,9 +98,11 @@ def _load(args):
     if remote and backend != "nnsight":
         raise ValueError(f"--remote {args.remote} runs the model through nnsight: add --backend nnsight")
     options = dict(dtype=dtype, backend=backend, remote=remote)
-    device_map = getattr(args, "device_map", None)
+    device_map = _device_map(getattr(args, "device_map", None))
     if device_map is not None:
         options["device_map"] = device_map     # accelerate places the layers; no single --device
+        if getattr(args, "offload_folder", None):   # safetensors checkpoints offload to disk without one
+            options["offload_folder"] = args.offload_folder
     elif remote is not True:                   # an NDIF client holds no weights to move
         options["device"] = device
     if args.model in (None, "organism"):
@@ -172,15 +193,19 @@ def _model_options(parser, model_help: str, device: bool = True) -> None:
                                  "needs ~14 GB in float16); scores are computed in float32 either way")
         parser.add_argument("--backend", default="hooks", choices=("hooks", "nnsight"),
                             help="engine for captures and interventions (default hooks, the fastest in-process; "
-                                 "nnsight: same results through nnsight 0.8, where relevancy stops with a clear "
-                                 "error)")
+                                 "nnsight: the same results through nnsight 0.8, relevancy and iGOS included, with "
+                                 "their gradients taken inside the trace; the backend for --remote)")
         parser.add_argument("--remote", default=None, choices=("local", "ndif"),
                             help="with --backend nnsight: 'ndif' runs every trace on NDIF (API key from "
                                  "NDIF_API_KEY or nnsight's config; the model must be hosted there; no weights "
                                  "are loaded here), 'local' runs nnsight's offline simulation of that call")
         parser.add_argument("--device-map", default=None,
-                            help="accelerate device map for from_pretrained (e.g. auto, balanced, sequential): "
-                                 "layers spread over the GPUs, CPU memory and disk; replaces --device")
+                            help="accelerate device map for from_pretrained (e.g. auto, balanced, sequential, or "
+                                 "a JSON object / .json file of module name -> device, 'disk' included): layers "
+                                 "spread over the GPUs, CPU memory and disk; replaces --device")
+        parser.add_argument("--offload-folder", default=None,
+                            help="with --device-map: folder for the weights of modules offloaded to disk (a "
+                                 "safetensors checkpoint needs none: they are read from its files)")
     parser.add_argument("--threads", type=_positive_int, default=default_threads(),
                         help=f"CPU threads for torch (default {default_threads()}: OMP_NUM_THREADS when set, else "
                              "half the usable cores). More threads than free cores make torch's threads wait "

@@ -352,9 +352,9 @@ class NNsightBackend(Backend):
     def lens_near_model(self) -> bool:
         """Whether the logit lens's sweep runs inside the trace: it reads only each layer's output, the
         final norm and the unembedding, so QK-norm, post-norms and attention blocks (Gemma-3) do not
-        matter; DeepStack additions (read by the method) and soft-capped logits keep it on the client."""
-        adapter = self.vqa.adapter
-        return not _overrides(adapter, "logit_softcap") and not adapter.deepstack_layers()
+        matter, and DeepStack's additions (Qwen3-VL) are read from the text model's call and added there;
+        soft-capped logits keep it on the client."""
+        return not _overrides(self.vqa.adapter, "logit_softcap")
 
     def _final_norm(self) -> dict:
         """The final norm as what the remote side needs besides its weights: LayerNorm or RMS, eps, and
@@ -432,9 +432,10 @@ class NNsightBackend(Backend):
         """The logit lens at ``positions`` (the projector output and every layer's output), swept over
         the vocabulary inside the trace (:func:`~mech_vqa.backends.nnsight_ops.logit_lens_sweep`)."""
         adapter = self.vqa.adapter
-        spec = self._spec(["resid_pre", "resid_post"], {"resid_pre": [0]}, positions)
+        deepstack = ["deepstack"] if adapter.deepstack_layers() else []   # Qwen3-VL: what the text model adds
+        spec = self._spec(["resid_pre", "resid_post"] + deepstack, {"resid_pre": [0]}, positions)
         args = dict(n_layers=adapter.n_layers, k=k, word_id=word_id, chunk_elements=chunk_elements,
-                    **self._final_norm())
+                    positions=spec.positions, **self._final_norm())
         return self._forward_reduced(spec, inputs, nnsight_ops.logit_lens_sweep, self._weights([]), args,
                                      use_cache=False, logits_to_keep=1)
 

@@ -272,10 +272,25 @@ def logit_lens_sweep(values, weights, output, **args):
 
 
 def _logit_lens_sweep(values, weights, output, *, n_layers: int, k: int, word_id, gain_offset: bool, eps: float,
-                     layer_norm: bool, chunk_elements: int):
+                     layer_norm: bool, chunk_elements: int, positions=None):
     """The logit lens at the captured positions: top-``k`` ids / probabilities ``[L + 1, P, k]`` and
-    ``word_id``'s probability ``[L + 1, P]``, the final norm applied per vector (not frozen)."""
-    stages = [values["resid_pre", 0][0]] + [values["resid_post", layer][0] for layer in range(n_layers)]
+    ``word_id``'s probability ``[L + 1, P]``, the final norm applied per vector (not frozen).
+
+    Where the text model was called with DeepStack features (Qwen3-VL; captured as
+    ``values["deepstack_kwargs"]``), the residual after layer ``l`` is the layer's output plus the
+    ``l``-th feature at the visual positions, as the text model adds it, read at ``positions``."""
+    added = {}
+    if ("deepstack_kwargs",) in values:
+        features, mask = values["deepstack_kwargs",]
+        if features is not None and mask is not None:
+            out = values["resid_post", 0]
+            shape = (mask.shape[0], mask.shape[1], out.shape[-1])
+            for layer, feature in enumerate(features):
+                full = torch.zeros(shape, dtype=out.dtype, device=out.device)
+                full[mask.to(out.device)] = feature.to(out.device, out.dtype)
+                added[layer] = select(full, positions, 1)[0]
+    stages = [values["resid_pre", 0][0]] + [values["resid_post", layer][0] + added[layer] if layer in added
+                                            else values["resid_post", layer][0] for layer in range(n_layers)]
     resid = torch.stack(stages).float()              # [L + 1, P, d]
     n_stages, n_patches, _ = resid.shape
     x = resid.flatten(0, 1)

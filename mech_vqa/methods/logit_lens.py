@@ -61,7 +61,7 @@ def logit_lens(vqa, inp: PreparedInput, word: str | int | None = None, *, k: int
         raise ValueError(f"no image token belongs to view {view} (views: {sorted(set(geometry.view.tolist()))})")
     positions = geometry.positions[chosen]
     deepstack = set(adapter.deepstack_layers())
-    if getattr(vqa.backend, "lens_near_model", False) and not deepstack:
+    if getattr(vqa.backend, "lens_near_model", False):
         # the vocabulary sweep runs where the activations are (inside the nnsight trace / on NDIF)
         swept = vqa.backend.logit_lens_scores(
             adapter.model_inputs(inp.model_inputs(vqa.device, adapter.vision_dtype())), positions=positions,

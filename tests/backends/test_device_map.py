@@ -111,3 +111,80 @@ def test_offloaded_readout_is_one_clear_error(tiny_vqa, tmp_path):
     assert model.lm_head.weight.device.type == "meta"
     with pytest.raises(BackendNotSupported, match=r"the unembedding \(Linear\) is offloaded by accelerate"):
         VQAModel(model, tiny_vqa.processor)
+
+
+def _assert_same_value(got, want, where) -> None:
+    """Equal, floats (nested in lists and dicts too) to 1e-5."""
+    if isinstance(want, float):
+        assert abs(got - want) <= 1e-5, where
+    elif isinstance(want, (list, dict)):
+        assert type(got) is type(want) and len(got) == len(want), where
+        for key in (want if isinstance(want, dict) else range(len(want))):
+            _assert_same_value(got[key], want[key], where)
+    else:
+        assert got == want, where
+
+
+def test_cli_device_map_rows_equal_the_plain_run(tiny_vqa, tmp_path, capsys, monkeypatch):
+    """``mech-vqa run explain --device-map``: 'auto' (all on the CPU here) and a JSON map that offloads the last
+    layer to disk, on both backends, write the plain run's rows; a map that is not a JSON object is one clear
+    error before any row."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from mech_vqa.cli import main
+    from mech_vqa.dataset import read_results
+
+    folder = tmp_path / "model"
+    tiny_vqa.model.save_pretrained(folder)
+    tiny_vqa.processor.save_pretrained(folder)
+    rows = []
+    for index in range(2):
+        Image.fromarray((np.random.RandomState(index).rand(40, 48, 3) * 255).astype("uint8")).save(
+            tmp_path / f"{index}.png")
+        rows.append({"image": f"{index}.png", "question": QUESTION, "answer": ANSWER, "box": [0, 0, 24, 20]})
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = ["run", "explain", str(tmp_path / "data.jsonl"), "--model", str(folder), "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "plain.jsonl"), "--device", "cpu"]) == 0
+    expected = read_results(tmp_path / "plain.jsonl")
+    loaded, load = [], VQAModel.from_pretrained
+
+    def recording(*args, **kwargs):   # keeps each model the CLI loads, to see where its layers went
+        vqa = load(*args, **kwargs)
+        loaded.append(vqa.model)
+        return vqa
+
+    monkeypatch.setattr(VQAModel, "from_pretrained", recording)
+
+    last = tiny_vqa.adapter.n_layers - 1
+    text = "model.language_model"
+    offloaded = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu", f"{text}.embed_tokens": "cpu",
+                 **{f"{text}.layers.{i}": "cpu" for i in range(last)}, f"{text}.layers.{last}": "disk",
+                 f"{text}.norm": "cpu", f"{text}.rotary_emb": "cpu", "lm_head": "cpu"}
+    (tmp_path / "map.json").write_text(json.dumps(offloaded))   # a map in a file, or inline below
+    runs = {"auto-hooks": ["--device-map", "auto"],
+            "disk-hooks": ["--device-map", str(tmp_path / "map.json"), "--offload-folder", str(tmp_path / "offload")],
+            "disk-nnsight": ["--device-map", json.dumps(offloaded), "--backend", "nnsight"]}   # safetensors: no folder
+    for name, extra in runs.items():
+        assert main(common + ["--out", str(tmp_path / f"{name}.jsonl"), *extra]) == 0, name
+        got = read_results(tmp_path / f"{name}.jsonl")
+        assert [r["id"] for r in got] == [r["id"] for r in expected]
+        for row, want in zip(got, expected):
+            assert row["status"] == "ok", (name, row.get("error"))
+            for key, value in want.items():
+                if key != "runtime_s":
+                    _assert_same_value(row[key], value, (name, key))
+    assert len(loaded) == len(runs)
+    # the last layer really was offloaded: its module holds meta tensors, its weights in accelerate's hook
+    for model in loaded[1:]:
+        layer = model.model.language_model.layers[last]
+        assert layer.self_attn.o_proj.weight.device.type == "meta" and hasattr(layer, "_hf_hook")
+
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "x.jsonl"), "--device-map", "{model: cpu}"]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+    assert main(common + ["--out", str(tmp_path / "y.jsonl"), "--device-map", '["cpu"]']) == 2
+    assert "a JSON device map is an object of module name -> device" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "y.jsonl").exists()

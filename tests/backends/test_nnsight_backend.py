@@ -136,7 +136,7 @@ def test_logit_lens_equals_hooks(pair, inp):
     hooks, nns = pair
     expected = logit_lens(hooks, inp, word="red", k=3)
     got = logit_lens(nns, inp, word="red", k=3)
-    if not hooks.adapter.deepstack_layers():   # swept inside the trace (Gemma-3 too): only the maps come back
+    if nns.backend.lens_near_model:   # swept inside the trace (Gemma-3, Qwen3-VL's DeepStack too): only the maps come back
         stages, patches = got.top_ids.shape[:2]
         assert nns.backend.last_saved_bytes == stages * patches * (3 * (4 + 8) + 4)
     assert torch.equal(got.top_ids, expected.top_ids)
@@ -312,8 +312,8 @@ def test_other_trace_methods_equal_hooks(pair, inp):
 
 
 def test_cli_backend_option(tiny_vqa, tmp_path, capsys):
-    """``mech-vqa run explain --backend nnsight`` writes the hooks backend's rows; a task with a method
-    the remote path cannot run stops with one line naming it, before any row is written."""
+    """``mech-vqa run explain --backend nnsight`` writes the hooks backend's rows, and so does ``run compare
+    --backend nnsight --remote local``, whose relevancy and iGOS differentiate inside the remote trace / session."""
     import json
 
     import numpy as np
@@ -334,7 +334,7 @@ def test_cli_backend_option(tiny_vqa, tmp_path, capsys):
                      str(tmp_path / "model"), "--device", "cpu", "--backend", backend, "--no-progress"]) == 0
         (rows[backend],) = read_results(out)
     assert rows["nnsight"]["status"] == "ok"
-    _assert_same_row(rows["nnsight"], rows["hooks"])
+    _assert_same_row(rows["nnsight"], rows["hooks"])   # floats nested in top_heads too, to 1e-5
     # compare runs iGOS and relevancy too, which differentiate inside the remote trace / session
     compared = {}
     for backend, extra in (("hooks", []), ("nnsight", ["--remote", "local"])):

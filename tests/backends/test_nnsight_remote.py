@@ -202,6 +202,57 @@ def test_cli_remote_ndif_rows_and_resume_after_a_network_failure(ndif, folder, t
     assert "add --backend nnsight" in capsys.readouterr().err
 
 
+def test_cli_remote_ndif_resumes_after_a_server_side_error(ndif, folder, tiny_vqa, tmp_path, capsys, monkeypatch):
+    """An error the service reports for a job (nnsight's ``RemoteError``, raised by its own handling of an
+    ERROR status: a job that ran out of memory on the server, say) in the middle of an item stops the run
+    cleanly, with the rows before it kept and none for that item; the same command then resumes, and every
+    row is written once with the hooks backend's numbers."""
+    import json
+
+    import numpy as np
+    from nnsight.schema.response import ResponseModel, Status
+    from PIL import Image
+
+    from mech_vqa.cli import main
+    from mech_vqa.dataset import read_results
+
+    rows = []
+    for index in range(3):
+        Image.fromarray((np.random.RandomState(index).rand(40, 48, 3) * 255).astype("uint8")).save(
+            tmp_path / f"{index}.png")
+        rows.append({"image": f"{index}.png", "question": QUESTION, "answer": ANSWER, "box": [0, 0, 24, 20]})
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = ["run", "explain", str(tmp_path / "data.jsonl"), "--model", str(folder), "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "hooks.jsonl"), "--device", "cpu"]) == 0
+
+    serve = StandInServer.request
+    calls = {"n": 0}
+    reported = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+    def failing(self, backend, request, tracer):
+        calls["n"] += 1
+        if calls["n"] == 4:   # item 0: generate and explain; item 1: its generate ran, its explain fails there
+            return backend.handle(ResponseModel(id="job-4", status=Status.ERROR, description=reported))
+        return serve(self, backend, request, tracer)
+
+    monkeypatch.setattr(RemoteBackend, "request", lambda self, request, tracer: failing(ndif, self, request, tracer))
+    remote = common + ["--out", str(tmp_path / "ndif.jsonl"), "--backend", "nnsight", "--remote", "ndif"]
+    assert main(remote) == 2
+    err = capsys.readouterr().err
+    # main's RemoteError branch (nnsight raised it from the ERROR status): one line, no traceback
+    assert "the remote job failed" in err and "out of memory" in err and "run the same command again" in err
+    assert "Traceback" not in err
+    assert [r["id"] for r in read_results(tmp_path / "ndif.jsonl")] == [read_results(tmp_path / "hooks.jsonl")[0]["id"]]
+    assert main(remote) == 0
+    got, expected = read_results(tmp_path / "ndif.jsonl"), read_results(tmp_path / "hooks.jsonl")
+    assert [r["id"] for r in got] == [r["id"] for r in expected]          # each row once, in order
+    for row, want in zip(got, expected):
+        assert row["status"] == "ok"
+        for key, value in want.items():
+            if key != "runtime_s" and isinstance(value, float):
+                assert abs(row[key] - value) <= 1e-5, key
+
+
 def test_weightless_client_runs_knockout_and_answer_rows(ndif, folder, tiny_vqa, image):
     """Knockout and the answer-row ablation from a weightless NDIF client: each batch is one whole forward on
     the server, the blocked edges and the interventions shipped with the trace."""
@@ -293,4 +344,48 @@ def test_gemma3_weightless_client(monkeypatch, tmp_path, tiny_gemma3_vqa, image)
         expected, got = (ablate(vqa, x, block_ablations(hooks), progress=False, where=where) for vqa, x in pairs)
         torch.testing.assert_close(got.delta, expected.delta, **TOL)
     with pytest.raises(BackendNotSupported, match=r"normalises queries and keys \(QK-norm\).*remote='local'"):
+        explain(client, inp, heads=1, progress=False)
+
+
+def test_qwen3vl_weightless_client(monkeypatch, tmp_path, tiny_qwen3vl_vqa, image):
+    """Qwen3-VL from a weightless NDIF client: the logit lens (DeepStack's additions added and the vocabulary
+    swept on the server), ablations and knockout give the hooks backend's numbers; explain, which needs the
+    QK-norm's weights on the client, is one clear error naming what does run remotely."""
+    import nnsight
+
+    from mech_vqa.methods.ablation import ablate, block_ablations
+    from mech_vqa.methods.knockout import knockout
+    from mech_vqa.methods.logit_lens import logit_lens
+    from mech_vqa.methods.mechanistic import explain
+
+    hooks = tiny_qwen3vl_vqa
+    assert hooks.adapter.deepstack_layers()
+    folder = tmp_path / "tiny-qwen3vl"
+    hooks.model.save_pretrained(folder)
+    hooks.processor.save_pretrained(folder)
+    server = StandInServer(folder, hooks.processor)
+    monkeypatch.setattr(CONFIG.API, "APIKEY", "test-key-not-a-secret")
+    monkeypatch.setattr(nnsight, "status", lambda: Status({str(folder): {"repo_id": str(folder), "state": "RUNNING"}}))
+    monkeypatch.setitem(nnsight_hf._ID_CACHE, str(folder), "test-org/tiny-qwen3vl")
+    monkeypatch.setattr(RemoteBackend, "request", lambda self, request, tracer: server.request(self, request, tracer))
+    client = VQAModel.from_pretrained(str(folder), backend="nnsight", remote=True)
+    assert {p.device.type for p in client.model.parameters()} == {"meta"}
+    inp = client.prepare(image, QUESTION, ANSWER, generate=False)
+    reference = hooks.prepare(image, QUESTION, ANSWER, generate=False)
+    pairs = ((hooks, reference), (client, inp))
+
+    expected, got = (logit_lens(vqa, x, word="red", k=3) for vqa, x in pairs)
+    assert torch.equal(got.top_ids, expected.top_ids)
+    torch.testing.assert_close(got.top_probs, expected.top_probs, **TOL)
+    torch.testing.assert_close(got.word_probs, expected.word_probs, **TOL)
+    stages, patches = got.top_ids.shape[:2]
+    assert client.backend.last_saved_bytes == stages * patches * (3 * (4 + 8) + 4)   # only the maps came back
+    last = hooks.adapter.n_layers - 1
+    expected, got = (knockout(vqa, x, windows=[(0, 1), (0, last + 1)], progress=False) for vqa, x in pairs)
+    assert expected.relative_change.abs().max() > 1e-4
+    torch.testing.assert_close(got.knocked_logprob, expected.knocked_logprob, **TOL)
+    expected, got = (ablate(vqa, x, block_ablations(hooks), progress=False, where="answer") for vqa, x in pairs)
+    torch.testing.assert_close(got.delta, expected.delta, **TOL)
+    with pytest.raises(BackendNotSupported, match=r"normalises queries and keys \(QK-norm\).*remote='local'.*the "
+                                                  r"logit lens, ablations and knockout run remotely"):
         explain(client, inp, heads=1, progress=False)
