@@ -129,7 +129,7 @@ def test_gemma3_image_position_targets_read_the_whole_image(tiny_gemma3_vqa, ima
     inp = vqa.prepare(image, "What is the dog?", "red")
     positions = inp.geometry.positions
     target = inp.target(position=int(positions[3]))
-    attn, mlp, head, hand_positions, final = hand_attributions(vqa, inp, target, HEADS)
+    _, _, head, hand_positions, _ = hand_attributions(vqa, inp, target, HEADS)
     result = explain(vqa, inp, target, heads=HEADS)
     tol = {"rtol": 1e-4, "atol": 2e-5}
     torch.testing.assert_close(result.heads.scores, head, **tol)
