@@ -190,12 +190,48 @@ def any_vqa(request) -> VQAModel:
     return request.getfixturevalue(FAMILIES[request.param])
 
 
+BEYOND_LLAVA = ["gemma3", "internvl", "idefics3", "mistral3", "qwen2vl"]
+
+
+@pytest.fixture(params=BEYOND_LLAVA)
+def beyond_llava_vqa(request) -> VQAModel:
+    """The families that are not LLaVAs (Gemma-3, InternVL, Idefics3, Mistral-3, Qwen2-VL): the methods
+    that read only logits or run whole sweeps (TAM, head claims, the comparison) are checked on each."""
+    return request.getfixturevalue(FAMILIES[request.param])
+
+
+@contextlib.contextmanager
+def one_view(vqa):
+    """InternVL's processor cut to one tile while the block runs (pixel-perturbation methods refuse tiles
+    riding along pixel_values' batch axis, and their baselines go through the same processor); a no-op
+    for the other families."""
+    processor = vqa.processor.image_processor
+    if type(vqa.model).__name__ != "InternVLForConditionalGeneration":
+        yield
+        return
+    saved = processor.max_patches
+    processor.max_patches = 1
+    try:
+        yield
+    finally:
+        processor.max_patches = saved
+
+
 @pytest.fixture(scope="session")
 def image():
     from PIL import Image
 
     rng = np.random.RandomState(0)
     return Image.fromarray((rng.rand(40, 48, 3) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="session")
+def wide_image():
+    """70 x 40 noise: several tiles for InternVL and Idefics3, a non-square token grid for Mistral-3 and Qwen-VL."""
+    from PIL import Image
+
+    rng = np.random.RandomState(1)
+    return Image.fromarray((rng.rand(40, 70, 3) * 255).astype("uint8"))
 
 
 @pytest.fixture

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -576,6 +578,63 @@ def test_gemma3_batch_equals_rows_alone_on_both_backends(tiny_gemma3_vqa, image)
 
 
 # ------------------------------------------------------------------------------ InternVL
+def _internvl_features(vqa, inp):
+    """``(embedded [n, d], projector rows [n, d], shuffled features [n, 4, d_v], tower patches [V, 64, d_v])``
+    from one forward: what the model put at the image positions, what its projector made, the patches its
+    pixel shuffle folded into each token, and each view's own patches (class token dropped)."""
+    geometry = inp.geometry
+    with torch.no_grad(), vqa.trace(["resid_pre", "vision_features", "projector_out"], layers=[0]) as cache:
+        vqa.forward(inp)
+        patches = vqa.model.model.vision_tower(inp.pixel_values).last_hidden_state[:, 1:]   # [V, 64, d_v]
+    folded = cache["vision_features"].flatten(0, 1).unflatten(-1, (4, -1))          # [n, 4, d_v]
+    return cache["resid_pre", 0][0, geometry.positions], cache["projector_out"].flatten(0, 1), folded, patches
+
+
+def _internvl_boxes_hold_their_patches(vqa, geometry, folded, patches) -> bool:
+    """Whether each token is labelled with the view it came from (tiles then the thumbnail, in prompt
+    order) and its shuffled features are exactly the patches whose pixels lie in its box, read in the
+    frame ``view_boxes`` gives that view."""
+    n_views = patches.shape[0]
+    source = torch.arange(n_views).repeat_interleave(16)
+    if not torch.equal(geometry.view, (source != n_views - 1).long() if n_views > 1 else torch.zeros(16).long()):
+        return False
+    frames = torch.tensor([[0.0, 0.0, 32.0, 32.0]]) if geometry.view_boxes is None else geometry.view_boxes
+    centres = (torch.arange(8) + 0.5) * 4                                          # tile pixels
+    for token in range(geometry.n_tokens):
+        x0, y0, x1, y1 = frames[source[token]].tolist()
+        sx, sy = (x1 - x0) / 32, (y1 - y0) / 32
+        bx0, by0, bx1, by1 = geometry.boxes[token].tolist()
+        cols = ((x0 + centres * sx > bx0) & (x0 + centres * sx < bx1)).nonzero().flatten()
+        rows = ((y0 + centres * sy > by0) & (y0 + centres * sy < by1)).nonzero().flatten()
+        inside = (rows[:, None] * 8 + cols[None, :]).flatten()
+        if inside.numel() != vqa.adapter.patches_per_image_token:
+            return False
+        distance = torch.cdist(folded[token], patches[source[token], inside])           # [4, 4]
+        if float(distance.min(1).values.max()) > 1e-5 or float(distance.min(0).values.max()) > 1e-5:
+            return False
+    return True
+
+
+def _internvl_views_show_their_boxes(inp, view_boxes, size) -> bool:
+    """Whether the de-normalised pixels of every view equal the original gradient where ``view_boxes``
+    (frame pixels, mapped back by pixel_transform) says that view looks."""
+    width, height = size
+    sx, sy, _, _ = inp.pixel_transform
+    mean, std = torch.tensor(inp.image_mean).view(3, 1, 1), torch.tensor(inp.image_std).view(3, 1, 1)
+    for view, (x0, y0, x1, y1) in enumerate(view_boxes.tolist()):
+        pixels = inp.pixel_values[view] * std + mean
+        centres = (torch.arange(32) + 0.5) / 32
+        x_orig, y_orig = (x0 + centres * (x1 - x0)) / sx, (y0 + centres * (y1 - y0)) / sy
+        expect_r = ((x_orig - 0.5) / (width - 1)).view(1, -1).expand(32, -1)
+        expect_g = ((y_orig - 0.5) / (height - 1)).view(-1, 1).expand(-1, 32)
+        inside = (((x_orig > 3) & (x_orig < width - 3)).view(1, -1) & ((y_orig > 3) & (y_orig < height - 3)).view(-1, 1))
+        if float((pixels[0] - expect_r)[inside].abs().max()) >= 0.05:
+            return False
+        if float((pixels[1] - expect_g)[inside].abs().max()) >= 0.05:
+            return False
+    return True
+
+
 @pytest.mark.parametrize("size", NEXT_SIZES + [(20, 20)])
 def test_internvl_positions_hold_the_patches_inside_each_box(tiny_internvl_vqa, size):
     """Each image position holds the projection of exactly the vision patches (class token dropped) whose
@@ -589,28 +648,9 @@ def test_internvl_positions_hold_the_patches_inside_each_box(tiny_internvl_vqa, 
     assert geometry.n_tokens == int((ids == vqa.adapter.image_token_id).sum()) == 16 * n_views
     start, end = vqa.processor.tokenizer.convert_tokens_to_ids(["<img>", "</img>"])
     assert ids[geometry.positions.min() - 1] == start and ids[geometry.positions.max() + 1] == end
-    with torch.no_grad(), vqa.trace(["resid_pre", "vision_features", "projector_out"], layers=[0]) as cache:
-        vqa.forward(inp)
-        patches = vqa.model.model.vision_tower(inp.pixel_values).last_hidden_state[:, 1:]   # [V, 64, d_v]
-    embedded = cache["resid_pre", 0][0, geometry.positions]
-    torch.testing.assert_close(embedded, cache["projector_out"].flatten(0, 1), rtol=0, atol=0)
-    folded = cache["vision_features"].flatten(0, 1).unflatten(-1, (4, -1))          # [n, 4, d_v]
-    frames = torch.tensor([[0.0, 0.0, 32.0, 32.0]]) if geometry.view_boxes is None else geometry.view_boxes
-    centres = (torch.arange(8) + 0.5) * 4                                          # tile pixels
-    # which view (pixel_values index) each token came from: the views follow each other in the prompt
-    source = torch.arange(n_views).repeat_interleave(16)
-    assert torch.equal(geometry.view, (source != n_views - 1).long() if n_views > 1 else torch.zeros(16).long())
-    for token in range(geometry.n_tokens):
-        x0, y0, x1, y1 = frames[source[token]].tolist()
-        sx, sy = (x1 - x0) / 32, (y1 - y0) / 32
-        bx0, by0, bx1, by1 = geometry.boxes[token].tolist()
-        cols = ((x0 + centres * sx > bx0) & (x0 + centres * sx < bx1)).nonzero().flatten()
-        rows = ((y0 + centres * sy > by0) & (y0 + centres * sy < by1)).nonzero().flatten()
-        inside = (rows[:, None] * 8 + cols[None, :]).flatten()
-        assert inside.numel() == vqa.adapter.patches_per_image_token == 4
-        expected = patches[source[token], inside]                                  # [4, d_v]
-        distance = torch.cdist(folded[token], expected)
-        assert float(distance.min(1).values.max()) < 1e-5 and float(distance.min(0).values.max()) < 1e-5
+    embedded, projected, folded, patches = _internvl_features(vqa, inp)
+    torch.testing.assert_close(embedded, projected, rtol=0, atol=0)
+    assert _internvl_boxes_hold_their_patches(vqa, geometry, folded, patches)
 
 
 @pytest.mark.parametrize("size", NEXT_SIZES)
@@ -618,23 +658,40 @@ def test_internvl_view_boxes_show_what_the_processor_put_in_each_view(tiny_inter
     """De-normalised pixels of every view (tiles, then the thumbnail) equal the original's gradient where
     view_boxes (frame pixels, mapped back by pixel_transform) says that view looks."""
     vqa = tiny_internvl_vqa
-    width, height = size
-    inp = vqa.prepare(_gradient_image(width, height), "What is the color of the dog?", "The dog is red.")
-    sx, sy, _, _ = inp.pixel_transform
+    inp = vqa.prepare(_gradient_image(*size), "What is the color of the dog?", "The dog is red.")
     assert inp.geometry.view_boxes is not None and inp.geometry.view_boxes.shape[0] == inp.pixel_values.shape[0]
-    mean, std = torch.tensor(inp.image_mean).view(3, 1, 1), torch.tensor(inp.image_std).view(3, 1, 1)
-    for view, (x0, y0, x1, y1) in enumerate(inp.geometry.view_boxes.tolist()):
-        pixels = inp.pixel_values[view] * std + mean
-        centres = (torch.arange(32) + 0.5) / 32
-        x_orig, y_orig = (x0 + centres * (x1 - x0)) / sx, (y0 + centres * (y1 - y0)) / sy
-        expect_r = ((x_orig - 0.5) / (width - 1)).view(1, -1).expand(32, -1)
-        expect_g = ((y_orig - 0.5) / (height - 1)).view(-1, 1).expand(-1, 32)
-        inside = (((x_orig > 3) & (x_orig < width - 3)).view(1, -1) & ((y_orig > 3) & (y_orig < height - 3)).view(-1, 1))
-        assert float((pixels[0] - expect_r)[inside].abs().max()) < 0.05
-        assert float((pixels[1] - expect_g)[inside].abs().max()) < 0.05
+    assert _internvl_views_show_their_boxes(inp, inp.geometry.view_boxes, size)
     # the displayed image is the thumbnail (the whole image), not the first tile
+    mean, std = torch.tensor(inp.image_mean).view(3, 1, 1), torch.tensor(inp.image_std).view(3, 1, 1)
     shown = torch.from_numpy(inp.display_image()).permute(2, 0, 1)
     torch.testing.assert_close(shown, (inp.pixel_values[-1] * std + mean).clamp(0, 1))
+
+
+def test_internvl_tiles_out_of_order_a_thumbnail_first_or_a_transposed_grid_fail_the_identities(tiny_internvl_vqa,
+                                                                                                 monkeypatch):
+    """Mutations the identities above must catch, each built with the adapter's own layout code: the
+    2 x 2 tiles laid out column-major, the thumbnail taken as the first view, and each view's token grid
+    transposed (the pixel shuffle's patches read as (col, row))."""
+    vqa, adapter = tiny_internvl_vqa, tiny_internvl_vqa.adapter
+    size = (50, 50)
+    inp = vqa.prepare(_gradient_image(*size), "What is the color of the dog?", "The dog is red.")
+    geometry = inp.geometry
+    assert inp.pixel_values.shape[0] == 5                                          # 2 x 2 tiles + thumbnail
+    _, _, folded, patches = _internvl_features(vqa, inp)
+    assert _internvl_boxes_hold_their_patches(vqa, geometry, folded, patches)
+    assert _internvl_views_show_their_boxes(inp, geometry.view_boxes, size)
+    column_major = dataclasses.replace(geometry, **adapter._tiled_layout([(0, 0), (1, 0), (0, 1), (1, 1)], 2, 2))
+    assert not _internvl_views_show_their_boxes(inp, column_major.view_boxes, size)
+    thumbnail_first = dataclasses.replace(
+        geometry, boxes=geometry.boxes.roll(16, 0), rowcol=geometry.rowcol.roll(16, 0), view=geometry.view.roll(16, 0),
+        view_boxes=geometry.view_boxes.roll(1, 0))
+    assert not _internvl_boxes_hold_their_patches(vqa, thumbnail_first, folded, patches)
+    assert not _internvl_views_show_their_boxes(inp, thumbnail_first.view_boxes, size)
+    shuffled = adapter._shuffled_patches()
+    monkeypatch.setattr(adapter, "_shuffled_patches", lambda: shuffled.flip(-1))
+    transposed = dataclasses.replace(geometry, **adapter._tiled_layout([(0, 0), (0, 1), (1, 0), (1, 1)], 2, 2))
+    assert torch.equal(transposed.view_boxes, geometry.view_boxes)                 # the tiles themselves are right
+    assert not _internvl_boxes_hold_their_patches(vqa, transposed, folded, patches)
 
 
 def test_internvl_without_the_original_size_is_one_clear_error(tiny_internvl_vqa):

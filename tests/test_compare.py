@@ -34,6 +34,60 @@ def test_igos_plus_is_one_mask_and_igos_plusplus_two(tiny_vqa, prepared):
     assert {"igos+", "igos++"} <= set(METHODS)
 
 
+def test_default_compare_on_each_family_beyond_llava_equals_each_method_alone(beyond_llava_vqa, wide_image):
+    """The default methods on each family: every map is the one its method gives called on its own (token
+    maps on the view's grid, iGOS on the pixels), the correlations are those maps' Spearman on the grid,
+    and the head claims those of head_claims itself. InternVL runs as one tile (its tiles refuse pixel
+    perturbation with one clear error, tested in test_adapters)."""
+    from conftest import ANSWER, QUESTION, image_grid, one_view
+
+    from mech_vqa.methods import PATCH_METHODS
+    from mech_vqa.methods.causal import causal_map
+    from mech_vqa.methods.head_claims import head_claims
+    from mech_vqa.methods.logit_lens import logit_lens
+    from mech_vqa.methods.mechanistic import explain
+    from mech_vqa.methods.raw_attention import raw_attention_map
+    from mech_vqa.methods.relevancy import relevancy_map
+    from mech_vqa.methods.tam import tam_map
+    from mech_vqa.metrics.correlation import spearman
+
+    vqa = beyond_llava_vqa
+    with one_view(vqa):
+        inp = vqa.prepare(wide_image, QUESTION, ANSWER)
+        result = compare(vqa, inp, tokens=[1], progress=False, options={"igos": IGOS}, knockout_fractions=(0.25,),
+                         n_random=1, head_claims=2)
+        target = inp.target(1)
+        lens = logit_lens(vqa, inp, target.token_id, k=1)
+        stage = int(lens.word_probs.mean(-1).argmax())
+        alone = {"mechanistic": explain(vqa, inp, target, heads="top", progress=False).patch_map,
+                 "logit_lens": lens.patch_map("input" if stage == 0 else stage - 1),
+                 "raw_attention": raw_attention_map(vqa, inp, [target]),
+                 "relevancy": relevancy_map(vqa, inp, [target], progress=False),
+                 "causal": causal_map(vqa, inp, target),
+                 "tam": tam_map(vqa, inp, [target])}
+        for name, two_masks in (("igos+", False), ("igos++", True)):
+            alone[name] = igos(vqa, inp, tokens=[1], progress=False, evaluate=False, seed=0, two_masks=two_masks,
+                               **IGOS).to_patch_map()
+        claims = head_claims(vqa, inp, target, n=2).to_record()
+    assert list(result.maps) == [row["method"] for row in result.table] == list(PATCH_METHODS)
+    grid = tuple(image_grid(vqa, inp))
+    for name, patch_map in result.maps.items():
+        if not name.startswith("igos"):                                # iGOS: its mask's own resolution
+            assert tuple(patch_map.scores.shape) == grid, name
+        torch.testing.assert_close(patch_map.scores, alone[name].scores, rtol=0, atol=0, msg=name)
+    # not vacuous: every map but the causal one (at compare's alpha = 1e-5 a tiny model's explanation set
+    # is often empty) is non-zero somewhere
+    assert [name for name, m in result.maps.items() if float(m.scores.abs().max()) == 0] in ([], ["causal"])
+    on_grid = {name: m.resample(grid, mode="area") if m.grid != grid else m.scores for name, m in alone.items()}
+    for pair, value in result.correlations.items():
+        a, b = pair.split("|")
+        assert value == pytest.approx(spearman(on_grid[a], on_grid[b]), abs=1e-9, nan_ok=True), pair
+    assert result.info["head_claims"] == [claims]
+    for row in result.table:
+        assert math.isfinite(row["insertion_auc_raw"]) and math.isfinite(row["deletion_auc_raw"])
+        assert "drop_zero@25%" in row
+
+
 def test_method_filenames_are_safe_and_distinct():
     names = [file_stem(name) for name in METHODS]
     assert len(set(names)) == len(names) and "igos_plus" in names and "igos_plusplus" in names

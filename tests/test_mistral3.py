@@ -233,7 +233,11 @@ def test_mistral3_processor_reloads_without_torchvision(tiny_mistral3_vqa, tmp_p
     torch.testing.assert_close(loaded.logits(again), vqa.logits(inp), rtol=0, atol=0)
 
 
-SCALE_SIZES = [(640, 480), (480, 640), (1000, 300), (1920, 1080), (300, 2000), (512, 512)]   # (width, height)
+# (width, height): the tiled LLaVA tests' sizes (test_adapters' NEXT_SIZES and (90, 90)) and the (1000, 600) the
+# InternVL / SmolVLM real-scale checks add, as the other families' real-scale checks use; then photo-sized ones
+# beyond the 1540 px longest edge or far from square (the sizes of the Qwen-VL real-scale check)
+SCALE_SIZES = [(70, 40), (40, 70), (50, 50), (200, 30), (90, 90), (1000, 600),
+               (640, 480), (480, 640), (1000, 300), (1920, 1080), (300, 2000), (512, 512)]
 
 
 def test_mistral_small_3_1_geometry_at_real_scale():

@@ -114,6 +114,34 @@ def test_nodes_and_correlation_from_the_head_attention(tiny_mha_vqa, image):
     assert nonzero <= explained_cells
 
 
+@pytest.mark.parametrize("layer, head", [(1, 0), (0, 3)])   # the global layer, the 8-key sliding one
+def test_gemma3_image_nodes_carry_their_bidirectional_rows(tiny_gemma3_vqa, image, layer, head):
+    """The covariance A A^T is built from each node's own attention row: on Gemma-3 an image node's row
+    reaches the later patches of its image (eager weights), so nodes and correlation equal those of the
+    eager matrix, which a causal rebuild of the image rows would not give."""
+    from conftest import ANSWER, QUESTION
+
+    vqa = tiny_gemma3_vqa
+    inp = vqa.prepare(image, QUESTION, ANSWER)
+    result = causal_explanation(vqa, inp, 3, layer=layer, head=head, threshold=0.02, max_image_nodes=6)
+    A = eager_attention(vqa, inp, layer, head)
+    position = int(inp.answer_positions[3]) - 1
+    image_positions = inp.geometry.positions
+    k = min(max(2, int((A[position, image_positions] > 0.02).sum())), 6)
+    top_image = set(image_positions[A[position, image_positions].topk(k).indices].tolist())
+    text = {p for p in range(int(image_positions.max()) + 1, position) if A[position, p] > 0.02}
+    assert result.nodes.tolist() == sorted(top_image | text) + [position]
+    image_nodes = torch.tensor(sorted(top_image))
+    later = image_positions[None, :] > image_nodes[:, None]                      # [nodes, n_image]
+    assert float(A[image_nodes][:, image_positions][later].sum()) > 0           # image rows read later patches
+    rows = A[result.nodes]
+    cov = rows @ rows.T
+    corr = cov / torch.outer(cov.diagonal().sqrt(), cov.diagonal().sqrt())
+    torch.testing.assert_close(result.correlation, corr.float(), rtol=0, atol=1e-5)
+    assert torch.equal(result.adjacency, ordered_pc(result.correlation.double()))
+    assert result.attention.tolist() == pytest.approx(A[position, result.nodes].tolist(), abs=1e-6)
+
+
 def test_all_heads_from_one_forward_equal_single_head_calls(tiny_vqa, prepared):
     calls = []
     handle = tiny_vqa.model.register_forward_pre_hook(lambda *args: calls.append(1))

@@ -56,6 +56,41 @@ def test_claims_recompute_from_the_sweep_exactly(tiny_mha_vqa, image, tmp_path):
         head_claims(vqa, inp, target, n=0)
 
 
+def test_claims_on_each_family_beyond_llava_are_heads_zeroed_by_hand(beyond_llava_vqa, wide_image):
+    """On each family (InternVL and Idefics3 with their tiles, Gemma-3's post-norms): the claimed heads are
+    the top of the head-level increase, and each one's delta is the log-prob change a plain o_proj pre-hook
+    zeroing that head gives in an ordinary forward; the model is left as found."""
+    from conftest import ANSWER, QUESTION, head_zeroed_by_hand
+
+    vqa = beyond_llava_vqa
+    inp = vqa.prepare(wide_image, QUESTION, ANSWER)
+    target = inp.target(3)
+    vqa.logits(inp)
+    before, hooks = model_state(vqa.model), hook_snapshot(vqa.model)
+    claims = head_claims(vqa, inp, target, n=3)
+    assert_same_state(before, model_state(vqa.model))
+    assert hooks == hook_snapshot(vqa.model)
+    scores = head_increase(vqa, inp, target).scores
+    n_heads = scores.shape[1]
+    top = scores.flatten().sort(descending=True, stable=True).indices[:3]
+    assert [layer * n_heads + head for layer, head in zip(claims.layers, claims.heads)] == top.tolist()
+    torch.testing.assert_close(claims.increase, scores.flatten()[top], rtol=0, atol=0)
+
+    def logprob():
+        with torch.no_grad():
+            return float(vqa.logits(inp)[0, target.position].float().log_softmax(-1)[target.token_id])
+
+    clean = logprob()
+    assert claims.clean_logprob == pytest.approx(clean, abs=1e-5)
+    for i, (layer, head) in enumerate(zip(claims.layers, claims.heads)):
+        with head_zeroed_by_hand(vqa, layer, head):
+            assert float(claims.delta[i]) == pytest.approx(logprob() - clean, abs=1e-4)
+    assert float(claims.delta.abs().max()) > 1e-3                          # some zeroing moved the answer
+    expected = spearmanr(claims.increase.numpy(), (-claims.delta).numpy()).statistic
+    assert claims.spearman == pytest.approx(expected, abs=1e-9)
+    assert claims.names == [f"L{layer}H{head}" for layer, head in zip(claims.layers, claims.heads)]
+
+
 def test_organism_ranking_names_heads_the_answer_does_not_need(organism_vqa, organism_eval_items):
     """On colour questions the scaffolded head L2H0 tops the increase and the answer needs it; among the
     next-ranked heads sits one whose zeroing leaves the answer word as it was."""

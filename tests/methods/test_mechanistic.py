@@ -121,6 +121,31 @@ def test_decompositions_sum(any_vqa, inp):
     assert float(scorer.log_prob(capture.final.unsqueeze(1))[0, 0]) == pytest.approx(float(expected), abs=1e-5)
 
 
+def test_gemma3_image_position_targets_read_the_whole_image(tiny_gemma3_vqa, image):
+    """Explained at an image position (the next patch's token as target), a Gemma-3 head's position-level
+    attention is its eager row there, later patches of the image included, and the increases equal the
+    hand computation from the eager pattern; a causal rebuild (image blocks dropped) fails both."""
+    vqa = tiny_gemma3_vqa
+    inp = vqa.prepare(image, "What is the dog?", "red")
+    positions = inp.geometry.positions
+    target = inp.target(position=int(positions[3]))
+    _, _, head, hand_positions, _ = hand_attributions(vqa, inp, target, HEADS)
+    result = explain(vqa, inp, target, heads=HEADS)
+    tol = {"rtol": 1e-4, "atol": 2e-5}
+    torch.testing.assert_close(result.heads.scores, head, **tol)
+    torch.testing.assert_close(result.positions.scores, hand_positions, **tol)
+    with torch.no_grad(), vqa.trace(["pattern"], layers=[0, 1]) as cache:
+        vqa.forward(inp)
+    eager = torch.stack([cache["pattern", layer][0, j, target.position] for layer, j in HEADS]).float()   # [2, S]
+    assert float(eager[:, positions[4:]].sum(-1).min()) > 0                    # later patches are read
+    torch.testing.assert_close(result.positions.attention, eager, rtol=1e-5, atol=1e-6)
+    longer = vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
+    batch = vqa.batch([longer, inp])
+    assert int(batch.offsets[1]) > 0                                           # left padding moves the image block
+    batched = explain(vqa, batch, [longer.target(), target], heads=HEADS)[1]
+    torch.testing.assert_close(batched.positions.scores, result.positions.scores, **tol)
+
+
 def test_single_level_helpers_match_explain(tiny_vqa, prepared):
     full = explain(tiny_vqa, prepared, heads=2)
     torch.testing.assert_close(head_increase(tiny_vqa, prepared).scores, full.heads.scores)

@@ -85,6 +85,23 @@ def test_aggregations_equal_eager(any_vqa, any_prepared):
     torch.testing.assert_close(single.scores, on_grid(any_vqa, any_prepared, image[0, 1, 2]), rtol=0, atol=1e-6)
 
 
+def test_gemma3_image_rows_see_their_whole_image_as_eager_does(tiny_gemma3_vqa, image):
+    """Gemma-3's image tokens attend to every token of their image, later ones included: attention rows
+    (and their maps) asked at image positions equal the eager weights there, which a causal rebuild
+    (the image blocks dropped) would cut at the query."""
+    vqa = tiny_gemma3_vqa
+    inp = vqa.prepare(image, QUESTION, ANSWER)
+    positions = inp.geometry.positions
+    queries = [int(positions[0]), int(positions[5]), int(positions[-2])]
+    result = answer_attention(vqa, inp, [inp.target(position=p) for p in queries])
+    eager = eager_attentions(vqa, inp)[:, :, queries]                          # [L, H, 3, S]
+    later = positions[None, :] > torch.tensor(queries)[:, None]                # [3, n_image]
+    assert float(eager[..., positions].mul(later).sum(-1).min()) > 0           # every head reads later patches
+    torch.testing.assert_close(result.weights, eager, rtol=0, atol=1e-6)
+    patch_map = raw_attention_map(vqa, inp, [inp.target(position=queries[0])], layers=[1], heads=[0])
+    torch.testing.assert_close(patch_map.scores, on_grid(vqa, inp, eager[1, 0, 0, positions]), rtol=0, atol=1e-6)
+
+
 def test_one_forward_for_all_answer_tokens(tiny_vqa, prepared):
     calls = []
     handle = tiny_vqa.model.register_forward_pre_hook(lambda *args: calls.append(1))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.optimize import minimize_scalar
 
-from conftest import ANSWER, QUESTION, assert_leaves_model_as_found
+from conftest import ANSWER, QUESTION, assert_leaves_model_as_found, first_view_positions, image_grid
 from mech_vqa import VQAModel
 from mech_vqa.methods.tam import rank_gaussian_filter, tam_map, token_activation_maps
 from mech_vqa.results import PatchMap
@@ -33,11 +33,13 @@ def reference_rank_gaussian_filter(img, kernel_size=3):
     return filtered_img
 
 
-def reference_tam(logits: np.ndarray, inp, answer_index: int) -> np.ndarray:
+def reference_tam(logits: np.ndarray, inp, answer_index: int, image=None, first_view=None, grid=None) -> np.ndarray:
     """TAM for one answer token the way the published code computes it (ECI with ``minimize_scalar``, joint
-    min-max with the context's scores, the filter), with every token explained by its own id."""
+    min-max with the context's scores, the filter), with every token explained by its own id. ``image``:
+    every image token's position (default the input's), ``first_view``: those of the map's grid, row-major
+    (default all), ``grid``: its (rows, cols) (default the geometry's)."""
     ids = inp.input_ids[0].tolist()
-    image = inp.image_positions.tolist()
+    image = inp.image_positions.tolist() if image is None else list(image)
     question = inp.question_positions.tolist()
     answers = inp.answer_positions.tolist()
     cls = ids[answers[answer_index]]
@@ -56,8 +58,11 @@ def reference_tam(logits: np.ndarray, inp, answer_index: int) -> np.ndarray:
         img_scores = np.clip(img_scores - interference * scale, 0, None)
     txt_scores = txt_scores[:-1]  # the predicting position itself is left out
     both = np.concatenate([img_scores, txt_scores])
-    img_scores = (img_scores - both.min()) / (both.max() - both.min())
-    rows, cols = inp.geometry.grid
+    spread = both.max() - both.min()  # a constant map: 0/0 in the code, all zeros here (module docstring)
+    img_scores = (img_scores - both.min()) / spread if spread > 0 else np.zeros_like(img_scores)
+    rows, cols = inp.geometry.grid if grid is None else grid
+    if first_view is not None:
+        img_scores = img_scores[[image.index(p) for p in first_view]]
     return reference_rank_gaussian_filter(img_scores.reshape(rows, cols), 3)
 
 
@@ -73,6 +78,27 @@ def test_tam_equals_a_hand_computation(tiny_vqa, prepared):
         assert patch_map.targets == [prepared.target(index).to_dict()]
         applied += patch_map.info["eci_scale"] != 0
     assert applied  # the interference removal did something on some token
+
+
+def test_tam_on_each_family_beyond_llava_equals_a_hand_computation(beyond_llava_vqa, wide_image):
+    """Image tokens read from the input ids (all of them for the normalisation; the first view's, row-major,
+    for the map), the model's own logits: each answer token's map has the view's grid and equals the
+    published computation; markers (row breaks, tile markers) never enter it."""
+    vqa = beyond_llava_vqa
+    inp = vqa.prepare(wide_image, QUESTION, ANSWER)
+    with torch.no_grad():
+        logits = vqa.model(**vqa.adapter.model_inputs(inp.model_inputs())).logits[0].double().numpy()
+    every = (inp.input_ids[0] == vqa.adapter.image_token_id).nonzero().flatten().tolist()
+    first, grid = first_view_positions(vqa, inp).tolist(), image_grid(vqa, inp)
+    maps = token_activation_maps(vqa, inp)
+    assert len(maps) == inp.answer_positions.numel()
+    for index, patch_map in enumerate(maps):
+        assert tuple(patch_map.scores.shape) == tuple(grid) == tuple(inp.geometry.grid)
+        expected = reference_tam(logits, inp, index, image=every, first_view=first, grid=grid)
+        np.testing.assert_allclose(patch_map.scores.numpy(), expected, rtol=0, atol=1e-5)
+    assert sum(m.info["eci_scale"] != 0 and float(m.scores.max()) > 0 for m in maps) >= 2   # the parts did act
+    mean = tam_map(vqa, inp, [1, 3])
+    torch.testing.assert_close(mean.scores, (maps[1].scores + maps[3].scores) / 2, rtol=0, atol=0)
 
 
 def test_rank_gaussian_filter_equals_the_published_loop():
