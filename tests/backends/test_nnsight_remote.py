@@ -308,9 +308,12 @@ def test_api_key_is_never_logged_or_written(ndif, folder, tmp_path, capsys, capl
         assert key not in text
 
 
-def test_gemma3_weightless_client(monkeypatch, tmp_path, tiny_gemma3_vqa, image):
-    """Gemma-3 from a weightless NDIF client: the logit lens (swept on the server), ablations and knockout give
-    the hooks backend's numbers; what needs the QK-norm's weights on the client is one clear error."""
+@pytest.mark.parametrize("family", ["gemma3", "qwen3vl"])
+def test_qk_norm_family_from_a_weightless_client(family, monkeypatch, tmp_path, image, request):
+    """Gemma-3 and Qwen3-VL (QK-norm; Qwen3-VL's DeepStack too) from a weightless NDIF client: the logit lens (the
+    vocabulary swept on the server, after DeepStack's additions), ablations and knockout give the hooks backend's
+    numbers; explain, which needs the QK-norm's weights on the client, is one clear error naming what does run
+    remotely."""
     import nnsight
 
     from mech_vqa.methods.ablation import ablate, block_ablations
@@ -318,55 +321,16 @@ def test_gemma3_weightless_client(monkeypatch, tmp_path, tiny_gemma3_vqa, image)
     from mech_vqa.methods.logit_lens import logit_lens
     from mech_vqa.methods.mechanistic import explain
 
-    hooks = tiny_gemma3_vqa
-    folder = tmp_path / "tiny-gemma3"
+    hooks = request.getfixturevalue(f"tiny_{family}_vqa")
+    if family == "qwen3vl":
+        assert hooks.adapter.deepstack_layers()
+    folder = tmp_path / f"tiny-{family}"
     hooks.model.save_pretrained(folder)
     hooks.processor.save_pretrained(folder)
     server = StandInServer(folder, hooks.processor)
     monkeypatch.setattr(CONFIG.API, "APIKEY", "test-key-not-a-secret")
     monkeypatch.setattr(nnsight, "status", lambda: Status({str(folder): {"repo_id": str(folder), "state": "RUNNING"}}))
-    monkeypatch.setitem(nnsight_hf._ID_CACHE, str(folder), "test-org/tiny-gemma3")
-    monkeypatch.setattr(RemoteBackend, "request", lambda self, request, tracer: server.request(self, request, tracer))
-    client = VQAModel.from_pretrained(str(folder), backend="nnsight", remote=True)
-    assert {p.device.type for p in client.model.parameters()} == {"meta"}
-    inp = client.prepare(image, QUESTION, ANSWER, generate=False)
-    reference = hooks.prepare(image, QUESTION, ANSWER, generate=False)
-    pairs = ((hooks, reference), (client, inp))
-
-    expected, got = (logit_lens(vqa, x, word="red", k=3) for vqa, x in pairs)
-    assert torch.equal(got.top_ids, expected.top_ids)
-    torch.testing.assert_close(got.top_probs, expected.top_probs, **TOL)
-    last = hooks.adapter.n_layers - 1
-    expected, got = (knockout(vqa, x, windows=[(0, 1), (0, last + 1)], progress=False) for vqa, x in pairs)
-    assert expected.relative_change.abs().max() > 1e-4
-    torch.testing.assert_close(got.knocked_logprob, expected.knocked_logprob, **TOL)
-    for where in ("full", "answer"):
-        expected, got = (ablate(vqa, x, block_ablations(hooks), progress=False, where=where) for vqa, x in pairs)
-        torch.testing.assert_close(got.delta, expected.delta, **TOL)
-    with pytest.raises(BackendNotSupported, match=r"normalises queries and keys \(QK-norm\).*remote='local'"):
-        explain(client, inp, heads=1, progress=False)
-
-
-def test_qwen3vl_weightless_client(monkeypatch, tmp_path, tiny_qwen3vl_vqa, image):
-    """Qwen3-VL from a weightless NDIF client: the logit lens (DeepStack's additions added and the vocabulary
-    swept on the server), ablations and knockout give the hooks backend's numbers; explain, which needs the
-    QK-norm's weights on the client, is one clear error naming what does run remotely."""
-    import nnsight
-
-    from mech_vqa.methods.ablation import ablate, block_ablations
-    from mech_vqa.methods.knockout import knockout
-    from mech_vqa.methods.logit_lens import logit_lens
-    from mech_vqa.methods.mechanistic import explain
-
-    hooks = tiny_qwen3vl_vqa
-    assert hooks.adapter.deepstack_layers()
-    folder = tmp_path / "tiny-qwen3vl"
-    hooks.model.save_pretrained(folder)
-    hooks.processor.save_pretrained(folder)
-    server = StandInServer(folder, hooks.processor)
-    monkeypatch.setattr(CONFIG.API, "APIKEY", "test-key-not-a-secret")
-    monkeypatch.setattr(nnsight, "status", lambda: Status({str(folder): {"repo_id": str(folder), "state": "RUNNING"}}))
-    monkeypatch.setitem(nnsight_hf._ID_CACHE, str(folder), "test-org/tiny-qwen3vl")
+    monkeypatch.setitem(nnsight_hf._ID_CACHE, str(folder), f"test-org/tiny-{family}")
     monkeypatch.setattr(RemoteBackend, "request", lambda self, request, tracer: server.request(self, request, tracer))
     client = VQAModel.from_pretrained(str(folder), backend="nnsight", remote=True)
     assert {p.device.type for p in client.model.parameters()} == {"meta"}
@@ -384,8 +348,9 @@ def test_qwen3vl_weightless_client(monkeypatch, tmp_path, tiny_qwen3vl_vqa, imag
     expected, got = (knockout(vqa, x, windows=[(0, 1), (0, last + 1)], progress=False) for vqa, x in pairs)
     assert expected.relative_change.abs().max() > 1e-4
     torch.testing.assert_close(got.knocked_logprob, expected.knocked_logprob, **TOL)
-    expected, got = (ablate(vqa, x, block_ablations(hooks), progress=False, where="answer") for vqa, x in pairs)
-    torch.testing.assert_close(got.delta, expected.delta, **TOL)
+    for where in ("full", "answer"):
+        expected, got = (ablate(vqa, x, block_ablations(hooks), progress=False, where=where) for vqa, x in pairs)
+        torch.testing.assert_close(got.delta, expected.delta, **TOL)
     with pytest.raises(BackendNotSupported, match=r"normalises queries and keys \(QK-norm\).*remote='local'.*the "
                                                   r"logit lens, ablations and knockout run remotely"):
         explain(client, inp, heads=1, progress=False)
