@@ -291,6 +291,15 @@ def tiny_llava_onevision(seed: int = 0, *, grid_pinpoints=((32, 32), (32, 64), (
     return model.eval(), processor
 
 
+def role_chat_template(image_token: str, answer_role: str = "assistant") -> str:
+    """A tiny model's chat template, ``user : <image_token> {question} <answer_role> :``: each turn is the role,
+    a colon and its parts (an image as ``image_token``, which the family's processor expands), with no other
+    markers (a word-level vocabulary has no role tokens)."""
+    return ("{% for message in messages %}{{ message['role'] }} :{% for item in message['content'] %}"
+            "{% if item['type'] == 'image' %} " + image_token + "{% else %} {{ item['text'] }}{% endif %}{% endfor %}"
+            "{% endfor %}{% if add_generation_prompt %} " + answer_role + " :{% endif %}")
+
+
 # ---------------------------------------------------------------------------------- Qwen-VL
 QWEN_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 #: the tiny Qwen-VL prompt: Qwen's chat template (image part as ``<|vision_start|><|image_pad|><|vision_end|>``)
@@ -509,11 +518,7 @@ def qwen_vl_reference(name: str, *, device: str = "meta"):
 
 GEMMA3_SPECIAL = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
 #: a Gemma-like chat format (the real one's turn markers left out): ``user : <start_of_image> {question} model :``
-GEMMA3_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }} :{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %} <start_of_image>{% else %} {{ item['text'] }}{% endif %}{% endfor %}"
-    "{% endfor %}{% if add_generation_prompt %} model :{% endif %}"
-)
+GEMMA3_CHAT_TEMPLATE = role_chat_template("<start_of_image>", answer_role="model")
 
 
 def gemma3_processor(tokenizer, image_size: int, tokens_per_image: int):
@@ -571,11 +576,7 @@ def tiny_gemma3(seed: int = 0, *, image_size: int = 32, patch_size: int = 4, tok
 INTERNVL_SPECIAL = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
                     "video_token": "<video>"}
 #: ``user : <image> {question} assistant :``, the processor expanding ``<IMG_CONTEXT>``
-INTERNVL_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }} :{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %} <IMG_CONTEXT>{% else %} {{ item['text'] }}{% endif %}{% endfor %}"
-    "{% endfor %}{% if add_generation_prompt %} assistant :{% endif %}"
-)
+INTERNVL_CHAT_TEMPLATE = role_chat_template("<IMG_CONTEXT>")
 
 
 def internvl_processor(tokenizer, tile_size: int, tokens_per_tile: int, max_tiles: int = 4):
@@ -639,11 +640,7 @@ IDEFICS3_SPECIAL = {"fake_image_token": "<fake_token_around_image>", "global_ima
                     "end_of_utterance_token": "<end_of_utterance>",
                     **{f"row_{i}_col_{j}_token": f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)}}
 #: ``user : <image> {question} assistant :``, the processor expanding ``<image>`` into tiles and markers
-IDEFICS3_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }} :{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %} <image>{% else %} {{ item['text'] }}{% endif %}{% endfor %}"
-    "{% endfor %}{% if add_generation_prompt %} assistant :{% endif %}"
-)
+IDEFICS3_CHAT_TEMPLATE = role_chat_template("<image>")
 
 
 def idefics3_processor(tokenizer, tile_size: int, tokens_per_tile: int, longest_edge: int):
@@ -688,11 +685,7 @@ def tiny_idefics3(seed: int = 0, *, tile_size: int = 32, patch_size: int = 4, sc
 MISTRAL3_SPECIAL = {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
 #: ``user : [IMG] {question} assistant :``, the processor expanding ``[IMG]`` into rows closed by
 #: ``[IMG_BREAK]`` and the last by ``[IMG_END]``
-MISTRAL3_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }} :{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %} [IMG]{% else %} {{ item['text'] }}{% endif %}{% endfor %}"
-    "{% endfor %}{% if add_generation_prompt %} assistant :{% endif %}"
-)
+MISTRAL3_CHAT_TEMPLATE = role_chat_template("[IMG]")
 
 
 def pixtral_processor_class():
