@@ -155,17 +155,15 @@ def test_clear_errors_before_any_request(monkeypatch, folder, tiny_vqa):
         VQAModel(tiny_vqa.model, tiny_vqa.processor, backend="nnsight", remote="ndif")
 
 
-def test_cli_remote_ndif_rows_and_resume_after_a_network_failure(ndif, folder, tiny_vqa, tmp_path, capsys,
-                                                                monkeypatch):
-    """``mech-vqa run explain --backend nnsight --remote ndif`` writes the hooks backend's rows; a network
-    failure in the middle stops the run cleanly and the same command resumes it, nothing lost or doubled."""
+def _three_item_run(tmp_path, folder) -> list[str]:
+    """Three items written to ``tmp_path/data.jsonl`` and explained by the hooks backend into ``hooks.jsonl``;
+    returns the ``mech-vqa run explain`` arguments both runs share."""
     import json
 
     import numpy as np
     from PIL import Image
 
     from mech_vqa.cli import main
-    from mech_vqa.dataset import read_results
 
     rows = []
     for index in range(3):
@@ -175,6 +173,32 @@ def test_cli_remote_ndif_rows_and_resume_after_a_network_failure(ndif, folder, t
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     common = ["run", "explain", str(tmp_path / "data.jsonl"), "--model", str(folder), "--no-progress"]
     assert main(common + ["--out", str(tmp_path / "hooks.jsonl"), "--device", "cpu"]) == 0
+    return common
+
+
+def _assert_rows_resumed_as_hooks(tmp_path) -> None:
+    """``ndif.jsonl`` holds every item once, in order, ok, with ``hooks.jsonl``'s numbers to 1e-5."""
+    from mech_vqa.dataset import read_results
+
+    got, expected = read_results(tmp_path / "ndif.jsonl"), read_results(tmp_path / "hooks.jsonl")
+    assert [r["id"] for r in got] == [r["id"] for r in expected]          # each row once, in order
+    for row, want in zip(got, expected):
+        assert row["status"] == "ok"
+        for key, value in want.items():
+            if key != "runtime_s" and isinstance(value, float):
+                assert abs(row[key] - value) <= 1e-5, key
+
+
+def test_cli_remote_ndif_rows_and_resume_after_a_network_failure(ndif, folder, tiny_vqa, tmp_path, capsys,
+                                                                monkeypatch):
+    """``mech-vqa run explain --backend nnsight --remote ndif`` writes the hooks backend's rows; a network
+    failure in the middle stops the run cleanly and the same command resumes it, nothing lost or doubled."""
+
+
+    from mech_vqa.cli import main
+    from mech_vqa.dataset import read_results
+
+    common = _three_item_run(tmp_path, folder)
 
     serve = StandInServer.request
     calls = {"n": 0}
@@ -191,13 +215,7 @@ def test_cli_remote_ndif_rows_and_resume_after_a_network_failure(ndif, folder, t
     assert "connection reset by peer" in capsys.readouterr().err
     assert len(read_results(tmp_path / "ndif.jsonl")) == 1
     assert main(remote) == 0
-    got, expected = read_results(tmp_path / "ndif.jsonl"), read_results(tmp_path / "hooks.jsonl")
-    assert [r["id"] for r in got] == [r["id"] for r in expected]          # each row once, in order
-    for row, want in zip(got, expected):
-        assert row["status"] == "ok"
-        for key, value in want.items():
-            if key != "runtime_s" and isinstance(value, float):
-                assert abs(row[key] - value) <= 1e-5, key
+    _assert_rows_resumed_as_hooks(tmp_path)
     assert main(common + ["--out", str(tmp_path / "x.jsonl"), "--remote", "ndif"]) == 2
     assert "add --backend nnsight" in capsys.readouterr().err
 
@@ -207,23 +225,13 @@ def test_cli_remote_ndif_resumes_after_a_server_side_error(ndif, folder, tiny_vq
     ERROR status: a job that ran out of memory on the server, say) in the middle of an item stops the run
     cleanly, with the rows before it kept and none for that item; the same command then resumes, and every
     row is written once with the hooks backend's numbers."""
-    import json
 
-    import numpy as np
     from nnsight.schema.response import ResponseModel, Status
-    from PIL import Image
 
     from mech_vqa.cli import main
     from mech_vqa.dataset import read_results
 
-    rows = []
-    for index in range(3):
-        Image.fromarray((np.random.RandomState(index).rand(40, 48, 3) * 255).astype("uint8")).save(
-            tmp_path / f"{index}.png")
-        rows.append({"image": f"{index}.png", "question": QUESTION, "answer": ANSWER, "box": [0, 0, 24, 20]})
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    common = ["run", "explain", str(tmp_path / "data.jsonl"), "--model", str(folder), "--no-progress"]
-    assert main(common + ["--out", str(tmp_path / "hooks.jsonl"), "--device", "cpu"]) == 0
+    common = _three_item_run(tmp_path, folder)
 
     serve = StandInServer.request
     calls = {"n": 0}
@@ -244,13 +252,7 @@ def test_cli_remote_ndif_resumes_after_a_server_side_error(ndif, folder, tiny_vq
     assert "Traceback" not in err
     assert [r["id"] for r in read_results(tmp_path / "ndif.jsonl")] == [read_results(tmp_path / "hooks.jsonl")[0]["id"]]
     assert main(remote) == 0
-    got, expected = read_results(tmp_path / "ndif.jsonl"), read_results(tmp_path / "hooks.jsonl")
-    assert [r["id"] for r in got] == [r["id"] for r in expected]          # each row once, in order
-    for row, want in zip(got, expected):
-        assert row["status"] == "ok"
-        for key, value in want.items():
-            if key != "runtime_s" and isinstance(value, float):
-                assert abs(row[key] - value) <= 1e-5, key
+    _assert_rows_resumed_as_hooks(tmp_path)
 
 
 def test_weightless_client_runs_knockout_and_answer_rows(ndif, folder, tiny_vqa, image):
