@@ -598,6 +598,13 @@ def _internvl_boxes_hold_their_patches(vqa, geometry, folded, patches) -> bool:
     source = torch.arange(n_views).repeat_interleave(16)
     if not torch.equal(geometry.view, (source != n_views - 1).long() if n_views > 1 else torch.zeros(16).long()):
         return False
+    return _boxes_hold_their_tile_patches(geometry, source, folded, patches, vqa.adapter.patches_per_image_token)
+
+
+def _boxes_hold_their_tile_patches(geometry, source, folded, patches, per_token: int) -> bool:
+    """Whether each image token's folded features ``folded[token]`` ``[per_token, d_v]`` are exactly the vision
+    patches of its view ``source[token]`` (``patches`` ``[V, 64, d_v]``, 8 x 8 patches of 4 px on a 32 px tile)
+    whose centres lie in the token's box, the view shown at the frame ``geometry.view_boxes`` gives it."""
     frames = torch.tensor([[0.0, 0.0, 32.0, 32.0]]) if geometry.view_boxes is None else geometry.view_boxes
     centres = (torch.arange(8) + 0.5) * 4                                          # tile pixels
     for token in range(geometry.n_tokens):
@@ -607,7 +614,7 @@ def _internvl_boxes_hold_their_patches(vqa, geometry, folded, patches) -> bool:
         cols = ((x0 + centres * sx > bx0) & (x0 + centres * sx < bx1)).nonzero().flatten()
         rows = ((y0 + centres * sy > by0) & (y0 + centres * sy < by1)).nonzero().flatten()
         inside = (rows[:, None] * 8 + cols[None, :]).flatten()
-        if inside.numel() != vqa.adapter.patches_per_image_token:
+        if inside.numel() != per_token:
             return False
         distance = torch.cdist(folded[token], patches[source[token], inside])           # [4, 4]
         if float(distance.min(1).values.max()) > 1e-5 or float(distance.min(0).values.max()) > 1e-5:
@@ -791,19 +798,7 @@ def test_idefics3_positions_hold_the_patches_inside_each_box_and_markers_are_not
     words = vqa.model.model.text_model.embed_tokens(ids[geometry.markers])
     torch.testing.assert_close(embedded[geometry.markers], words, rtol=0, atol=0)   # a marker is never a patch
     folded = folded[0].flatten(0, 1).unflatten(-1, (4, -1))                          # [n, 4, d_v]
-    frames = torch.tensor([[0.0, 0.0, 32.0, 32.0]]) if geometry.view_boxes is None else geometry.view_boxes
-    source = torch.arange(n_views).repeat_interleave(16)
-    centres = (torch.arange(8) + 0.5) * 4
-    for token in range(geometry.n_tokens):
-        x0, y0, x1, y1 = frames[source[token]].tolist()
-        sx, sy = (x1 - x0) / 32, (y1 - y0) / 32
-        bx0, by0, bx1, by1 = geometry.boxes[token].tolist()
-        cols = ((x0 + centres * sx > bx0) & (x0 + centres * sx < bx1)).nonzero().flatten()
-        rows = ((y0 + centres * sy > by0) & (y0 + centres * sy < by1)).nonzero().flatten()
-        inside = (rows[:, None] * 8 + cols[None, :]).flatten()
-        assert inside.numel() == 4
-        distance = torch.cdist(folded[token], patches[source[token], inside])
-        assert float(distance.min(1).values.max()) < 1e-5 and float(distance.min(0).values.max()) < 1e-5
+    assert _boxes_hold_their_tile_patches(geometry, torch.arange(n_views).repeat_interleave(16), folded, patches, 4)
     # a painted map covers the frame with image tokens' values only
     painted = geometry.paint(torch.arange(float(geometry.n_tokens)), view=0 if n_views == 1 else 1)
     assert painted.shape == (32, 32) and set(painted.unique().long().tolist()) <= set(range(geometry.n_tokens))
