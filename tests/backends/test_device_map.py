@@ -45,9 +45,14 @@ def dispatched(tiny_vqa, tmp_path_factory):
 def test_dispatched_model_gives_the_same_results(tiny_vqa, dispatched, image, backend):
     from mech_vqa.methods.ablation import ablate, head_ablations
     from mech_vqa.methods.causal import causal_map
+    from mech_vqa.methods.igos import igos
+    from mech_vqa.methods.knockout import knockout
     from mech_vqa.methods.logit_lens import logit_lens
     from mech_vqa.methods.mechanistic import explain
     from mech_vqa.methods.neurons import neuron_increase
+    from mech_vqa.methods.raw_attention import raw_attention_map
+    from mech_vqa.methods.relevancy import relevancy
+    from mech_vqa.methods.tam import tam_map
 
     vqa = dispatched if backend == "hooks" else VQAModel(dispatched.model, dispatched.processor, backend="nnsight")
     inp = tiny_vqa.prepare(image, QUESTION, ANSWER)
@@ -77,6 +82,20 @@ def test_dispatched_model_gives_the_same_results(tiny_vqa, dispatched, image, ba
     ablations = head_ablations(tiny_vqa, layers=[0, last])
     torch.testing.assert_close(ablate(vqa, inp, ablations, progress=False).delta,
                                ablate(tiny_vqa, inp, ablations, progress=False).delta, **TOL)
+    # the rest of the methods: raw attention, relevancy (gradients through the offloaded layer), TAM, knockout
+    # and iGOS+ with its insertion / deletion AUCs
+    torch.testing.assert_close(raw_attention_map(vqa, inp).scores, raw_attention_map(tiny_vqa, inp).scores, **TOL)
+    torch.testing.assert_close(relevancy(vqa, inp, progress=False).rows, relevancy(tiny_vqa, inp, progress=False).rows,
+                               **TOL)
+    torch.testing.assert_close(tam_map(vqa, inp).scores, tam_map(tiny_vqa, inp).scores, **TOL)
+    torch.testing.assert_close(knockout(vqa, inp, progress=False).knocked_logprob,
+                               knockout(tiny_vqa, inp, progress=False).knocked_logprob, **TOL)
+    options = dict(tokens=[1, 3], seed=3, progress=False, mask_size=4, iterations=2, n_steps=2, chunk_size=4,
+                   step_fraction=0.25, l1=0.0, lr=3.0)
+    got, want = igos(vqa, inp, **options), igos(tiny_vqa, inp, **options)
+    assert not torch.equal(want.mask, torch.ones_like(want.mask))   # the mask moved
+    torch.testing.assert_close(got.mask, want.mask, **TOL)
+    assert (got.insertion_auc, got.deletion_auc) == pytest.approx((want.insertion_auc, want.deletion_auc), abs=1e-5)
 
     assert _accelerate_hooks(vqa.model) == accelerate_hooks      # accelerate's hooks untouched
     assert hook_snapshot(vqa.model) == torch_hooks                # none of ours left
