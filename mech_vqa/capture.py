@@ -229,7 +229,7 @@ def trace(
             raise IndexError(f"capture position {bounds[0]} is outside the sequence of length {seq}")
 
     shape = (adapter.n_heads, adapter.n_kv_heads, adapter.head_dim)
-    layout = layout_of(model)
+    whole = _Whole(layout_of(model))  # gathers a tensor-parallel model's slices (else hands tensors through)
     hooks = HookSet()
     # A capture changes nothing of the model but its hooks, and its attention implementation when it
     # needs the weights: only then does it pay for the full state guard (a walk over every module and
@@ -240,7 +240,7 @@ def trace(
             for layer, layer_wants in plan.items():
                 _register_layer(hooks, adapter, layer, layer_wants, keep, positions, check_positions, shape,
                                 cache.pending if detach else None, project_later=detach and not to_cpu,
-                                whole=_Whole(layout))
+                                whole=whole)
             if "deepstack" in wants:
                 _register_deepstack(hooks, adapter, [layer for layer, w in plan.items() if "deepstack" in w],
                                     keep, positions)
@@ -254,7 +254,6 @@ def trace(
                             keep(name, value)
                 hooks.post(adapter.projector, vision_post)
             else:
-                whole = _Whole(layout)
                 if "vision_features" in wants:
                     hooks.pre(adapter.projector, lambda m, a, kw: keep("vision_features", adapter.vision_rows(
                         whole.input(m, a[0] if a else next(iter(kw.values()))))))

@@ -57,12 +57,11 @@ def check_readout_not_offloaded(adapter) -> None:
 def make_backend(name: str | Backend, vqa, **options) -> Backend:
     """The backend called ``name`` for ``vqa`` (``options`` go to the nnsight backend: ``remote``)."""
     check_readout_not_offloaded(vqa.adapter)
-    if isinstance(name, Backend) or name in BACKENDS:
-        check_tensor_parallel(vqa.model, name.name if isinstance(name, Backend) else name,
-                              options.get("remote", False) if not isinstance(name, Backend) else
-                              getattr(name, "remote", False))
     if isinstance(name, Backend):
+        check_tensor_parallel(vqa.model, name.name, getattr(name, "remote", False))
         return name
+    if name in BACKENDS:
+        check_tensor_parallel(vqa.model, name, options.get("remote", False))
     if name == "hooks":
         if options:
             raise ValueError(f"the hooks backend takes no options, got {sorted(options)}")

@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 
 from ..capture import ActivationCache, PerLayer, attention_rows
 from ..inputs import BatchedInput, PreparedInput, Target, check_box
-from ..results.base import release_inference
 from ..results.mechanistic import Explanation, HeadIncrease, HeadPositions, LayerIncrease
 from ..tensor_parallel import call_on_whole
 from .logprob import CHUNK_ELEMENTS, FrozenNormScorer, check_token_ids
@@ -220,12 +219,14 @@ def head_vectors(capture: TargetCapture, out: torch.Tensor | None = None) -> tor
         W_O = adapter.W_O(layer)
         frozen = capture.frozen_output_norm(layer, "attn")
         target = out[:, layer] if frozen is None else torch.zeros_like(out[:, layer])
-        if step >= n_heads:  # every head in one product: [H, B, d] += [H, B, hd] @ [H, hd, d], in ``out``
+        # [h, B, d] += [h, B, hd] @ [h, hd, d], in place in ``out``: every head in one product when they fit
+        if step >= n_heads:
             target.transpose(0, 1).baddbmm_(capture.z[:, layer].float().transpose(0, 1), W_O.float())
-        for start in range(0, n_heads if step < n_heads else 0, step):
-            heads = slice(start, start + step)
-            target[:, heads].transpose(0, 1).baddbmm_(capture.z[:, layer, heads].float().transpose(0, 1),
-                                                      W_O[heads].float())
+        else:
+            for start in range(0, n_heads, step):
+                heads = slice(start, start + step)
+                target[:, heads].transpose(0, 1).baddbmm_(capture.z[:, layer, heads].float().transpose(0, 1),
+                                                          W_O[heads].float())
         if frozen is not None:
             scale, gain = frozen
             out[:, layer].addcmul_(target, scale.view(batch, 1, 1) * gain)
@@ -450,7 +451,6 @@ def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top",
 
             layers = None if neurons is True else neurons
             neuron_results = neuron_increase_from_capture(capture, layers=layers, k=k, progress=progress)
-    release_inference(neuron_results)
     out = [Explanation(layers=lr, heads=hr, positions=pr, patch_map=pr.patch_map(box=bx, view=view), neurons=nr)
            for lr, hr, pr, nr, bx in zip(layer_results, head_results, positions, neuron_results, boxes)]
     return out if isinstance(inp, BatchedInput) else out[0]

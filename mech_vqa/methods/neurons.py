@@ -47,12 +47,13 @@ def neuron_increase_from_capture(capture, layers=None, *, k: int = 10, n_tokens:
             directions = directions.float() * frozen[1].unsqueeze(1)
         lp, lp_base = capture.scorer.log_prob_along_columns(base, coefficients, directions)
         scores.append(lp - lp_base.unsqueeze(1))
-    scores = torch.stack(scores, dim=1)  # [B, n_layers, d_mlp]
-    coefficients = capture.mlp_act[:, layers].float()
+    k = min(k, adapter.d_mlp)
+    with torch.inference_mode(False):  # the results' tensors are new ones: ordinary whatever mode scored them
+        scores = torch.stack(scores, dim=1)  # [B, n_layers, d_mlp]
+        coefficients = capture.mlp_act[:, layers].float()
+        top = scores.topk(k, dim=-1).indices  # [B, n_layers, k]
     # what each neuron adds per unit of activation: W_down's column, through a post-norm frozen at t
     frozen = [capture.frozen_output_norm(layer, "mlp") for layer in layers]
-    k = min(k, adapter.d_mlp)
-    top = scores.topk(k, dim=-1).indices  # [B, n_layers, k]
     gamma = adapter.final_norm_params()["weight"].float()
     results = []
     for row in range(scores.shape[0]):

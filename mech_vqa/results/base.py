@@ -119,34 +119,6 @@ class Result:
             return None
 
 
-def release_inference(value):
-    """``value`` (a result, or a list / tuple / dict of them) with every inference tensor in its fields
-    replaced, in place, by an ordinary copy; returns ``value``.
-
-    Methods may compute under ``torch.inference_mode()`` (cheaper per operation); what they hand back
-    must still take in-place edits and autograd like any tensor. Call it outside inference mode.
-    """
-    if isinstance(value, Result):
-        for field in dataclasses.fields(value):
-            item = getattr(value, field.name)
-            if torch.is_tensor(item):
-                if item.is_inference():
-                    setattr(value, field.name, item.clone())
-            elif isinstance(item, (Result, list, tuple, dict)):
-                release_inference(item)
-    elif isinstance(value, (list, tuple)):
-        if value and isinstance(value[0], (str, int, float)):
-            return value  # plain data (tokens, positions): nothing to release
-        for item in value:
-            if isinstance(item, (Result, list, tuple, dict)):
-                release_inference(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            if isinstance(item, (Result, list, tuple, dict)):
-                release_inference(item)
-    return value
-
-
 def save_bundle(path, type_name: str, parts: dict, meta: dict | None = None) -> Path:
     """Save a result made of other results: ``<path>.json`` (a manifest plus ``meta``) and one
     file pair per part (``<path>.<key>.json/.safetensors``). Parts that are None are skipped."""
