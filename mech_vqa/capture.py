@@ -38,6 +38,7 @@ name               where                            shape
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -212,72 +213,167 @@ def trace(
     cache = ActivationCache(names, layer_list, adapter)
     wants = set(names)
 
-    store = cache._store
+    rec = _Recording(_keeper(cache._store, detach, to_cpu), positions, cache.pending if detach else None)
+    # Inside keep_hooks(model), a capture without edits leaves its hooks installed for the next one with
+    # the same plan (they idle in between); a capture with edits, or one that switches to eager
+    # attention, installs its own (edits must run before the captures that should see them).
+    kept = _KEPT.get(model)
+    key = None
+    if kept is not None and not interventions and "pattern" not in wants:
+        key = (tuple(names), tuple((layer, frozenset(w)) for layer, w in plan.items()), positions is None, detach,
+               to_cpu)
+        installed = kept.get(key)
+        if installed is not None and installed.idle:
+            with installed.recording(rec):
+                yield cache
+            return
+    installed, stored = _Installed(), False
+    # A capture changes nothing of the model but its hooks, and its attention implementation when it
+    # needs the weights: only then does it pay for the full state guard (a walk over every module and
+    # parameter), else the hooks' removal below is all there is to put back.
+    with preserved_state(model, eager=True) if "pattern" in wants else contextlib.nullcontext():
+        try:
+            register_interventions(installed.hooks, adapter, interventions)
+            _register_captures(installed, model, adapter, names, plan, detach=detach, to_cpu=to_cpu)
+            if key is not None and key not in kept:
+                kept[key], stored = installed, True
+            with installed.recording(rec):
+                yield cache
+        finally:
+            if not stored:
+                installed.hooks.remove()
 
+
+class _Recording:
+    """What one capture's hooks write to: ``keep(key, tensor)`` (into that capture's cache), the
+    positions kept and, for lazily rotated queries / keys, the cache's pending work."""
+
+    __slots__ = ("bounds", "keep", "pending", "positions")
+
+    def __init__(self, keep, positions: torch.Tensor | None, pending: dict | None):
+        self.keep, self.positions, self.pending = keep, positions, pending
+        flat = None if positions is None else positions.flatten().tolist()
+        self.bounds = None if positions is None else (max(flat), min(flat))
+
+    def check_positions(self, seq: int) -> None:
+        if self.bounds is not None and (self.bounds[0] >= seq or self.bounds[1] < -seq):
+            raise IndexError(f"capture position {self.bounds[0]} is outside the sequence of length {seq}")
+
+
+def _keeper(store: dict, detach: bool, to_cpu: bool):
+    """``keep(key, tensor)`` into ``store`` (one per capture: lazily rotated queries and keys are kept
+    after the forward, into the cache of the capture that recorded them)."""
     def keep(key, value: torch.Tensor) -> None:
         if detach and value.requires_grad:  # (under no_grad nothing needs detaching: skip the op)
             value = value.detach()
         if to_cpu:
             value = value.cpu()
         store[key] = value
+    return keep
 
-    flat = None if positions is None else positions.flatten().tolist()
-    bounds = None if positions is None else (max(flat), min(flat))
 
-    def check_positions(seq: int) -> None:
-        if bounds is not None and (bounds[0] >= seq or bounds[1] < -seq):
-            raise IndexError(f"capture position {bounds[0]} is outside the sequence of length {seq}")
+class _Installed:
+    """A set of capture hooks and the recording they currently write to (None: they idle)."""
 
+    __slots__ = ("current", "hooks")
+
+    def __init__(self):
+        self.hooks, self.current = HookSet(), None
+
+    @property
+    def idle(self) -> bool:
+        return self.current is None
+
+    @contextlib.contextmanager
+    def recording(self, rec: _Recording):
+        self.current = rec
+        try:
+            yield
+        finally:
+            self.current = None
+
+
+#: models inside :func:`keep_hooks`: ``{plan key: installed hooks}`` for each
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def keep_hooks(model: nn.Module) -> Iterator[None]:
+    """Inside this block, captures of ``model`` leave their hooks installed for the next capture with
+    the same names, layers and options, which then only points them at its own cache: the set-up and
+    removal a capture pays per call (a tenth of a 3-layer model's ``explain``) is paid once per kind.
+
+    Between captures the hooks idle (each returns at once). All are removed when the block ends,
+    exceptions included. Hooks you add to the model inside the block run after kept capture hooks;
+    swap no module of the model inside it. Nested blocks share the outer one.
+    """
+    if model in _KEPT:
+        yield
+        return
+    _KEPT[model] = {}
+    try:
+        yield
+    finally:
+        for installed in _KEPT.pop(model).values():
+            installed.hooks.remove()
+
+
+def _register_captures(installed: _Installed, model: nn.Module, adapter: ModelAdapter, names: Sequence[str],
+                       plan: dict, *, detach: bool, to_cpu: bool) -> None:
+    """Every capture hook of a trace; each writes to the recording ``installed.current`` of the moment,
+    and returns at once while there is none."""
+    hooks, wants = installed.hooks, set(names)
     shape = (adapter.n_heads, adapter.n_kv_heads, adapter.head_dim)
     whole = _Whole(layout_of(model))  # gathers a tensor-parallel model's slices (else hands tensors through)
-    hooks = HookSet()
-    # A capture changes nothing of the model but its hooks, and its attention implementation when it
-    # needs the weights: only then does it pay for the full state guard (a walk over every module and
-    # parameter), else the hooks' removal below is all there is to put back.
-    with preserved_state(model, eager=True) if "pattern" in wants else contextlib.nullcontext():
-        try:
-            register_interventions(hooks, adapter, interventions)
-            for layer, layer_wants in plan.items():
-                _register_layer(hooks, adapter, layer, layer_wants, keep, positions, check_positions, shape,
-                                cache.pending if detach else None, project_later=detach and not to_cpu,
-                                whole=whole)
-            if "deepstack" in wants:
-                _register_deepstack(hooks, adapter, [layer for layer, w in plan.items() if "deepstack" in w],
-                                    keep, positions)
-            vision_wants = [name for name in MODEL_NAMES if name in wants]
-            if vision_wants and _whole_vision(adapter):
-                # the projector is a whole vision module (Qwen-VL): both read from its output, as the adapter says
-                def vision_post(module, args, kwargs, out):
-                    grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-                    for name, value in adapter.vision_outputs(out, grid).items():
-                        if name in vision_wants:
-                            keep(name, value)
-                hooks.post(adapter.projector, vision_post)
-            else:
-                if "vision_features" in wants:
-                    hooks.pre(adapter.projector, lambda m, a, kw: keep("vision_features", adapter.vision_rows(
-                        whole.input(m, a[0] if a else next(iter(kw.values()))))))
-                if "projector_out" in wants:
-                    hooks.post(adapter.projector, lambda m, a, kw, out: keep(
-                        "projector_out", adapter.vision_rows(whole.output(m, out))))
-            yield cache
-        finally:
-            hooks.remove()
+    for layer, layer_wants in plan.items():
+        _register_layer(installed, adapter, layer, layer_wants, shape, project_later=detach and not to_cpu, whole=whole)
+    if "deepstack" in wants:
+        _register_deepstack(installed, adapter, [layer for layer, w in plan.items() if "deepstack" in w])
+    vision_wants = [name for name in MODEL_NAMES if name in wants]
+    if vision_wants and _whole_vision(adapter):
+        # the projector is a whole vision module (Qwen-VL): both read from its output, as the adapter says
+        def vision_post(module, args, kwargs, out):
+            rec = installed.current
+            if rec is None:
+                return
+            grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+            for name, value in adapter.vision_outputs(out, grid).items():
+                if name in vision_wants:
+                    rec.keep(name, value)
+        hooks.post(adapter.projector, vision_post)
+    else:
+        if "vision_features" in wants:
+            def vision_pre(module, args, kwargs):
+                rec = installed.current
+                if rec is not None:
+                    rec.keep("vision_features", adapter.vision_rows(
+                        whole.input(module, args[0] if args else next(iter(kwargs.values())))))
+            hooks.pre(adapter.projector, vision_pre)
+        if "projector_out" in wants:
+            def projector_post(module, args, kwargs, out):
+                rec = installed.current
+                if rec is not None:
+                    rec.keep("projector_out", adapter.vision_rows(whole.output(module, out)))
+            hooks.post(adapter.projector, projector_post)
 
 
-def _register_deepstack(hooks: HookSet, adapter: ModelAdapter, layers: list[int], keep, positions) -> None:
+def _register_deepstack(installed: _Installed, adapter: ModelAdapter, layers: list[int]) -> None:
     """Record what the text model adds to the residual stream after each of ``layers`` outside the layer
     modules (Qwen3-VL's DeepStack; zeros where nothing is added), read from the text model's own call."""
     def record(module, args, kwargs):
+        rec = installed.current
+        if rec is None:
+            return
         embeds = kwargs.get("inputs_embeds", args[0] if args else None)
         if embeds is None:
             raise CaptureError("the text model was called without inputs_embeds; cannot capture 'deepstack'")
         added = adapter.deepstack_additions(kwargs, embeds)
         for layer in layers:
             value = added.get(layer)
-            keep(("deepstack", layer), _select(value if value is not None else torch.zeros_like(embeds), positions))
+            rec.keep(("deepstack", layer), _select(value if value is not None else torch.zeros_like(embeds),
+                                                   rec.positions))
 
-    hooks.pre(adapter.text_model, record)
+    installed.hooks.pre(adapter.text_model, record)
 
 
 class _Whole:
@@ -314,16 +410,17 @@ def _whole_vision(adapter: ModelAdapter) -> bool:
     return adapter.projector is adapter.vision_tower
 
 
-def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: set, keep, positions, check_positions,
-                    shape: tuple[int, int, int], pending: dict | None, project_later: bool = False,
-                    whole: _Whole | None = None):
-    """One hook per module and kind at most, each doing everything asked of that module.
+def _register_layer(installed: _Installed, adapter: ModelAdapter, layer: int, wants: set,
+                    shape: tuple[int, int, int], project_later: bool = False, whole: _Whole | None = None):
+    """One hook per module and kind at most, each doing everything asked of that module, into the
+    recording ``installed.current`` (:class:`_Recording`; None: the hook returns at once).
 
-    ``pending``: where raw queries / keys wait to be rotated at the first read of the cache, all
-    layers sharing the same angles in one call (None: rotate in the hook, inside the graph).
+    The recording's ``pending``: where raw queries / keys wait to be rotated at the first read of the
+    cache, all layers sharing the same angles in one call (None: rotate in the hook, inside the graph).
     ``project_later``: q, k and v of layers that keep keys or values may be projected at that read
     from the attention block's input (kept on its device until then).
     ``whole``: gathers the slices of a tensor-parallel model (every hook reads through it)."""
+    hooks = installed.hooks
     n_heads, n_kv, head_dim = shape
     whole = whole or _Whole(None)
     decoder = adapter.layer(layer)
@@ -334,16 +431,25 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
 
     if "resid_pre" in wants:
         def resid_pre(module, args, kwargs):
-            x = hidden_of(args, kwargs)
-            check_positions(x.shape[1])
-            keep(("resid_pre", layer), whole.input(module, _select(x, positions)))
+            rec = installed.current
+            if rec is not None:
+                x = hidden_of(args, kwargs)
+                rec.check_positions(x.shape[1])
+                rec.keep(("resid_pre", layer), whole.input(module, _select(x, rec.positions)))
         hooks.pre(decoder, resid_pre)
     if "resid_mid" in wants:
-        hooks.pre(adapter.resid_mid_module(layer),
-                  lambda m, a, kw: keep(("resid_mid", layer), whole.input(m, _select(hidden_of(a, kw), positions))))
+        def resid_mid(module, args, kwargs):
+            rec = installed.current
+            if rec is not None:
+                rec.keep(("resid_mid", layer), whole.input(module, _select(hidden_of(args, kwargs), rec.positions)))
+        hooks.pre(adapter.resid_mid_module(layer), resid_mid)
     if "resid_post" in wants:
-        hooks.post(decoder, lambda m, a, kw, out: keep(
-            ("resid_post", layer), whole.output(m, _select(out[0] if isinstance(out, tuple) else out, positions))))
+        def resid_post(module, args, kwargs, out):
+            rec = installed.current
+            if rec is not None:
+                rec.keep(("resid_post", layer),
+                         whole.output(module, _select(out[0] if isinstance(out, tuple) else out, rec.positions)))
+        hooks.post(decoder, resid_post)
     want_q, want_k, want_v = "q" in wants, "k" in wants, "v" in wants
     # Where keys or values are kept at every position, the attention block's input is too: q, k and v
     # are then computed from it when first read (the projection the model ran, on the same tensor),
@@ -352,23 +458,38 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
     raw = {}
     if projections is None:
         if want_q:  # queries only at the chosen positions: selected before rotating (QK-norm is per vector)
-            hooks.post(adapter.q_proj(layer), lambda m, a, kw, out: raw.__setitem__(
-                "q", adapter.qk_norm(layer, "q", whole.output(m, _select(out, positions)))))
+            def q_post(module, args, kwargs, out):
+                rec = installed.current
+                if rec is not None:
+                    raw["q"] = adapter.qk_norm(layer, "q", whole.output(module, _select(out, rec.positions)))
+            hooks.post(adapter.q_proj(layer), q_post)
         if want_k:
-            hooks.post(adapter.k_proj(layer), lambda m, a, kw, out: raw.__setitem__(
-                "k", adapter.qk_norm(layer, "k", whole.output(m, out))))
+            def k_post(module, args, kwargs, out):
+                if installed.current is not None:
+                    raw["k"] = adapter.qk_norm(layer, "k", whole.output(module, out))
+            hooks.post(adapter.k_proj(layer), k_post)
         if want_v:
-            hooks.post(adapter.v_proj(layer),
-                       lambda m, a, kw, out: keep(("v", layer), _split_heads(whole.output(m, out), n_kv, head_dim)))
+            def v_post(module, args, kwargs, out):
+                rec = installed.current
+                if rec is not None:
+                    rec.keep(("v", layer), _split_heads(whole.output(module, out), n_kv, head_dim))
+            hooks.post(adapter.v_proj(layer), v_post)
     # a post-normed block (Gemma-3) adds its norm's output, not the attention module's, to the residual
     out_module = adapter.attn_out_module(layer) if "attn_out" in wants else attn
     if out_module is not attn:
-        hooks.post(out_module, lambda m, a, kw, out: keep(("attn_out", layer),
-                                                          whole.output(m, _select(out, positions))))
+        def attn_out_post(module, args, kwargs, out):
+            rec = installed.current
+            if rec is not None:
+                rec.keep(("attn_out", layer), whole.output(module, _select(out, rec.positions)))
+        hooks.post(out_module, attn_out_post)
     if want_q or want_k or want_v or (out_module is attn and "attn_out" in wants) or "pattern" in wants:
         want_out, want_pattern = "attn_out" in wants and out_module is attn, "pattern" in wants
 
         def attn_post(module, args, kwargs, out):
+            rec = installed.current
+            if rec is None:
+                return
+            positions, keep = rec.positions, rec.keep
             if want_out:
                 keep(("attn_out", layer), whole.output(module, _select(out[0], positions)))
             if want_pattern:
@@ -383,24 +504,34 @@ def _register_layer(hooks: HookSet, adapter: ModelAdapter, layer: int, wants: se
                 hidden = args[0] if args else kwargs["hidden_states"]
                 if hidden.requires_grad:
                     hidden = hidden.detach()
-                pending[layer] = (_Projections(hidden, projections, want_q, want_k, want_v, adapter),
-                                  None, kwargs["position_embeddings"], positions, keep, shape)
+                rec.pending[layer] = (_Projections(hidden, projections, want_q, want_k, want_v, adapter),
+                                      None, kwargs["position_embeddings"], positions, keep, shape)
             elif want_q or want_k:
                 job = (raw.pop("q", None), raw.pop("k", None), kwargs["position_embeddings"], positions, keep, shape)
-                if pending is None:
+                if rec.pending is None:
                     _rotate(adapter, {layer: job})
                 else:
-                    pending[layer] = job
+                    rec.pending[layer] = job
         hooks.post(attn, attn_post)
     if "z" in wants:
-        hooks.pre(adapter.o_proj(layer), lambda m, a, kw: keep(
-            ("z", layer), _split_heads(whole.input(m, _select(a[0], positions)), n_heads, head_dim)))
+        def z_pre(module, args, kwargs):
+            rec = installed.current
+            if rec is not None:
+                rec.keep(("z", layer), _split_heads(whole.input(module, _select(args[0], rec.positions)),
+                                                    n_heads, head_dim))
+        hooks.pre(adapter.o_proj(layer), z_pre)
     if "mlp_act" in wants:
-        hooks.pre(adapter.down_proj(layer), lambda m, a, kw: keep(("mlp_act", layer),
-                                                                 whole.input(m, _select(a[0], positions))))
+        def mlp_act_pre(module, args, kwargs):
+            rec = installed.current
+            if rec is not None:
+                rec.keep(("mlp_act", layer), whole.input(module, _select(args[0], rec.positions)))
+        hooks.pre(adapter.down_proj(layer), mlp_act_pre)
     if "mlp_out" in wants:
-        hooks.post(adapter.mlp_out_module(layer), lambda m, a, kw, out: keep(
-            ("mlp_out", layer), whole.output(m, _select(out, positions))))
+        def mlp_out_post(module, args, kwargs, out):
+            rec = installed.current
+            if rec is not None:
+                rec.keep(("mlp_out", layer), whole.output(module, _select(out, rec.positions)))
+        hooks.post(adapter.mlp_out_module(layer), mlp_out_post)
 
 
 def _plain_projections(adapter: ModelAdapter, layer: int) -> tuple[nn.Module, nn.Module, nn.Module] | None:
@@ -493,7 +624,7 @@ def _rotate(adapter: ModelAdapter, jobs: dict) -> None:
     Only what was asked is rotated (an unused slot gets one head of the other: a negligible row).
     """
     layers = list(jobs)
-    _, _, (cos, sin), positions, keep, (n_heads, n_kv, head_dim) = jobs[layers[0]]
+    _, _, (cos, sin), positions, _, (n_heads, n_kv, head_dim) = jobs[layers[0]]
     first = layers[0]
     qs = [jobs[layer][0] for layer in layers if jobs[layer][0] is not None]
     ks = [jobs[layer][1] for layer in layers if jobs[layer][1] is not None]

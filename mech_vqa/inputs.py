@@ -87,10 +87,14 @@ class PreparedInput:
     def model_inputs(self, device=None, dtype=None) -> dict:
         """The keyword arguments for the HF forward."""
         pixel = check_pixels(self.pixel_values)  # also after an in-place edit
-        if dtype is not None:
+        if dtype is not None and pixel.dtype != dtype:
             pixel = pixel.to(dtype)
         out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": pixel, **self.extra}
-        return {k: v.to(device) if device is not None and torch.is_tensor(v) else v for k, v in out.items()}
+        if device is None:
+            return out
+        device = torch.device(device)
+        # (a move to the device a tensor is on is a no-op that still costs a dispatch per tensor and call)
+        return {k: v.to(device) if torch.is_tensor(v) and v.device != device else v for k, v in out.items()}
 
     def check_position(self, position: int) -> int:
         if not -self.seq_len <= position < self.seq_len:

@@ -193,6 +193,15 @@ class VQAModel:
         """:func:`mech_vqa.capture.trace` on this model (context manager), run by the backend."""
         return self.backend.trace(names, **kwargs)
 
+    def keep_hooks(self):
+        """A block inside which captures keep their hooks between calls (hooks backend): a loop of
+        ``explain`` / ``compare`` calls pays each capture's set-up once. Removed when the block ends::
+
+            with vqa.keep_hooks():
+                explanations = [explain(vqa, inp) for inp in inputs]
+        """
+        return self.backend.keep_hooks()
+
     def to_str_tokens(self, ids) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens([int(i) for i in torch.as_tensor(ids).flatten()])
 

@@ -162,3 +162,84 @@ def test_projected_at_read_equals_captured_by_hooks(any_vqa, inp):
     weight.add_(0.0)  # an in-place edit (same values, new version)
     with pytest.raises(CaptureError, match="weights changed after the forward"):
         edited["k", 0]
+
+
+# ----------------------------------------------------------------------------- keep_hooks
+def _explanation_numbers(explanation):
+    return (explanation.layers.attention, explanation.layers.mlp, explanation.heads.scores,
+            explanation.positions.scores, explanation.patch_map.scores)
+
+
+def test_keep_hooks_reuses_one_set_of_hooks_and_changes_no_result(tiny_mha_vqa, image):
+    from mech_vqa.methods.mechanistic import explain
+
+    vqa, model = tiny_mha_vqa, tiny_mha_vqa.model
+    vqa.logits(vqa.prepare(image, "What is the color of the dog?"))  # HF's own hooks, installed on first forward
+    before, state = hook_snapshot(model), model_state(model)
+    items = [vqa.prepare(image, "What is the color of the dog?", "The dog is red."),
+             vqa.prepare(image.rotate(90), "What is the shape?", "A circle.")]
+    fresh = [explain(vqa, item, progress=False) for item in items]
+    with vqa.keep_hooks():
+        kept = [explain(vqa, items[0], progress=False)]
+        installed = hook_snapshot(model)
+        assert installed != before  # the capture's hooks stay between calls
+        kept += [explain(vqa, item, progress=False) for item in items[1:]]
+        assert hook_snapshot(model) == installed  # ... and the next call reuses them (no new handles)
+        assert torch.equal(vqa.logits(items[0]), vqa.logits(items[0]))  # idle hooks change no forward
+    assert hook_snapshot(model) == before
+    assert_same_state(state, model_state(model))
+    for ours, reference in zip(kept, fresh):
+        for a, b in zip(_explanation_numbers(ours), _explanation_numbers(reference)):
+            assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_keep_hooks_rotates_each_capture_into_its_own_cache(tiny_mha_vqa, image):
+    """Queries and keys are projected and rotated when first read, which may be after the next call
+    reused the hooks: each capture's must land in its own cache."""
+    vqa = tiny_mha_vqa
+    first, second = (vqa.prepare(image, "What is the color of the dog?", "The dog is red."),
+                     vqa.prepare(image.rotate(90), "What is the color of the dog?", "The dog is red."))
+    names = ["q", "k", "v", "resid_pre"]
+    with vqa.trace(names, positions=[5]) as expected:
+        vqa.forward(first)
+    with vqa.keep_hooks():
+        with vqa.trace(names, positions=[5]) as cache_first:
+            vqa.forward(first)
+        with vqa.trace(names, positions=[5]) as cache_second:
+            vqa.forward(second)
+        for layer in range(vqa.adapter.n_layers):  # read only now, after the second forward
+            for name in names:
+                assert torch.equal(cache_first[name, layer], expected[name, layer])
+                assert not torch.equal(cache_second[name, layer], expected[name, layer])
+
+
+@torch.no_grad()
+def test_keep_hooks_nested_edited_and_failing_captures(tiny_vqa, prepared):
+    from mech_vqa.interventions import Intervention
+
+    vqa, model = tiny_vqa, tiny_vqa.model
+    vqa.logits(prepared)
+    before = hook_snapshot(model)
+    with vqa.trace(["attn_out"]) as plain:
+        vqa.forward(prepared)
+    edit = Intervention("resid_pre", 1, mode="zero")
+    with vqa.trace(["attn_out"], interventions=[edit]) as edited:
+        vqa.forward(prepared)
+    with pytest.raises(RuntimeError, match="boom"), vqa.keep_hooks():
+        with vqa.trace(["attn_out"]) as outer, vqa.trace(["attn_out"]) as inner:  # same plan, nested: both filled
+            vqa.forward(prepared)
+        # an edited capture installs its own hooks after the edit's: it sees the edited values
+        with vqa.trace(["attn_out"], interventions=[edit]) as kept_edited:
+            vqa.forward(prepared)
+        with vqa.trace(["attn_out"]) as again:
+            vqa.forward(prepared)
+        with vqa.trace(["attn_out"]):
+            vqa.forward(prepared)
+            raise RuntimeError("boom")
+    assert hook_snapshot(model) == before  # removed, the error included
+    for layer in range(vqa.adapter.n_layers):
+        for cache in (outer, inner, again):
+            assert torch.equal(cache["attn_out", layer], plain["attn_out", layer])
+        assert torch.equal(kept_edited["attn_out", layer], edited["attn_out", layer])
+    assert not torch.equal(edited["attn_out", 1], plain["attn_out", 1])

@@ -431,7 +431,8 @@ class ModelAdapter:
     def W_O(self, layer: int) -> torch.Tensor:
         """``[n_heads, head_dim, d_model]``: head j writes ``z_j @ W_O[j]`` into the residual."""
         weight = module_parameter(self.o_proj(layer), "weight")  # [d_model, n_heads * head_dim]
-        return weight.T.unflatten(0, (self.n_heads, -1))
+        # a view (reshape, not Tensor.unflatten: its Python wrapper costs more than the rest of this call)
+        return weight.T.reshape(self.n_heads, -1, weight.shape[0])
 
     def b_O(self, layer: int) -> torch.Tensor | None:
         return module_parameter(self.o_proj(layer), "bias")

@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from ..capture import ActivationCache, trace
+from ..capture import ActivationCache, keep_hooks, trace
 from ..hooks import HookSet
 from ..interventions import AttentionEdit, Intervention, register_attention_edits
 
@@ -47,6 +47,11 @@ class Backend:
         """HF ``generate`` on model inputs; returns the token ids ``[B, prompt + new]``."""
         raise NotImplementedError
 
+    def keep_hooks(self) -> AbstractContextManager:
+        """A block inside which captures keep their set-up between calls (see the hooks backend);
+        nothing here."""
+        return contextlib.nullcontext()
+
     def read_only(self) -> AbstractContextManager:
         """The grad mode for a forward whose activations are only read afterwards: ``torch.no_grad()``
         here; backends that can skip more autograd bookkeeping override it."""
@@ -78,6 +83,11 @@ class HooksBackend(Backend):
 
     def forward(self, inputs: dict, **kwargs):
         return self.vqa.model(**inputs, **kwargs)
+
+    def keep_hooks(self) -> AbstractContextManager:
+        """:func:`mech_vqa.capture.keep_hooks`: captures leave their hooks installed (idle between
+        calls) until the block ends, so a loop of calls pays each capture's set-up once."""
+        return keep_hooks(self.vqa.model)
 
     def read_only(self) -> AbstractContextManager:
         """``torch.inference_mode()``: no version counters or view tracking on the forward's tensors
