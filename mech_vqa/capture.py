@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import ModelAdapter, get_adapter
-from .hooks import HookSet, preserved_state
+from .hooks import HookSet, preserved_state, without_grad
 from .interventions import Intervention, register_interventions
 from .tensor_parallel import TensorParallelLayout, gather_heads, layout_of
 
@@ -314,7 +314,7 @@ def keep_hooks(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for installed in _KEPT.pop(model).values():
+        for installed in _KEPT.pop(model, {}).values():
             installed.hooks.remove()
 
 
@@ -579,7 +579,7 @@ class _Projections:
         return self.adapter.normalise_qk(layer, q, k)
 
 
-@torch.no_grad()  # pending work belongs to a detached capture (its inputs may be inference tensors)
+@without_grad  # pending work belongs to a detached capture (its inputs may be inference tensors)
 def _finish_rotations(cache: ActivationCache, layers=None) -> None:
     """Rotate the pending queries / keys of ``layers`` (default all), layers sharing angles together."""
     if layers is None:
@@ -680,40 +680,48 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
 
     Returns: ``[B, n_heads or len(heads), P, S]`` float32.
     """
-    layers = [layer] * q.shape[0] if isinstance(layer, int) else [int(x) for x in layer]
-    if len(layers) != q.shape[0]:
-        raise ValueError(f"attention_rows got {len(layers)} layers for {q.shape[0]} batch rows")
+    batch = q.shape[0]
+    one_layer = isinstance(layer, int)
+    layers = [layer] * batch if one_layer else [int(x) for x in layer]
+    if len(layers) != batch:
+        raise ValueError(f"attention_rows got {len(layers)} layers for {batch} batch rows")
     group = adapter.n_heads // adapter.n_kv_heads
-    if heads is None:
-        k = k.float().repeat_interleave(group, dim=2)  # [B, S, H, hd]
-    elif len(heads) == 1:  # one head (the usual map): views, no gathers
-        head = adapter.check_head(int(heads[0]))
-        q, k = q.narrow(2, head, 1), k.narrow(2, head // group, 1).float()
+    if one_layer:
+        scaling, windows = adapter.attention_scaling(layer), [adapter.sliding_window(layer)]
     else:
-        heads = [adapter.check_head(int(h)) for h in heads]
-        q = q[:, :, heads]
-        k = k[:, :, [h // group for h in heads]].float()
-    distinct = {layers[0]} if isinstance(layer, int) else set(layers)
-    scales = {x: adapter.attention_scaling(x) for x in distinct}
-    scaling = scales[layers[0]] if len(scales) == 1 else torch.tensor(
-        [scales[x] for x in layers], device=k.device).view(-1, 1, 1, 1)
-    scores = torch.matmul(q.float().transpose(1, 2), k.permute(0, 2, 3, 1)).mul_(scaling)  # [B, H, P, S]
+        scales = {x: adapter.attention_scaling(x) for x in set(layers)}
+        window_of = {x: adapter.sliding_window(x) for x in scales}
+        scaling = torch.tensor([scales[x] for x in layers], device=k.device).view(-1, 1, 1, 1)
+        windows = [window_of[x] for x in layers]
+    if heads is not None and len(heads) == 1 and one_layer:
+        # one head (the usual map): [B, P, hd] x [B, hd, S] in one batched product on views
+        head = adapter.check_head(int(heads[0]))
+        scores = torch.bmm(q.select(2, head).float(), k.select(2, head // group).float().transpose(1, 2))
+        scores = scores.mul_(scaling).unsqueeze(1)  # [B, 1, P, S]
+    else:
+        if heads is None:
+            k = k.float().repeat_interleave(group, dim=2)  # [B, S, H, hd]
+        else:
+            heads = [adapter.check_head(int(h)) for h in heads]
+            q = q[:, :, heads]
+            k = k[:, :, [h // group for h in heads]].float()
+        scores = torch.matmul(q.float().transpose(1, 2), k.permute(0, 2, 3, 1)).mul_(scaling)  # [B, H, P, S]
     seq = k.shape[1]
-    query_positions = query_positions.to(scores.device)
+    if query_positions.device != scores.device:
+        query_positions = query_positions.to(scores.device)
     if query_positions.dim() == 1:
-        query_positions = query_positions.unsqueeze(0).expand(scores.shape[0], -1)
-    keys = torch.arange(seq, device=scores.device).view(1, 1, seq)
-    allowed = keys <= query_positions.unsqueeze(-1)  # [B, P, S]
+        query_positions = query_positions.unsqueeze(0).expand(batch, -1)
+    keys = torch.arange(seq, device=scores.device)
+    query_column = query_positions.unsqueeze(-1)  # [B, P, 1]
+    blocked = keys > query_column  # [B, P, S]: causal
     if blocks is not None:
         blocks = blocks.to(scores.device)
-        blocks = blocks.unsqueeze(0).expand(scores.shape[0], -1) if blocks.dim() == 1 else blocks
+        blocks = blocks.unsqueeze(0).expand(batch, -1) if blocks.dim() == 1 else blocks
         query_block = blocks.gather(1, query_positions)  # [B, P]
-        allowed = allowed | ((query_block.unsqueeze(-1) == blocks.unsqueeze(1)) & (query_block >= 0).unsqueeze(-1))
-    window_of = {x: adapter.sliding_window(x) for x in distinct}
-    windows = [window_of[x] for x in layers]
+        blocked &= (query_block.unsqueeze(-1) != blocks.unsqueeze(1)) | (query_block < 0).unsqueeze(-1)
     if any(w is not None for w in windows):
         width = torch.tensor([w if w is not None else seq + 1 for w in windows], device=scores.device)
-        allowed = allowed & (keys > (query_positions - width.view(-1, 1)).unsqueeze(-1))
+        blocked |= keys <= (query_positions - width.view(-1, 1)).unsqueeze(-1)
     if key_mask is not None:
-        allowed &= key_mask.to(scores.device).bool().unsqueeze(1)
-    return scores.masked_fill_(~allowed.unsqueeze(1), float("-inf")).softmax(dim=-1)
+        blocked |= (key_mask.to(scores.device) == 0).unsqueeze(1)
+    return scores.masked_fill_(blocked.unsqueeze(1), float("-inf")).softmax(dim=-1)

@@ -41,13 +41,18 @@ def is_tensor_parallel(model: nn.Module) -> bool:
     return tp_size(model) > 1
 
 
+_DTENSOR: list = []  # the DTensor class once imported (an import statement per call costs more than the check)
+
+
 def is_dtensor(value) -> bool:
     """Whether ``value`` is a ``torch.distributed.tensor.DTensor`` (without importing it when unused)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
+    if not _DTENSOR:
+        if not torch.distributed.is_available():
+            return False
+        from torch.distributed.tensor import DTensor
 
-    return isinstance(value, DTensor)
+        _DTENSOR.append(DTensor)
+    return isinstance(value, _DTENSOR[0])
 
 
 def _generic_name(name: str) -> str:

@@ -234,7 +234,9 @@ def module_parameter(module: nn.Module, name: str) -> torch.Tensor | None:
     "cpu" / "disk" entries): its dispatch hook keeps the weight in ``weights_map`` and leaves a meta
     tensor on the module between forwards), and when tensor parallelism sharded it (a DTensor: gathered
     across the TP group, a collective every rank makes)."""
-    value = getattr(module, name, None)
+    value = module._parameters.get(name)  # (nn.Module.__getattr__ is a Python fallback: read the dict first)
+    if value is None:
+        value = getattr(module, name, None)
     if value is None or value.device.type != "meta":
         return full_parameter(value) if value is not None else None
     weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import ModelAdapter
 from ..adapters.base import module_parameter
+from ..hooks import without_grad
 
 #: Default size, in float32 elements, of one chunk of logits ``[B, N, chunk]`` (2 MiB): small enough
 #: for the in-place log-sum-exp passes to stay in cache, large enough for efficient GEMMs. Measured on
@@ -193,11 +194,22 @@ class FrozenNormScorer:
             x = vectors if self.mean is None else vectors.sub_(self.mean.view(shape))
             x = x.mul_(self.scale.view(shape)).mul_(self.gamma)
             return x.add_(self.beta) if self.beta is not None else x
-        x = vectors.float().to(self.gamma.device)
+        x = vectors.float()
+        x = x if x.device == self.gamma.device else x.to(self.gamma.device)
         x = (x if self.mean is None else x - self.mean.view(shape)) * self.scale.view(shape) * self.gamma
         return x + self.beta if self.beta is not None else x
 
     # ------------------------------------------------------------------------ scoring
+    def _unembedding(self) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+        """``(W_U, b_U, soft-cap)`` as stored, read once per scorer (whole where tensor parallelism
+        shards them: a gather each read)."""
+        cached = self.__dict__.get("_unembed")
+        if cached is None:
+            unembed = self.adapter.unembed
+            cached = self._unembed = (module_parameter(unembed, "weight"), module_parameter(unembed, "bias"),
+                                      _softcap(self.adapter))
+        return cached
+
     def _reduce(self, n_vectors: int, chunk_logits: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]):
         """Visit the vocabulary in chunks: ``chunk_logits(W_chunk [C, d], b_chunk [C]) -> [B, N, C]``.
 
@@ -205,16 +217,14 @@ class FrozenNormScorer:
         ``chunk_logits`` must return a fresh tensor: it is overwritten in place (no temporaries, so
         peak memory stays one block of logits).
         """
-        unembed = self.adapter.unembed
-        W_U, b_U = module_parameter(unembed, "weight"), module_parameter(unembed, "bias")
+        W_U, b_U, cap = self._unembedding()
         batch, vocab = self.batch_size, W_U.shape[0]
-        cap = _softcap(self.adapter)
         if cap is not None:  # the model returns c * tanh(logits / c): so does every chunk here, exactly
             linear_logits = chunk_logits
 
             def chunk_logits(W, b):
                 return linear_logits(W, b).div_(cap).tanh_().mul_(cap)
-        chunk = _chunk_size(self.adapter, batch * n_vectors, self.chunk_elements)
+        chunk = int(min(vocab, max(1, self.chunk_elements // max(batch * n_vectors, 1))))
         if chunk >= vocab:  # the whole vocabulary in one block: a plain log-softmax, no running sums
             logits = chunk_logits(W_U.float(), None if b_U is None else b_U.float())
             # log_softmax is one fused kernel; logsumexp is several (~15x the fixed cost on small blocks)
@@ -236,7 +246,7 @@ class FrozenNormScorer:
             lse = torch.logaddexp(lse, shifted_lse)
         return target - lse
 
-    @torch.no_grad()
+    @without_grad
     def log_prob(self, vectors: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
         """``lp(v)`` for ``vectors`` ``[B, N, d]`` -> ``[B, N]`` float32 (cost ``B*N*d*vocab``).
 
@@ -250,7 +260,7 @@ class FrozenNormScorer:
 
         return self._reduce(normed.shape[1], chunk_logits)
 
-    @torch.no_grad()
+    @without_grad
     def log_prob_in_basis(self, base: torch.Tensor, coefficients: torch.Tensor, basis: torch.Tensor):
         """``lp(base_b + coefficients_bn @ basis)`` for ``base`` ``[B, d]``, ``coefficients`` ``[B, N, r]``,
         ``basis`` ``[r, d]``.
@@ -263,21 +273,25 @@ class FrozenNormScorer:
         """
         batch, n, rank = coefficients.shape
         base_normed = self.frozen_norm(base)  # [B, d]
-        coefficients = coefficients.float().to(base_normed.device) * self.scale.view(batch, 1, 1)
+        device = base_normed.device
+        coefficients = coefficients.float()
+        coefficients = coefficients if coefficients.device == device else coefficients.to(device)
         # Row n (all zero) scores the base itself, through the same arithmetic as the others.
-        coefficients = torch.nn.functional.pad(coefficients, (0, 0, 0, 1))  # [B, N+1, r]
-        rows = torch.cat([basis.float().to(base_normed.device) * self.gamma, base_normed])  # [r + B, d]
+        scaled = coefficients.new_zeros((batch, n + 1, rank))  # [B, N+1, r]
+        torch.mul(coefficients, self.scale.view(batch, 1, 1), out=scaled[:, :n])
+        basis = basis.float()
+        rows = torch.cat([(basis if basis.device == device else basis.to(device)) * self.gamma, base_normed])  # [r + B, d]
 
         def chunk_logits(W, b):
             projected = rows @ W.T  # [r + B, C]: the basis rows then the bases, in vocabulary space
             base_logits = projected[rank:] if b is None else projected[rank:] + b
             # base + coefficients @ U in one batched GEMM (the base is the GEMM's accumulator)
-            return torch.baddbmm(base_logits.unsqueeze(1), coefficients, projected[:rank].expand(batch, rank, -1))
+            return torch.baddbmm(base_logits.unsqueeze(1), scaled, projected[:rank].expand(batch, rank, -1))
 
         lp = self._reduce(n + 1, chunk_logits)
         return lp[:, :n], lp[:, n]
 
-    @torch.no_grad()
+    @without_grad
     def log_prob_along_columns(self, base: torch.Tensor, coefficients: torch.Tensor, directions: torch.Tensor):
         """``lp(base_b + coefficients_bk * directions[:, k])`` for every column ``k``.
 

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..capture import ActivationCache, PerLayer, attention_rows
+from ..hooks import without_grad
 from ..inputs import BatchedInput, PreparedInput, Target, check_box
 from ..results.mechanistic import Explanation, HeadIncrease, HeadPositions, LayerIncrease
 from ..tensor_parallel import call_on_whole
@@ -160,7 +161,7 @@ def target_trace(vqa, positions: torch.Tensor, kv_layers: list[int], mlp_act: bo
     return vqa.trace(names, layers=layers, positions=positions.view(-1, 1))
 
 
-@torch.no_grad()
+@without_grad
 def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_layers="all", mlp_act: bool = True,
                    chunk_elements: int = CHUNK_ELEMENTS) -> TargetCapture:
     """One forward recording everything the attributions need at each row's target position.
@@ -201,7 +202,7 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
     )
 
 
-@torch.no_grad()
+@without_grad
 def head_vectors(capture: TargetCapture, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, L, H, d]`` float32: what each head writes at ``t``, ``h_lj = z_lj @ W_O[j]``.
 
@@ -239,7 +240,7 @@ def head_vectors(capture: TargetCapture, out: torch.Tensor | None = None) -> tor
     return out
 
 
-@torch.no_grad()
+@without_grad
 def layer_and_head_increase(capture: TargetCapture) -> tuple[list[LayerIncrease], list[HeadIncrease]]:
     """Layer-level and head-level increases for every row, from one batched scoring call.
 
@@ -295,7 +296,7 @@ def check_heads(adapter, heads) -> list[tuple[int, int]]:
     return checked
 
 
-@torch.no_grad()
+@without_grad
 def position_scores(capture: TargetCapture, layer: int, head: int, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(increase [b, S], attention [b, S])`` of head ``(layer, head)`` at every source position.
 
@@ -330,7 +331,7 @@ def position_scores(capture: TargetCapture, layer: int, head: int, rows=None) ->
     return lp - lp_base.unsqueeze(1), attention
 
 
-@torch.no_grad()
+@without_grad
 def position_increase(capture: TargetCapture, heads, *, progress: bool = False) -> list[HeadPositions]:
     """Position-level increases of ``heads`` for each row, in the row's own coordinates.
 
