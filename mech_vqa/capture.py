@@ -9,7 +9,9 @@ Only what is asked is recorded, optionally only at chosen positions and moved to
 context also applies :class:`~mech_vqa.interventions.Intervention` s (captures then see edited
 values). Hooks are removed on exit, exceptions included, and a capture of ``pattern`` (which switches
 to eager attention) puts the attention implementation, mode and ``requires_grad`` flags back
-(:func:`~mech_vqa.hooks.preserved_state`); no other capture touches them.
+(:func:`~mech_vqa.hooks.preserved_state`); no other capture touches them. Inside
+:func:`keep_hooks` a capture's hooks stay installed (idle) until the block ends, for the next capture
+of the same kind: a loop of calls on a small model pays the set-up once.
 
 Activation names and shapes (``P`` = chosen query positions, ``S`` = full sequence):
 
