@@ -199,37 +199,37 @@ def trace(
         interventions: edits applied during the same forward.
     """
     adapter = adapter or get_adapter(model)
+    if layers is not None and not isinstance(layers, Mapping):
+        layers = list(layers)  # read twice below
+    positions = _normalise_positions(positions)
+    if positions is not None and positions.device != adapter.device:
+        positions = positions.to(adapter.device)
+    wants = set(names)
+    # Inside keep_hooks(model), a capture without edits leaves its hooks installed for the next one asking
+    # the same (they idle in between); a capture with edits, or one that switches to eager attention,
+    # installs its own (edits must run before the captures that should see them).
+    kept = _KEPT.get(model)
+    key = None
+    if kept is not None and not interventions and "pattern" not in wants:
+        key = (tuple(names), _layers_key(layers), positions is None, detach, to_cpu)
+        installed = kept.get(key)
+        if installed is not None and installed.idle:  # asked and checked before: its plan holds
+            cache = ActivationCache(names, installed.layer_list, adapter)
+            with installed.recording(_Recording(_keeper(cache._store, detach, to_cpu), positions,
+                                                cache.pending if detach else None)):
+                yield cache
+            return
     unknown = [n for n in names if n not in NAMES]
     if unknown:
         raise ValueError(f"unknown activation names {unknown}; choose from {NAMES}")
-    if layers is not None and not isinstance(layers, Mapping):
-        layers = list(layers)  # read twice below
     plan = _layer_plan(adapter, names, layers)
-    positions = _normalise_positions(positions)
-    if positions is not None:
-        positions = positions.to(adapter.device)
     if isinstance(layers, Mapping):
         layer_list = list(plan)
     else:
         layer_list = [adapter.check_layer(i) for i in (range(adapter.n_layers) if layers is None else layers)]
     cache = ActivationCache(names, layer_list, adapter)
-    wants = set(names)
-
     rec = _Recording(_keeper(cache._store, detach, to_cpu), positions, cache.pending if detach else None)
-    # Inside keep_hooks(model), a capture without edits leaves its hooks installed for the next one with
-    # the same plan (they idle in between); a capture with edits, or one that switches to eager
-    # attention, installs its own (edits must run before the captures that should see them).
-    kept = _KEPT.get(model)
-    key = None
-    if kept is not None and not interventions and "pattern" not in wants:
-        key = (tuple(names), tuple((layer, frozenset(w)) for layer, w in plan.items()), positions is None, detach,
-               to_cpu)
-        installed = kept.get(key)
-        if installed is not None and installed.idle:
-            with installed.recording(rec):
-                yield cache
-            return
-    installed, stored = _Installed(), False
+    installed, stored = _Installed(layer_list), False
     # A capture changes nothing of the model but its hooks, and its attention implementation when it
     # needs the weights: only then does it pay for the full state guard (a walk over every module and
     # parameter), else the hooks' removal below is all there is to put back.
@@ -244,6 +244,15 @@ def trace(
         finally:
             if not stored:
                 installed.hooks.remove()
+
+
+def _layers_key(layers) -> tuple | None:
+    """``trace``'s ``layers`` argument as a hashable key (None, a tuple, or sorted ``(name, tuple)`` pairs)."""
+    if layers is None:
+        return None
+    if isinstance(layers, Mapping):
+        return tuple(sorted((name, None if which is None else tuple(which)) for name, which in layers.items()))
+    return tuple(layers)
 
 
 class _Recording:
@@ -277,10 +286,10 @@ def _keeper(store: dict, detach: bool, to_cpu: bool):
 class _Installed:
     """A set of capture hooks and the recording they currently write to (None: they idle)."""
 
-    __slots__ = ("current", "hooks")
+    __slots__ = ("current", "hooks", "layer_list")
 
-    def __init__(self):
-        self.hooks, self.current = HookSet(), None
+    def __init__(self, layer_list: list[int]):
+        self.hooks, self.current, self.layer_list = HookSet(), None, layer_list
 
     @property
     def idle(self) -> bool:
