@@ -216,9 +216,11 @@ def head_vectors(capture: TargetCapture, out: torch.Tensor | None = None) -> tor
     # W_O goes to float32 a few heads at a time: a whole 7B layer's would be a 64 MiB copy, and all
     # layers' gigabytes, for a product worth a few milliseconds.
     step = max(1, HEAD_CHUNK_ELEMENTS // (adapter.head_dim * adapter.d_model))
-    if step >= n_layers * n_heads and all(adapter.output_norm(layer, "attn") is None for layer in range(n_layers)):
+    if step >= n_layers * n_heads and out.stride(1) == n_heads * out.stride(2) and \
+            all(adapter.output_norm(layer, "attn") is None for layer in range(n_layers)):
         # every layer's W_O fits in one chunk (a small model): all heads of all layers in one product,
-        # [L*H, B, d] += [L*H, B, hd] @ [L*H, hd, d] (views of ``out`` and ``z``; W_O stacked, a small copy)
+        # [L*H, B, d] += [L*H, B, hd] @ [L*H, hd, d] (a view of ``out``, whose layer and head axes merge;
+        # W_O stacked, a small copy)
         W_O = torch.stack([adapter.W_O(layer) for layer in range(n_layers)]).float().flatten(0, 1)
         out.permute(1, 2, 0, 3).flatten(0, 1).baddbmm_(capture.z.float().permute(1, 2, 0, 3).flatten(0, 1), W_O)
         return out
