@@ -101,6 +101,10 @@ def test_decompositions_sum(any_vqa, inp):
     target = inp.target(1)
     capture = capture_target(any_vqa, inp, target)
     heads = head_vectors(capture)  # [1, L, H, d]
+    # added into a given buffer: also one whose layer and head axes are not one view (laid out [B, H, L, d])
+    buffer = torch.ones(1, a.n_heads, a.n_layers, a.d_model).transpose(1, 2)
+    torch.testing.assert_close(head_vectors(capture, out=buffer), heads + 1, rtol=0, atol=1e-6)
+    torch.testing.assert_close(buffer, heads + 1, rtol=0, atol=1e-6)
     for layer in range(a.n_layers):
         bias = a.b_O(layer) if a.b_O(layer) is not None else 0
         torch.testing.assert_close(heads[0, layer].sum(0) + bias, capture.attn_out[0, layer], rtol=1e-5, atol=1e-6)
