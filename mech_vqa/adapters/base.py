@@ -447,14 +447,19 @@ class ModelAdapter:
         """The final norm as data: ``kind`` ("rms" or "layer"), ``weight`` (the gain it applies),
         ``bias``, ``eps``."""
         norm = self.final_norm
-        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        fields = norm.__dict__  # (plain attributes; nn.Module.__getattr__ is a slow Python fallback)
+        eps = fields.get("variance_epsilon", fields.get("eps"))
+        if eps is None:
+            eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
         if eps is None:
             raise AdapterError(f"cannot read the epsilon of the final norm {type(norm).__name__}")
         if isinstance(norm, nn.LayerNorm):
             return {"kind": "layer", "weight": norm.weight, "bias": norm.bias, "eps": float(eps)}
         # Reading an RMS norm's gain runs the module: keep it while the same weight tensor is unmodified
         # (its version counter moves with every in-place change)
-        key = (norm, norm.weight, norm.weight._version, float(eps))
+        weight = norm._parameters.get("weight")
+        weight = norm.weight if weight is None else weight
+        key = (norm, weight, weight._version, float(eps))
         cached = self.__dict__.get("_rms_params")
         if cached is None or any(a is not b for a, b in zip(cached[0][:2], key[:2])) or cached[0][2:] != key[2:]:
             cached = self._rms_params = (key, {"kind": "rms", "weight": _rms_gain(norm, float(eps)),

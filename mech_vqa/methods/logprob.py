@@ -157,11 +157,14 @@ class FrozenNormScorer:
         if final_resid.dim() != 2 or final_resid.shape[1] != adapter.d_model:
             raise ValueError(f"final_resid must be [batch, {adapter.d_model}], got {tuple(final_resid.shape)}")
         self.adapter = adapter
-        self.targets = check_token_ids(adapter, target_ids).to(adapter.device)
+        device = adapter.device
+        targets = check_token_ids(adapter, target_ids)
+        self.targets = targets if targets.device == device else targets.to(device)
         if self.targets.numel() != final_resid.shape[0]:
             raise ValueError(f"{self.targets.numel()} target ids for {final_resid.shape[0]} rows")
         params = adapter.final_norm_params()
-        r = final_resid.detach().float().to(adapter.device)
+        r = final_resid.detach().float()
+        r = r if r.device == device else r.to(device)
         if params["kind"] == "layer":
             self.mean = r.mean(-1, keepdim=True)  # [B, 1]
             variance = (r - self.mean).pow(2).mean(-1, keepdim=True)

@@ -358,10 +358,10 @@ def position_increase(capture: TargetCapture, heads, *, progress: bool = False) 
         increase, attention = position_scores(capture, layer, head, rows_for_head)
         for i, row in enumerate(rows_for_head):
             computed[layer, head, row] = (increase[i], attention[i])
-    results = []
+    results, offsets = [], capture.offsets.tolist()
     with torch.inference_mode(False):  # stacked copies: ordinary tensors whatever mode scored them
         for row, row_heads in enumerate(per_row):
-            offset = int(capture.offsets[row])
+            offset = offsets[row]
             scores = torch.stack([computed[l, j, row][0][offset:] for l, j in row_heads]).cpu()
             attention = torch.stack([computed[l, j, row][1][offset:] for l, j in row_heads]).cpu()
             results.append(_head_positions(capture.items[row], row_heads, scores, attention, capture.meta(row)))
