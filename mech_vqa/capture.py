@@ -570,22 +570,26 @@ class _Projections:
 
     def __init__(self, hidden: torch.Tensor, modules, want_q: bool, want_k: bool, want_v: bool, adapter: ModelAdapter):
         self.hidden, self.modules, self.want, self.adapter = hidden, modules, (want_q, want_k, want_v), adapter
-        self.versions = tuple(m.weight._version for m in modules)
+        self.versions = tuple(m._parameters["weight"]._version for m in modules)  # (plain nn.Linear s)
 
     def project(self, layer: int, positions, keep, shape, *, all_queries: bool = False):
         """``(raw q at positions or None, raw k or None)``; values are kept straight away.
         ``all_queries``: q at every position."""
-        if tuple(m.weight._version for m in self.modules) != self.versions:
+        if tuple(m._parameters["weight"]._version for m in self.modules) != self.versions:
             raise CaptureError(f"layer {layer}'s q/k/v projection weights changed after the forward; read "
                                "the captured q, k and v before editing the model's weights")
         (q_proj, k_proj, v_proj), (want_q, want_k, want_v) = self.modules, self.want
         hidden = self.hidden
+
+        def project(module: nn.Linear) -> torch.Tensor:  # the module's own linear map, its parameters read directly
+            return F.linear(hidden, module._parameters["weight"], module._parameters.get("bias"))
+
         if want_v:
-            keep(("v", layer), _split_heads(F.linear(hidden, v_proj.weight, v_proj.bias), shape[1], shape[2]))
-        q = F.linear(hidden, q_proj.weight, q_proj.bias) if want_q else None
+            keep(("v", layer), _split_heads(project(v_proj), shape[1], shape[2]))
+        q = project(q_proj) if want_q else None
         if q is not None and not all_queries:
             q = _select(q, positions)
-        k = F.linear(hidden, k_proj.weight, k_proj.bias) if want_k else None
+        k = project(k_proj) if want_k else None
         # QK-norm (Gemma-3, Qwen3-VL) between projection and rotation, as the attention applies it
         return self.adapter.normalise_qk(layer, q, k)
 
