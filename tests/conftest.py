@@ -239,6 +239,23 @@ def prepared(tiny_vqa, image):
     return tiny_vqa.prepare(image, QUESTION, ANSWER)
 
 
+def write_dataset(folder: Path, n: int) -> Path:
+    """``folder/data.jsonl`` with ``n`` seeded random 48 x 40 images (``folder/<i>.png``), the test question and
+    answer and one box each; returns the JSONL's path."""
+    import json
+
+    from PIL import Image
+
+    rows = []
+    for index in range(n):
+        Image.fromarray((np.random.RandomState(index).rand(40, 48, 3) * 255).astype("uint8")).save(
+            folder / f"{index}.png")
+        rows.append({"image": f"{index}.png", "question": QUESTION, "answer": ANSWER, "box": [0, 0, 24, 20]})
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def hook_snapshot(model) -> dict:
     """Every hook on every module, by module name (HF installs some of its own on first forward)."""
     out = {}

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from conftest import QUESTION, ANSWER, hook_snapshot
+from conftest import QUESTION, ANSWER, hook_snapshot, write_dataset
 from mech_vqa import VQAModel
 from mech_vqa.interventions import Intervention
 
@@ -150,21 +150,13 @@ def test_cli_device_map_rows_equal_the_plain_run(tiny_vqa, tmp_path, capsys, mon
     error before any row."""
     import json
 
-    import numpy as np
-    from PIL import Image
-
     from mech_vqa.cli import main
     from mech_vqa.dataset import read_results
 
     folder = tmp_path / "model"
     tiny_vqa.model.save_pretrained(folder)
     tiny_vqa.processor.save_pretrained(folder)
-    rows = []
-    for index in range(2):
-        Image.fromarray((np.random.RandomState(index).rand(40, 48, 3) * 255).astype("uint8")).save(
-            tmp_path / f"{index}.png")
-        rows.append({"image": f"{index}.png", "question": QUESTION, "answer": ANSWER, "box": [0, 0, 24, 20]})
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_dataset(tmp_path, 2)
     common = ["run", "explain", str(tmp_path / "data.jsonl"), "--model", str(folder), "--no-progress"]
     assert main(common + ["--out", str(tmp_path / "plain.jsonl"), "--device", "cpu"]) == 0
     expected = read_results(tmp_path / "plain.jsonl")

@@ -13,7 +13,7 @@ import io
 import pytest
 import torch
 
-from conftest import QUESTION, ANSWER
+from conftest import QUESTION, ANSWER, write_dataset
 from mech_vqa import VQAModel
 from mech_vqa.backends import BackendNotSupported
 
@@ -158,19 +158,9 @@ def test_clear_errors_before_any_request(monkeypatch, folder, tiny_vqa):
 def _three_item_run(tmp_path, folder) -> list[str]:
     """Three items written to ``tmp_path/data.jsonl`` and explained by the hooks backend into ``hooks.jsonl``;
     returns the ``mech-vqa run explain`` arguments both runs share."""
-    import json
-
-    import numpy as np
-    from PIL import Image
-
     from mech_vqa.cli import main
 
-    rows = []
-    for index in range(3):
-        Image.fromarray((np.random.RandomState(index).rand(40, 48, 3) * 255).astype("uint8")).save(
-            tmp_path / f"{index}.png")
-        rows.append({"image": f"{index}.png", "question": QUESTION, "answer": ANSWER, "box": [0, 0, 24, 20]})
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_dataset(tmp_path, 3)
     common = ["run", "explain", str(tmp_path / "data.jsonl"), "--model", str(folder), "--no-progress"]
     assert main(common + ["--out", str(tmp_path / "hooks.jsonl"), "--device", "cpu"]) == 0
     return common
