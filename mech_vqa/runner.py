@@ -25,6 +25,7 @@ other than hooks that is :class:`FullForwardAnswerRows`, the same numbers by who
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -241,12 +242,21 @@ class _PrefixKeysValues:
         self.keys, self.values = keys, values  # [1, kv_heads, first, head_dim]
 
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        _PENDING_PREFIX[:] = [(self.keys.to(key_states), self.values.to(value_states))]
+        _pending_prefix()[:] = [(self.keys.to(key_states), self.values.to(value_states))]
         return key_states, value_states
 
 
-_PENDING_PREFIX: list = []
-"""The prefix the attention call under way reads (set by :meth:`_PrefixKeysValues.update`, taken once)."""
+_PENDING = threading.local()
+
+
+def _pending_prefix() -> list:
+    """The prefix the attention call under way in this thread reads (set by :meth:`_PrefixKeysValues.update`,
+    taken once): per thread, so that runs on different models in different threads never take each
+    other's prefix."""
+    slot = getattr(_PENDING, "prefix", None)
+    if slot is None:
+        slot = _PENDING.prefix = []
+    return slot
 
 ANSWER_ROWS_ATTENTION = "mech_vqa_answer_rows"
 """The name under which :func:`_answer_rows_attention` is registered in transformers' AttentionInterface."""
@@ -277,7 +287,8 @@ def _answer_rows_attention(module, query, key, value, attention_mask, scaling=No
     """
     batch, heads, rows, dim = query.shape
     kv_heads = key.shape[1]
-    prefix_keys, prefix_values = _PENDING_PREFIX.pop() if _PENDING_PREFIX else (None, None)
+    pending = _pending_prefix()
+    prefix_keys, prefix_values = pending.pop() if pending else (None, None)
     scaling = dim ** -0.5 if scaling is None else scaling
     own = torch.matmul(query.reshape(batch, kv_heads, -1, dim), key.transpose(-1, -2)).view(batch, heads, rows, -1)
     scores = own
@@ -528,11 +539,11 @@ class AnswerRowRunner(ResidualCheckpoint):
                     if index > layer and joining[index]:
                         hidden = torch.cat([hidden, self.inputs[index][:, first:last + 1].expand(
                             joining[index], -1, -1).to(hidden)])
-                    _PENDING_PREFIX.clear()
+                    _pending_prefix().clear()
                     out = self.adapter.layer(index)(hidden, **self._layer_kwargs(index, first, last, blocked))
                     hidden = out[0] if isinstance(out, tuple) else out
             finally:
-                _PENDING_PREFIX.clear()
+                _pending_prefix().clear()
                 hooks.remove()
         logits = self.adapter.unembed(self.adapter.final_norm(hidden[:, local])).float()
         return logits.log_softmax(-1) if log_softmax else logits

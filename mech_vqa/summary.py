@@ -2,8 +2,8 @@
 
 Per task it reports what the rows hold: accuracy for every task; for ``ablate`` the mean head
 ablation grid, block effects and the object-vs-other patch ablation; for ``knockout`` the mean
-relative change of the answer's probability per blocked pair and window (``knockout`` table and
-figure); for ``compare``, per method:
+and median relative change of the answer's probability per blocked pair and window (``knockout`` table
+and figure); for ``compare``, per method:
 
 * normalised insertion / deletion AUC averaged over the items *kept* by the normalisation rule
   (``log s(I) - log s(B) >= min_gap``; ``auc_kept`` / ``auc_flagged`` count them; items explained
@@ -32,9 +32,18 @@ import numpy as np
 from .dataset import read_results_file
 
 
+def _finite(values) -> list[float]:
+    return [float(v) for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))]
+
+
 def _mean(values) -> float:
-    values = [float(v) for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))]
+    values = _finite(values)
     return float(np.mean(values)) if values else float("nan")
+
+
+def _median(values) -> float:
+    values = _finite(values)
+    return float(np.median(values)) if values else float("nan")
 
 
 def _ablation_table(rows: list[dict], key: str):
@@ -115,7 +124,9 @@ def summary_tables(rows: list[dict]) -> dict:
 
 
 def _knockout_table(rows: list[dict]):
-    """Mean relative change of the answer's probability per (pair, window) over the knockout rows."""
+    """Mean and median relative change of the answer's probability per (pair, window) over the knockout
+    rows. The median beside the mean: one item the model answers wrongly (a clean probability near 0) can
+    multiply its probability when edges are blocked and swing the mean on its own."""
     import pandas as pd
 
     records = {}
@@ -127,7 +138,7 @@ def _knockout_table(rows: list[dict]):
                 records.setdefault(key, []).append(study["relative_change"][p][w])
     return pd.DataFrame([
         {"pair": pair, "layer": layer, "window_start": window[0], "window_stop": window[1],
-         "mean_relative_change": _mean(values), "items": len(values)}
+         "mean_relative_change": _mean(values), "median_relative_change": _median(values), "items": len(values)}
         for (pair, layer, window), values in records.items()])
 
 

@@ -116,3 +116,29 @@ def test_full_forward_answer_rows_equal_the_answer_row_runner(any_vqa, image):
     got = whole.run_rows(0, 2, positions, first=first, blocked=blocked)
     assert (expected - fast.clean_logits_at(positions).log_softmax(-1)).abs().max() > 1e-4
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_the_pending_prefix_belongs_to_the_thread_that_set_it():
+    """An answer-row attention call takes the prefix its own thread's cache stand-in left, never one another
+    thread left (runs on different models in different threads)."""
+    import threading
+
+    from mech_vqa.runner import _pending_prefix, _PrefixKeysValues
+
+    keys, values = torch.ones(1, 2, 3, 4), torch.zeros(1, 2, 3, 4)
+    left, checked, seen = threading.Event(), threading.Event(), {}
+
+    def other_thread():
+        _PrefixKeysValues(keys, values).update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
+        left.set()
+        checked.wait(10)
+        seen["own"] = _pending_prefix().pop()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    assert left.wait(10)
+    assert _pending_prefix() == []  # this thread sees nothing of the other's
+    checked.set()
+    worker.join(10)
+    torch.testing.assert_close(seen["own"][0], keys, rtol=0, atol=0)
+    torch.testing.assert_close(seen["own"][1], values, rtol=0, atol=0)

@@ -102,5 +102,27 @@ def test_run_knockout_then_summary(organism_vqa, tmp_path):
     assert written[0]["strongest"]["image ↛ last"]["window"] == [2, 3]
     table = summary_tables(written)["knockout"]
     assert len(table) == 3 * organism_vqa.adapter.n_layers and (table["items"] == 2).all()
+    # the columns recomputed from the two rows' own relative changes
+    pair, window = study["pairs"].index("image ↛ last"), study["layers"].index(2)
+    changes = [row["knockout"]["relative_change"][pair][window] for row in written]
+    cell = table[(table["pair"] == "image ↛ last") & (table["layer"] == 2)].iloc[0]
+    assert cell["mean_relative_change"] == pytest.approx(np.mean(changes))
+    assert cell["median_relative_change"] == pytest.approx(np.median(changes))
     assert "## knockout" in summarize(out)
     assert [p.name for p in save_figures(summary_tables(written), tmp_path / "figures")] == ["knockout.png"]
+
+
+def test_knockout_table_median_resists_one_outlier():
+    """One wrongly answered item whose probability multiplies when edges are blocked swings the mean; the
+    median does not move with it. A missing value (null) is left out of both."""
+    def row(change):
+        return {"knockout": {"pairs": ["image ↛ last"], "windows": [[1, 2]], "layers": [1],
+                             "relative_change": [[change]]}}
+
+    changes = [-0.9, -0.8, -0.5, 36.46, None]
+    table = summary_tables([dict(row(c), status="ok") for c in changes])["knockout"]
+    cell = table.iloc[0]
+    assert cell["mean_relative_change"] == pytest.approx(np.mean([-0.9, -0.8, -0.5, 36.46]))
+    assert cell["mean_relative_change"] > 8
+    assert cell["median_relative_change"] == pytest.approx(-0.65)
+    assert cell["items"] == 5
