@@ -153,8 +153,27 @@ def _normalise_positions(positions) -> torch.Tensor | None:
     return positions
 
 
+#: ``(names, layers key, n_layers) -> plan`` of :func:`_layer_plan` (a pure function of those; plans are read only)
+_PLANS: dict = {}
+
+
 def _layer_plan(adapter: ModelAdapter, names: Sequence[str], layers) -> dict[int, set]:
-    """``{layer: names recorded there}`` from ``layers`` (all, a list, or ``{name: layers}``)."""
+    """``{layer: names recorded there}`` from ``layers`` (all, a list, or ``{name: layers}``); read only."""
+    if isinstance(layers, Mapping):  # (each name's layers read twice below: an iterator would be spent)
+        layers = {name: None if which is None else tuple(which) for name, which in layers.items()}
+    elif layers is not None:
+        layers = tuple(layers)
+    key = (tuple(names), _layers_key(layers), adapter.n_layers)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _new_layer_plan(adapter, names, layers)
+        if len(_PLANS) > 256:  # (a long-running process asking for many layer sets)
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _new_layer_plan(adapter: ModelAdapter, names: Sequence[str], layers) -> dict[int, set]:
     per_layer = [n for n in names if n in LAYER_NAMES]
     if isinstance(layers, Mapping):
         extra = [name for name in layers if name not in per_layer]
@@ -199,8 +218,10 @@ def trace(
         interventions: edits applied during the same forward.
     """
     adapter = adapter or get_adapter(model)
-    if layers is not None and not isinstance(layers, Mapping):
-        layers = list(layers)  # read twice below
+    if isinstance(layers, Mapping):  # read more than once below: an iterator would be spent
+        layers = {name: None if which is None else list(which) for name, which in layers.items()}
+    elif layers is not None:
+        layers = list(layers)
     positions = _normalise_positions(positions)
     if positions is not None and positions.device != adapter.device:
         positions = positions.to(adapter.device)
@@ -235,8 +256,9 @@ def trace(
     # parameter), else the hooks' removal below is all there is to put back.
     with preserved_state(model, eager=True) if "pattern" in wants else contextlib.nullcontext():
         try:
-            register_interventions(installed.hooks, adapter, interventions)
-            _register_captures(installed, model, adapter, names, plan, detach=detach, to_cpu=to_cpu)
+            with adapter.resolving():
+                register_interventions(installed.hooks, adapter, interventions)
+                _register_captures(installed, model, adapter, names, plan, detach=detach, to_cpu=to_cpu)
             if key is not None and key not in kept:
                 kept[key], stored = installed, True
             with installed.recording(rec):

@@ -243,3 +243,43 @@ def test_keep_hooks_nested_edited_and_failing_captures(tiny_vqa, prepared):
             assert torch.equal(cache["attn_out", layer], plain["attn_out", layer])
         assert torch.equal(kept_edited["attn_out", layer], edited["attn_out", layer])
     assert not torch.equal(edited["attn_out", 1], plain["attn_out", 1])
+
+
+def test_hookset_hooks_run_with_kwargs_in_order_and_leave_nothing_behind():
+    """HookSet writes its hooks into the module's own dictionaries (no handle objects): they run with the
+    call's kwargs, in registration order among torch's own hooks, under ids torch's handles never reuse,
+    and removal leaves exactly what was there before."""
+    from mech_vqa.hooks import HookSet
+
+    module, seen = torch.nn.Linear(2, 2), []
+    earlier = module.register_forward_hook(lambda m, args, out: seen.append("torch, earlier"))
+    dictionaries = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+    before = {name: dict(getattr(module, name)) for name in dictionaries}
+    hooks = HookSet()
+    hooks.pre(module, lambda m, args, kwargs: seen.append(("pre", sorted(kwargs))))
+    hooks.post(module, lambda m, args, kwargs, out: seen.append(("post", sorted(kwargs), out.shape)))
+    later = module.register_forward_hook(lambda m, args, out: seen.append("torch, later"))
+    module(input=torch.ones(1, 2))
+    assert seen == [("pre", ["input"]), "torch, earlier", ("post", ["input"], (1, 2)), "torch, later"]
+    ids = [hook_id for hook_id in module._forward_hooks]
+    assert len(set(ids)) == 3 and earlier.id < ids[1] < later.id
+    later.remove()
+    hooks.remove()
+    assert {name: dict(getattr(module, name)) for name in dictionaries} == before
+    seen.clear()
+    module(torch.ones(1, 2))
+    assert seen == ["torch, earlier"]
+
+
+def test_layers_given_as_iterators_are_read_once(tiny_vqa, prepared):
+    """``layers`` (a list or ``{name: layers}``) may hold iterators: each is read once, in and out of
+    keep_hooks, and the same layers are recorded as with lists."""
+    for keeping in (False, True):
+        with tiny_vqa.keep_hooks() if keeping else torch.no_grad():
+            with tiny_vqa.trace(["resid_pre", "attn_out"], layers={"resid_pre": iter([0, -1]), "attn_out": (i for i in [1])}) \
+                    as cache, torch.no_grad():
+                tiny_vqa.forward(prepared)
+            assert sorted(cache.keys()) == [("attn_out", 1), ("resid_pre", 0), ("resid_pre", 1)]
+            with tiny_vqa.trace(["resid_pre"], layers=iter([1])) as cache, torch.no_grad():
+                tiny_vqa.forward(prepared)
+            assert list(cache.keys()) == [("resid_pre", 1)]

@@ -8,6 +8,8 @@ registers itself with :func:`register_adapter`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -310,16 +312,36 @@ class ModelAdapter:
     # ------------------------------------------------------------------------- modules
     @property
     def layers(self) -> nn.ModuleList:
-        return self._get(self.layers_path)
+        resolved = self.__dict__.get("_resolved")
+        return resolved[0] if resolved is not None else self._get(self.layers_path)
+
+    @contextlib.contextmanager
+    def resolving(self) -> Iterator[None]:
+        """Inside the block the decoder-layer list and each layer are looked up once (hook registration
+        asks for each layer's modules many times; nothing swaps modules of the model inside the block)."""
+        if self.__dict__.get("_resolved") is not None:
+            yield
+            return
+        self._resolved = (self._get(self.layers_path), {})
+        try:
+            yield
+        finally:
+            self._resolved = None
 
     def layer(self, index: int) -> nn.Module:
+        resolved = self.__dict__.get("_resolved")
+        if resolved is not None and index in resolved[1]:
+            return resolved[1][index]
         layers = self.layers
         modules = layers._modules  # ModuleList keys its children "0", "1", ...: skips its Python indexing
         n = len(modules)
         if not -n <= index < n:
             self.check_layer(index)  # its error
         module = modules.get(str(index % n))
-        return layers[index] if module is None else module
+        module = layers[index] if module is None else module
+        if resolved is not None:
+            resolved[1][index] = module
+        return module
 
     def attn(self, index: int) -> nn.Module:
         return _child(self.layer(index), "self_attn")
@@ -436,6 +458,11 @@ class ModelAdapter:
         # a view (reshape, not Tensor.unflatten: its Python wrapper costs more than the rest of this call)
         return weight.T.reshape(self.n_heads, -1, weight.shape[0])
 
+    def W_O_all(self) -> torch.Tensor:
+        """``[n_layers, n_heads, head_dim, d_model]``: :meth:`W_O` of every layer, stacked (one copy)."""
+        weights = torch.stack([module_parameter(self.o_proj(layer), "weight") for layer in range(self.n_layers)])
+        return weights.transpose(1, 2).reshape(weights.shape[0], self.n_heads, -1, weights.shape[1])
+
     def b_O(self, layer: int) -> torch.Tensor | None:
         return module_parameter(self.o_proj(layer), "bias")
 
@@ -468,7 +495,7 @@ class ModelAdapter:
 
     # ------------------------------------------------------------------------ checks
     def check_layer(self, index: int) -> int:
-        n = len(self._get(self.layers_path)._modules)
+        n = len(self.layers._modules)
         if not -n <= index < n:
             raise IndexError(f"layer {index} is out of range: the model has {n} layers (0..{n - 1})")
         return index % n

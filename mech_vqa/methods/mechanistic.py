@@ -221,7 +221,7 @@ def head_vectors(capture: TargetCapture, out: torch.Tensor | None = None) -> tor
         # every layer's W_O fits in one chunk (a small model): all heads of all layers in one product,
         # [L*H, B, d] += [L*H, B, hd] @ [L*H, hd, d] (a view of ``out``, whose layer and head axes merge;
         # W_O stacked, a small copy)
-        W_O = torch.stack([adapter.W_O(layer) for layer in range(n_layers)]).float().flatten(0, 1)
+        W_O = adapter.W_O_all().float().flatten(0, 1)
         out.permute(1, 2, 0, 3).flatten(0, 1).baddbmm_(capture.z.float().permute(1, 2, 0, 3).flatten(0, 1), W_O)
         return out
     for layer in range(n_layers):
