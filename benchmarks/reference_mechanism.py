@@ -26,7 +26,8 @@ conversions and plots are left out (they would only slow the reference down).
 
 Timing: each path over interleaved rounds (machine load hits all alike): the median wall time, the
 median process CPU time (less disturbed by other processes on a shared machine) and the fastest
-wall time, on the tiny 3-layer model (``tiny_llava(seed=1, kv_heads=None, layers=3)``, the tests'
+wall time, and ``explain``'s time over the reference's within each round (median, middle half of the
+rounds, share of rounds at or under 1x: how much of a difference is the machine's), on the tiny 3-layer model (``tiny_llava(seed=1, kv_heads=None, layers=3)``, the tests'
 ``tiny_mha_vqa``) and on the mid-size model of ``common.py``, at the thread counts given (default 1
 and 2; the mid-size model gets a quarter of the rounds). ``explain`` is also timed inside
 ``VQAModel.keep_hooks()`` (on a copy of the model): its capture's hooks installed once, as the
@@ -197,7 +198,18 @@ def interleaved(fns: dict, repeats: int, warmup: int = 3) -> dict:
             wall[name].append(time.perf_counter() - start)
     return {"median wall": {k: statistics.median(v) for k, v in wall.items()},
             "median cpu": {k: statistics.median(v) for k, v in cpu.items()},
-            "min wall": {k: min(v) for k, v in wall.items()}}
+            "min wall": {k: min(v) for k, v in wall.items()},
+            "rounds": wall}
+
+
+def paired(rounds: dict, path: str, base: str) -> str:
+    """``path``'s wall time over ``base``'s in the same round, over all rounds: the median, the middle
+    half of the rounds and the share of rounds at or under 1 (how much of a difference is the machine's)."""
+    ratios = sorted(a / b for a, b in zip(rounds[path], rounds[base]))
+    quarter = len(ratios) // 4
+    at_most_one = sum(r <= 1 for r in ratios) / len(ratios)
+    return (f"median {statistics.median(ratios):.2f}x, middle half {ratios[quarter]:.2f}-{ratios[-quarter - 1]:.2f}x, "
+            f"{at_most_one:.0%} of rounds <= 1x")
 
 
 def tiny_vqa():
@@ -241,6 +253,7 @@ def run_model(name, vqa, image, thread_counts, repeats, captured_forward: bool) 
     for threads in thread_counts:
         torch.set_num_threads(threads)
         stats = interleaved(fns, repeats)
+        rounds = stats.pop("rounds")
         print(f"  {threads} thread(s), {repeats} interleaved rounds: median wall / median process CPU / min wall")
         for key in fns:
             print(f"    {key:24s} " + " / ".join(f"{stats[s][key] * 1e3:8.2f}" for s in stats) + " ms")
@@ -252,6 +265,9 @@ def run_model(name, vqa, image, thread_counts, repeats, captured_forward: bool) 
             if captured_forward:
                 line += f", captured/plain forward={times['captured forward'] / times['plain forward']:.2f}x"
             print(line)
+        for path in ("explain(heads='top')", "explain in keep_hooks"):
+            print(f"    RESULT {name} threads={threads} per round  : {path} / reference: "
+                  + paired(rounds, path, "reference (notebook)"))
         results[threads] = stats
     keeping.__exit__(None, None, None)
     return results
