@@ -157,8 +157,9 @@ def _normalise_positions(positions) -> torch.Tensor | None:
 _PLANS: dict = {}
 
 
-def _layer_plan(adapter: ModelAdapter, names: Sequence[str], layers) -> dict[int, set]:
-    """``{layer: names recorded there}`` from ``layers`` (all, a list, or ``{name: layers}``); read only."""
+def _layer_plan(adapter: ModelAdapter, names: Sequence[str], layers) -> dict[int, frozenset]:
+    """``{layer: names recorded there}`` from ``layers`` (all, a list, or ``{name: layers}``), shared
+    between calls: read only."""
     if isinstance(layers, Mapping):  # (each name's layers read twice below: an iterator would be spent)
         layers = {name: None if which is None else tuple(which) for name, which in layers.items()}
     elif layers is not None:
@@ -173,7 +174,7 @@ def _layer_plan(adapter: ModelAdapter, names: Sequence[str], layers) -> dict[int
     return plan
 
 
-def _new_layer_plan(adapter: ModelAdapter, names: Sequence[str], layers) -> dict[int, set]:
+def _new_layer_plan(adapter: ModelAdapter, names: Sequence[str], layers) -> dict[int, frozenset]:
     per_layer = [n for n in names if n in LAYER_NAMES]
     if isinstance(layers, Mapping):
         extra = [name for name in layers if name not in per_layer]
@@ -190,7 +191,7 @@ def _new_layer_plan(adapter: ModelAdapter, names: Sequence[str], layers) -> dict
             if not -n_layers <= layer < n_layers:
                 adapter.check_layer(layer)  # its error
             plan.setdefault(layer % n_layers, set()).add(name)
-    return dict(sorted(plan.items()))
+    return {layer: frozenset(wants) for layer, wants in sorted(plan.items())}
 
 
 @contextlib.contextmanager
@@ -443,7 +444,7 @@ def _whole_vision(adapter: ModelAdapter) -> bool:
     return adapter.projector is adapter.vision_tower
 
 
-def _register_layer(installed: _Installed, adapter: ModelAdapter, layer: int, wants: set,
+def _register_layer(installed: _Installed, adapter: ModelAdapter, layer: int, wants: frozenset,
                     shape: tuple[int, int, int], project_later: bool = False, whole: _Whole | None = None):
     """One hook per module and kind at most, each doing everything asked of that module, into the
     recording ``installed.current`` (:class:`_Recording`; None: the hook returns at once).
