@@ -153,6 +153,14 @@ def _normalise_positions(positions) -> torch.Tensor | None:
     return positions
 
 
+def _normalise_layers(layers):
+    """``layers`` (None, layers, or ``{name: layers or None}``) with every iterable read into a tuple: they
+    are read more than once (an iterator would be spent by the first read)."""
+    if isinstance(layers, Mapping):
+        return {name: None if which is None else tuple(which) for name, which in layers.items()}
+    return None if layers is None else tuple(layers)
+
+
 #: ``(names, layers key, n_layers) -> plan`` of :func:`_layer_plan` (a pure function of those; plans are read only)
 _PLANS: dict = {}
 
@@ -160,10 +168,7 @@ _PLANS: dict = {}
 def _layer_plan(adapter: ModelAdapter, names: Sequence[str], layers) -> dict[int, frozenset]:
     """``{layer: names recorded there}`` from ``layers`` (all, a list, or ``{name: layers}``), shared
     between calls: read only."""
-    if isinstance(layers, Mapping):  # (each name's layers read twice below: an iterator would be spent)
-        layers = {name: None if which is None else tuple(which) for name, which in layers.items()}
-    elif layers is not None:
-        layers = tuple(layers)
+    layers = _normalise_layers(layers)
     key = (tuple(names), _layers_key(layers), adapter.n_layers)
     plan = _PLANS.get(key)
     if plan is None:
@@ -219,10 +224,7 @@ def trace(
         interventions: edits applied during the same forward.
     """
     adapter = adapter or get_adapter(model)
-    if isinstance(layers, Mapping):  # read more than once below: an iterator would be spent
-        layers = {name: None if which is None else list(which) for name, which in layers.items()}
-    elif layers is not None:
-        layers = list(layers)
+    layers = _normalise_layers(layers)
     positions = _normalise_positions(positions)
     if positions is not None and positions.device != adapter.device:
         positions = positions.to(adapter.device)

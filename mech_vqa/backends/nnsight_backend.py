@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..capture import NAMES, ActivationCache, CaptureError, _layer_plan, _normalise_positions, _select
+from ..capture import NAMES, ActivationCache, CaptureError, _layer_plan, _normalise_layers, _normalise_positions, _select
 from ..hooks import preserved_state
 from ..interventions import AttentionEdit, Intervention, check_explicit_masks
 from . import nnsight_ops
@@ -241,8 +241,7 @@ class NNsightBackend(Backend):
         unknown = [n for n in names if n not in NAMES]
         if unknown:
             raise ValueError(f"unknown activation names {unknown}; choose from {NAMES}")
-        if layers is not None and not isinstance(layers, Mapping):
-            layers = list(layers)
+        layers = _normalise_layers(layers)
         plan = _layer_plan(adapter, names, layers)  # the hooks backend's reading of ``layers``
         if isinstance(layers, Mapping):
             layer_list = list(plan)
