@@ -337,7 +337,7 @@ _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def keep_hooks(model: nn.Module) -> Iterator[None]:
     """Inside this block, captures of ``model`` leave their hooks installed for the next capture with
     the same names, layers and options, which then only points them at its own cache: the set-up and
-    removal a capture pays per call (about 5 % of a 3-layer model's ``explain``) is paid once per kind.
+    removal a capture pays per call (3-6 % of a 3-layer model's ``explain``) is paid once per kind.
 
     Between captures the hooks idle (each returns at once). All are removed when the block ends,
     exceptions included. Hooks you add to the model inside the block run after kept capture hooks;
