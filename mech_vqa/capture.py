@@ -9,9 +9,11 @@ Only what is asked is recorded, optionally only at chosen positions and moved to
 context also applies :class:`~mech_vqa.interventions.Intervention` s (captures then see edited
 values). Hooks are removed on exit, exceptions included, and a capture of ``pattern`` (which switches
 to eager attention) puts the attention implementation, mode and ``requires_grad`` flags back
-(:func:`~mech_vqa.hooks.preserved_state`); no other capture touches them. Inside
-:func:`keep_hooks` a capture's hooks stay installed (idle) until the block ends, for the next capture
-of the same kind: a loop of calls on a small model pays the set-up once.
+(:func:`~mech_vqa.hooks.preserved_state`); no other capture touches them. A capture's set-up
+(module look-ups, a closure per hook) is kept with the adapter and used again by the next capture of
+the same kind after it has checked that the model still has those modules at those places; each call
+only puts the hooks on and takes them off. Inside :func:`keep_hooks` they even stay installed (idle)
+until the block ends.
 
 Activation names and shapes (``P`` = chosen query positions, ``S`` = full sequence):
 
@@ -50,7 +52,7 @@ from torch import nn
 from .adapters import ModelAdapter, get_adapter
 from .hooks import HookSet, preserved_state, without_grad
 from .interventions import Intervention, register_interventions
-from .tensor_parallel import TensorParallelLayout, gather_heads, layout_of
+from .tensor_parallel import TensorParallelLayout, gather_heads, is_tensor_parallel, layout_of
 
 LAYER_NAMES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "mlp_act",
                "deepstack")
@@ -234,15 +236,29 @@ def trace(
     # installs its own (edits must run before the captures that should see them).
     kept = _KEPT.get(model)
     key = None
-    if kept is not None and not interventions and "pattern" not in wants:
+    if not interventions and "pattern" not in wants:
         key = (tuple(names), _layers_key(layers), positions is None, detach, to_cpu)
-        installed = kept.get(key)
-        if installed is not None and installed.idle:  # asked and checked before: its plan holds
-            cache = ActivationCache(names, installed.layer_list, adapter)
-            with installed.recording(_Recording(_keeper(cache._store, detach, to_cpu), positions,
-                                                cache.pending if detach else None)):
-                yield cache
-            return
+        if kept is not None:
+            installed = kept.get(key)
+            if installed is not None and installed.idle:  # asked and checked before: its plan holds
+                cache = ActivationCache(names, installed.layer_list, adapter)
+                with installed.recording(_Recording(_keeper(cache._store, detach, to_cpu), positions,
+                                                    cache.pending if detach else None)):
+                    yield cache
+                return
+        else:
+            installed = _take_prepared(adapter, model, key)
+            if installed is not None:  # the same capture set up before, on the model as it still is
+                cache = ActivationCache(names, installed.layer_list, adapter)
+                installed.hooks.install()
+                try:
+                    with installed.recording(_Recording(_keeper(cache._store, detach, to_cpu), positions,
+                                                        cache.pending if detach else None)):
+                        yield cache
+                finally:
+                    installed.hooks.remove()
+                    _keep_prepared(adapter, key, installed)
+                return
     unknown = [n for n in names if n not in NAMES]
     if unknown:
         raise ValueError(f"unknown activation names {unknown}; choose from {NAMES}")
@@ -262,13 +278,15 @@ def trace(
             with adapter.resolving():
                 register_interventions(installed.hooks, adapter, interventions)
                 _register_captures(installed, model, adapter, names, plan, detach=detach, to_cpu=to_cpu)
-            if key is not None and key not in kept:
+            if key is not None and kept is not None and key not in kept:
                 kept[key], stored = installed, True
             with installed.recording(rec):
                 yield cache
         finally:
             if not stored:
                 installed.hooks.remove()
+                if key is not None and kept is None:
+                    _keep_prepared(adapter, key, installed, model)
 
 
 def _layers_key(layers) -> tuple | None:
@@ -309,12 +327,18 @@ def _keeper(store: dict, detach: bool, to_cpu: bool):
 
 
 class _Installed:
-    """A set of capture hooks and the recording they currently write to (None: they idle)."""
+    """A set of capture hooks and the recording they currently write to (None: they idle).
 
-    __slots__ = ("current", "hooks", "layer_list")
+    ``plain``: the (q, k, v) projections of the layers whose queries, keys and values are computed
+    from the attention input at the first read (:func:`_plain_projections`); ``stamp``: what
+    :func:`_take_prepared` checks before the set is used again (None until it is kept)."""
+
+    __slots__ = ("current", "hooks", "layer_list", "plain", "stamp")
 
     def __init__(self, layer_list: list[int]):
         self.hooks, self.current, self.layer_list = HookSet(), None, layer_list
+        self.plain: list[tuple[nn.Module, ...]] = []
+        self.stamp: _Stamp | None = None
 
     @property
     def idle(self) -> bool:
@@ -491,6 +515,8 @@ def _register_layer(installed: _Installed, adapter: ModelAdapter, layer: int, wa
     # are then computed from it when first read (the projection the model ran, on the same tensor),
     # which spares three hooks per layer and projects only the layers a method reads.
     projections = _plain_projections(adapter, layer) if project_later and (want_k or want_v) else None
+    if projections is not None:
+        installed.plain.append(projections)
     raw = {}
     if projections is None:
         if want_q:  # queries only at the chosen positions: selected before rotating (QK-norm is per vector)
@@ -576,16 +602,109 @@ def _plain_projections(adapter: ModelAdapter, layer: int) -> tuple[nn.Module, nn
     a quantised or adapter-wrapped layer, a hook that edits the output, or accelerate's dispatch hook,
     which may offload the weight after the forward: None, captured by hooks)."""
     modules = (adapter.q_proj(layer), adapter.k_proj(layer), adapter.v_proj(layer))
+    return modules if _all_plain(modules) else None
+
+
+def _all_plain(modules) -> bool:
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return None
+        return False
     for module in modules:
-        if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+        fields = module.__dict__
+        if type(module) is not nn.Linear or fields["_forward_hooks"] or fields["_forward_pre_hooks"]:
+            return False
+        # a forward replaced on the instance (tensor parallelism, a wrapper); accelerate's dispatch hook
+        # (weights may be offloaded again after the forward)
+        if "forward" in fields or "_hf_hook" in fields:
+            return False
+    return True
+
+
+# A capture's set-up (module look-ups, one closure per hook) is kept per adapter and kind of capture
+# (names, layers, options), and used again by the next capture of that kind once it has checked that
+# the model still has those modules at those places: a call then only puts the hooks into the modules'
+# hook dictionaries and takes them out again (hooks are never left on the model between calls).
+
+
+class _Stamp:
+    """The model as a kept capture set was made for: every hooked module's places, as ``(parent, name,
+    module)`` links up to the root, the decoder-layer list and its length, the text config."""
+
+    __slots__ = ("config", "layers", "links", "model", "n_layers", "plain")
+
+    def __init__(self, adapter: ModelAdapter, model: nn.Module, links: tuple, plain: list):
+        self.model, self.links, self.config = model, links, adapter.text_config
+        self.layers = adapter.layers
+        self.n_layers = len(self.layers._modules)
+        self.plain = tuple(module for modules in plain for module in modules)
+
+    def holds(self, adapter: ModelAdapter, model: nn.Module) -> bool:
+        if model is not self.model or len(self.layers._modules) != self.n_layers or \
+                adapter.text_config is not self.config:
+            return False
+        for parent, name, module in self.links:
+            if parent._modules.get(name) is not module:  # swapped, deleted or moved since
+                return False
+        # what made the set compute q / k / v from the attention input must still hold
+        return _all_plain(self.plain) and not is_tensor_parallel(model)
+
+
+#: kept capture sets per adapter (and so per model), at most this many kinds each
+_MAX_KEPT_KINDS = 32
+
+
+def _take_prepared(adapter: ModelAdapter, model: nn.Module, key) -> _Installed | None:
+    """The capture set kept for ``key`` (taken out: a capture running meanwhile sets up its own), or
+    None when there is none or the model changed since (it is then dropped)."""
+    kept = adapter.__dict__.get("_capture_sets")
+    installed = kept.pop(key, None) if kept else None
+    if installed is None or not installed.stamp.holds(adapter, model):
+        return None
+    return installed
+
+
+def _keep_prepared(adapter: ModelAdapter, key, installed: _Installed, model: nn.Module | None = None) -> None:
+    """Keep ``installed`` (its hooks removed) for the next capture of the same kind on this adapter."""
+    if installed.stamp is None:
+        if model is None or is_tensor_parallel(model):
+            return
+        links = _links_to(model, [module for module, _, _ in installed.hooks.entries])
+        if links is None:
+            return
+        installed.stamp = _Stamp(adapter, model, links, installed.plain)
+    kept = adapter.__dict__.setdefault("_capture_sets", {})
+    if len(kept) >= _MAX_KEPT_KINDS and key not in kept:
+        kept.clear()
+    kept.setdefault(key, installed)
+
+
+def _links_to(model: nn.Module, modules: list[nn.Module]) -> tuple | None:
+    """``(parent, name, child)`` for every link from ``model`` down to each of ``modules`` (all of a
+    module's places where it has several), or None when one of them is not a submodule of ``model``."""
+    parents: dict[int, list[tuple[nn.Module, str]]] = {}
+    pending, seen = [model], {id(model)}
+    while pending:
+        module = pending.pop()
+        for name, child in module._modules.items():
+            if child is None:
+                continue
+            parents.setdefault(id(child), []).append((module, name))
+            if id(child) not in seen:
+                seen.add(id(child))
+                pending.append(child)
+    links: dict[tuple[int, str], tuple] = {}
+    pending, seen = list(modules), set()
+    while pending:
+        module = pending.pop()
+        if module is model or id(module) in seen:
+            continue
+        seen.add(id(module))
+        places = parents.get(id(module))
+        if not places:
             return None
-        if "forward" in module.__dict__:  # a forward replaced on the instance (tensor parallelism, a wrapper)
-            return None
-        if "_hf_hook" in module.__dict__:  # accelerate's dispatch: weights may be offloaded again after the forward
-            return None
-    return modules
+        for parent, name in places:
+            links[id(parent), name] = (parent, name, module)
+            pending.append(parent)
+    return tuple(links.values())
 
 
 class _Projections:
@@ -747,21 +866,27 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
             k = k[:, :, [h // group for h in heads]].float()
         scores = torch.matmul(q.float().transpose(1, 2), k.permute(0, 2, 3, 1)).mul_(scaling)  # [B, H, P, S]
     seq = k.shape[1]
-    if query_positions.device != scores.device:
-        query_positions = query_positions.to(scores.device)
-    if query_positions.dim() == 1:
-        query_positions = query_positions.unsqueeze(0).expand(batch, -1)
-    keys = torch.arange(seq, device=scores.device)
-    query_column = query_positions.unsqueeze(-1)  # [B, P, 1]
-    blocked = keys > query_column  # [B, P, S]: causal
-    if blocks is not None:
-        blocks = blocks.to(scores.device)
-        blocks = blocks.unsqueeze(0).expand(batch, -1) if blocks.dim() == 1 else blocks
-        query_block = blocks.gather(1, query_positions)  # [B, P]
-        blocked &= (query_block.unsqueeze(-1) != blocks.unsqueeze(1)) | (query_block < 0).unsqueeze(-1)
-    if any(w is not None for w in windows):
-        width = torch.tensor([w if w is not None else seq + 1 for w in windows], device=scores.device)
-        blocked |= keys <= (query_positions - width.view(-1, 1)).unsqueeze(-1)
+    blocked = None  # [B, P, S]
+    windowed = any(w is not None for w in windows)
+    # queries at the last position see every key: no causal mask to build (the usual explained token)
+    if windowed or blocks is not None or any(p != seq - 1 for p in query_positions.flatten().tolist()):
+        if query_positions.device != scores.device:
+            query_positions = query_positions.to(scores.device)
+        if query_positions.dim() == 1:
+            query_positions = query_positions.unsqueeze(0).expand(batch, -1)
+        keys = torch.arange(seq, device=scores.device)
+        blocked = keys > query_positions.unsqueeze(-1)  # causal
+        if blocks is not None:
+            blocks = blocks.to(scores.device)
+            blocks = blocks.unsqueeze(0).expand(batch, -1) if blocks.dim() == 1 else blocks
+            query_block = blocks.gather(1, query_positions)  # [B, P]
+            blocked &= (query_block.unsqueeze(-1) != blocks.unsqueeze(1)) | (query_block < 0).unsqueeze(-1)
+        if windowed:
+            width = torch.tensor([w if w is not None else seq + 1 for w in windows], device=scores.device)
+            blocked |= keys <= (query_positions - width.view(-1, 1)).unsqueeze(-1)
     if key_mask is not None:
-        blocked |= (key_mask.to(scores.device) == 0).unsqueeze(1)
-    return scores.masked_fill_(blocked.unsqueeze(1), float("-inf")).softmax(dim=-1)
+        padding = (key_mask.to(scores.device) == 0).unsqueeze(1)  # [B, 1, S]
+        blocked = padding if blocked is None else blocked | padding
+    if blocked is not None:
+        scores = scores.masked_fill_(blocked.unsqueeze(1), float("-inf"))
+    return scores.softmax(dim=-1)

@@ -41,28 +41,41 @@ class HookSet:
 
     def __init__(self):
         self.handles: list = []  # (hooks dict, with-kwargs dict, id) or torch's RemovableHandle
+        self.entries: list = []  # (module, "pre" or "post", fn) of every hook added, in order: see install()
 
-    def _add(self, module: nn.Module, hooks_name: str, kwargs_name: str, fn: Callable) -> bool:
+    def _add(self, module: nn.Module, kind: str, fn: Callable) -> None:
         fields = module.__dict__
-        hooks, with_kwargs = fields.get(hooks_name), fields.get(kwargs_name)
+        if kind == "pre":
+            hooks, with_kwargs = fields.get("_forward_pre_hooks"), fields.get("_forward_pre_hooks_with_kwargs")
+        else:
+            hooks, with_kwargs = fields.get("_forward_hooks"), fields.get("_forward_hooks_with_kwargs")
         if hooks is None or with_kwargs is None:
-            return False
+            register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+            self.handles.append(register(fn, with_kwargs=True))
+            return
         hook_id = RemovableHandle.next_id
         RemovableHandle.next_id += 1
         hooks[hook_id] = fn
         with_kwargs[hook_id] = True
         self.handles.append((hooks, with_kwargs, hook_id))
-        return True
 
     def pre(self, module: nn.Module, fn: Callable) -> None:
         """``fn(module, args, kwargs) -> None | (args, kwargs)``."""
-        if not self._add(module, "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", fn):
-            self.handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        self._add(module, "pre", fn)
+        self.entries.append((module, "pre", fn))
 
     def post(self, module: nn.Module, fn: Callable) -> None:
         """``fn(module, args, kwargs, output) -> None | output``."""
-        if not self._add(module, "_forward_hooks", "_forward_hooks_with_kwargs", fn):
-            self.handles.append(module.register_forward_hook(fn, with_kwargs=True))
+        self._add(module, "post", fn)
+        self.entries.append((module, "post", fn))
+
+    def install(self) -> None:
+        """Put every hook added so far back on its module after :meth:`remove`, in the same order and
+        under new ids (so, like a new registration, after hooks others added meanwhile)."""
+        if self.handles:
+            raise RuntimeError("this HookSet's hooks are still installed; remove() them first")
+        for module, kind, fn in self.entries:
+            self._add(module, kind, fn)
 
     def remove(self) -> None:
         while self.handles:

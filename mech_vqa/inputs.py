@@ -86,7 +86,7 @@ class PreparedInput:
 
     def model_inputs(self, device=None, dtype=None) -> dict:
         """The keyword arguments for the HF forward."""
-        pixel = check_pixels(self.pixel_values)  # also after an in-place edit
+        pixel = self._checked_pixels()
         if dtype is not None and pixel.dtype != dtype:
             pixel = pixel.to(dtype)
         out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": pixel, **self.extra}
@@ -95,6 +95,18 @@ class PreparedInput:
         device = torch.device(device)
         # (a move to the device a tensor is on is a no-op that still costs a dispatch per tensor and call)
         return {k: v.to(device) if torch.is_tensor(v) and v.device != device else v for k, v in out.items()}
+
+    def _checked_pixels(self) -> torch.Tensor:
+        """``pixel_values``, checked (:func:`check_pixels`) once per tensor and version: again after an
+        in-place edit or a new tensor, not on every forward of the same one."""
+        pixel = self.pixel_values
+        version = None if not torch.is_tensor(pixel) or pixel.is_inference() else pixel._version
+        checked = self.__dict__.get("_pixels_checked")
+        if version is None or checked is None or checked[0] is not pixel or checked[1] != version:
+            check_pixels(pixel)
+            if version is not None:
+                self.__dict__["_pixels_checked"] = (pixel, version)
+        return pixel
 
     def check_position(self, position: int) -> int:
         if not -self.seq_len <= position < self.seq_len:

@@ -245,6 +245,90 @@ def test_keep_hooks_nested_edited_and_failing_captures(tiny_vqa, prepared):
     assert not torch.equal(edited["attn_out", 1], plain["attn_out", 1])
 
 
+# ----------------------------------------------------------------- capture sets kept between calls
+def _own_copy(vqa):
+    """A model of its own, for a test that edits the model."""
+    import copy
+
+    from mech_vqa import VQAModel
+
+    return VQAModel(copy.deepcopy(vqa.model), vqa.processor, name=vqa.name)
+
+
+def _fresh(vqa, names, inp, **kwargs):
+    """The same capture set up from scratch (a new adapter keeps nothing)."""
+    from mech_vqa.capture import trace
+
+    with trace(vqa.model, None, names, **kwargs) as cache, torch.no_grad():
+        vqa.forward(inp)
+    return cache
+
+
+@torch.no_grad()
+def test_a_capture_set_up_once_is_used_again_without_leaving_hooks(tiny_mha_vqa, image):
+    vqa, model = tiny_mha_vqa, tiny_mha_vqa.model
+    inp = vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
+    vqa.logits(inp)
+    before = hook_snapshot(model)
+    names = ["resid_pre", "attn_out", "z", "q", "k", "v"]
+    kept = []
+    for _ in range(2):
+        with vqa.trace(names, positions=[4]) as cache:
+            assert hook_snapshot(model) != before  # installed for the call ...
+            vqa.forward(inp)
+        assert hook_snapshot(model) == before  # ... and only for the call
+        kept.append([s for key, s in vqa.adapter._capture_sets.items() if key[0] == tuple(names)])
+        for layer in range(vqa.adapter.n_layers):
+            for name in names:
+                assert torch.equal(cache[name, layer], _fresh(vqa, names, inp, positions=[4])[name, layer])
+    assert len(kept[0]) == 1 and kept[1][0] is kept[0][0]  # the second call used the first call's set
+
+
+@torch.no_grad()
+def test_a_kept_capture_set_follows_swapped_modules_new_hooks_and_changed_layers(tiny_mha_vqa, image):
+    """A kept set is used again only on the model it was made for: a swapped module, a hook that edits
+    a projection (q / k / v are then captured by hooks, not recomputed), a removed or added layer sets up anew."""
+    vqa = _own_copy(tiny_mha_vqa)
+    a = vqa.adapter
+    inp = vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
+    names = ["resid_pre", "attn_out", "z", "k"]
+
+    def captured():
+        with vqa.trace(names) as cache:
+            vqa.forward(inp)
+        return cache
+
+    def assert_as_fresh(cache):
+        fresh = _fresh(vqa, names, inp)
+        assert sorted(cache.keys()) == sorted(fresh.keys())
+        for key in fresh.keys():
+            assert torch.equal(cache[key], fresh[key]), key
+
+    captured()  # kept
+    swapped = torch.nn.Linear(a.o_proj(1).in_features, a.o_proj(1).out_features, bias=False)
+    torch.nn.init.normal_(swapped.weight)
+    a.attn(1).o_proj = swapped
+    cache = captured()
+    assert_as_fresh(cache)
+    torch.testing.assert_close(swapped(cache["z", 1].flatten(-2)), cache["attn_out", 1])
+
+    handle = a.k_proj(0).register_forward_hook(lambda module, args, out: out * 2)
+    try:
+        assert_as_fresh(captured())
+    finally:
+        handle.remove()
+
+    removed = a.layer(2)
+    del a.layers[2]
+    cache = captured()
+    assert_as_fresh(cache)
+    assert {layer for _, layer in cache.keys()} == {0, 1}
+    a.layers.append(removed)  # a layer added: the set made for two layers no longer holds
+    cache = captured()
+    assert_as_fresh(cache)
+    assert {layer for _, layer in cache.keys()} == {0, 1, 2}
+
+
 def test_hookset_hooks_run_with_kwargs_in_order_and_leave_nothing_behind():
     """HookSet writes its hooks into the module's own dictionaries (no handle objects): they run with the
     call's kwargs, in registration order among torch's own hooks, under ids torch's handles never reuse,
@@ -269,6 +353,18 @@ def test_hookset_hooks_run_with_kwargs_in_order_and_leave_nothing_behind():
     seen.clear()
     module(torch.ones(1, 2))
     assert seen == ["torch, earlier"]
+    # put back after removal: the same hooks, in order, after those registered meanwhile, under new ids
+    meanwhile = module.register_forward_hook(lambda m, args, out: seen.append("torch, meanwhile"))
+    hooks.install()
+    with pytest.raises(RuntimeError, match="still installed"):
+        hooks.install()
+    seen.clear()
+    module(input=torch.ones(1, 2))
+    assert seen == [("pre", ["input"]), "torch, earlier", "torch, meanwhile", ("post", ["input"], (1, 2))]
+    assert max(module._forward_hooks) > meanwhile.id
+    hooks.remove()
+    meanwhile.remove()
+    assert {name: dict(getattr(module, name)) for name in dictionaries} == before
 
 
 def test_layers_given_as_iterators_are_read_once(tiny_vqa, prepared):

@@ -34,6 +34,12 @@ def test_nan_pixels_are_named_at_creation_and_after_an_in_place_edit(tiny_vqa, p
         explain(tiny_vqa, edited, edited.target(3), progress=False)
     with left_as_found(tiny_vqa), pytest.raises(ValueError, match="1 NaN or infinite"):
         igos(tiny_vqa, edited, tokens=[3], iterations=1, n_steps=1, mask_size=2, progress=False)
+    # pixels are checked once per tensor and version: an edit after a clean run is still caught
+    clean = dataclasses.replace(prepared, pixel_values=prepared.pixel_values.clone())
+    explain(tiny_vqa, clean, clean.target(3), progress=False)
+    clean.pixel_values[0, 0, 1, 1] = float("nan")
+    with left_as_found(tiny_vqa), pytest.raises(ValueError, match="1 NaN or infinite"):
+        explain(tiny_vqa, clean, clean.target(3), progress=False)
 
 
 def test_box_outside_the_image_is_an_error_in_explain_and_compare(tiny_vqa, prepared):

@@ -175,12 +175,15 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
     """
     adapter = vqa.adapter
     items, targets, offsets = _targets(vqa, inp, target)
-    positions = torch.tensor([t.position for t in targets]) + offsets  # batch coordinates
+    rows = [t.position + offset for t, offset in zip(targets, offsets.tolist())]  # batch coordinates
+    positions = torch.tensor(rows)
     layers = range(adapter.n_layers)
     kv = list(layers) if kv_layers == "all" else sorted({adapter.check_layer(int(x)) for x in (kv_layers or [])})
-    # logits only at each row's t: the model's own log p(y | t) comes out of the same forward
+    # logits only at each row's t: the model's own log p(y | t) comes out of the same forward (where
+    # every t is the last position, HF's own "last n" slice; else an index per row)
+    last = all(row == inp.input_ids.shape[1] - 1 for row in rows)
     with target_trace(vqa, positions, kv, mlp_act=mlp_act) as cache, vqa.backend.read_only():
-        logits = vqa.forward(inp, logits_to_keep=positions.view(-1, 1).to(vqa.device)).logits[:, 0]
+        logits = vqa.forward(inp, logits_to_keep=1 if last else positions.view(-1, 1).to(vqa.device)).logits[:, 0]
 
     def stacked(name):  # [B, L, ...] at t: each layer's capture is [B, 1, ...]
         return torch.cat([cache[name, layer] for layer in layers], dim=1)
@@ -275,12 +278,13 @@ def _layer_and_head_results(lp: torch.Tensor, model_logprob: torch.Tensor, metas
     # results hold ordinary tensors also when the scores were made in inference mode (differences and
     # copies made outside it are ordinary; views of its tensors would not be)
     with torch.inference_mode(False):
-        base, attn, mlp = lp[:, :n_layers], lp[:, n_layers:2 * n_layers], lp[:, 2 * n_layers:3 * n_layers]
-        heads = (lp[:, 3 * n_layers:-1].view(-1, n_layers, n_heads) - base.unsqueeze(2)).cpu()
-        attn_increase, mlp_increase, base = (attn - base).cpu(), (mlp - attn).cpu(), base.cpu().clone()
+        stages = lp[:, :3 * n_layers].view(-1, 3, n_layers)  # [B, (x, x + a, x + a + m), L]
+        increases = stages.diff(dim=1).cpu()  # [B, (attention, MLP), L]
+        heads = (lp[:, 3 * n_layers:-1].view(-1, n_layers, n_heads) - stages[:, 0].unsqueeze(2)).cpu()
+        base = stages[:, 0].cpu().clone()
     final, model_logprob = lp[:, -1].tolist(), model_logprob.tolist()
     for row, meta in enumerate(metas):
-        layer_results.append(LayerIncrease(attention=attn_increase[row], mlp=mlp_increase[row], base=base[row],
+        layer_results.append(LayerIncrease(attention=increases[row, 0], mlp=increases[row, 1], base=base[row],
                                            final_logprob=final[row], model_logprob=model_logprob[row], **meta))
         head_results.append(HeadIncrease(scores=heads[row], **meta))
     return layer_results, head_results
@@ -372,7 +376,7 @@ def _head_positions(item: PreparedInput, row_heads, scores: torch.Tensor, attent
                     meta: dict) -> HeadPositions:
     """One row's result from its increases and attention ``[n_heads, S]`` (the row's own coordinates)."""
     geometry = item.geometry
-    image_scores = geometry.to_grid(scores[:, geometry.positions])
+    image_scores = geometry.to_grid(scores.index_select(1, geometry.positions))
     return HeadPositions(
         scores=scores, image_scores=image_scores, attention=attention, heads=[list(h) for h in row_heads],
         str_tokens=list(item.str_tokens), image_positions=geometry.positions.tolist(),
