@@ -52,7 +52,12 @@ from torch import nn
 from .adapters import ModelAdapter, get_adapter
 from .hooks import HookSet, preserved_state, without_grad
 from .interventions import Intervention, register_interventions
-from .tensor_parallel import TensorParallelLayout, gather_heads, is_tensor_parallel, layout_of
+from .tensor_parallel import (
+    TensorParallelLayout,
+    gather_heads,
+    is_tensor_parallel,
+    layout_of,
+)
 
 LAYER_NAMES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "mlp_act",
                "deepstack")
