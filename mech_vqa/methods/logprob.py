@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import ModelAdapter
 from ..adapters.base import module_parameter
+from ..backends.nnsight_ops import use_direct_route
 from ..hooks import without_grad
 
 #: Default size, in float32 elements, of one chunk of logits ``[B, N, chunk]`` (2 MiB): small enough
@@ -273,8 +274,17 @@ class FrozenNormScorer:
 
         Returns ``(lp [B, N], lp_base [B])``; ``lp_base = lp(base)`` goes through the same arithmetic,
         so a zero coefficient row gives an increase of exactly 0.
+
+        Where scoring the vectors themselves costs hardly more (a small model:
+        :func:`~mech_vqa.backends.nnsight_ops.use_direct_route`), they are scored directly
+        (:meth:`log_prob` of ``base`` and each ``base + coefficients_n @ basis``): fewer, larger steps.
         """
         batch, n, rank = coefficients.shape
+        if use_direct_route(batch, n, rank, basis.shape[-1], self.adapter.vocab_size):
+            vectors = torch.cat([base.unsqueeze(1).float(), base.unsqueeze(1).float()
+                                 + coefficients.float() @ basis.float()], dim=1)  # [B, 1 + N, d]
+            lp = self.log_prob(vectors, overwrite=True)
+            return lp[:, 1:], lp[:, 0]
         base_normed = self.frozen_norm(base)  # [B, d]
         device = base_normed.device
         coefficients = coefficients.float()

@@ -309,8 +309,14 @@ class LayerNormAdapter:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("route", ["direct", "linear"])
 @pytest.mark.parametrize("chunk_elements", [1 << 20, 7])
-def test_scorer_layer_norm_bias_and_linearity(chunk_elements):
+def test_scorer_layer_norm_bias_and_linearity(chunk_elements, route, monkeypatch):
+    from mech_vqa.backends import nnsight_ops
+
+    if route == "linear":  # what larger models take: the basis through the unembedding
+        monkeypatch.setattr(nnsight_ops, "DIRECT_SLACK", -(1 << 40))
+    assert nnsight_ops.use_direct_route(2, 4, 3, 12, 50) == (route == "direct")
     a = LayerNormAdapter()
     final = torch.randn(2, a.d_model) * 3 + 1
     targets = [4, 41]
@@ -333,6 +339,8 @@ def test_scorer_layer_norm_bias_and_linearity(chunk_elements):
     lp, lp_base = scorer.log_prob_in_basis(base, coefficients, basis)
     torch.testing.assert_close(lp, scorer.log_prob(base.unsqueeze(1) + coefficients @ basis), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lp_base, scorer.log_prob(base.unsqueeze(1))[:, 0], rtol=1e-5, atol=1e-5)
+    zero = scorer.log_prob_in_basis(base, torch.zeros(2, 1, 3), basis)  # no contribution: exactly no increase
+    assert torch.equal(zero[0][:, 0], zero[1])
     directions, scale = torch.randn(a.d_model, 6), torch.randn(2, 6)
     lp, _ = scorer.log_prob_along_columns(base, scale, directions)
     dense = base.unsqueeze(1) + scale.unsqueeze(2) * directions.T.unsqueeze(0)
