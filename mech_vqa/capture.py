@@ -150,6 +150,8 @@ def _split_heads(x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
 def _normalise_positions(positions) -> torch.Tensor | None:
     if positions is None:
         return None
+    if type(positions) is torch.Tensor and positions.dtype == torch.long and positions.dim() == 1:
+        return positions  # (as every method passes them: the checks below would change nothing)
     positions = torch.as_tensor(positions, dtype=torch.long)
     if positions.dim() == 0:
         positions = positions.view(1)
@@ -256,11 +258,12 @@ def trace(
             if installed is not None:  # the same capture set up before, on the model as it still is
                 cache = ActivationCache(names, installed.layer_list, adapter)
                 installed.hooks.install()
+                installed.current = _Recording(_keeper(cache._store, detach, to_cpu), positions,
+                                               cache.pending if detach else None)
                 try:
-                    with installed.recording(_Recording(_keeper(cache._store, detach, to_cpu), positions,
-                                                        cache.pending if detach else None)):
-                        yield cache
+                    yield cache
                 finally:
+                    installed.current = None
                     installed.hooks.remove()
                     _keep_prepared(adapter, key, installed)
                 return

@@ -158,7 +158,7 @@ def target_trace(vqa, positions: torch.Tensor, kv_layers: list[int], mlp_act: bo
     trace: one set-up, at most one hook per module and kind."""
     names = [n for n in CAPTURED if mlp_act or n != "mlp_act"] + (["k", "v"] if kv_layers else [])
     layers = {"resid_post": [vqa.adapter.n_layers - 1]} | ({"k": kv_layers, "v": kv_layers} if kv_layers else {})
-    return vqa.trace(names, layers=layers, positions=positions.view(-1, 1))
+    return vqa.trace(names, layers=layers, positions=positions if positions.numel() == 1 else positions.view(-1, 1))
 
 
 @without_grad
