@@ -368,8 +368,9 @@ _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 @contextlib.contextmanager
 def keep_hooks(model: nn.Module) -> Iterator[None]:
     """Inside this block, captures of ``model`` leave their hooks installed for the next capture with
-    the same names, layers and options, which then only points them at its own cache: the set-up and
-    removal a capture pays per call (3-6 % of a 3-layer model's ``explain``) is paid once per kind.
+    the same names, layers and options, which then only points them at its own cache: what a capture
+    pays per call even with its set-up kept (putting its hooks on and off, checking the model; 2-3 % of a
+    3-layer model's ``explain``) is paid once per kind.
 
     Between captures the hooks idle (each returns at once). All are removed when the block ends,
     exceptions included. Hooks you add to the model inside the block run after kept capture hooks;
@@ -671,9 +672,18 @@ def _take_prepared(adapter: ModelAdapter, model: nn.Module, key) -> _Installed |
 
 
 def _keep_prepared(adapter: ModelAdapter, key, installed: _Installed, model: nn.Module | None = None) -> None:
-    """Keep ``installed`` (its hooks removed) for the next capture of the same kind on this adapter."""
+    """Keep ``installed`` (its hooks removed) for the next capture of the same kind on this adapter.
+
+    A new set is kept from the second capture of its kind on: stamping it walks the model once, which
+    a capture asked for only once (a sweep over changing layers, say) should not pay."""
     if installed.stamp is None:
         if model is None or is_tensor_parallel(model):
+            return
+        seen = adapter.__dict__.setdefault("_capture_kinds_seen", set())
+        if key not in seen:
+            if len(seen) >= 4 * _MAX_KEPT_KINDS:
+                seen.clear()
+            seen.add(key)
             return
         links = _links_to(model, [module for module, _, _ in installed.hooks.entries])
         if links is None:

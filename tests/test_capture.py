@@ -272,23 +272,27 @@ def _fresh(vqa, names, inp, **kwargs):
 
 
 @torch.no_grad()
-def test_a_capture_set_up_once_is_used_again_without_leaving_hooks(tiny_mha_vqa, image):
-    vqa, model = tiny_mha_vqa, tiny_mha_vqa.model
+def test_a_capture_set_up_twice_is_kept_and_used_again_without_leaving_hooks(tiny_mha_vqa, image):
+    """A capture asked for a second time keeps its set-up (a capture asked for once does not pay for
+    keeping it); the third uses it: same numbers, and the hooks are on the model only during each call."""
+    vqa = _own_copy(tiny_mha_vqa)
+    model = vqa.model
     inp = vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
     vqa.logits(inp)
     before = hook_snapshot(model)
     names = ["resid_pre", "attn_out", "z", "q", "k", "v"]
+    fresh = _fresh(vqa, names, inp, positions=[4])
     kept = []
-    for _ in range(2):
+    for _ in range(3):
         with vqa.trace(names, positions=[4]) as cache:
             assert hook_snapshot(model) != before  # installed for the call ...
             vqa.forward(inp)
         assert hook_snapshot(model) == before  # ... and only for the call
-        kept.append([s for key, s in vqa.adapter._capture_sets.items() if key[0] == tuple(names)])
+        kept.append(list(vqa.adapter.__dict__.get("_capture_sets", {}).values()))
         for layer in range(vqa.adapter.n_layers):
             for name in names:
-                assert torch.equal(cache[name, layer], _fresh(vqa, names, inp, positions=[4])[name, layer])
-    assert len(kept[0]) == 1 and kept[1][0] is kept[0][0]  # the second call used the first call's set
+                assert torch.equal(cache[name, layer], fresh[name, layer])
+    assert kept[0] == [] and len(kept[1]) == 1 and kept[2][0] is kept[1][0]
 
 
 @torch.no_grad()
@@ -311,7 +315,7 @@ def test_a_kept_capture_set_follows_swapped_modules_new_hooks_and_changed_layers
         for key in sorted(fresh.keys()):
             assert torch.equal(cache[key], fresh[key]), key
 
-    captured()  # kept
+    captured(), captured()  # kept from the second call on
     swapped = torch.nn.Linear(a.o_proj(1).in_features, a.o_proj(1).out_features, bias=False)
     torch.nn.init.normal_(swapped.weight)
     a.attn(1).o_proj = swapped
