@@ -258,12 +258,11 @@ def trace(
             if installed is not None:  # the same capture set up before, on the model as it still is
                 cache = ActivationCache(names, installed.layer_list, adapter)
                 installed.hooks.install()
-                installed.current = _Recording(_keeper(cache._store, detach, to_cpu), positions,
-                                               cache.pending if detach else None)
                 try:
-                    yield cache
+                    with installed.recording(_Recording(_keeper(cache._store, detach, to_cpu), positions,
+                                                        cache.pending if detach else None)):
+                        yield cache
                 finally:
-                    installed.current = None
                     installed.hooks.remove()
                     _keep_prepared(adapter, key, installed)
                 return
@@ -277,7 +276,7 @@ def trace(
         layer_list = [adapter.check_layer(i) for i in (range(adapter.n_layers) if layers is None else layers)]
     cache = ActivationCache(names, layer_list, adapter)
     rec = _Recording(_keeper(cache._store, detach, to_cpu), positions, cache.pending if detach else None)
-    installed, stored = _Installed(layer_list), False
+    installed, stored, registered = _Installed(layer_list), False, False
     # A capture changes nothing of the model but its hooks, and its attention implementation when it
     # needs the weights: only then does it pay for the full state guard (a walk over every module and
     # parameter), else the hooks' removal below is all there is to put back.
@@ -286,6 +285,7 @@ def trace(
             with adapter.resolving():
                 register_interventions(installed.hooks, adapter, interventions)
                 _register_captures(installed, model, adapter, names, plan, detach=detach, to_cpu=to_cpu)
+            registered = True
             if key is not None and kept is not None and key not in kept:
                 kept[key], stored = installed, True
             with installed.recording(rec):
@@ -293,7 +293,7 @@ def trace(
         finally:
             if not stored:
                 installed.hooks.remove()
-                if key is not None and kept is None:
+                if key is not None and kept is None and registered:  # (never a set left half made by an error)
                     _keep_prepared(adapter, key, installed, model)
 
 

@@ -340,6 +340,33 @@ def test_a_kept_capture_set_follows_swapped_modules_new_hooks_and_changed_layers
     assert {layer for _, layer in sorted(cache.keys())} == {0, 1, 2}
 
 
+@torch.no_grad()
+def test_a_capture_set_up_that_failed_halfway_is_not_kept(tiny_mha_vqa, image, monkeypatch):
+    """An error while the hooks are being set up leaves nothing on the model and nothing kept: the next
+    capture of that kind records every layer."""
+    from mech_vqa import capture
+
+    vqa = _own_copy(tiny_mha_vqa)
+    inp = vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
+    before = hook_snapshot(vqa.model)
+    register_layer = capture._register_layer
+
+    def failing_at_layer_1(installed, adapter, layer, *args, **kwargs):
+        if layer == 1:
+            raise RuntimeError("set-up failed")
+        return register_layer(installed, adapter, layer, *args, **kwargs)
+
+    monkeypatch.setattr(capture, "_register_layer", failing_at_layer_1)
+    for _ in range(2):  # a second failure would be the capture's second call of its kind
+        with pytest.raises(RuntimeError, match="set-up failed"), vqa.trace(["resid_pre"]):
+            pass
+        assert hook_snapshot(vqa.model) == before
+    monkeypatch.setattr(capture, "_register_layer", register_layer)
+    with vqa.trace(["resid_pre"]) as cache:
+        vqa.forward(inp)
+    assert sorted(cache.keys()) == [("resid_pre", layer) for layer in range(vqa.adapter.n_layers)]
+
+
 def test_hookset_hooks_run_with_kwargs_in_order_and_leave_nothing_behind():
     """HookSet writes its hooks into the module's own dictionaries (no handle objects): they run with the
     call's kwargs, in registration order among torch's own hooks, under ids torch's handles never reuse,

@@ -179,8 +179,8 @@ class FrozenNorm:
         """``lp(base_b + coefficients_bn @ basis)`` ``[B, N]`` and ``lp(base)`` ``[B]`` (linear in the basis)."""
         batch, n, rank = coefficients.shape
         if use_direct_route(batch, n, rank, basis.shape[-1], self.W_U.shape[0]):  # as the hooks backend
-            vectors = torch.cat([base.unsqueeze(1).float(), base.unsqueeze(1).float()
-                                 + coefficients.float() @ basis.float()], dim=1)
+            row = base.unsqueeze(1).float()
+            vectors = torch.cat([row, row + coefficients.float() @ basis.float()], dim=1)
             lp = self.log_prob(vectors)
             return lp[:, 1:], lp[:, 0]
         base_normed = self.norm(base)

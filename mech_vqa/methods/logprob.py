@@ -281,8 +281,8 @@ class FrozenNormScorer:
         """
         batch, n, rank = coefficients.shape
         if use_direct_route(batch, n, rank, basis.shape[-1], self.adapter.vocab_size):
-            vectors = torch.cat([base.unsqueeze(1).float(), base.unsqueeze(1).float()
-                                 + coefficients.float() @ basis.float()], dim=1)  # [B, 1 + N, d]
+            row = base.unsqueeze(1).float()
+            vectors = torch.cat([row, row + coefficients.float() @ basis.float()], dim=1)  # [B, 1 + N, d]
             lp = self.log_prob(vectors, overwrite=True)
             return lp[:, 1:], lp[:, 0]
         base_normed = self.frozen_norm(base)  # [B, d]
