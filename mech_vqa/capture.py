@@ -50,7 +50,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import ModelAdapter, get_adapter
-from .hooks import HookSet, preserved_state, without_grad
+from .hooks import (
+    HookSet,
+    preserved_state,
+    tap_config,
+    tapping,
+    untapping,
+    without_grad,
+)
 from .interventions import Intervention, register_interventions
 from .tensor_parallel import (
     TensorParallelLayout,
@@ -310,10 +317,11 @@ class _Recording:
     """What one capture's hooks write to: ``keep(key, tensor)`` (into that capture's cache), the
     positions kept and, for lazily rotated queries / keys, the cache's pending work."""
 
-    __slots__ = ("bounds", "keep", "pending", "positions")
+    __slots__ = ("bounds", "keep", "pending", "positions", "tapped")
 
     def __init__(self, keep, positions: torch.Tensor | None, pending: dict | None):
         self.keep, self.positions, self.pending = keep, positions, pending
+        self.tapped: set[int] = set()  # layers whose q / k / v their attention's tap recorded
         flat = None if positions is None else positions.flatten().tolist()
         self.bounds = None if positions is None else (max(flat), min(flat))
 
@@ -338,14 +346,17 @@ class _Installed:
     """A set of capture hooks and the recording they currently write to (None: they idle).
 
     ``plain``: the (q, k, v) projections of the layers whose queries, keys and values are computed
-    from the attention input at the first read (:func:`_plain_projections`); ``stamp``: what
-    :func:`_take_prepared` checks before the set is used again (None until it is kept)."""
+    from the attention input at the first read (:func:`_plain_projections`) unless their attention's
+    tap hands them over first; ``tap_configs``: the configs that select those layers' attention (the tap
+    is selected on them while recording); ``stamp``: what :func:`_take_prepared` checks before the set
+    is used again (None until it is kept)."""
 
-    __slots__ = ("current", "hooks", "layer_list", "plain", "stamp")
+    __slots__ = ("current", "hooks", "layer_list", "plain", "stamp", "tap_configs")
 
     def __init__(self, layer_list: list[int]):
         self.hooks, self.current, self.layer_list = HookSet(), None, layer_list
         self.plain: list[tuple[nn.Module, ...]] = []
+        self.tap_configs: dict[int, object] = {}
         self.stamp: _Stamp | None = None
 
     @property
@@ -355,10 +366,13 @@ class _Installed:
     @contextlib.contextmanager
     def recording(self, rec: _Recording):
         self.current = rec
+        switched = tapping(self.tap_configs.values()) if self.tap_configs else None
         try:
             yield
         finally:
             self.current = None
+            if switched:
+                untapping(switched)
 
 
 #: models inside :func:`keep_hooks`: ``{plan key: installed hooks}`` for each
@@ -526,6 +540,25 @@ def _register_layer(installed: _Installed, adapter: ModelAdapter, layer: int, wa
     projections = _plain_projections(adapter, layer) if project_later and (want_k or want_v) else None
     if projections is not None:
         installed.plain.append(projections)
+        # Under sdpa attention the attention function hands them over as it reads them (rotated, as the
+        # model rotated them): nothing to project or rotate afterwards. The attention input stays the
+        # fall-back, for a forward in which the tap does not run (another implementation selected since).
+        config = tap_config(attn) if whole.layout is None else None
+        if config is not None:
+            installed.tap_configs[id(config)] = config
+
+            def attn_tap(query, key, value):
+                rec = installed.current
+                if rec is None:
+                    return
+                if want_q:
+                    rec.keep(("q", layer), _select(query.transpose(1, 2), rec.positions))
+                if want_k:
+                    rec.keep(("k", layer), key.transpose(1, 2))
+                if want_v:
+                    rec.keep(("v", layer), value.transpose(1, 2))
+                rec.tapped.add(layer)
+            hooks.tap(attn, attn_tap)
     raw = {}
     if projections is None:
         if want_q:  # queries only at the chosen positions: selected before rotating (QK-norm is per vector)
@@ -572,11 +605,12 @@ def _register_layer(installed: _Installed, adapter: ModelAdapter, layer: int, wa
                 keep(("pattern", layer), whole.heads(adapter.q_proj(layer), _select(out[1], positions, dim=2),
                                                      n_heads, head_dim))
             if projections is not None:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                if hidden.requires_grad:
-                    hidden = hidden.detach()
-                rec.pending[layer] = (_Projections(hidden, projections, want_q, want_k, want_v, adapter),
-                                      None, kwargs["position_embeddings"], positions, keep, shape)
+                if layer not in rec.tapped:
+                    hidden = args[0] if args else kwargs["hidden_states"]
+                    if hidden.requires_grad:
+                        hidden = hidden.detach()
+                    rec.pending[layer] = (_Projections(hidden, projections, want_q, want_k, want_v, adapter),
+                                          None, kwargs["position_embeddings"], positions, keep, shape)
             elif want_q or want_k:
                 job = (raw.pop("q", None), raw.pop("k", None), kwargs["position_embeddings"], positions, keep, shape)
                 if rec.pending is None:

@@ -37,13 +37,22 @@ class HookSet:
     handle do, without building a handle of weak references per hook (a capture installs a dozen hooks
     per call; on a small model their handles were ~2 % of an ``explain`` call). A module without those
     dictionaries goes through torch's own registration.
+
+    A tap (:meth:`tap`) is not a module hook: a function the attention function calls with the queries,
+    keys and values it receives, on attention modules that run transformers' sdpa attention (see
+    :func:`tap_config`), while the tap attention implementation is selected (:func:`tapping`).
     """
 
     def __init__(self):
-        self.handles: list = []  # (hooks dict, with-kwargs dict, id) or torch's RemovableHandle
-        self.entries: list = []  # (module, "pre" or "post", fn) of every hook added, in order: see install()
+        self.handles: list = []  # (hooks dict, with-kwargs dict, id), (module id, tap) or torch's RemovableHandle
+        self.entries: list = []  # (module, "pre" / "post" / "tap", fn) of every hook added, in order: see install()
 
     def _add(self, module: nn.Module, kind: str, fn: Callable) -> None:
+        if kind == "tap":
+            _register_tap_attention()
+            _ATTENTION_TAPS.setdefault(id(module), []).append(fn)
+            self.handles.append((id(module), fn))
+            return
         fields = module.__dict__
         if kind == "pre":
             hooks, with_kwargs = fields.get("_forward_pre_hooks"), fields.get("_forward_pre_hooks_with_kwargs")
@@ -69,6 +78,13 @@ class HookSet:
         self._add(module, "post", fn)
         self.entries.append((module, "post", fn))
 
+    def tap(self, attention: nn.Module, fn: Callable) -> None:
+        """``fn(query [B, H, S, hd], key [B, KV, S, hd], value [B, KV, S, hd]) -> None`` called by the
+        attention function of ``attention`` (rotated, normalised queries and keys, keys and values not
+        repeated per query group: what the attention reads), before it attends."""
+        self._add(attention, "tap", fn)
+        self.entries.append((attention, "tap", fn))
+
     def install(self) -> None:
         """Put every hook added so far back on its module after :meth:`remove`, in the same order and
         under new ids (so, like a new registration, after hooks others added meanwhile)."""
@@ -80,12 +96,91 @@ class HookSet:
     def remove(self) -> None:
         while self.handles:
             handle = self.handles.pop()
-            if isinstance(handle, tuple):
+            if isinstance(handle, tuple) and len(handle) == 2:  # a tap
+                key, fn = handle
+                taps = _ATTENTION_TAPS.get(key)
+                if taps is not None:
+                    taps.remove(fn)
+                    if not taps:
+                        del _ATTENTION_TAPS[key]
+            elif isinstance(handle, tuple):
                 hooks, with_kwargs, hook_id = handle
                 hooks.pop(hook_id, None)
                 with_kwargs.pop(hook_id, None)
             else:
                 handle.remove()
+
+
+# ----------------------------------------------------------------------------- attention taps
+# What a layer's attention reads (its rotated queries and keys, its values) exists only inside its
+# attention function, which no module hook sees. transformers selects that function by name from the
+# config (``config._attn_implementation``), so a capture that wants them registers, once, a function
+# that hands them to the taps of the calling module and then runs transformers' own sdpa attention, and
+# selects it by name on the tapped layers' configs for its recording only (:func:`tapping`); masks are
+# built by sdpa's own mask function under that name. The forward computes exactly what it computes
+# under "sdpa"; nothing is projected or rotated again afterwards.
+
+#: the name of the tapping attention implementation in transformers' attention and mask interfaces
+TAP_ATTENTION = "mech_vqa_tap_sdpa"
+#: ``id(attention module) -> [tap, ...]`` installed now (a module not listed runs plain sdpa)
+_ATTENTION_TAPS: dict[int, list[Callable]] = {}
+_INTERFACES: list = []  # (transformers' attention interface, mask interface) once registered
+
+
+def _tapped_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa attention, after handing ``query``, ``key`` and ``value`` to ``module``'s taps."""
+    taps = _ATTENTION_TAPS.get(id(module))
+    if taps:
+        for tap in taps:
+            tap(query, key, value)
+    return _INTERFACES[0][0]["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+
+def _tap_mask(*args, **kwargs):
+    return _INTERFACES[0][1]["sdpa"](*args, **kwargs)
+
+
+def _register_tap_attention() -> None:
+    if _INTERFACES:
+        return
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    AttentionInterface.register(TAP_ATTENTION, _tapped_sdpa)
+    AttentionMaskInterface.register(TAP_ATTENTION, _tap_mask)
+    _INTERFACES.append((ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS))
+
+
+def tap_config(attention: nn.Module):
+    """The config through which ``attention`` picks its attention function, when a tap can read it:
+    a config that selects "sdpa" (or the tap itself); None otherwise (eager attention, flash kernels:
+    the capture then projects queries, keys and values itself)."""
+    config = attention.__dict__.get("config")
+    fields = getattr(config, "__dict__", None)
+    if fields is None or fields.get("_attn_implementation_internal") not in ("sdpa", TAP_ATTENTION):
+        return None
+    return config
+
+
+def tapping(configs) -> list[tuple[object, str]]:
+    """Select the tap attention on each of ``configs`` that selects "sdpa"; returns what to put back
+    (:func:`untapping`). A config that selects anything else by now is left alone: its layers'
+    taps then do not run, and captures fall back on projecting what they did not receive."""
+    switched = []
+    for config in configs:
+        fields = config.__dict__
+        if fields.get("_attn_implementation_internal") == "sdpa":
+            fields["_attn_implementation_internal"] = TAP_ATTENTION
+            switched.append((config, "sdpa"))
+    return switched
+
+
+def untapping(switched: list[tuple[object, str]]) -> None:
+    for config, value in switched:
+        config.__dict__["_attn_implementation_internal"] = value
 
 
 def attn_implementation(model: nn.Module) -> str | None:

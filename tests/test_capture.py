@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from conftest import (
@@ -145,30 +147,96 @@ def test_queries_at_positions_equal_the_full_capture_with_multi_head_attention(t
         torch.testing.assert_close(chosen["k", layer], full["k", layer], rtol=0, atol=0)
 
 
+@contextlib.contextmanager
+def eager_attention(vqa):
+    """The model in eager attention for the block (a capture's attention taps then do not run: q / k / v
+    are projected from the attention input at the first read); sdpa again afterwards."""
+    before = vqa.model.config.text_config._attn_implementation
+    vqa.model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        vqa.model.set_attn_implementation(before)
+
+
 @torch.no_grad()
-def test_projected_at_read_equals_captured_by_hooks(any_vqa, inp):
-    """Where keys or values are kept, q/k/v are projected from the attention input at the first read
-    (all layers together, or one layer on its own); ``to_cpu`` records them with hooks in the forward.
-    Both give the same bits, and editing the projection weights before the read is one clear error."""
+@pytest.mark.parametrize("route", ["tapped", "projected"])
+def test_tapped_or_projected_at_read_equals_captured_by_hooks(any_vqa, inp, route):
+    """Where keys or values are kept, q/k/v come from the attention function's own inputs under sdpa (its
+    tap), else they are projected from the attention input at the first read (all layers together, or one
+    layer on its own); ``to_cpu`` records them with hooks on the projections in the forward. All give the
+    same bits. Editing the projection weights before a projected read is one clear error; tapped values
+    were recorded in the forward, so the same edit changes nothing."""
     positions = [inp.seq_len - 1]
-    with any_vqa.trace(["q", "k", "v"], positions=positions, to_cpu=True) as hooked:
-        any_vqa.forward(inp)
-    with any_vqa.trace(["q", "k", "v"], positions=positions) as every_layer:
-        any_vqa.forward(inp)
-    every_layer.keys()  # everything at once
-    for layer in range(any_vqa.adapter.n_layers):
-        with any_vqa.trace(["q", "k", "v"], positions=positions) as one_layer:
+    with contextlib.ExitStack() as stack:
+        if route == "projected":
+            stack.enter_context(eager_attention(any_vqa))
+        with any_vqa.trace(["q", "k", "v"], positions=positions, to_cpu=True) as hooked:
             any_vqa.forward(inp)
-        for name in ("k", "v", "q"):  # keys first: the one-layer path
-            expected = hooked[name, layer]
-            torch.testing.assert_close(one_layer[name, layer].cpu(), expected, rtol=0, atol=0)
-            torch.testing.assert_close(every_layer[name, layer].cpu(), expected, rtol=0, atol=0)
-    with any_vqa.trace(["k"]) as edited:
-        any_vqa.forward(inp)
-    weight = any_vqa.adapter.k_proj(0).weight
-    weight.add_(0.0)  # an in-place edit (same values, new version)
-    with pytest.raises(CaptureError, match="weights changed after the forward"):
-        edited["k", 0]
+        with any_vqa.trace(["q", "k", "v"], positions=positions) as every_layer:
+            any_vqa.forward(inp)
+        assert bool(every_layer.pending) == (route == "projected")
+        every_layer.keys()  # everything at once
+        for layer in range(any_vqa.adapter.n_layers):
+            with any_vqa.trace(["q", "k", "v"], positions=positions) as one_layer:
+                any_vqa.forward(inp)
+            for name in ("k", "v", "q"):  # keys first: the one-layer path
+                expected = hooked[name, layer]
+                torch.testing.assert_close(one_layer[name, layer].cpu(), expected, rtol=0, atol=0)
+                torch.testing.assert_close(every_layer[name, layer].cpu(), expected, rtol=0, atol=0)
+        with any_vqa.trace(["k"]) as edited:
+            any_vqa.forward(inp)
+        weight = any_vqa.adapter.k_proj(0).weight
+        weight.add_(0.0)  # an in-place edit (same values, new version)
+        if route == "projected":
+            with pytest.raises(CaptureError, match="weights changed after the forward"):
+                edited["k", 0]
+        else:
+            torch.testing.assert_close(edited["k", 0].cpu(), hooked["k", 0], rtol=0, atol=0)
+    assert any_vqa.model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_attention_taps_leave_nothing_behind(tiny_vqa, prepared):
+    """A capture selects its tapping attention on the text config for its forward only, and removes its
+    taps: afterwards (an exception included) the config selects sdpa again and no tap is registered."""
+    from mech_vqa import hooks
+
+    config = tiny_vqa.model.config.text_config
+    seen = []
+    handle = tiny_vqa.adapter.layer(0).register_forward_pre_hook(
+        lambda module, args: seen.append(config._attn_implementation))
+    try:
+        for _ in range(3):  # set up, kept, reused
+            with tiny_vqa.trace(["k", "v"]) as cache:
+                tiny_vqa.forward(prepared)
+            assert not cache.pending and ("k", 0) in cache
+        with pytest.raises(RuntimeError, match="inside the block"), tiny_vqa.trace(["k", "v"]):
+            tiny_vqa.forward(prepared)
+            raise RuntimeError("inside the block")
+    finally:
+        handle.remove()
+    assert seen == [hooks.TAP_ATTENTION] * 4
+    assert config._attn_implementation == "sdpa" and not hooks._ATTENTION_TAPS
+    with tiny_vqa.trace(["k"]) as outer, tiny_vqa.trace(["v"]) as inner:  # nested: both tapped
+        tiny_vqa.forward(prepared)
+    assert ("k", 1) in outer and ("v", 1) in inner and not outer.pending and not inner.pending
+    assert config._attn_implementation == "sdpa" and not hooks._ATTENTION_TAPS
+
+
+def test_a_kept_set_falls_back_to_projecting_when_sdpa_is_no_longer_selected(tiny_vqa, prepared):
+    """A capture set kept from sdpa forwards, used after the model switched to eager attention: its taps do
+    not run (the config is left as the user set it) and the values are projected at the read instead."""
+    for _ in range(3):
+        with tiny_vqa.trace(["q", "k", "v"], positions=[4]) as tapped:
+            tiny_vqa.forward(prepared)
+    with eager_attention(tiny_vqa):
+        with tiny_vqa.trace(["q", "k", "v"], positions=[4]) as projected:
+            tiny_vqa.forward(prepared)
+        assert tiny_vqa.model.config.text_config._attn_implementation == "eager"
+        assert projected.pending
+        for layer in range(tiny_vqa.adapter.n_layers):
+            for name in ("q", "k", "v"):
+                torch.testing.assert_close(projected[name, layer], tapped[name, layer], rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- keep_hooks

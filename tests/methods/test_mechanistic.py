@@ -8,6 +8,7 @@ import torch
 from conftest import (assert_same_state, first_view_positions, hook_snapshot, image_grid, model_state, post_norm_factor,
                       text_model)
 from mech_vqa import VQAModel
+from mech_vqa.hooks import TAP_ATTENTION
 from mech_vqa.inputs import Target
 from mech_vqa.methods.logprob import FrozenNormScorer
 from mech_vqa.methods.mechanistic import (
@@ -234,7 +235,8 @@ def test_one_forward_no_eager_and_model_left_as_found(tiny_vqa, prepared):
         explain(tiny_vqa, prepared, heads=2, neurons=True, progress=False)
     finally:
         handle.remove()
-    assert seen == [before["text_attn"]] and seen[0] != "eager"  # one forward, attention implementation untouched
+    # one forward, in sdpa attention through the capture's taps (never eager), put back afterwards
+    assert before["text_attn"] == "sdpa" and seen == [TAP_ATTENTION]
     with pytest.raises(IndexError):
         explain(tiny_vqa, prepared, Target(10 ** 6, 3))
     assert_same_state(before, model_state(tiny_vqa.model))
