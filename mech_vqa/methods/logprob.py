@@ -163,8 +163,12 @@ class FrozenNormScorer:
         self.targets = targets if targets.device == device else targets.to(device)
         if self.targets.numel() != final_resid.shape[0]:
             raise ValueError(f"{self.targets.numel()} target ids for {final_resid.shape[0]} rows")
+        # one row's target as an int: its log-probability is then a select, not an index tensor and a gather
+        self._only_target = int(target_ids[0]) if len(self.targets) == 1 and isinstance(target_ids, (list, tuple)) \
+            else None
         params = adapter.final_norm_params()
-        r = final_resid.detach().float()
+        r = final_resid if not final_resid.requires_grad else final_resid.detach()
+        r = r if r.dtype == torch.float32 else r.float()
         r = r if r.device == device else r.to(device)
         if params["kind"] == "layer":
             self.mean = r.mean(-1, keepdim=True)  # [B, 1]
@@ -175,6 +179,7 @@ class FrozenNormScorer:
         self.scale = torch.rsqrt(variance + params["eps"])  # [B, 1]: s, frozen
         self.gamma = params["weight"].detach().float()
         self.beta = params["bias"].detach().float() if params["bias"] is not None else None
+        self.row_gain = (self.scale * self.gamma).unsqueeze(1)  # [B, 1, d]: s_b * gamma, one product per vector
         self.chunk_elements = chunk_elements
 
     @property
@@ -186,21 +191,24 @@ class FrozenNormScorer:
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.targets.device)
         out = object.__new__(FrozenNormScorer)
         out.__dict__.update(self.__dict__)
-        out.targets, out.scale = self.targets[rows], self.scale[rows]
+        out.targets, out.scale, out.row_gain = self.targets[rows], self.scale[rows], self.row_gain[rows]
         out.mean = None if self.mean is None else self.mean[rows]
+        out._only_target = int(out.targets[0]) if len(out.targets) == 1 else None
         return out
 
     def frozen_norm(self, vectors: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
         """``n(v)`` for ``vectors`` ``[B, ..., d]`` (row b uses row b's frozen mean and scale);
         ``overwrite`` computes it in place when ``vectors`` is float32 on the right device."""
-        shape = (vectors.shape[0],) + (1,) * (vectors.dim() - 1)
+        dim = vectors.dim()
+        shape = (vectors.shape[0],) + (1,) * (dim - 1)
+        gain = self.row_gain if dim == 3 else self.row_gain.view(shape[:-1] + (-1,))  # [B, 1.., d]
         if overwrite and vectors.dtype == torch.float32 and vectors.device == self.gamma.device:
             x = vectors if self.mean is None else vectors.sub_(self.mean.view(shape))
-            x = x.mul_(self.scale.view(shape)).mul_(self.gamma)
+            x = x.mul_(gain)
             return x.add_(self.beta) if self.beta is not None else x
         x = vectors.float()
         x = x if x.device == self.gamma.device else x.to(self.gamma.device)
-        x = (x if self.mean is None else x - self.mean.view(shape)) * self.scale.view(shape) * self.gamma
+        x = (x if self.mean is None else x - self.mean.view(shape)) * gain
         return x + self.beta if self.beta is not None else x
 
     # ------------------------------------------------------------------------ scoring
@@ -230,8 +238,11 @@ class FrozenNormScorer:
                 return linear_logits(W, b).div_(cap).tanh_().mul_(cap)
         chunk = int(min(vocab, max(1, self.chunk_elements // max(batch * n_vectors, 1))))
         if chunk >= vocab:  # the whole vocabulary in one block: a plain log-softmax, no running sums
-            logits = chunk_logits(W_U.float(), None if b_U is None else b_U.float())
+            logits = chunk_logits(W_U if W_U.dtype == torch.float32 else W_U.float(),
+                                  None if b_U is None else b_U.float())
             # log_softmax is one fused kernel; logsumexp is several (~15x the fixed cost on small blocks)
+            if self._only_target is not None:
+                return logits.log_softmax(-1).select(-1, self._only_target)
             index = self.targets.view(batch, 1, 1).expand(-1, n_vectors, 1)
             return logits.log_softmax(-1).gather(-1, index)[..., 0]
         lse = torch.full((batch, n_vectors), float("-inf"), device=W_U.device)

@@ -75,6 +75,8 @@ class TargetCapture:
     scorer: FrozenNormScorer
     #: ``[B, S]`` bidirectional blocks of the attention mask (Gemma-3's images), None = causal
     attention_blocks: torch.Tensor | None = None
+    #: whether ``attention_mask`` masks any key (padding): else attention rows need no padding mask
+    padded: bool = True
 
     @property
     def adapter(self):
@@ -192,6 +194,7 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
     scorer = FrozenNormScorer(adapter, final, [t.token_id for t in targets], chunk_elements=chunk_elements)
     model_logprob = logits.float().log_softmax(-1).gather(1, scorer.targets.view(-1, 1).to(logits.device))[:, 0]
     mask = inp.attention_mask.to(adapter.device)
+    padded = len(items) > 1 or not bool(mask.all())
     blocks = adapter.attention_blocks(inp.input_ids)
     return TargetCapture(
         vqa=vqa, items=items, targets=targets, positions=positions, offsets=offsets, attention_mask=mask,
@@ -202,6 +205,7 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
         model_logprob=model_logprob,
         scorer=scorer,
         attention_blocks=None if blocks is None else blocks.to(adapter.device),
+        padded=padded,
     )
 
 
@@ -309,10 +313,10 @@ def position_scores(capture: TargetCapture, layer: int, head: int, rows=None) ->
     ``rows`` selects batch rows (default all); positions are batch coordinates (padding gives 0).
     """
     adapter = capture.adapter
-    keys = capture.k[layer]
-    if keys is None:
+    if layer not in capture.kv_layers:
         raise ValueError(f"layer {layer}'s keys and values were not captured; capture with "
                          f"capture_target(..., kv_layers='all') or a list that includes {layer}")
+    keys = capture.cache["k", layer]
     n_rows = len(capture.items)
     rows = list(range(n_rows)) if rows is None else [int(r) for r in rows]
     every_row = rows == list(range(n_rows))
@@ -321,13 +325,15 @@ def position_scores(capture: TargetCapture, layer: int, head: int, rows=None) ->
         return x if every_row else x[rows]
 
     scorer = capture.scorer if every_row else capture.scorer.select(rows)
-    group = adapter.n_heads // adapter.n_kv_heads
+    dims = adapter._text_dims()
+    group = dims["n_heads"] // dims["n_kv_heads"]
     blocks = None if capture.attention_blocks is None else of_rows(capture.attention_blocks)
     pattern = attention_rows(adapter, layer, of_rows(capture.query(layer)).unsqueeze(1), of_rows(keys),
-                             of_rows(capture.positions).view(-1, 1), of_rows(capture.attention_mask), heads=[head],
-                             blocks=blocks)
+                             of_rows(capture.positions).view(-1, 1),
+                             of_rows(capture.attention_mask) if capture.padded else None, heads=[head], blocks=blocks)
     attention = pattern[:, 0, 0]  # [b, S]: A_lj[t, :]
-    values = of_rows(capture.v[layer])[:, :, head // group].float()  # [b, S, hd]
+    values = of_rows(capture.cache["v", layer]).select(2, head // group)  # [b, S, hd]
+    values = values if values.dtype == torch.float32 else values.float()
     coefficients, basis = attention.unsqueeze(-1) * values, adapter.W_O(layer)[head]
     frozen = capture.frozen_output_norm(layer, "attn")
     if frozen is not None:  # post-norm: the frozen scale per row into the coefficients, the gain into the basis
