@@ -291,7 +291,8 @@ def trace(
         try:
             with adapter.resolving():
                 register_interventions(installed.hooks, adapter, interventions)
-                _register_captures(installed, model, adapter, names, plan, detach=detach, to_cpu=to_cpu)
+                _register_captures(installed, model, adapter, names, plan, detach=detach, to_cpu=to_cpu,
+                                   edits=bool(interventions))
             registered = True
             if key is not None and kept is not None and key not in kept:
                 kept[key], stored = installed, True
@@ -348,15 +349,17 @@ class _Installed:
     ``plain``: the (q, k, v) projections of the layers whose queries, keys and values are computed
     from the attention input at the first read (:func:`_plain_projections`) unless their attention's
     tap hands them over first; ``tap_configs``: the configs that select those layers' attention (the tap
-    is selected on them while recording); ``stamp``: what :func:`_take_prepared` checks before the set
-    is used again (None until it is kept)."""
+    is selected on them while recording); ``z_taps``: the ``o_proj`` of the layers whose ``z`` the tap
+    records (no hook there); ``stamp``: what :func:`_take_prepared` checks before the set is used again
+    (None until it is kept)."""
 
-    __slots__ = ("current", "hooks", "layer_list", "plain", "stamp", "tap_configs")
+    __slots__ = ("current", "hooks", "layer_list", "plain", "stamp", "tap_configs", "z_taps")
 
     def __init__(self, layer_list: list[int]):
         self.hooks, self.current, self.layer_list = HookSet(), None, layer_list
         self.plain: list[tuple[nn.Module, ...]] = []
         self.tap_configs: dict[int, object] = {}
+        self.z_taps: list[nn.Module] = []
         self.stamp: _Stamp | None = None
 
     @property
@@ -402,14 +405,15 @@ def keep_hooks(model: nn.Module) -> Iterator[None]:
 
 
 def _register_captures(installed: _Installed, model: nn.Module, adapter: ModelAdapter, names: Sequence[str],
-                       plan: dict, *, detach: bool, to_cpu: bool) -> None:
+                       plan: dict, *, detach: bool, to_cpu: bool, edits: bool = False) -> None:
     """Every capture hook of a trace; each writes to the recording ``installed.current`` of the moment,
-    and returns at once while there is none."""
+    and returns at once while there is none. ``edits``: the trace also applies interventions."""
     hooks, wants = installed.hooks, set(names)
     shape = (adapter.n_heads, adapter.n_kv_heads, adapter.head_dim)
     whole = _Whole(layout_of(model))  # gathers a tensor-parallel model's slices (else hands tensors through)
     for layer, layer_wants in plan.items():
-        _register_layer(installed, adapter, layer, layer_wants, shape, project_later=detach and not to_cpu, whole=whole)
+        _register_layer(installed, adapter, layer, layer_wants, shape, project_later=detach and not to_cpu, whole=whole,
+                        edits=edits)
     if "deepstack" in wants:
         _register_deepstack(installed, adapter, [layer for layer, w in plan.items() if "deepstack" in w])
     vision_wants = [name for name in MODEL_NAMES if name in wants]
@@ -494,7 +498,8 @@ def _whole_vision(adapter: ModelAdapter) -> bool:
 
 
 def _register_layer(installed: _Installed, adapter: ModelAdapter, layer: int, wants: frozenset,
-                    shape: tuple[int, int, int], project_later: bool = False, whole: _Whole | None = None):
+                    shape: tuple[int, int, int], project_later: bool = False, whole: _Whole | None = None,
+                    edits: bool = False):
     """One hook per module and kind at most, each doing everything asked of that module, into the
     recording ``installed.current`` (:class:`_Recording`; None: the hook returns at once).
 
@@ -502,7 +507,8 @@ def _register_layer(installed: _Installed, adapter: ModelAdapter, layer: int, wa
     cache, all layers sharing the same angles in one call (None: rotate in the hook, inside the graph).
     ``project_later``: q, k and v of layers that keep keys or values may be projected at that read
     from the attention block's input (kept on its device until then).
-    ``whole``: gathers the slices of a tensor-parallel model (every hook reads through it)."""
+    ``whole``: gathers the slices of a tensor-parallel model (every hook reads through it).
+    ``edits``: interventions run in the same forward (``z`` is then read where they edit it, o_proj's input)."""
     hooks = installed.hooks
     n_heads, n_kv, head_dim = shape
     whole = whole or _Whole(None)
@@ -538,6 +544,7 @@ def _register_layer(installed: _Installed, adapter: ModelAdapter, layer: int, wa
     # are then computed from it when first read (the projection the model ran, on the same tensor),
     # which spares three hooks per layer and projects only the layers a method reads.
     projections = _plain_projections(adapter, layer) if project_later and (want_k or want_v) else None
+    tap_z = False
     if projections is not None:
         installed.plain.append(projections)
         # Under sdpa attention the attention function hands them over as it reads them (rotated, as the
@@ -546,17 +553,26 @@ def _register_layer(installed: _Installed, adapter: ModelAdapter, layer: int, wa
         config = tap_config(attn) if whole.layout is None else None
         if config is not None:
             installed.tap_configs[id(config)] = config
+            # z too, as the attention returns it, where nothing edits o_proj's input (no interventions here,
+            # no other pre-hook on o_proj): one hook fewer per layer
+            o_proj = adapter.o_proj(layer)
+            tap_z = "z" in wants and not edits and not o_proj._forward_pre_hooks
+            if tap_z:
+                installed.z_taps.append(o_proj)
 
-            def attn_tap(query, key, value):
+            def attn_tap(query, key, value, output):
                 rec = installed.current
                 if rec is None:
                     return
+                positions, keep = rec.positions, rec.keep
                 if want_q:
-                    rec.keep(("q", layer), _select(query.transpose(1, 2), rec.positions))
+                    keep(("q", layer), _select(query.transpose(1, 2), positions))
                 if want_k:
-                    rec.keep(("k", layer), key.transpose(1, 2))
+                    keep(("k", layer), key.transpose(1, 2))
                 if want_v:
-                    rec.keep(("v", layer), value.transpose(1, 2))
+                    keep(("v", layer), value.transpose(1, 2))
+                if tap_z:
+                    keep(("z", layer), _select(output, positions))
                 rec.tapped.add(layer)
             hooks.tap(attn, attn_tap)
     raw = {}
@@ -606,6 +622,12 @@ def _register_layer(installed: _Installed, adapter: ModelAdapter, layer: int, wa
                                                      n_heads, head_dim))
             if projections is not None:
                 if layer not in rec.tapped:
+                    if tap_z:
+                        raise CaptureError(
+                            f"layer {layer}'s attention did not run through sdpa in this forward, so its z (read "
+                            "where the attention returns it) was not recorded: another attention implementation was "
+                            "selected after the capture was set up (inside the trace or inside keep_hooks); select it "
+                            "before the trace")
                     hidden = args[0] if args else kwargs["hidden_states"]
                     if hidden.requires_grad:
                         hidden = hidden.detach()
@@ -618,7 +640,7 @@ def _register_layer(installed: _Installed, adapter: ModelAdapter, layer: int, wa
                 else:
                     rec.pending[layer] = job
         hooks.post(attn, attn_post)
-    if "z" in wants:
+    if "z" in wants and not tap_z:
         def z_pre(module, args, kwargs):
             rec = installed.current
             if rec is not None:
@@ -672,13 +694,14 @@ class _Stamp:
     """The model as a kept capture set was made for: every hooked module's places, as ``(parent, name,
     module)`` links up to the root, the decoder-layer list and its length, the text config."""
 
-    __slots__ = ("config", "layers", "links", "model", "n_layers", "plain")
+    __slots__ = ("config", "layers", "links", "model", "n_layers", "plain", "tap_configs", "z_taps")
 
-    def __init__(self, adapter: ModelAdapter, model: nn.Module, links: tuple, plain: list):
+    def __init__(self, adapter: ModelAdapter, model: nn.Module, links: tuple, installed: _Installed):
         self.model, self.links, self.config = model, links, adapter.text_config
         self.layers = adapter.layers
         self.n_layers = len(self.layers._modules)
-        self.plain = tuple(module for modules in plain for module in modules)
+        self.plain = tuple(module for modules in installed.plain for module in modules)
+        self.tap_configs, self.z_taps = tuple(installed.tap_configs.values()), tuple(installed.z_taps)
 
     def holds(self, adapter: ModelAdapter, model: nn.Module) -> bool:
         if model is not self.model or len(self.layers._modules) != self.n_layers or \
@@ -687,6 +710,10 @@ class _Stamp:
         for parent, name, module in self.links:
             if parent._modules.get(name) is not module:  # swapped, deleted or moved since
                 return False
+        # z read by the attention's tap needs it to run (sdpa still selected) and nothing else to edit o_proj's input
+        if self.z_taps and (any(m._forward_pre_hooks for m in self.z_taps) or any(
+                vars(c).get("_attn_implementation_internal") != "sdpa" for c in self.tap_configs)):
+            return False
         # what made the set compute q / k / v from the attention input must still hold
         return _all_plain(self.plain) and not is_tensor_parallel(model)
 
@@ -722,7 +749,7 @@ def _keep_prepared(adapter: ModelAdapter, key, installed: _Installed, model: nn.
         links = _links_to(model, [module for module, _, _ in installed.hooks.entries])
         if links is None:
             return
-        installed.stamp = _Stamp(adapter, model, links, installed.plain)
+        installed.stamp = _Stamp(adapter, model, links, installed)
     kept = adapter.__dict__.setdefault("_capture_sets", {})
     if len(kept) >= _MAX_KEPT_KINDS and key not in kept:
         kept.clear()

@@ -79,9 +79,10 @@ class HookSet:
         self.entries.append((module, "post", fn))
 
     def tap(self, attention: nn.Module, fn: Callable) -> None:
-        """``fn(query [B, H, S, hd], key [B, KV, S, hd], value [B, KV, S, hd]) -> None`` called by the
-        attention function of ``attention`` (rotated, normalised queries and keys, keys and values not
-        repeated per query group: what the attention reads), before it attends."""
+        """``fn(query [B, H, S, hd], key [B, KV, S, hd], value [B, KV, S, hd], output [B, S, H, hd]) -> None``
+        called by the attention function of ``attention`` once it has attended: what it read (rotated,
+        normalised queries and keys; keys and values not repeated per query group) and what it returns
+        (each head's output, which the module reshapes into ``o_proj``'s input)."""
         self._add(attention, "tap", fn)
         self.entries.append((attention, "tap", fn))
 
@@ -128,12 +129,13 @@ _INTERFACES: list = []  # (transformers' attention interface, mask interface) on
 
 
 def _tapped_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """transformers' sdpa attention, after handing ``query``, ``key`` and ``value`` to ``module``'s taps."""
+    """transformers' sdpa attention, then ``module``'s taps given its inputs and output."""
+    out = _INTERFACES[0][0]["sdpa"](module, query, key, value, attention_mask, **kwargs)
     taps = _ATTENTION_TAPS.get(id(module))
     if taps:
         for tap in taps:
-            tap(query, key, value)
-    return _INTERFACES[0][0]["sdpa"](module, query, key, value, attention_mask, **kwargs)
+            tap(query, key, value, out[0])
+    return out
 
 
 def _tap_mask(*args, **kwargs):

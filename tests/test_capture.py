@@ -223,19 +223,77 @@ def test_attention_taps_leave_nothing_behind(tiny_vqa, prepared):
     assert config._attn_implementation == "sdpa" and not hooks._ATTENTION_TAPS
 
 
+@torch.no_grad()
+def test_z_read_by_the_attention_tap_is_o_projs_input(any_vqa, inp):
+    """With keys or values kept under sdpa, ``z`` comes from the attention function's output (no hook on
+    o_proj): the same bits as o_proj's input, read by the hook a capture of ``z`` alone installs."""
+    from mech_vqa import hooks
+
+    positions = [3, inp.seq_len - 1]
+    with any_vqa.trace(["z"], positions=positions) as hooked:
+        any_vqa.forward(inp)
+    seen = []
+    with any_vqa.trace(["z", "v"], positions=positions) as tapped:
+        seen.extend(len(any_vqa.adapter.o_proj(i)._forward_pre_hooks) for i in range(any_vqa.adapter.n_layers))
+        any_vqa.forward(inp)
+    assert seen == [0] * any_vqa.adapter.n_layers and not hooks._ATTENTION_TAPS
+    for layer in range(any_vqa.adapter.n_layers):
+        torch.testing.assert_close(tapped["z", layer], hooked["z", layer], rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_z_is_read_where_edits_and_other_hooks_act(tiny_vqa, prepared):
+    """An intervention on z in the same trace, or another pre-hook on o_proj, changes o_proj's input after
+    the attention returned: such captures read z with a hook on o_proj, and see the edit."""
+    from mech_vqa.interventions import zero_head
+
+    t = prepared.seq_len - 1
+    with tiny_vqa.trace(["z", "k"], positions=[t], interventions=[zero_head(1, 2)]) as edited:
+        tiny_vqa.forward(prepared)
+    assert edited["z", 1][0, 0, 2].abs().max() == 0 and edited["z", 1][0, 0, 3].abs().max() > 0
+    o_proj = tiny_vqa.adapter.o_proj(0)
+
+    def halve(module, args):
+        return (args[0] * 0.5,)
+
+    with tiny_vqa.trace(["z", "k"], positions=[t]) as clean:
+        tiny_vqa.forward(prepared)
+    handle = o_proj.register_forward_pre_hook(halve)
+    try:
+        for _ in range(3):  # also once the set is kept: it is not used with the new hook there
+            with tiny_vqa.trace(["z", "k"], positions=[t]) as halved:
+                tiny_vqa.forward(prepared)
+            torch.testing.assert_close(halved["z", 0], clean["z", 0] * 0.5, rtol=0, atol=0)
+    finally:
+        handle.remove()
+
+
+def test_switching_attention_inside_a_trace_that_reads_z_from_the_tap_is_one_clear_error(tiny_vqa, prepared):
+    with pytest.raises(CaptureError, match="select it before the trace"), torch.no_grad(), \
+            tiny_vqa.trace(["z", "k"]):
+        tiny_vqa.model.set_attn_implementation("eager")
+        try:
+            tiny_vqa.forward(prepared)
+        finally:
+            tiny_vqa.model.set_attn_implementation("sdpa")
+    assert tiny_vqa.model.config.text_config._attn_implementation == "sdpa"
+
+
 def test_a_kept_set_falls_back_to_projecting_when_sdpa_is_no_longer_selected(tiny_vqa, prepared):
-    """A capture set kept from sdpa forwards, used after the model switched to eager attention: its taps do
-    not run (the config is left as the user set it) and the values are projected at the read instead."""
+    """A capture set kept from sdpa forwards, asked for after the model switched to eager attention: its
+    taps would not run (the config is left as the user set it), so q / k / v are projected at the read and
+    z is read from o_proj's input instead, by a set made for eager attention."""
     for _ in range(3):
-        with tiny_vqa.trace(["q", "k", "v"], positions=[4]) as tapped:
+        with tiny_vqa.trace(["q", "k", "v", "z"], positions=[4]) as tapped:
             tiny_vqa.forward(prepared)
     with eager_attention(tiny_vqa):
-        with tiny_vqa.trace(["q", "k", "v"], positions=[4]) as projected:
-            tiny_vqa.forward(prepared)
+        for _ in range(3):
+            with tiny_vqa.trace(["q", "k", "v", "z"], positions=[4]) as projected:
+                tiny_vqa.forward(prepared)
         assert tiny_vqa.model.config.text_config._attn_implementation == "eager"
         assert projected.pending
         for layer in range(tiny_vqa.adapter.n_layers):
-            for name in ("q", "k", "v"):
+            for name in ("q", "k", "v", "z"):
                 torch.testing.assert_close(projected[name, layer], tapped[name, layer], rtol=1e-6, atol=1e-6)
 
 
