@@ -435,21 +435,35 @@ class ModelAdapter:
     def d_mlp(self) -> int:
         return self._text_dims()["d_mlp"] or self.text_config.intermediate_size
 
+    def _unembed_weight(self) -> torch.Tensor:
+        unembed = self.unembed
+        weight = unembed._parameters.get("weight")  # (past nn.Module's slow __getattr__)
+        return unembed.weight if weight is None else weight
+
     @property
     def vocab_size(self) -> int:
-        return self.unembed.weight.shape[0]
+        return self._unembed_weight().shape[0]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unembed.weight.dtype
+        return self._unembed_weight().dtype
 
     @property
     def device(self) -> torch.device:
-        return self.unembed.weight.device
+        return self._unembed_weight().device
 
     def vision_dtype(self) -> torch.dtype:
-        """The dtype pixel values must have for the vision tower."""
-        return next(self.vision_tower.parameters()).dtype
+        """The dtype pixel values must have for the vision tower: its first parameter's."""
+        # the first of ``parameters()`` (modules in pre-order, each its own parameters first), found without
+        # the generators behind it: asked on every forward
+        pending = [self.vision_tower]
+        while pending:
+            module = pending.pop()
+            for value in module._parameters.values():
+                if value is not None:
+                    return value.dtype
+            pending.extend(reversed([child for child in module._modules.values() if child is not None]))
+        raise StopIteration(f"the vision tower {type(self.vision_tower).__name__} has no parameters")
 
     # ------------------------------------------------------------------------- weights
     def W_O(self, layer: int) -> torch.Tensor:

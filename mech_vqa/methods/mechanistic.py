@@ -283,9 +283,10 @@ def _layer_and_head_results(lp: torch.Tensor, model_logprob: torch.Tensor, metas
     # copies made outside it are ordinary; views of its tensors would not be)
     with torch.inference_mode(False):
         stages = lp[:, :3 * n_layers].view(-1, 3, n_layers)  # [B, (x, x + a, x + a + m), L]
-        increases = stages.diff(dim=1).cpu()  # [B, (attention, MLP), L]
-        heads = (lp[:, 3 * n_layers:-1].view(-1, n_layers, n_heads) - stages[:, 0].unsqueeze(2)).cpu()
-        base = stages[:, 0].cpu().clone()
+        increases = _on_cpu(stages.diff(dim=1))  # [B, (attention, MLP), L]
+        base = stages[:, 0]
+        heads = _on_cpu(lp[:, 3 * n_layers:-1].view(-1, n_layers, n_heads) - base.unsqueeze(2))
+        base = _on_cpu(base).clone()
     final, model_logprob = lp[:, -1].tolist(), model_logprob.tolist()
     for row, meta in enumerate(metas):
         layer_results.append(LayerIncrease(attention=increases[row, 0], mlp=increases[row, 1], base=base[row],
@@ -372,10 +373,20 @@ def position_increase(capture: TargetCapture, heads, *, progress: bool = False) 
     with torch.inference_mode(False):  # stacked copies: ordinary tensors whatever mode scored them
         for row, row_heads in enumerate(per_row):
             offset = offsets[row]
-            scores = torch.stack([computed[l, j, row][0][offset:] for l, j in row_heads]).cpu()
-            attention = torch.stack([computed[l, j, row][1][offset:] for l, j in row_heads]).cpu()
-            results.append(_head_positions(capture.items[row], row_heads, scores, attention, capture.meta(row)))
+            scores = torch.stack([_from(computed[l, j, row][0], offset) for l, j in row_heads])
+            attention = torch.stack([_from(computed[l, j, row][1], offset) for l, j in row_heads])
+            results.append(_head_positions(capture.items[row], row_heads, _on_cpu(scores), _on_cpu(attention),
+                                           capture.meta(row)))
     return results
+
+
+def _from(x: torch.Tensor, offset: int) -> torch.Tensor:
+    """``x[offset:]`` (a row's own coordinates), without the slicing call where there is no padding."""
+    return x if offset == 0 else x[offset:]
+
+
+def _on_cpu(x: torch.Tensor) -> torch.Tensor:
+    return x if x.is_cpu else x.cpu()  # (a move to where it is still costs a dispatch)
 
 
 def _head_positions(item: PreparedInput, row_heads, scores: torch.Tensor, attention: torch.Tensor,
