@@ -13,7 +13,10 @@ to eager attention) puts the attention implementation, mode and ``requires_grad`
 (module look-ups, a closure per hook) is kept with the adapter and used again by the next capture of
 the same kind after it has checked that the model still has those modules at those places; each call
 only puts the hooks on and takes them off. Inside :func:`keep_hooks` they even stay installed (idle)
-until the block ends.
+until the block ends. Under sdpa attention, a capture that keeps keys or values reads q, k, v (and z)
+where the attention function receives and returns them, through a tap selected by name on the text
+config for its forward only (:mod:`mech_vqa.hooks`); otherwise it projects them from the attention
+input when they are first read.
 
 Activation names and shapes (``P`` = chosen query positions, ``S`` = full sequence):
 
@@ -505,8 +508,9 @@ def _register_layer(installed: _Installed, adapter: ModelAdapter, layer: int, wa
 
     The recording's ``pending``: where raw queries / keys wait to be rotated at the first read of the
     cache, all layers sharing the same angles in one call (None: rotate in the hook, inside the graph).
-    ``project_later``: q, k and v of layers that keep keys or values may be projected at that read
-    from the attention block's input (kept on its device until then).
+    ``project_later``: q, k and v of layers that keep keys or values are taken from the attention
+    function (its tap, under sdpa) or else projected at that read from the attention block's input (kept
+    on its device until then).
     ``whole``: gathers the slices of a tensor-parallel model (every hook reads through it).
     ``edits``: interventions run in the same forward (``z`` is then read where they edit it, o_proj's input)."""
     hooks = installed.hooks

@@ -15,8 +15,10 @@ log-probability of :mod:`mech_vqa.methods.logprob`:
 
 Everything comes from ONE forward that records, at ``t`` only, ``resid_pre``, ``attn_out``,
 ``mlp_out``, ``z``, ``q``, ``mlp_act`` (for neurons only) and the last ``resid_post``, plus ``k`` and
-``v`` at all positions (kept as the attention block's input and projected for the layers read). Attention rows are recomputed from ``q`` and ``k`` (:func:`~mech_vqa.capture.attention_rows`),
-so no eager attention and no second forward. The forward asks the model for the logits of the last
+``v`` at all positions (under sdpa, ``q``, ``k``, ``v`` and ``z`` as the attention function reads and
+returns them; under another attention, the attention block's input, projected for the layers read).
+Attention rows are recomputed from ``q`` and ``k`` (:func:`~mech_vqa.capture.attention_rows`), so no
+eager attention and no second forward. The forward asks the model for the logits of the last
 position only (``logits_to_keep=1``): nothing here needs the others.
 
 Entry point: :func:`explain` ("explain this answer token"); :func:`capture_target` +
@@ -52,9 +54,9 @@ class TargetCapture:
     ``[B, S, KV, hd]`` (None for layers not kept, see ``kv_layers``); ``final`` ``[B, d]`` the last layer's output at ``t``. ``positions`` ``[B]`` are
     batch coordinates of ``t``; ``offsets`` ``[B]`` the left padding of each row.
 
-    Queries, keys and values stay in ``cache`` as recorded (the attention input, where keys and values
-    are kept) and are projected and rotated when first read, one layer at a time (:meth:`query`,
-    ``k[layer]``, ``v[layer]``): the top head's map needs one layer's, not all of them.
+    Queries, keys and values stay in ``cache`` as recorded: as the attention function read them (sdpa),
+    or as the attention input, then projected and rotated when first read, one layer at a time
+    (:meth:`query`, ``k[layer]``, ``v[layer]``): the top head's map needs one layer's, not all of them.
     """
 
     vqa: object
@@ -187,12 +189,16 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
     with target_trace(vqa, positions, kv, mlp_act=mlp_act) as cache, vqa.backend.read_only():
         logits = vqa.forward(inp, logits_to_keep=1 if last else positions.view(-1, 1).to(vqa.device)).logits[:, 0]
 
-    def stacked(name):  # [B, L, ...] at t: each layer's capture is [B, 1, ...]
-        return torch.cat([cache[name, layer] for layer in layers], dim=1)
+    store = cache._store  # (at t, never waiting for a rotation: read past the cache's pending-work check)
 
-    final = cache["resid_post", adapter.n_layers - 1][:, 0]
+    def stacked(name):  # [B, L, ...] at t: each layer's capture is [B, 1, ...]
+        return torch.cat([store[name, layer] for layer in layers], dim=1)
+
+    final = store["resid_post", adapter.n_layers - 1][:, 0]
     scorer = FrozenNormScorer(adapter, final, [t.token_id for t in targets], chunk_elements=chunk_elements)
-    model_logprob = logits.float().log_softmax(-1).gather(1, scorer.targets.view(-1, 1).to(logits.device))[:, 0]
+    log_probs = (logits if logits.dtype == torch.float32 else logits.float()).log_softmax(-1)
+    model_logprob = log_probs.select(1, scorer._only_target) if scorer._only_target is not None \
+        else log_probs.gather(1, scorer.targets.view(-1, 1).to(logits.device))[:, 0]
     mask = inp.attention_mask.to(adapter.device)
     padded = len(items) > 1 or not bool(mask.all())
     blocks = adapter.attention_blocks(inp.input_ids)
@@ -429,7 +435,8 @@ def _top_heads(scores: torch.Tensor, k: int) -> list[tuple[int, int]]:
     """``HeadIncrease.top_heads(k)`` (the same top-k) with the index arithmetic in Python: cheaper
     than unravelling in tensors for the few heads asked."""
     n_heads = scores.shape[1]
-    _, index = scores.flatten().float().topk(min(k, scores.numel()))
+    flat = scores.flatten()
+    _, index = (flat if flat.dtype == torch.float32 else flat.float()).topk(min(k, scores.numel()))
     return [divmod(i, n_heads) for i in index.tolist()]
 
 
@@ -469,8 +476,8 @@ def explain(vqa, inp: PreparedInput | BatchedInput, target=None, *, heads="top",
                for lr, hr, pr, bx in zip(layer_results, head_results, positions, boxes)]
         return out if isinstance(inp, BatchedInput) else out[0]
     # nothing here needs autograd: the backend's cheapest read-only mode for the forward and the
-    # scoring alike (the results are assembled from ordinary tensors)
-    with vqa.backend.read_only():
+    # scoring alike (the results are assembled from ordinary tensors); the decoder layers looked up once
+    with vqa.backend.read_only(), vqa.adapter.resolving():
         capture = capture_target(vqa, inp, target, kv_layers=kv_layers, mlp_act=neurons is not False,
                                  chunk_elements=chunk_elements)
         layer_results, head_results = layer_and_head_increase(capture)
