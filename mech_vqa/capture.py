@@ -704,8 +704,11 @@ class _Stamp:
         self.model, self.links, self.config = model, links, adapter.text_config
         self.layers = adapter.layers
         self.n_layers = len(self.layers._modules)
-        self.plain = tuple(module for modules in installed.plain for module in modules)
         self.tap_configs, self.z_taps = tuple(installed.tap_configs.values()), tuple(installed.z_taps)
+        # where every projected layer's z comes from its tap, a forward without the tap is an error rather
+        # than a projection: what the projections look like then does not matter
+        covered = len(self.z_taps) == len(installed.plain)
+        self.plain = () if covered else tuple(module for modules in installed.plain for module in modules)
 
     def holds(self, adapter: ModelAdapter, model: nn.Module) -> bool:
         if model is not self.model or len(self.layers._modules) != self.n_layers or \

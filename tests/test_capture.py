@@ -422,10 +422,13 @@ def test_a_capture_set_up_twice_is_kept_and_used_again_without_leaving_hooks(tin
 
 
 @torch.no_grad()
-def test_a_kept_capture_set_follows_swapped_modules_new_hooks_and_changed_layers(tiny_mha_vqa, image):
-    """A kept set is used again only on the model it was made for: a swapped module, a hook that edits
-    a projection (q / k / v are then captured by hooks, not recomputed), a removed or added layer sets up anew."""
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_kept_capture_set_follows_swapped_modules_new_hooks_and_changed_layers(tiny_mha_vqa, image, attention):
+    """A kept set is used again only on the model it was made for: a swapped module, a removed or added
+    layer sets up anew; a hook that edits a projection is seen as a fresh capture sees it (under sdpa the
+    attention's tap reads what the attention reads; else q / k / v are captured by hooks, not recomputed)."""
     vqa = _own_copy(tiny_mha_vqa)
+    vqa.model.set_attn_implementation(attention)
     a = vqa.adapter
     inp = vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
     names = ["resid_pre", "attn_out", "z", "k"]
