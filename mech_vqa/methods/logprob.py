@@ -292,8 +292,10 @@ class FrozenNormScorer:
         """
         batch, n, rank = coefficients.shape
         if use_direct_route(batch, n, rank, basis.shape[-1], self.adapter.vocab_size):
-            row = base.unsqueeze(1).float()
-            vectors = torch.cat([row, row + coefficients.float() @ basis.float()], dim=1)  # [B, 1 + N, d]
+            row = (base if base.dtype == torch.float32 else base.float()).unsqueeze(1)
+            coefficients = coefficients if coefficients.dtype == torch.float32 else coefficients.float()
+            basis = basis if basis.dtype == torch.float32 else basis.float()
+            vectors = torch.cat([row, row + coefficients @ basis], dim=1)  # [B, 1 + N, d]
             lp = self.log_prob(vectors, overwrite=True)
             return lp[:, 1:], lp[:, 0]
         base_normed = self.frozen_norm(base)  # [B, d]

@@ -335,10 +335,11 @@ def position_scores(capture: TargetCapture, layer: int, head: int, rows=None) ->
     dims = adapter._text_dims()
     group = dims["n_heads"] // dims["n_kv_heads"]
     blocks = None if capture.attention_blocks is None else of_rows(capture.attention_blocks)
-    pattern = attention_rows(adapter, layer, of_rows(capture.query(layer)).unsqueeze(1), of_rows(keys),
+    # the queries as recorded, [B, 1, H, hd] at t
+    pattern = attention_rows(adapter, layer, of_rows(capture.cache["q", layer]), of_rows(keys),
                              of_rows(capture.positions).view(-1, 1),
                              of_rows(capture.attention_mask) if capture.padded else None, heads=[head], blocks=blocks)
-    attention = pattern[:, 0, 0]  # [b, S]: A_lj[t, :]
+    attention = pattern.view(pattern.shape[0], -1)  # [b, S]: A_lj[t, :] (of [b, 1, 1, S])
     values = of_rows(capture.cache["v", layer]).select(2, head // group)  # [b, S, hd]
     values = values if values.dtype == torch.float32 else values.float()
     coefficients, basis = attention.unsqueeze(-1) * values, adapter.W_O(layer)[head]
