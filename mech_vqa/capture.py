@@ -394,7 +394,7 @@ _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def keep_hooks(model: nn.Module) -> Iterator[None]:
     """Inside this block, captures of ``model`` leave their hooks installed for the next capture with
     the same names, layers and options, which then only points them at its own cache: what a capture
-    pays per call even with its set-up kept (putting its hooks on and off, checking the model; 2-3 % of a
+    pays per call even with its set-up kept (putting its hooks on and off, checking the model; 3-6 % of a
     3-layer model's ``explain``) is paid once per kind.
 
     Between captures the hooks idle (each returns at once). All are removed when the block ends,
