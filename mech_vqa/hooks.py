@@ -39,8 +39,9 @@ class HookSet:
     dictionaries goes through torch's own registration.
 
     A tap (:meth:`tap`) is not a module hook: a function the attention function calls with the queries,
-    keys and values it receives, on attention modules that run transformers' sdpa attention (see
-    :func:`tap_config`), while the tap attention implementation is selected (:func:`tapping`).
+    keys and values it received and the output it returns, on attention modules that run transformers'
+    sdpa attention (see :func:`tap_config`), while the tap attention implementation is selected
+    (:func:`tapping`).
     """
 
     def __init__(self):
@@ -116,8 +117,8 @@ class HookSet:
 # What a layer's attention reads (its rotated queries and keys, its values) exists only inside its
 # attention function, which no module hook sees. transformers selects that function by name from the
 # config (``config._attn_implementation``), so a capture that wants them registers, once, a function
-# that hands them to the taps of the calling module and then runs transformers' own sdpa attention, and
-# selects it by name on the tapped layers' configs for its recording only (:func:`tapping`); masks are
+# that runs transformers' own sdpa attention and then hands its inputs and output to the taps of the
+# calling module, and selects it by name on the tapped layers' configs for its recording only; masks are
 # built by sdpa's own mask function under that name. The forward computes exactly what it computes
 # under "sdpa"; nothing is projected or rotated again afterwards.
 
