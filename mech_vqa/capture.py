@@ -55,6 +55,7 @@ from torch import nn
 from .adapters import ModelAdapter, get_adapter
 from .hooks import (
     HookSet,
+    float32,
     preserved_state,
     tap_config,
     tapping,
@@ -149,11 +150,6 @@ def _select(x: torch.Tensor, positions: torch.Tensor | None, dim: int = 1) -> to
     shape[0], shape[dim] = positions.shape
     index = positions.view(shape).expand(*[s if i != dim else positions.shape[1] for i, s in enumerate(x.shape)])
     return x.gather(dim, index)
-
-
-def _float32(x: torch.Tensor) -> torch.Tensor:
-    """``x.float()`` without the call where it is float32 already (a no-op that still dispatches)."""
-    return x if x.dtype == torch.float32 else x.float()
 
 
 def _split_heads(x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -946,7 +942,7 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
     if heads is not None and len(heads) == 1 and one_layer:
         # one head (the usual map): [B, P, hd] x [B, hd, S] in one batched product on views
         head = adapter.check_head(int(heads[0]))
-        scores = torch.bmm(_float32(q.select(2, head)), _float32(k.select(2, head // group)).transpose(1, 2))
+        scores = torch.bmm(float32(q.select(2, head)), float32(k.select(2, head // group)).transpose(1, 2))
         scores = scores.mul_(scaling).unsqueeze(1)  # [B, 1, P, S]
     else:
         if heads is None:

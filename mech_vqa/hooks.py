@@ -29,6 +29,12 @@ def without_grad(fn: Callable) -> Callable:
     return wrapper
 
 
+def float32(x: torch.Tensor) -> torch.Tensor:
+    """``x.float()`` without the call where ``x`` is float32 already (a no-op cast still dispatches, and the
+    scoring after a forward makes dozens of them on small tensors)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
 class HookSet:
     """Forward hooks (with kwargs) on modules, removed together.
 

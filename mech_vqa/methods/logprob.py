@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..adapters import ModelAdapter
 from ..adapters.base import module_parameter
 from ..backends.nnsight_ops import use_direct_route
-from ..hooks import without_grad
+from ..hooks import float32, without_grad
 
 #: Default size, in float32 elements, of one chunk of logits ``[B, N, chunk]`` (2 MiB): small enough
 #: for the in-place log-sum-exp passes to stay in cache, large enough for efficient GEMMs. Measured on
@@ -168,7 +168,7 @@ class FrozenNormScorer:
             else None
         params = adapter.final_norm_params()
         r = final_resid if not final_resid.requires_grad else final_resid.detach()
-        r = r if r.dtype == torch.float32 else r.float()
+        r = float32(r)
         r = r if r.device == device else r.to(device)
         if params["kind"] == "layer":
             self.mean = r.mean(-1, keepdim=True)  # [B, 1]
@@ -238,7 +238,7 @@ class FrozenNormScorer:
                 return linear_logits(W, b).div_(cap).tanh_().mul_(cap)
         chunk = int(min(vocab, max(1, self.chunk_elements // max(batch * n_vectors, 1))))
         if chunk >= vocab:  # the whole vocabulary in one block: a plain log-softmax, no running sums
-            logits = chunk_logits(W_U if W_U.dtype == torch.float32 else W_U.float(),
+            logits = chunk_logits(float32(W_U),
                                   None if b_U is None else b_U.float())
             # log_softmax is one fused kernel; logsumexp is several (~15x the fixed cost on small blocks)
             if self._only_target is not None:
@@ -292,9 +292,9 @@ class FrozenNormScorer:
         """
         batch, n, rank = coefficients.shape
         if use_direct_route(batch, n, rank, basis.shape[-1], self.adapter.vocab_size):
-            row = (base if base.dtype == torch.float32 else base.float()).unsqueeze(1)
-            coefficients = coefficients if coefficients.dtype == torch.float32 else coefficients.float()
-            basis = basis if basis.dtype == torch.float32 else basis.float()
+            row = float32(base).unsqueeze(1)
+            coefficients = float32(coefficients)
+            basis = float32(basis)
             vectors = torch.cat([row, row + coefficients @ basis], dim=1)  # [B, 1 + N, d]
             lp = self.log_prob(vectors, overwrite=True)
             return lp[:, 1:], lp[:, 0]

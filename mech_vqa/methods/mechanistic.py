@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..capture import ActivationCache, PerLayer, attention_rows
-from ..hooks import without_grad
+from ..hooks import float32, without_grad
 from ..inputs import BatchedInput, PreparedInput, Target, check_box
 from ..results.mechanistic import Explanation, HeadIncrease, HeadPositions, LayerIncrease
 from ..tensor_parallel import call_on_whole
@@ -196,7 +196,7 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
 
     final = store["resid_post", adapter.n_layers - 1][:, 0]
     scorer = FrozenNormScorer(adapter, final, [t.token_id for t in targets], chunk_elements=chunk_elements)
-    log_probs = (logits if logits.dtype == torch.float32 else logits.float()).log_softmax(-1)
+    log_probs = float32(logits).log_softmax(-1)
     model_logprob = log_probs.select(1, scorer._only_target) if scorer._only_target is not None \
         else log_probs.gather(1, scorer.targets.view(-1, 1).to(logits.device))[:, 0]
     mask = inp.attention_mask.to(adapter.device)
@@ -340,8 +340,7 @@ def position_scores(capture: TargetCapture, layer: int, head: int, rows=None) ->
                              of_rows(capture.positions).view(-1, 1),
                              of_rows(capture.attention_mask) if capture.padded else None, heads=[head], blocks=blocks)
     attention = pattern.view(pattern.shape[0], -1)  # [b, S]: A_lj[t, :] (of [b, 1, 1, S])
-    values = of_rows(capture.cache["v", layer]).select(2, head // group)  # [b, S, hd]
-    values = values if values.dtype == torch.float32 else values.float()
+    values = float32(of_rows(capture.cache["v", layer]).select(2, head // group))  # [b, S, hd]
     coefficients, basis = attention.unsqueeze(-1) * values, adapter.W_O(layer)[head]
     frozen = capture.frozen_output_norm(layer, "attn")
     if frozen is not None:  # post-norm: the frozen scale per row into the coefficients, the gain into the basis
@@ -436,8 +435,7 @@ def _top_heads(scores: torch.Tensor, k: int) -> list[tuple[int, int]]:
     """``HeadIncrease.top_heads(k)`` (the same top-k) with the index arithmetic in Python: cheaper
     than unravelling in tensors for the few heads asked."""
     n_heads = scores.shape[1]
-    flat = scores.flatten()
-    _, index = (flat if flat.dtype == torch.float32 else flat.float()).topk(min(k, scores.numel()))
+    _, index = float32(scores.flatten()).topk(min(k, scores.numel()))
     return [divmod(i, n_heads) for i in index.tolist()]
 
 
