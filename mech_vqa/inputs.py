@@ -108,6 +108,18 @@ class PreparedInput:
                 self.__dict__["_pixels_checked"] = (pixel, version)
         return pixel
 
+    def has_padding(self) -> bool:
+        """Whether the attention mask masks any position (read once per mask tensor and version)."""
+        mask = self.attention_mask
+        version = None if mask.is_inference() else mask._version
+        known = self.__dict__.get("_has_padding")
+        if version is not None and known is not None and known[0] is mask and known[1] == version:
+            return known[2]
+        padded = not bool(mask.all())
+        if version is not None:
+            self.__dict__["_has_padding"] = (mask, version, padded)
+        return padded
+
     def check_position(self, position: int) -> int:
         if not -self.seq_len <= position < self.seq_len:
             raise IndexError(f"target position {position} is outside the sequence of length {self.seq_len}")
@@ -167,7 +179,8 @@ class PreparedInput:
             pixel = views[int((whole == frame).all(1).nonzero()[0])].detach().float().cpu()
         mean = torch.tensor(self.image_mean).view(3, 1, 1)
         std = torch.tensor(self.image_std).view(3, 1, 1)
-        return (pixel * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        # laid out [H, W, 3] in memory too: every result copies it (a strided copy costs several times more)
+        return (pixel * std + mean).clamp(0, 1).permute(1, 2, 0).contiguous().numpy()
 
     def info(self) -> dict:
         return {"prompt": self.prompt, "question": self.question, "answer": self.answer,

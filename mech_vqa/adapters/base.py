@@ -57,8 +57,10 @@ class ImageGeometry:
     def n_tokens(self) -> int:
         return int(self.positions.numel())
 
-    def to_grid(self, values: torch.Tensor) -> torch.Tensor:
-        """Lay ``[..., n_image_tokens]`` values (first view) on the patch grid: ``[..., rows, cols]``."""
+    def to_grid(self, values: torch.Tensor, *, copy: bool = True) -> torch.Tensor:
+        """Lay ``[..., n_image_tokens]`` values (first view) on the patch grid: ``[..., rows, cols]``.
+
+        ``copy=False``: the grid may be a view of ``values`` (for a tensor the caller just made)."""
         if values.shape[-1] != self.n_tokens:
             raise ValueError(
                 f"to_grid expects {self.n_tokens} values (one per image token), got {values.shape[-1]}"
@@ -66,7 +68,8 @@ class ImageGeometry:
         rows, cols = self.grid
         tokens, cells = self._grid_index()
         if cells is None:  # the first view's tokens fill the grid in raster order (LLaVA-1.5): a reshape
-            return values.reshape(*values.shape[:-1], rows, cols).clone()
+            grid = values.reshape(*values.shape[:-1], rows, cols)
+            return grid.clone() if copy else grid
         out = values.new_zeros((*values.shape[:-1], rows * cols))
         out[..., cells] = values[..., tokens]
         return out.view(*values.shape[:-1], rows, cols)

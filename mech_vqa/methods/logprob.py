@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters import ModelAdapter
@@ -73,6 +74,10 @@ def normalise(adapter: ModelAdapter, resid: torch.Tensor) -> torch.Tensor:
     if params["bias"] is not None:
         x = x + params["bias"].float()
     return x
+
+
+def _detached(x: torch.Tensor) -> torch.Tensor:
+    return x.detach() if x.requires_grad else x  # (a detach is an op of its own, on every scorer)
 
 
 def _softcap(adapter) -> float | None:
@@ -177,8 +182,8 @@ class FrozenNormScorer:
             self.mean = None  # an RMS norm does not centre
             variance = r.pow(2).mean(-1, keepdim=True)
         self.scale = torch.rsqrt(variance + params["eps"])  # [B, 1]: s, frozen
-        self.gamma = params["weight"].detach().float()
-        self.beta = params["bias"].detach().float() if params["bias"] is not None else None
+        self.gamma = float32(_detached(params["weight"]))
+        self.beta = float32(_detached(params["bias"])) if params["bias"] is not None else None
         self.row_gain = (self.scale * self.gamma).unsqueeze(1)  # [B, 1, d]: s_b * gamma, one product per vector
         self.chunk_elements = chunk_elements
 
@@ -271,7 +276,7 @@ class FrozenNormScorer:
         normed = self.frozen_norm(vectors, overwrite=overwrite)  # [B, N, d]
 
         def chunk_logits(W, b):
-            return normed @ W.T if b is None else torch.addmm(b, normed.flatten(0, 1), W.T).view(*normed.shape[:2], -1)
+            return F.linear(normed, W, b)  # [B, N, C] (one op: no transposed view of W to make first)
 
         return self._reduce(normed.shape[1], chunk_logits)
 

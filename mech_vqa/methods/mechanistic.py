@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..adapters.base import module_parameter
 from ..capture import ActivationCache, PerLayer, attention_rows
 from ..hooks import float32, without_grad
 from ..inputs import BatchedInput, PreparedInput, Target, check_box
@@ -199,8 +200,10 @@ def capture_target(vqa, inp: PreparedInput | BatchedInput, target=None, *, kv_la
     log_probs = float32(logits).log_softmax(-1)
     model_logprob = log_probs.select(1, scorer._only_target) if scorer._only_target is not None \
         else log_probs.gather(1, scorer.targets.view(-1, 1).to(logits.device))[:, 0]
-    mask = inp.attention_mask.to(adapter.device)
-    padded = len(items) > 1 or not bool(mask.all())
+    mask = inp.attention_mask
+    device = adapter.device
+    mask = mask if mask.device == device else mask.to(device)
+    padded = len(items) > 1 or items[0].has_padding()
     blocks = adapter.attention_blocks(inp.input_ids)
     return TargetCapture(
         vqa=vqa, items=items, targets=targets, positions=positions, offsets=offsets, attention_mask=mask,
@@ -232,10 +235,9 @@ def head_vectors(capture: TargetCapture, out: torch.Tensor | None = None) -> tor
     if step >= n_layers * n_heads and out.stride(1) == n_heads * out.stride(2) and \
             all(adapter.output_norm(layer, "attn") is None for layer in range(n_layers)):
         # every layer's W_O fits in one chunk (a small model): all heads of all layers in one product,
-        # [L*H, B, d] += [L*H, B, hd] @ [L*H, hd, d] (a view of ``out``, whose layer and head axes merge;
-        # W_O stacked, a small copy)
-        W_O = adapter.W_O_all().float().flatten(0, 1)
-        out.permute(1, 2, 0, 3).flatten(0, 1).baddbmm_(capture.z.float().permute(1, 2, 0, 3).flatten(0, 1), W_O)
+        # [L*H, B, d] += [L*H, B, hd] @ [L*H, hd, d] (a view of ``out``, whose layer and head axes merge)
+        out.permute(1, 2, 0, 3).flatten(0, 1).baddbmm_(float32(capture.z).permute(1, 2, 0, 3).flatten(0, 1),
+                                                       _stacked_W_O(adapter))
         return out
     for layer in range(n_layers):
         W_O = adapter.W_O(layer)
@@ -255,29 +257,59 @@ def head_vectors(capture: TargetCapture, out: torch.Tensor | None = None) -> tor
     return out
 
 
+def _stacked_W_O(adapter) -> torch.Tensor:
+    """``[L*H, head_dim, d_model]`` float32, contiguous: every layer's W_O stacked (a small model's, as
+    :func:`head_vectors` uses it). Kept on the adapter while each layer's o_proj weight is the same
+    tensor with the same storage, unmodified (its version counter moves with every in-place edit, an
+    ablation's say; ``.to()`` swaps the storage): a stack and a strided copy per call would cost more
+    than the product."""
+    weights = [module_parameter(adapter.o_proj(layer), "weight") for layer in range(adapter.n_layers)]
+    state = [(id(weight), weight._version, weight.data_ptr()) for weight in weights]
+    cached = adapter.__dict__.get("_stacked_W_O")
+    if cached is None or cached[0] != state:
+        # (the weights are held with the state: an id is only unique while its object lives)
+        cached = adapter._stacked_W_O = (state, weights, adapter.W_O_all().float().flatten(0, 1).contiguous())
+    return cached[2]
+
+
 @without_grad
 def layer_and_head_increase(capture: TargetCapture) -> tuple[list[LayerIncrease], list[HeadIncrease]]:
     """Layer-level and head-level increases for every row, from one batched scoring call.
 
     Scores ``[x_l, x_l + a_l, x_l + a_l + m_l (each L), x_l + h_lj (L*H), final]`` for all rows at once.
     """
-    adapter = capture.adapter
-    n_layers, n_heads = adapter.n_layers, adapter.n_heads
-    batch, d = capture.resid_pre.shape[0], adapter.d_model
+    batch, n_layers, n_heads, _ = capture.z.shape
+    d = capture.resid_pre.shape[-1]
     # every vector in one float32 buffer, built in place and normalised in place: at a 7B model's size a
-    # copy of it is ~18 MB, a quarter of a forward's peak activations
+    # copy of it is ~18 MB, a quarter of a forward's peak activations (views by narrow/select: a
+    # tensor's [] parses its index in Python-facing code, several times their cost on small tensors)
     vectors = capture.resid_pre.new_empty((batch, 3 * n_layers + n_layers * n_heads + 1, d), dtype=torch.float32)
-    x, after_attn, after_mlp = (vectors[:, i * n_layers:(i + 1) * n_layers] for i in range(3))
+    x, after_attn, after_mlp = (vectors.narrow(1, i * n_layers, n_layers) for i in range(3))
     x.copy_(capture.resid_pre)
-    torch.add(x, capture.attn_out.float(), out=after_attn)
-    torch.add(after_attn, capture.mlp_out.float(), out=after_mlp)
-    with_head = vectors[:, 3 * n_layers:-1].view(batch, n_layers, n_heads, d)
+    torch.add(x, float32(capture.attn_out), out=after_attn)
+    torch.add(after_attn, float32(capture.mlp_out), out=after_mlp)
+    with_head = vectors.narrow(1, 3 * n_layers, n_layers * n_heads).view(batch, n_layers, n_heads, d)
     with_head.copy_(x.unsqueeze(2).expand(-1, -1, n_heads, -1))
     head_vectors(capture, out=with_head)                                        # x_l + h_lj
-    vectors[:, -1].copy_(capture.final)
+    vectors.select(1, -1).copy_(capture.final)
     lp = capture.scorer.log_prob(vectors, overwrite=True)  # [B, 3L + L*H + 1]
-    return _layer_and_head_results(lp, capture.model_logprob, [capture.meta(row) for row in range(lp.shape[0])],
+    return _layer_and_head_results(lp, capture.model_logprob, [capture.meta(row) for row in range(batch)],
                                    n_layers, n_heads)
+
+
+#: ``(n_layers, n_heads) -> index``: for each increase after ``lp``'s base block, the score it is taken against
+_REFERENCE_INDEX: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _reference_index(n_layers: int, n_heads: int, device: torch.device) -> torch.Tensor:
+    """``[2L + L*H]``: ``x_l`` for ``x_l + a_l``, ``x_l + a_l`` for ``x_l + a_l + m_l``, ``x_l`` for each
+    ``x_l + h_lj``, as indices into ``[x (L), x + a (L), x + a + m (L), ...]``."""
+    index = _REFERENCE_INDEX.get((n_layers, n_heads))
+    if index is None:
+        layers = torch.arange(n_layers)
+        index = _REFERENCE_INDEX[n_layers, n_heads] = torch.cat([layers, layers + n_layers,
+                                                                  layers.repeat_interleave(n_heads)])
+    return index if index.device == device else index.to(device)
 
 
 def _layer_and_head_results(lp: torch.Tensor, model_logprob: torch.Tensor, metas: list[dict], n_layers: int,
@@ -285,19 +317,22 @@ def _layer_and_head_results(lp: torch.Tensor, model_logprob: torch.Tensor, metas
     """Results from the scores ``lp`` ``[B, 3L + L*H + 1]`` of ``[x_l, x_l + a_l, x_l + a_l + m_l, x_l + h_lj,
     final]`` (wherever they were computed)."""
     layer_results, head_results = [], []
+    # every increase in one subtraction: [B, 2L + L*H] = (x + a, x + a + m, x + h) - (x, x + a, x);
     # results hold ordinary tensors also when the scores were made in inference mode (differences and
     # copies made outside it are ordinary; views of its tensors would not be)
     with torch.inference_mode(False):
-        stages = lp[:, :3 * n_layers].view(-1, 3, n_layers)  # [B, (x, x + a, x + a + m), L]
-        increases = _on_cpu(stages.diff(dim=1))  # [B, (attention, MLP), L]
-        base = stages[:, 0]
-        heads = _on_cpu(lp[:, 3 * n_layers:-1].view(-1, n_layers, n_heads) - base.unsqueeze(2))
-        base = _on_cpu(base).clone()
-    final, model_logprob = lp[:, -1].tolist(), model_logprob.tolist()
+        increases = lp.narrow(1, n_layers, (2 + n_heads) * n_layers) - \
+            lp.index_select(1, _reference_index(n_layers, n_heads, lp.device))
+        increases = _on_cpu(increases)
+        base = _on_cpu(lp.narrow(1, 0, n_layers)).clone()
+    final, model_logprob = lp.select(1, -1).tolist(), model_logprob.tolist()
     for row, meta in enumerate(metas):
-        layer_results.append(LayerIncrease(attention=increases[row, 0], mlp=increases[row, 1], base=base[row],
+        row_increases = increases.select(0, row)
+        layer_results.append(LayerIncrease(attention=row_increases.narrow(0, 0, n_layers),
+                                           mlp=row_increases.narrow(0, n_layers, n_layers), base=base.select(0, row),
                                            final_logprob=final[row], model_logprob=model_logprob[row], **meta))
-        head_results.append(HeadIncrease(scores=heads[row], **meta))
+        head_results.append(HeadIncrease(scores=row_increases.narrow(0, 2 * n_layers, n_layers * n_heads)
+                                         .view(n_layers, n_heads), **meta))
     return layer_results, head_results
 
 
@@ -341,12 +376,12 @@ def position_scores(capture: TargetCapture, layer: int, head: int, rows=None) ->
                              of_rows(capture.attention_mask) if capture.padded else None, heads=[head], blocks=blocks)
     attention = pattern.view(pattern.shape[0], -1)  # [b, S]: A_lj[t, :] (of [b, 1, 1, S])
     values = float32(of_rows(capture.cache["v", layer]).select(2, head // group))  # [b, S, hd]
-    coefficients, basis = attention.unsqueeze(-1) * values, adapter.W_O(layer)[head]
+    coefficients, basis = attention.unsqueeze(-1) * values, adapter.W_O(layer).select(0, head)
     frozen = capture.frozen_output_norm(layer, "attn")
     if frozen is not None:  # post-norm: the frozen scale per row into the coefficients, the gain into the basis
         coefficients = coefficients * of_rows(frozen[0]).view(-1, 1, 1)
         basis = basis.float() * frozen[1]
-    lp, lp_base = scorer.log_prob_in_basis(of_rows(capture.resid_pre)[:, layer], coefficients, basis)
+    lp, lp_base = scorer.log_prob_in_basis(of_rows(capture.resid_pre).select(1, layer), coefficients, basis)
     return lp - lp_base.unsqueeze(1), attention
 
 
@@ -374,7 +409,7 @@ def position_increase(capture: TargetCapture, heads, *, progress: bool = False) 
     for (layer, head), rows_for_head in pending:
         increase, attention = position_scores(capture, layer, head, rows_for_head)
         for i, row in enumerate(rows_for_head):
-            computed[layer, head, row] = (increase[i], attention[i])
+            computed[layer, head, row] = (increase.select(0, i), attention.select(0, i))
     results, offsets = [], capture.offsets.tolist()
     with torch.inference_mode(False):  # stacked copies: ordinary tensors whatever mode scored them
         for row, row_heads in enumerate(per_row):
@@ -399,7 +434,7 @@ def _head_positions(item: PreparedInput, row_heads, scores: torch.Tensor, attent
                     meta: dict) -> HeadPositions:
     """One row's result from its increases and attention ``[n_heads, S]`` (the row's own coordinates)."""
     geometry = item.geometry
-    image_scores = geometry.to_grid(scores.index_select(1, geometry.positions))
+    image_scores = geometry.to_grid(scores.index_select(1, geometry.positions), copy=False)  # (a fresh tensor)
     return HeadPositions(
         scores=scores, image_scores=image_scores, attention=attention, heads=[list(h) for h in row_heads],
         str_tokens=list(item.str_tokens), image_positions=geometry.positions.tolist(),

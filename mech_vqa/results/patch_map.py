@@ -43,7 +43,10 @@ class PatchMap(Result):
     def __post_init__(self):
         if self.scores.dim() != 2:
             raise ValueError(f"PatchMap scores must be [rows, cols], got shape {tuple(self.scores.shape)}")
-        self.scores = self.scores.detach().float().cpu()
+        scores = self.scores  # (no detach / cast / move where there is nothing to do: each is an op on every map)
+        scores = scores.detach() if scores.requires_grad else scores
+        scores = scores if scores.dtype == torch.float32 else scores.float()
+        self.scores = scores if scores.is_cpu else scores.cpu()
         if not self.image_size:
             self.image_size = list(self.image.shape[:2]) if self.image is not None else list(self.scores.shape)
         self.image_size = [int(s) for s in self.image_size]
