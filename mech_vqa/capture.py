@@ -55,6 +55,7 @@ from torch import nn
 from .adapters import ModelAdapter, get_adapter
 from .hooks import (
     HookSet,
+    config_fields,
     float32,
     preserved_state,
     tap_config,
@@ -720,7 +721,7 @@ class _Stamp:
                 return False
         # z read by the attention's tap needs it to run (sdpa still selected) and nothing else to edit o_proj's input
         if self.z_taps and (any(m._forward_pre_hooks for m in self.z_taps) or any(
-                vars(c).get("_attn_implementation_internal") != "sdpa" for c in self.tap_configs)):
+                config_fields(c).get("_attn_implementation_internal") != "sdpa" for c in self.tap_configs)):
             return False
         # what made the set compute q / k / v from the attention input must still hold
         return _all_plain(self.plain) and not is_tensor_parallel(model)
@@ -902,6 +903,13 @@ def _rotate(adapter: ModelAdapter, jobs: dict) -> None:
             jobs[layer][4](("k", layer), part)
 
 
+def _flat_list(x: torch.Tensor) -> list:
+    """``x.flatten().tolist()`` for a tensor of up to 2 dimensions, without the flatten op."""
+    values = x.tolist()
+    dim = x.dim()
+    return values if dim == 1 else [values] if dim == 0 else [v for row in values for v in row]
+
+
 def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.Tensor, k: torch.Tensor,
                    query_positions: torch.Tensor, key_mask: torch.Tensor | None = None,
                    heads: Sequence[int] | None = None, blocks: torch.Tensor | None = None) -> torch.Tensor:
@@ -956,7 +964,7 @@ def attention_rows(adapter: ModelAdapter, layer: int | Sequence[int], q: torch.T
     blocked = None  # [B, P, S]
     windowed = any(w is not None for w in windows)
     # queries at the last position see every key: no causal mask to build (the usual explained token)
-    if windowed or blocks is not None or any(p != seq - 1 for p in query_positions.flatten().tolist()):
+    if windowed or blocks is not None or any(p != seq - 1 for p in _flat_list(query_positions)):
         if query_positions.device != scores.device:
             query_positions = query_positions.to(scores.device)
         if query_positions.dim() == 1:

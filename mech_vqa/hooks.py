@@ -133,20 +133,29 @@ TAP_ATTENTION = "mech_vqa_tap_sdpa"
 #: ``id(attention module) -> [tap, ...]`` installed now (a module not listed runs plain sdpa)
 _ATTENTION_TAPS: dict[int, list[Callable]] = {}
 _INTERFACES: list = []  # (transformers' attention interface, mask interface) once registered
+#: [attention function, mask function] registered as "sdpa": read when the tap is registered and again
+#: each time a capture selects it (so it follows a re-registered "sdpa"), not on every layer's call
+_SDPA: list = [None, None]
 
 
 def _tapped_sdpa(module, query, key, value, attention_mask, **kwargs):
     """transformers' sdpa attention, then ``module``'s taps given its inputs and output."""
-    out = _INTERFACES[0][0]["sdpa"](module, query, key, value, attention_mask, **kwargs)
+    out = _SDPA[0](module, query, key, value, attention_mask, **kwargs)
     taps = _ATTENTION_TAPS.get(id(module))
     if taps:
+        output = out[0]
         for tap in taps:
-            tap(query, key, value, out[0])
+            tap(query, key, value, output)
     return out
 
 
 def _tap_mask(*args, **kwargs):
-    return _INTERFACES[0][1]["sdpa"](*args, **kwargs)
+    return _SDPA[1](*args, **kwargs)
+
+
+def _resolve_sdpa() -> None:
+    attention, mask = _INTERFACES[0]
+    _SDPA[:] = attention["sdpa"], mask["sdpa"]
 
 
 def _register_tap_attention() -> None:
@@ -161,6 +170,7 @@ def _register_tap_attention() -> None:
     AttentionInterface.register(TAP_ATTENTION, _tapped_sdpa)
     AttentionMaskInterface.register(TAP_ATTENTION, _tap_mask)
     _INTERFACES.append((ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS))
+    _resolve_sdpa()
 
 
 def tap_config(attention: nn.Module):
@@ -168,7 +178,7 @@ def tap_config(attention: nn.Module):
     a config that selects "sdpa" (or the tap itself); None otherwise (eager attention, flash kernels:
     the capture then projects queries, keys and values itself)."""
     config = attention.__dict__.get("config")
-    fields = getattr(config, "__dict__", None)
+    fields = None if config is None else config_fields(config)
     if fields is None or fields.get("_attn_implementation_internal") not in ("sdpa", TAP_ATTENTION):
         return None
     return config
@@ -179,8 +189,10 @@ def tapping(configs) -> list[tuple[object, str]]:
     (:func:`untapping`). A config that selects anything else by now is left alone: its layers'
     taps then do not run, and captures fall back on projecting what they did not receive."""
     switched = []
+    if _INTERFACES:
+        _resolve_sdpa()
     for config in configs:
-        fields = config.__dict__
+        fields = config_fields(config)
         if fields.get("_attn_implementation_internal") == "sdpa":
             fields["_attn_implementation_internal"] = TAP_ATTENTION
             switched.append((config, "sdpa"))
@@ -189,7 +201,13 @@ def tapping(configs) -> list[tuple[object, str]]:
 
 def untapping(switched: list[tuple[object, str]]) -> None:
     for config, value in switched:
-        config.__dict__["_attn_implementation_internal"] = value
+        config_fields(config)["_attn_implementation_internal"] = value
+
+
+def config_fields(config) -> dict:
+    """A config's attribute dictionary, read past transformers' Python ``__getattribute__`` (every attribute
+    read of a config runs it, ``__dict__`` included; captures read the attention choice on every call)."""
+    return object.__getattribute__(config, "__dict__")
 
 
 def attn_implementation(model: nn.Module) -> str | None:
@@ -225,7 +243,7 @@ def _config_attn_state(modules: list[nn.Module]) -> list[tuple[object, object]]:
         if config is None or id(config) in seen:
             continue
         seen.add(id(config))
-        fields = vars(config)
+        fields = config_fields(config)
         if "_attn_implementation_internal" not in fields:
             continue
         configs.append((config, fields["_attn_implementation_internal"]))
@@ -271,7 +289,7 @@ def preserved_state(model: nn.Module, *, eager: bool = False, frozen: bool = Fal
         yield
     finally:
         for config, value in attn:
-            if vars(config).get("_attn_implementation_internal") != value:
+            if config_fields(config).get("_attn_implementation_internal") != value:
                 config._attn_implementation_internal = value
         # only what changed is written back (nn.Module.__setattr__ is slow, and most blocks change nothing)
         for p, flag in zip(params, grads):

@@ -33,7 +33,9 @@ class TensorParallelError(RuntimeError):
 
 def tp_size(model: nn.Module) -> int:
     """The tensor-parallel degree transformers recorded on ``model`` (1 when not tensor-parallel)."""
-    size = getattr(model, "_tp_size", None) or getattr(model, "tp_size", None)
+    size = getattr(model, "_tp_size", None)
+    if size is None and not hasattr(type(model), "_tp_size"):  # (transformers' tp_size property reads _tp_size)
+        size = getattr(model, "tp_size", None)
     return int(size) if size is not None else 1
 
 

@@ -475,6 +475,12 @@ class ModelAdapter:
         # a view (reshape, not Tensor.unflatten: its Python wrapper costs more than the rest of this call)
         return weight.T.reshape(self.n_heads, -1, weight.shape[0])
 
+    def W_O_head(self, layer: int, head: int) -> torch.Tensor:
+        """``[head_dim, d_model]``: ``W_O(layer)[head]``, as a view of that head's columns of o_proj."""
+        weight = module_parameter(self.o_proj(layer), "weight")
+        head_dim = weight.shape[1] // self.n_heads
+        return weight.narrow(1, head * head_dim, head_dim).t()
+
     def W_O_all(self) -> torch.Tensor:
         """``[n_layers, n_heads, head_dim, d_model]``: :meth:`W_O` of every layer, stacked (one copy)."""
         weights = torch.stack([module_parameter(self.o_proj(layer), "weight") for layer in range(self.n_layers)])
@@ -533,7 +539,11 @@ class ModelAdapter:
         return None
 
     def attention_scaling(self, layer: int) -> float:
-        return float(getattr(self.attn(layer), "scaling", self.head_dim ** -0.5))
+        attn = self.attn(layer)
+        scaling = attn.__dict__.get("scaling")  # (HF sets a plain attribute: read without a module __getattr__)
+        if scaling is None:
+            scaling = getattr(attn, "scaling", None)
+        return float(scaling if scaling is not None else self.head_dim ** -0.5)
 
     def sliding_window(self, layer: int) -> int | None:
         """Keys a query of ``layer`` may see, counting itself, or None for full causal attention.

@@ -95,8 +95,11 @@ class HooksBackend(Backend):
         records are inference tensors: read them, compute from them, never edit them in place.
         A model dispatched by accelerate (``hf_device_map``) keeps ``no_grad``: its hooks re-create
         offloaded parameters during the forward."""
-        if getattr(self.vqa.model, "hf_device_map", None):
+        # (read from the instance's attributes: an nn.Module attribute miss raises and formats an error)
+        if self.vqa.model.__dict__.get("hf_device_map"):
             return torch.no_grad()
+        if torch.is_inference_mode_enabled():  # (inside the block already: the methods nest it)
+            return contextlib.nullcontext()
         return torch.inference_mode()
 
     def generate(self, inputs: dict, **kwargs) -> torch.Tensor:

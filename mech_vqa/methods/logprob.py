@@ -43,11 +43,14 @@ from ..hooks import float32, without_grad
 CHUNK_ELEMENTS = 1 << 19
 
 
-def check_token_ids(adapter: ModelAdapter, token_ids: torch.Tensor) -> torch.Tensor:
-    """``token_ids`` as a long tensor, or an IndexError naming the vocabulary size."""
+def check_token_ids(adapter: ModelAdapter, token_ids: torch.Tensor, *, as_tensor: bool = True) -> torch.Tensor | None:
+    """``token_ids`` as a long tensor, or an IndexError naming the vocabulary size. ``as_tensor=False``:
+    only the check, for a list of ints (returns None)."""
     vocab = adapter.vocab_size
     if isinstance(token_ids, (list, tuple)) and all(type(t) is int for t in token_ids):  # no tensor ops needed
         bad = [t for t in token_ids if not 0 <= t < vocab]
+        if not as_tensor and not bad:
+            return None
         token_ids = torch.tensor(token_ids, dtype=torch.long)
     else:
         token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
@@ -164,13 +167,17 @@ class FrozenNormScorer:
             raise ValueError(f"final_resid must be [batch, {adapter.d_model}], got {tuple(final_resid.shape)}")
         self.adapter = adapter
         device = adapter.device
-        targets = check_token_ids(adapter, target_ids)
-        self.targets = targets if targets.device == device else targets.to(device)
-        if self.targets.numel() != final_resid.shape[0]:
-            raise ValueError(f"{self.targets.numel()} target ids for {final_resid.shape[0]} rows")
+        if isinstance(target_ids, (list, tuple)) and all(type(t) is int for t in target_ids):
+            check_token_ids(adapter, target_ids, as_tensor=False)
+            self._ids, self._targets = list(target_ids), None  # the tensor made at the first read of ``targets``
+        else:
+            targets = check_token_ids(adapter, target_ids)
+            self._ids, self._targets = None, targets if targets.device == device else targets.to(device)
+        self._batch = len(self._ids) if self._ids is not None else int(self._targets.numel())
+        if self._batch != final_resid.shape[0]:
+            raise ValueError(f"{self._batch} target ids for {final_resid.shape[0]} rows")
         # one row's target as an int: its log-probability is then a select, not an index tensor and a gather
-        self._only_target = int(target_ids[0]) if len(self.targets) == 1 and isinstance(target_ids, (list, tuple)) \
-            else None
+        self._only_target = self._ids[0] if self._ids is not None and self._batch == 1 else None
         params = adapter.final_norm_params()
         r = final_resid if not final_resid.requires_grad else final_resid.detach()
         r = float32(r)
@@ -188,17 +195,26 @@ class FrozenNormScorer:
         self.chunk_elements = chunk_elements
 
     @property
+    def targets(self) -> torch.Tensor:
+        """``[B]`` long: each row's target id (made at the first read where the ids came as ints: one
+        row's target is scored by index, without it)."""
+        if self._targets is None:
+            self._targets = torch.tensor(self._ids, dtype=torch.long, device=self.adapter.device)
+        return self._targets
+
+    @property
     def batch_size(self) -> int:
-        return int(self.targets.numel())
+        return self._batch
 
     def select(self, rows) -> FrozenNormScorer:
         """The scorer restricted to batch ``rows`` (a list or tensor of row indices)."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.targets.device)
         out = object.__new__(FrozenNormScorer)
         out.__dict__.update(self.__dict__)
-        out.targets, out.scale, out.row_gain = self.targets[rows], self.scale[rows], self.row_gain[rows]
+        out._targets, out.scale, out.row_gain = self.targets[rows], self.scale[rows], self.row_gain[rows]
+        out._ids, out._batch = None, int(rows.numel())
         out.mean = None if self.mean is None else self.mean[rows]
-        out._only_target = int(out.targets[0]) if len(out.targets) == 1 else None
+        out._only_target = int(out._targets[0]) if out._batch == 1 else None
         return out
 
     def frozen_norm(self, vectors: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:

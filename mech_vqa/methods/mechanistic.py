@@ -376,7 +376,7 @@ def position_scores(capture: TargetCapture, layer: int, head: int, rows=None) ->
                              of_rows(capture.attention_mask) if capture.padded else None, heads=[head], blocks=blocks)
     attention = pattern.view(pattern.shape[0], -1)  # [b, S]: A_lj[t, :] (of [b, 1, 1, S])
     values = float32(of_rows(capture.cache["v", layer]).select(2, head // group))  # [b, S, hd]
-    coefficients, basis = attention.unsqueeze(-1) * values, adapter.W_O(layer).select(0, head)
+    coefficients, basis = attention.unsqueeze(-1) * values, adapter.W_O_head(layer, head)
     frozen = capture.frozen_output_norm(layer, "attn")
     if frozen is not None:  # post-norm: the frozen scale per row into the coefficients, the gain into the basis
         coefficients = coefficients * of_rows(frozen[0]).view(-1, 1, 1)
