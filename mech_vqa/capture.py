@@ -355,16 +355,18 @@ class _Installed:
     from the attention input at the first read (:func:`_plain_projections`) unless their attention's
     tap hands them over first; ``tap_configs``: the configs that select those layers' attention (the tap
     is selected on them while recording); ``z_taps``: the ``o_proj`` of the layers whose ``z`` the tap
-    records (no hook there); ``stamp``: what :func:`_take_prepared` checks before the set is used again
+    records (no hook there); ``untapped``: the attention modules of projected layers that could not be
+    tapped when the set was made (another attention implementation selected); ``stamp``: what :func:`_take_prepared` checks before the set is used again
     (None until it is kept)."""
 
-    __slots__ = ("current", "hooks", "layer_list", "plain", "stamp", "tap_configs", "z_taps")
+    __slots__ = ("current", "hooks", "layer_list", "plain", "stamp", "tap_configs", "untapped", "z_taps")
 
     def __init__(self, layer_list: list[int]):
         self.hooks, self.current, self.layer_list = HookSet(), None, layer_list
         self.plain: list[tuple[nn.Module, ...]] = []
         self.tap_configs: dict[int, object] = {}
         self.z_taps: list[nn.Module] = []
+        self.untapped: list[nn.Module] = []
         self.stamp: _Stamp | None = None
 
     @property
@@ -557,6 +559,8 @@ def _register_layer(installed: _Installed, adapter: ModelAdapter, layer: int, wa
         # model rotated them): nothing to project or rotate afterwards. The attention input stays the
         # fall-back, for a forward in which the tap does not run (another implementation selected since).
         config = tap_config(attn) if whole.layout is None else None
+        if config is None and whole.layout is None:
+            installed.untapped.append(attn)  # (eager, flash: a set kept for later is remade once sdpa is back)
         if config is not None:
             installed.tap_configs[id(config)] = config
             # z too, as the attention returns it, where nothing edits o_proj's input (no interventions here,
@@ -570,15 +574,16 @@ def _register_layer(installed: _Installed, adapter: ModelAdapter, layer: int, wa
                 rec = installed.current
                 if rec is None:
                     return
-                positions, keep = rec.positions, rec.keep
-                if want_q:
-                    keep(("q", layer), _select(query.transpose(1, 2), positions))
-                if want_k:
-                    keep(("k", layer), key.transpose(1, 2))
-                if want_v:
-                    keep(("v", layer), value.transpose(1, 2))
+                positions = rec.positions
                 if tap_z:
-                    keep(("z", layer), _select(output, positions))
+                    rec.keep(("z", layer), _select(output, positions))
+                # laid out as the cache has them ([B, positions, heads, hd]) at the first read, if any
+                tapped = _Tapped(_select(query, positions, dim=2) if want_q else None, key if want_k else None,
+                                 value if want_v else None, rec.keep)
+                if rec.pending is None:
+                    tapped.finish(layer)
+                else:
+                    rec.pending[layer] = tapped
                 rec.tapped.add(layer)
             hooks.tap(attn, attn_tap)
     raw = {}
@@ -700,13 +705,14 @@ class _Stamp:
     """The model as a kept capture set was made for: every hooked module's places, as ``(parent, name,
     module)`` links up to the root, the decoder-layer list and its length, the text config."""
 
-    __slots__ = ("config", "layers", "links", "model", "n_layers", "plain", "tap_configs", "z_taps")
+    __slots__ = ("config", "layers", "links", "model", "n_layers", "plain", "tap_configs", "untapped", "z_taps")
 
     def __init__(self, adapter: ModelAdapter, model: nn.Module, links: tuple, installed: _Installed):
         self.model, self.links, self.config = model, links, adapter.text_config
         self.layers = adapter.layers
         self.n_layers = len(self.layers._modules)
         self.tap_configs, self.z_taps = tuple(installed.tap_configs.values()), tuple(installed.z_taps)
+        self.untapped = tuple(installed.untapped)
         # where every projected layer's z comes from its tap, a forward without the tap is an error rather
         # than a projection: what the projections look like then does not matter
         covered = len(self.z_taps) == len(installed.plain)
@@ -722,6 +728,9 @@ class _Stamp:
         # z read by the attention's tap needs it to run (sdpa still selected) and nothing else to edit o_proj's input
         if self.z_taps and (any(m._forward_pre_hooks for m in self.z_taps) or any(
                 config_fields(c).get("_attn_implementation_internal") != "sdpa" for c in self.tap_configs)):
+            return False
+        # a set made without taps (another attention selected then) is made again, tapped, once sdpa is back
+        if self.untapped and any(tap_config(attention) is not None for attention in self.untapped):
             return False
         # what made the set compute q / k / v from the attention input must still hold
         return _all_plain(self.plain) and not is_tensor_parallel(model)
@@ -826,15 +835,35 @@ class _Projections:
         return self.adapter.normalise_qk(layer, q, k)
 
 
+class _Tapped:
+    """A layer's queries (at the kept positions), keys and values as its attention function read them,
+    ``[B, heads, positions, hd]``: put in the cache's layout (``[B, positions, heads, hd]``, views) when
+    first read (a method reads one layer's, not all)."""
+
+    __slots__ = ("k", "keep", "q", "v")
+
+    def __init__(self, q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None, keep):
+        self.q, self.k, self.v, self.keep = q, k, v, keep
+
+    def finish(self, layer: int) -> None:
+        for name, value in (("q", self.q), ("k", self.k), ("v", self.v)):
+            if value is not None:
+                self.keep((name, layer), value.transpose(1, 2))
+
+
 @without_grad  # pending work belongs to a detached capture (its inputs may be inference tensors)
 def _finish_rotations(cache: ActivationCache, layers=None) -> None:
-    """Rotate the pending queries / keys of ``layers`` (default all), layers sharing angles together."""
+    """Rotate the pending queries / keys of ``layers`` (default all), layers sharing angles together
+    (and lay out what an attention tap recorded)."""
     if layers is None:
         jobs, cache.pending = cache.pending, {}
     else:
         jobs = {layer: cache.pending.pop(layer) for layer in layers}
     for layer, job in list(jobs.items()):
-        if isinstance(job[0], _Projections):
+        if isinstance(job, _Tapped):
+            job.finish(layer)
+            del jobs[layer]
+        elif isinstance(job[0], _Projections):
             if len(jobs) == 1 and all(job[0].want[:2]):
                 # one layer read on its own: rotate its queries at every position together with the keys,
                 # as the model does, and keep the chosen rows (a rotation is per position: same values)

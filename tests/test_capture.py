@@ -12,6 +12,7 @@ from conftest import (
 )
 
 from mech_vqa import CaptureError, attention_rows
+from mech_vqa.capture import _Tapped
 
 ALL = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "mlp_act",
        "vision_features", "projector_out"]
@@ -159,6 +160,12 @@ def eager_attention(vqa):
         vqa.model.set_attn_implementation(before)
 
 
+def _nothing_to_project(cache) -> bool:
+    """Whether a capture's queries, keys and values came from its attention taps: nothing is left to project
+    or rotate at the first read, only views to lay out."""
+    return all(isinstance(job, _Tapped) for job in cache.pending.values())
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("route", ["tapped", "projected"])
 def test_tapped_or_projected_at_read_equals_captured_by_hooks(any_vqa, inp, route):
@@ -175,7 +182,7 @@ def test_tapped_or_projected_at_read_equals_captured_by_hooks(any_vqa, inp, rout
             any_vqa.forward(inp)
         with any_vqa.trace(["q", "k", "v"], positions=positions) as every_layer:
             any_vqa.forward(inp)
-        assert bool(every_layer.pending) == (route == "projected")
+        assert _nothing_to_project(every_layer) == (route == "tapped")
         every_layer.keys()  # everything at once
         for layer in range(any_vqa.adapter.n_layers):
             with any_vqa.trace(["q", "k", "v"], positions=positions) as one_layer:
@@ -209,7 +216,7 @@ def test_attention_taps_leave_nothing_behind(tiny_vqa, prepared):
         for _ in range(3):  # set up, kept, reused
             with tiny_vqa.trace(["k", "v"]) as cache:
                 tiny_vqa.forward(prepared)
-            assert not cache.pending and ("k", 0) in cache
+            assert _nothing_to_project(cache) and ("k", 0) in cache
         with pytest.raises(RuntimeError, match="inside the block"), tiny_vqa.trace(["k", "v"]):
             tiny_vqa.forward(prepared)
             raise RuntimeError("inside the block")
@@ -219,7 +226,7 @@ def test_attention_taps_leave_nothing_behind(tiny_vqa, prepared):
     assert config._attn_implementation == "sdpa" and not hooks._ATTENTION_TAPS
     with tiny_vqa.trace(["k"]) as outer, tiny_vqa.trace(["v"]) as inner:  # nested: both tapped
         tiny_vqa.forward(prepared)
-    assert ("k", 1) in outer and ("v", 1) in inner and not outer.pending and not inner.pending
+    assert _nothing_to_project(outer) and _nothing_to_project(inner) and ("k", 1) in outer and ("v", 1) in inner
     assert config._attn_implementation == "sdpa" and not hooks._ATTENTION_TAPS
 
 
@@ -279,10 +286,11 @@ def test_switching_attention_inside_a_trace_that_reads_z_from_the_tap_is_one_cle
     assert tiny_vqa.model.config.text_config._attn_implementation == "sdpa"
 
 
-def test_a_kept_set_falls_back_to_projecting_when_sdpa_is_no_longer_selected(tiny_vqa, prepared):
+def test_a_kept_set_follows_the_attention_selected_when_it_is_asked_for(tiny_vqa, prepared):
     """A capture set kept from sdpa forwards, asked for after the model switched to eager attention: its
     taps would not run (the config is left as the user set it), so q / k / v are projected at the read and
-    z is read from o_proj's input instead, by a set made for eager attention."""
+    z is read from o_proj's input instead, by a set made for eager attention. Once sdpa is selected again,
+    that set is not reused: the next is tapped again."""
     for _ in range(3):
         with tiny_vqa.trace(["q", "k", "v", "z"], positions=[4]) as tapped:
             tiny_vqa.forward(prepared)
@@ -291,10 +299,14 @@ def test_a_kept_set_falls_back_to_projecting_when_sdpa_is_no_longer_selected(tin
             with tiny_vqa.trace(["q", "k", "v", "z"], positions=[4]) as projected:
                 tiny_vqa.forward(prepared)
         assert tiny_vqa.model.config.text_config._attn_implementation == "eager"
-        assert projected.pending
+        assert not _nothing_to_project(projected)
         for layer in range(tiny_vqa.adapter.n_layers):
             for name in ("q", "k", "v", "z"):
                 torch.testing.assert_close(projected[name, layer], tapped[name, layer], rtol=1e-6, atol=1e-6)
+    for _ in range(2):
+        with tiny_vqa.trace(["q", "k", "v", "z"], positions=[4]) as again:
+            tiny_vqa.forward(prepared)
+        assert _nothing_to_project(again)
 
 
 # ----------------------------------------------------------------------------- keep_hooks
