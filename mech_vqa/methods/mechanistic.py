@@ -263,7 +263,13 @@ def _stacked_W_O(adapter) -> torch.Tensor:
     tensor with the same storage, unmodified (its version counter moves with every in-place edit, an
     ablation's say; ``.to()`` swaps the storage): a stack and a strided copy per call would cost more
     than the product."""
-    weights = [module_parameter(adapter.o_proj(layer), "weight") for layer in range(adapter.n_layers)]
+    modules = [adapter.o_proj(layer) for layer in range(adapter.n_layers)]
+    weights = [module_parameter(module, "weight") for module in modules]
+    if any(weight is not module._parameters.get("weight") or weight.is_inference()
+           for weight, module in zip(weights, modules)):
+        # copies made for this read (gathered across a tensor-parallel group, loaded back from an offload),
+        # or weights without a version counter: nothing to keep
+        return adapter.W_O_all().float().flatten(0, 1)
     state = [(id(weight), weight._version, weight.data_ptr()) for weight in weights]
     cached = adapter.__dict__.get("_stacked_W_O")
     if cached is None or cached[0] != state:

@@ -422,3 +422,25 @@ def test_explain_returns_ordinary_tensors_though_it_scores_in_inference_mode(tin
         assert len(found) >= 10
         assert not [t.shape for t in found if t.is_inference()]
         exp.heads.scores.add_(0.0)  # an in-place edit works
+
+
+@torch.no_grad()
+def test_weight_edits_between_calls_are_seen(tiny_vqa, image):
+    """``explain`` keeps a small model's W_O stacked between calls: an in-place edit of o_proj (an ablation),
+    a new tensor in its place or a move to another dtype is seen by the next call, as by a fresh model."""
+    vqa = VQAModel(copy.deepcopy(tiny_vqa.model), tiny_vqa.processor, name="tiny-edited")
+    inp = vqa.prepare(image, "What is the color of the dog?", "The dog is red.")
+    before = explain(vqa, inp, heads=[(1, 0)], progress=False).heads.scores
+    o_proj = vqa.adapter.o_proj(1)
+    hd = vqa.adapter.head_dim
+    o_proj.weight[:, :hd].zero_()  # head 0 of layer 1 now writes nothing
+    edited = explain(vqa, inp, heads=[(1, 0)], progress=False).heads.scores
+    assert edited[1, 0] == 0 and before[1, 0] != 0
+    o_proj.weight = torch.nn.Parameter(o_proj.weight * 2)  # a new tensor in its place
+    fresh = VQAModel(copy.deepcopy(vqa.model), vqa.processor, name="tiny-fresh")
+    torch.testing.assert_close(explain(vqa, inp, heads=[(1, 0)], progress=False).heads.scores,
+                               explain(fresh, inp, heads=[(1, 0)], progress=False).heads.scores, rtol=0, atol=0)
+    vqa.model.half()  # .to() swaps every parameter's storage (rounded values), the Parameter objects stay
+    halved = VQAModel(copy.deepcopy(vqa.model), vqa.processor, name="tiny-half")
+    torch.testing.assert_close(explain(vqa, inp, heads=[(1, 0)], progress=False).heads.scores,
+                               explain(halved, inp, heads=[(1, 0)], progress=False).heads.scores, rtol=0, atol=0)
