@@ -370,10 +370,11 @@ def test_gemma_norms_are_read_as_the_gain_they_apply(image):
     red = vqa.tokenizer.convert_tokens_to_ids("red")
     probs = vqa.logits(inp)[0, inp.image_positions].float().softmax(-1)[:, red]
     torch.testing.assert_close(lens.word_probs[-1], probs, rtol=1e-4, atol=1e-6)
-    # a Llama norm keeps its weight as it is (the same tensor)
+    # a Llama norm keeps its weight as it is (its own storage, no copy; read as data, detached)
     llama, _ = tiny_llava(seed=0)
     norm = get_adapter(llama).final_norm
-    assert get_adapter(llama).final_norm_params()["weight"] is norm.weight
+    gain = get_adapter(llama).final_norm_params()["weight"]
+    assert gain.data_ptr() == norm.weight.data_ptr() and gain.shape == norm.weight.shape and not gain.requires_grad
 
 
 def test_fused_projections_are_one_clear_error_at_load():

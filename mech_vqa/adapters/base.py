@@ -231,7 +231,7 @@ def _rms_gain(norm: nn.Module, eps: float) -> torch.Tensor:
     if min(plain, offset) > tolerance:
         raise AdapterError(f"the final norm {type(norm).__name__} scales by neither its weight nor 1 + weight; "
                            "the adapter cannot read it as data")
-    return norm.weight if plain <= offset else 1 + weight.float()
+    return weight if plain <= offset else 1 + weight.float()  # (detached: read as data, never trained through)
 
 
 def module_parameter(module: nn.Module, name: str) -> torch.Tensor | None:

@@ -295,7 +295,7 @@ def layer_and_head_increase(capture: TargetCapture) -> tuple[list[LayerIncrease]
     torch.add(x, float32(capture.attn_out), out=after_attn)
     torch.add(after_attn, float32(capture.mlp_out), out=after_mlp)
     with_head = vectors.narrow(1, 3 * n_layers, n_layers * n_heads).view(batch, n_layers, n_heads, d)
-    with_head.copy_(x.unsqueeze(2).expand(-1, -1, n_heads, -1))
+    with_head.copy_(x.unsqueeze(2))  # (copy_ broadcasts over the heads)
     head_vectors(capture, out=with_head)                                        # x_l + h_lj
     vectors.select(1, -1).copy_(capture.final)
     lp = capture.scorer.log_prob(vectors, overwrite=True)  # [B, 3L + L*H + 1]
