@@ -239,11 +239,10 @@ def run_model(name, vqa, image, thread_counts, repeats, captured_forward: bool) 
     if captured_forward:
         t, every_layer = torch.tensor([target.position]), list(range(vqa.adapter.n_layers))
 
-        @torch.no_grad()
-        def plain():
-            vqa.forward(inp, logits_to_keep=1)
+        def plain():  # in the same grad mode as the captured one (inference mode: ~7 % faster than no_grad)
+            with vqa.backend.read_only():
+                vqa.forward(inp, logits_to_keep=1)
 
-        @torch.no_grad()
         def captured():  # the forward explain runs, with its capture set up and removed
             with target_trace(vqa, t, every_layer, mlp_act=False), vqa.backend.read_only():
                 vqa.forward(inp, logits_to_keep=1)
