@@ -356,8 +356,8 @@ class _Installed:
     tap hands them over first; ``tap_configs``: the configs that select those layers' attention (the tap
     is selected on them while recording); ``z_taps``: the ``o_proj`` of the layers whose ``z`` the tap
     records (no hook there); ``untapped``: the attention modules of projected layers that could not be
-    tapped when the set was made (another attention implementation selected); ``stamp``: what :func:`_take_prepared` checks before the set is used again
-    (None until it is kept)."""
+    tapped when the set was made (another attention implementation selected); ``stamp``: what
+    :func:`_take_prepared` checks before the set is used again (None until it is kept)."""
 
     __slots__ = ("current", "hooks", "layer_list", "plain", "stamp", "tap_configs", "untapped", "z_taps")
 

@@ -287,8 +287,7 @@ def layer_and_head_increase(capture: TargetCapture) -> tuple[list[LayerIncrease]
     batch, n_layers, n_heads, _ = capture.z.shape
     d = capture.resid_pre.shape[-1]
     # every vector in one float32 buffer, built in place and normalised in place: at a 7B model's size a
-    # copy of it is ~18 MB, a quarter of a forward's peak activations (views by narrow/select: a
-    # tensor's [] parses its index in Python-facing code, several times their cost on small tensors)
+    # copy of it is ~18 MB, a quarter of a forward's peak activations
     vectors = capture.resid_pre.new_empty((batch, 3 * n_layers + n_layers * n_heads + 1, d), dtype=torch.float32)
     x, after_attn, after_mlp = (vectors.narrow(1, i * n_layers, n_layers) for i in range(3))
     x.copy_(capture.resid_pre)
@@ -303,19 +302,21 @@ def layer_and_head_increase(capture: TargetCapture) -> tuple[list[LayerIncrease]
                                    n_layers, n_heads)
 
 
-#: ``(n_layers, n_heads) -> index``: for each increase after ``lp``'s base block, the score it is taken against
-_REFERENCE_INDEX: dict[tuple[int, int], torch.Tensor] = {}
+#: ``(n_layers, n_heads, device) -> index``: for each increase after ``lp``'s base block, the score it is
+#: taken against
+_REFERENCE_INDEX: dict[tuple, torch.Tensor] = {}
 
 
 def _reference_index(n_layers: int, n_heads: int, device: torch.device) -> torch.Tensor:
     """``[2L + L*H]``: ``x_l`` for ``x_l + a_l``, ``x_l + a_l`` for ``x_l + a_l + m_l``, ``x_l`` for each
     ``x_l + h_lj``, as indices into ``[x (L), x + a (L), x + a + m (L), ...]``."""
-    index = _REFERENCE_INDEX.get((n_layers, n_heads))
+    key = (n_layers, n_heads, device)
+    index = _REFERENCE_INDEX.get(key)
     if index is None:
         layers = torch.arange(n_layers)
-        index = _REFERENCE_INDEX[n_layers, n_heads] = torch.cat([layers, layers + n_layers,
-                                                                  layers.repeat_interleave(n_heads)])
-    return index if index.device == device else index.to(device)
+        index = torch.cat([layers, layers + n_layers, layers.repeat_interleave(n_heads)]).to(device)
+        _REFERENCE_INDEX[key] = index
+    return index
 
 
 def _layer_and_head_results(lp: torch.Tensor, model_logprob: torch.Tensor, metas: list[dict], n_layers: int,
