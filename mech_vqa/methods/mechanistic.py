@@ -416,7 +416,7 @@ def position_increase(capture: TargetCapture, heads, *, progress: bool = False) 
     for (layer, head), rows_for_head in pending:
         increase, attention = position_scores(capture, layer, head, rows_for_head)
         for i, row in enumerate(rows_for_head):
-            computed[layer, head, row] = (increase.select(0, i), attention.select(0, i))
+            computed[layer, head, row] = (increase[i], attention[i])
     results, offsets = [], capture.offsets.tolist()
     with torch.inference_mode(False):  # stacked copies: ordinary tensors whatever mode scored them
         for row, row_heads in enumerate(per_row):
